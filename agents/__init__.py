@@ -1,0 +1,1 @@
+"""OpenExample agents: put an existing model behind an OpenExample controller (data plane)."""

@@ -1,0 +1,1 @@
+"""OpenExample bench: latency and detection benchmarks."""

@@ -1,0 +1,29 @@
+"""``openexample-bench``: latency and detection benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="openexample-bench", description="OpenExample latency and detection benchmarks."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("latency", "latency scenarios"), ("detection", "detection figures")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--json", help="write results as JSON to this path")
+        s.add_argument("--out", help="folder for tables and plots")
+        s.add_argument("--quick", action="store_true", help="a short smoke run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(f"openexample-bench {args.command}: not yet available", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""OpenExample controller: the OpenExample controller daemon (control plane)."""

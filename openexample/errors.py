@@ -1,0 +1,88 @@
+"""The library's one exception type: a typed OpenExample protocol error.
+
+Everything that rejects peer input (decoding, validation, rule and table mods)
+raises :class:`ProtocolError`, which carries the wire ERROR's type and code, so a
+daemon answers with :meth:`ProtocolError.to_error` and keeps the session.
+"""
+
+from __future__ import annotations
+
+from openexample.v1 import openexample_pb2 as pb
+
+# The code enum that goes with each error type (for names in messages and logs).
+_CODE_ENUMS = {
+    pb.ERROR_TYPE_HELLO_FAILED: pb.HelloFailedCode,
+    pb.ERROR_TYPE_BAD_REQUEST: pb.BadRequestCode,
+    pb.ERROR_TYPE_BAD_TENSOR: pb.BadTensorCode,
+    pb.ERROR_TYPE_VIGILANCE_MOD_FAILED: pb.VigilanceModFailedCode,
+    pb.ERROR_TYPE_TABLE_MOD_FAILED: pb.TableModFailedCode,
+    pb.ERROR_TYPE_ROLE_REQUEST_FAILED: pb.RoleRequestFailedCode,
+}
+
+# ERROR carries at most this much of the offending message (as OpenFlow does).
+ERROR_DATA_BYTES = 64
+
+
+def error_name(error_type: int, code: int) -> str:
+    """``"BAD_TENSOR/NOT_FINITE"`` style name of a (type, code) pair."""
+    try:
+        tname = pb.ErrorType.Name(error_type).removeprefix("ERROR_TYPE_")
+    except ValueError:
+        return f"{error_type}/{code}"
+    enum = _CODE_ENUMS.get(error_type)
+    try:
+        cname = enum.Name(code) if enum is not None else str(code)
+    except ValueError:
+        cname = str(code)
+    prefix = pb.ErrorType.Name(error_type).removeprefix("ERROR_TYPE_") + "_CODE_"
+    return f"{tname}/{cname.removeprefix(prefix)}"
+
+
+class ProtocolError(Exception):
+    """A peer sent something this side refuses; maps 1:1 to a wire ERROR."""
+
+    def __init__(self, error_type: int, code: int, text: str, xid: int = 0) -> None:
+        self.error_type = error_type
+        self.code = code
+        self.text = text
+        self.xid = xid
+        super().__init__(f"{error_name(error_type, code)}: {text}")
+
+    @property
+    def name(self) -> str:
+        return error_name(self.error_type, self.code)
+
+    def with_xid(self, xid: int) -> ProtocolError:
+        """The same error, attributed to the message with ``xid``."""
+        self.xid = xid
+        return self
+
+    def to_error(self, data: bytes = b"") -> pb.Error:
+        return pb.Error(
+            type=self.error_type,
+            code=self.code,
+            offending_xid=self.xid,
+            text=self.text[:1024],
+            data=data[:ERROR_DATA_BYTES],
+        )
+
+    @classmethod
+    def from_error(cls, err: pb.Error) -> ProtocolError:
+        """The exception a received ERROR stands for (to raise at the caller)."""
+        return cls(err.type, err.code, err.text, err.offending_xid)
+
+
+def bad_request(code: int, text: str) -> ProtocolError:
+    return ProtocolError(pb.ERROR_TYPE_BAD_REQUEST, code, text)
+
+
+def bad_tensor(code: int, text: str) -> ProtocolError:
+    return ProtocolError(pb.ERROR_TYPE_BAD_TENSOR, code, text)
+
+
+def vigilance_mod_failed(code: int, text: str) -> ProtocolError:
+    return ProtocolError(pb.ERROR_TYPE_VIGILANCE_MOD_FAILED, code, text)
+
+
+def table_mod_failed(code: int, text: str) -> ProtocolError:
+    return ProtocolError(pb.ERROR_TYPE_TABLE_MOD_FAILED, code, text)

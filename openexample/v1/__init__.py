@@ -1,0 +1,1 @@
+"""Generated protobuf code for package ``openexample.v1`` (``make proto``)."""
