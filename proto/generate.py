@@ -14,12 +14,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PROTOS = ["openexample/v1/openexample.proto"]
+PROTOS = [
+    "openexample/v1/openexample.proto",
+    "openexample/v1/predict.proto",
+    "openexample/v1/admin.proto",
+]
 GENERATED = [
-    "openexample/v1/openexample_pb2.py",
-    "openexample/v1/openexample_pb2.pyi",
-    "openexample/v1/openexample_pb2_grpc.py",
-    "openexample/v1/openexample_pb2_grpc.pyi",
+    p.removesuffix(".proto") + suffix
+    for p in PROTOS
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 ]
 
 
