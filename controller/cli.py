@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import signal
 import sys
+
+import grpc
+
+from controller import ops
+from controller.config import ConfigError
+from openexample import rules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,16 +22,126 @@ def build_parser() -> argparse.ArgumentParser:
         description="The OpenExample controller: vigilance rules, RT/FT and detectors.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the daemon")
-    sub.add_parser("rules", help="add, list and delete vigilance rules on a running daemon")
-    sub.add_parser("train", help="train a detector artifact")
-    sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help="YAML or TOML file (see README)")
+    s.add_argument("--listen", help="HOST:PORT for agents (default 127.0.0.1:6653)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464, 0 = free)")
+    s.add_argument("--journal", help="SQLite incident journal path")
+    s.add_argument("--budget-us", type=int, help="default INSPECT budget of the table-miss rule")
+    s.add_argument("--fail-mode", choices=("standalone", "secure"))
+    s.add_argument("--max-workload", type=int, help="W0: items queued before OVERLOADED")
+    s.add_argument("--log-level", default="INFO")
+
+    r = sub.add_parser("rules", help="add, modify, delete and list vigilance rules")
+    r.add_argument("--controller", default="127.0.0.1:6653", help="daemon HOST:PORT")
+    rsub = r.add_subparsers(dest="rules_command", required=True)
+    add = rsub.add_parser("add", help="VIGILANCE_MOD ADD")
+    ops.add_rule_args(add, with_actions=True)
+    mod = rsub.add_parser("modify", help="VIGILANCE_MOD MODIFY (change actions)")
+    ops.add_rule_args(mod, with_actions=True)
+    mod.add_argument("--strict", action="store_true", help="exact match and priority only")
+    dele = rsub.add_parser("del", help="VIGILANCE_MOD DELETE")
+    ops.add_rule_args(dele, with_actions=False)
+    dele.add_argument("--strict", action="store_true", help="exact match and priority only")
+    lst = rsub.add_parser("list", help="rules with counters, per agent")
+    ops.add_rule_args(lst, with_actions=False)
+    lst.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("agents", help="list connected agents")
+    a.add_argument("--controller", default="127.0.0.1:6653")
+
+    t = sub.add_parser("train", help="train and calibrate a detector artifact")
+    t.add_argument("detector", help="detector name (margin, phash_prototype, ...)")
+    t.add_argument("--dataset", default="mnist5k")
+    t.add_argument("--model", help="TorchScript classifier (default: the example model)")
+    t.add_argument("--fpr", type=float, default=0.01)
+    t.add_argument("--out", required=True, help="artifact folder")
+    t.add_argument("--cache", default="var/cache", help="where the example model is cached")
+
+    d = sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
+    d.add_argument("--workdir", default="var/demo", help="models, artifacts, journal")
+    d.add_argument("--agents", type=int, default=3)
+    d.add_argument("--per-attack", type=int, default=60, help="inputs per attack per agent")
     return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controller import config as cfgmod
+    from controller.pipeline import load_scorers
+    from controller.server import ControllerServer
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = cfgmod.load(args.config)
+        overrides = {
+            "listen": args.listen,
+            "metrics_port": args.metrics_port,
+            "journal": args.journal,
+            "budget_us": args.budget_us,
+            "fail_mode": args.fail_mode,
+            "max_workload": args.max_workload,
+        }
+        cfg = cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
+        scorers = load_scorers(cfg)
+    except ConfigError as exc:
+        print(f"openexample-controller: config error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        server = ControllerServer(cfg, scorers)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        await server.wait_stopped()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except OSError as exc:
+        print(f"openexample-controller: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"openexample-controller {args.command}: not yet available", file=sys.stderr)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "agents":
+        return ops.list_agents(args)
+    if args.command == "rules":
+        try:
+            if args.rules_command == "list":
+                return ops.list_rules(args)
+            command = {
+                ("add", False): rules.ADD,
+                ("modify", False): rules.MODIFY,
+                ("modify", True): rules.MODIFY_STRICT,
+                ("del", False): rules.DELETE,
+                ("del", True): rules.DELETE_STRICT,
+            }[(args.rules_command, getattr(args, "strict", False))]
+            return ops.mod_rules(args, command)
+        except ValueError as exc:
+            print(f"openexample-controller rules: {exc}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as exc:  # daemon down, or it refused the mod
+            print(f"openexample-controller rules: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.command == "train":
+        from controller.training import train_command
+
+        return train_command(args)
+    if args.command == "demo":
+        from controller.demo import run_demo
+
+        with contextlib.suppress(KeyboardInterrupt):
+            return run_demo(args)
+        return 130
     return 2
 
 

@@ -1,0 +1,356 @@
+"""The controller's decision core, sans-I/O (Faucet's Valve, for DeSVig).
+
+It owns the agent sessions, the desired vigilance rules per agent, the
+controller-wide RT (for swift vigilance and resync), workload admission (W vs W0),
+source tracing and incidents. The gRPC shim feeds it bytes, ticks and detector
+results, each with ``now``; it returns a :class:`Step` saying what to send, what to
+score and what to record. No sockets, no clocks, no threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from controller.config import Config
+from controller.session import (
+    AgentSession,
+    Closed,
+    Output,
+    PkgInReceived,
+    Ready,
+    ReplyReceived,
+    RuleRemoved,
+    State,
+)
+from openexample import rules, tables
+from openexample.errors import ProtocolError
+from openexample.v1 import openexample_pb2 as pb
+from openexample.validate import DecodedPkgIn
+
+# Rules the controller installs by itself carry a cookie in these ranges, so an
+# operator can list or delete them with a cookie mask.
+COOKIE_KIND_MASK = 0xFFFF_0000_0000_0000
+COOKIE_DEFAULT = 0x0E00_0000_0000_0000
+COOKIE_BLOCK = 0x0EB0_0000_0000_0000
+BLOCK_PRIORITY = 0xFF00
+
+
+@dataclass(slots=True)
+class InspectJob:
+    """A PKG_IN admitted for scoring."""
+
+    sid: int
+    xid: int
+    agent_id: str
+    pkg: DecodedPkgIn
+    received_at: float
+
+    @property
+    def size(self) -> int:
+        return len(self.pkg.items)
+
+
+@dataclass(slots=True)
+class Incident:
+    """An ADVERSARIAL verdict, for the journal (never the raw input)."""
+
+    at: float
+    agent_id: str
+    model_id: str
+    source_id: str
+    label: int
+    corrected_label: int | None
+    score: float
+    evidence: str  # JSON: [{detector, score, threshold, flagged}, ...]
+
+
+@dataclass(slots=True)
+class Step:
+    send: list[tuple[int, pb.Envelope]] = field(default_factory=list)
+    jobs: list[InspectJob] = field(default_factory=list)
+    incidents: list[Incident] = field(default_factory=list)
+    # Replies to controller-initiated requests (sid, xid, envelope): admin waits on them.
+    replies: list[tuple[int, int, pb.Envelope]] = field(default_factory=list)
+    closed: list[tuple[int, str]] = field(default_factory=list)
+    # Typed errors sent to agents, by name; sources blocked; overload answers.
+    errors: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
+    overloaded: int = 0
+
+
+def _unknown_items(n: int, reason: int) -> list[pb.PkgOutItem]:
+    item = pb.PkgOutItem(
+        verdict=pb.VERDICT_UNKNOWN, action=pb.VERDICT_ACTION_RELEASE, unknown_reason=reason
+    )
+    return [item] * n
+
+
+class ControllerCore:
+    def __init__(self, cfg: Config, detected_models: set[str], now: float) -> None:
+        self.cfg = cfg
+        self.detected_models = detected_models  # model ids with a detector pipeline
+        self.sessions: dict[int, AgentSession] = {}
+        self.workload = 0  # W: items admitted and not answered yet
+        self._sid = itertools.count(1)
+        self._miss = rules.RuleActions.from_pb([rules.inspect(cfg.budget_us, cfg.fail_mode)])
+        # Desired rules: the template for agents not seen yet, and one table per agent
+        # id (kept across reconnects, so a reconnecting agent gets what it had).
+        self.template = rules.RuleTable(self._miss, now=now)
+        self.agent_rules: dict[str, rules.RuleTable] = {}
+        self.rt = tables.ResultTable(max_entries=100_000)
+        self._strikes: dict[str, deque[float]] = defaultdict(deque)
+        self._blocked: dict[str, float] = {}  # source -> block expiry
+        self._block_cookie = itertools.count(1)
+
+    # --- sessions ---
+
+    def open_session(self, now: float) -> tuple[int, list[pb.Envelope]]:
+        sid = next(self._sid)
+        s = AgentSession(
+            self.cfg.controller_id,
+            echo_interval_s=self.cfg.echo_interval_s,
+            echo_unreplied_limit=self.cfg.echo_unreplied_limit,
+            now=now,
+        )
+        self.sessions[sid] = s
+        return sid, s.start()
+
+    def close_session(self, sid: int, reason: str, now: float) -> Step:
+        step = Step()
+        s = self.sessions.pop(sid, None)
+        if s is not None:
+            self._absorb(sid, s.close(reason), step, now)
+            if not step.closed:
+                step.closed.append((sid, reason))
+        return step
+
+    def sessions_of(self, agent_id: str = "", model_id: str = "") -> list[int]:
+        return [
+            sid
+            for sid, s in self.sessions.items()
+            if s.state is State.MAIN
+            and (not agent_id or s.agent_id == agent_id)
+            and (not model_id or model_id in s.models)
+        ]
+
+    # --- inbound ---
+
+    def on_bytes(self, sid: int, data: bytes, now: float) -> Step:
+        step = Step()
+        s = self.sessions.get(sid)
+        if s is not None:
+            self._absorb(sid, s.receive(data, now), step, now)
+        return step
+
+    def on_tick(self, now: float) -> Step:
+        step = Step()
+        for sid, s in list(self.sessions.items()):
+            self._absorb(sid, s.tick(now), step, now)
+        self.template.expire(now)
+        for table in self.agent_rules.values():
+            table.expire(now)  # desired state follows the agents' own timeouts
+        for src, until in list(self._blocked.items()):
+            if until and now >= until:
+                del self._blocked[src]
+        return step
+
+    def next_deadline(self) -> float | None:
+        return min((s.next_deadline() for s in self.sessions.values()), default=None)
+
+    def _absorb(self, sid: int, out: Output, step: Step, now: float) -> None:
+        s = self.sessions.get(sid)
+        step.send.extend((sid, env) for env in out.send)
+        step.errors.extend(out.errors)
+        for ev in out.events:
+            if isinstance(ev, PkgInReceived):
+                self._admit(sid, s, ev, step, now)
+            elif isinstance(ev, Ready):
+                step.send.extend((sid, env) for env in self._resync(s, now))
+            elif isinstance(ev, ReplyReceived):
+                step.replies.append((sid, ev.xid, ev.env))
+            elif isinstance(ev, RuleRemoved):
+                pass  # the agent's own timeouts; desired tables expire by themselves
+            elif isinstance(ev, Closed):
+                self.sessions.pop(sid, None)
+                step.closed.append((sid, ev.reason))
+
+    def _resync(self, s: AgentSession, now: float) -> list[pb.Envelope]:
+        """DELETE all, ADD the desired rules, push known RT entries, BARRIER."""
+        table = self.agent_rules.get(s.agent_id)
+        if table is None:
+            table = rules.RuleTable(self._miss, now=now)
+            for mod in self.template.snapshot():
+                table.apply(mod, now)
+            self.agent_rules[s.agent_id] = table
+        out = [s.request(rules.vigilance_mod(rules.DELETE))]
+        out += [s.request(mod) for mod in table.snapshot()]
+        for model_id in s.models:
+            entries = self.rt.entries(model_id, now)
+            if entries:
+                out.append(s.request(tables.rt_push(model_id, entries)))
+        out.append(s.request(pb.BarrierRequest()))
+        return out
+
+    def _admit(self, sid: int, s: AgentSession, ev: PkgInReceived, step: Step, now: float) -> None:
+        pkg, n = ev.pkg, len(ev.pkg.items)
+        reason = 0
+        if pkg.model_id not in self.detected_models:
+            reason = pb.UNKNOWN_REASON_NO_DETECTOR
+        elif self.workload + n > self.cfg.max_workload:
+            reason = pb.UNKNOWN_REASON_OVERLOADED
+            step.overloaded += n
+        if reason:
+            body = pb.PkgOut(model_id=pkg.model_id, items=_unknown_items(n, reason))
+            step.send.append((sid, s.reply_to(ev.xid, body)))
+            step.verdicts.extend((pkg.model_id, pb.VERDICT_UNKNOWN) for _ in range(n))
+            return
+        self.workload += n
+        step.jobs.append(InspectJob(sid, ev.xid, s.agent_id, pkg, now))
+
+    # --- detector results ---
+
+    def on_results(self, job: InspectJob, items: list[pb.PkgOutItem], now: float) -> Step:
+        """Answer a scored job: PKG_OUT, swift vigilance, source tracing, incidents."""
+        step = Step()
+        self.workload -= job.size
+        model_id = job.pkg.model_id
+        s = self.sessions.get(job.sid)
+        if s is not None and s.state is State.MAIN:
+            body = pb.PkgOut(model_id=model_id, items=items)
+            step.send.append((job.sid, s.reply_to(job.xid, body)))
+        pushed: list[pb.LabelEntry] = []
+        for item, out in zip(job.pkg.items, items, strict=True):
+            step.verdicts.append((model_id, out.verdict))
+            if out.verdict != pb.VERDICT_ADVERSARIAL:
+                continue
+            corrected = out.corrected_label if out.HasField("corrected_label") else None
+            if item.fingerprint and self.cfg.rt_push:
+                entry = tables.label_entry(
+                    item.fingerprint,
+                    item.label,
+                    pb.VERDICT_ADVERSARIAL,
+                    action=out.action,
+                    corrected_label=corrected,
+                    score=out.score,
+                    ttl_s=self.cfg.rt_ttl_s,
+                )
+                self.rt.put(
+                    (model_id, item.fingerprint, item.label),
+                    tables.ResultEntry.from_pb(entry, now),
+                )
+                pushed.append(entry)
+            step.incidents.append(
+                Incident(
+                    at=now,
+                    agent_id=job.agent_id,
+                    model_id=model_id,
+                    source_id=item.source_id,
+                    label=item.label,
+                    corrected_label=corrected,
+                    score=out.score,
+                    evidence=json.dumps(
+                        [
+                            {
+                                "detector": e.detector,
+                                "score": round(e.score, 6),
+                                "threshold": round(e.threshold, 6),
+                                "flagged": e.flagged,
+                            }
+                            for e in out.evidence
+                        ]
+                    ),
+                )
+            )
+            if item.source_id:
+                self._strike(item.source_id, now, step)
+        if pushed:  # swift vigilance: every other agent of the model refuses it at once
+            mod = tables.rt_push(model_id, pushed)
+            for sid in self.sessions_of(model_id=model_id):
+                if sid != job.sid:
+                    step.send.append((sid, self.sessions[sid].request(mod)))
+        return step
+
+    def _strike(self, source: str, now: float, step: Step) -> None:
+        if source in self._blocked:
+            return
+        strikes = self._strikes[source]
+        strikes.append(now)
+        while strikes and strikes[0] <= now - self.cfg.trace_window_s:
+            strikes.popleft()
+        if len(strikes) < self.cfg.trace_threshold:
+            return
+        del self._strikes[source]
+        hard = self.cfg.block_hard_timeout_s
+        self._blocked[source] = now + hard if hard else 0.0
+        mod = rules.vigilance_mod(
+            rules.ADD,
+            match=pb.Match(source_id=source),
+            priority=BLOCK_PRIORITY,
+            actions=[rules.drop()],
+            cookie=COOKIE_BLOCK | next(self._block_cookie),
+            hard_timeout_s=hard,
+            flags=rules.SEND_REMOVED,
+        )
+        step.blocked.append(source)
+        step.send.extend(self.mod_rules(mod, now)[0])
+
+    # --- operator ---
+
+    def mod_rules(
+        self, mod: pb.VigilanceMod, now: float, *, agent_id: str = "", model_id: str = ""
+    ) -> tuple[list[tuple[int, pb.Envelope]], list[tuple[int, int, int, str]]]:
+        """Apply an operator's VIGILANCE_MOD to the desired rules and the live agents.
+
+        Returns (messages to send, [(sid, mod xid, barrier xid, agent id)] to await). Raises
+        ProtocolError when the mod is invalid (checked on the desired tables first,
+        so a bad mod reaches no agent).
+        """
+        targets = [
+            (aid, t)
+            for aid, t in self.agent_rules.items()
+            if (not agent_id or aid == agent_id)
+            and (not model_id or model_id in self._models_of(aid))
+        ]
+        if not agent_id and not model_id:
+            self.template.apply(mod, now)
+        for _, table in targets:
+            table.apply(mod, now)
+        send: list[tuple[int, pb.Envelope]] = []
+        waits: list[tuple[int, int, int, str]] = []
+        for sid in self.sessions_of(agent_id, model_id):
+            s = self.sessions[sid]
+            env = s.request(mod)
+            barrier = s.request(pb.BarrierRequest())
+            send += [(sid, env), (sid, barrier)]
+            waits.append((sid, env.xid, barrier.xid, s.agent_id))
+        return send, waits
+
+    def _models_of(self, agent_id: str) -> set[str]:
+        return {m for s in self.sessions.values() if s.agent_id == agent_id for m in s.models}
+
+    def stats_requests(
+        self, filt: pb.StatsRequest, *, agent_id: str = "", model_id: str = ""
+    ) -> list[tuple[int, pb.Envelope, str]]:
+        return [
+            (sid, self.sessions[sid].request(filt), self.sessions[sid].agent_id)
+            for sid in self.sessions_of(agent_id, model_id)
+        ]
+
+    def shutdown_answers(self, jobs: list[InspectJob]) -> Step:
+        """UNKNOWN/SHUTTING_DOWN for jobs that will not be scored."""
+        step = Step()
+        for job in jobs:
+            self.workload -= job.size
+            s = self.sessions.get(job.sid)
+            if s is not None:
+                items = _unknown_items(job.size, pb.UNKNOWN_REASON_SHUTTING_DOWN)
+                body = pb.PkgOut(model_id=job.pkg.model_id, items=items)
+                step.send.append((job.sid, s.reply_to(job.xid, body)))
+        return step
+
+
+__all__ = ["ControllerCore", "Incident", "InspectJob", "ProtocolError", "Step"]

@@ -1,0 +1,181 @@
+"""Operator commands against a running daemon: ``rules add|modify|del|list``, ``agents``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from openexample import rules
+from openexample.v1 import admin_pb2, admin_pb2_grpc
+from openexample.v1 import openexample_pb2 as pb
+
+_MATCH_KEYS = ("model", "source", "label", "confidence")
+
+
+def parse_match(text: str) -> pb.Match:
+    """``model=mnist,source=user7,label=3,confidence=0:0.5`` -> pb.Match."""
+    m = pb.Match()
+    if not text:
+        return m
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _MATCH_KEYS:
+            raise ValueError(f"match field {part!r}: want one of {', '.join(_MATCH_KEYS)}=VALUE")
+        if key == "model":
+            m.model_id = value
+        elif key == "source":
+            m.source_id = value
+        elif key == "label":
+            m.label = int(value)
+        else:
+            lo, sep, hi = value.partition(":")
+            if not sep:
+                raise ValueError(f"confidence={value!r}: want LO:HI (either may be empty)")
+            if lo:
+                m.confidence_min = float(lo)
+            if hi:
+                m.confidence_max = float(hi)
+    return m
+
+
+def parse_action(text: str) -> pb.Action:
+    """``inspect[:BUDGET_US[:standalone|secure]]``, ``allow``, ``drop``, ``mirror``,
+    ``sample:P``."""
+    kind, *args = text.split(":")
+    if kind == "inspect":
+        budget = int(args[0]) if args and args[0] else 350
+        mode = args[1] if len(args) > 1 else "standalone"
+        return rules.inspect(budget, mode)
+    if kind in ("allow", "drop", "mirror") and not args:
+        return getattr(rules, kind)()
+    if kind == "sample" and len(args) == 1:
+        return rules.sample(float(args[0]))
+    raise ValueError(
+        f"action {text!r}: want inspect[:BUDGET_US[:MODE]], allow, drop, mirror or sample:P"
+    )
+
+
+def _int(text: str) -> int:
+    return int(text, 0)
+
+
+def add_rule_args(p: argparse.ArgumentParser, *, with_actions: bool) -> None:
+    p.add_argument("--match", default="", help="model=ID,source=ID,label=N,confidence=LO:HI")
+    p.add_argument("--priority", type=int, default=rules.DEFAULT_PRIORITY)
+    p.add_argument("--cookie", type=_int, default=0)
+    p.add_argument("--cookie-mask", type=_int, default=0)
+    p.add_argument("--agent", default="", help="only this agent (default: all)")
+    p.add_argument("--for-model", default="", help="only agents serving this model")
+    if with_actions:
+        p.add_argument("--action", action="append", default=[], help="repeatable")
+        p.add_argument("--idle-timeout", type=int, default=0, help="seconds (0 = never)")
+        p.add_argument("--hard-timeout", type=int, default=0, help="seconds (0 = never)")
+        p.add_argument("--send-removed", action="store_true")
+        p.add_argument("--check-overlap", action="store_true")
+        p.add_argument("--reset-counts", action="store_true")
+
+
+def build_mod(args: argparse.Namespace, command: int) -> pb.VigilanceMod:
+    flags = 0
+    if getattr(args, "send_removed", False):
+        flags |= rules.SEND_REMOVED
+    if getattr(args, "check_overlap", False):
+        flags |= rules.CHECK_OVERLAP
+    if getattr(args, "reset_counts", False):
+        flags |= rules.RESET_COUNTS
+    return rules.vigilance_mod(
+        command,
+        match=parse_match(args.match),
+        priority=args.priority,
+        actions=[parse_action(a) for a in getattr(args, "action", [])],
+        cookie=args.cookie,
+        cookie_mask=args.cookie_mask,
+        idle_timeout_s=getattr(args, "idle_timeout", 0),
+        hard_timeout_s=getattr(args, "hard_timeout", 0),
+        flags=flags,
+    )
+
+
+def _stub(address: str) -> admin_pb2_grpc.ControllerAdminStub:
+    return admin_pb2_grpc.ControllerAdminStub(grpc.insecure_channel(address))
+
+
+def mod_rules(args: argparse.Namespace, command: int) -> int:
+    mod = build_mod(args, command)
+    req = admin_pb2.ModRulesRequest(mod=mod, agent_id=args.agent, model_id=args.for_model)
+    resp = _stub(args.controller).ModRules(req, timeout=10)
+    failed = 0
+    for r in resp.results:
+        if r.HasField("error"):
+            failed += 1
+            print(f"{r.agent_id}: refused: {r.error.text}", file=sys.stderr)
+        else:
+            print(f"{r.agent_id}: ok")
+    if not resp.results:
+        print("no agent connected; kept for agents that connect later")
+    return 1 if failed else 0
+
+
+def list_rules(args: argparse.Namespace) -> int:
+    filt = pb.StatsRequest(
+        type=pb.STATS_TYPE_RULES,
+        match=parse_match(args.match),
+        cookie=args.cookie,
+        cookie_mask=args.cookie_mask,
+    )
+    req = admin_pb2.ListRulesRequest(agent_id=args.agent, model_id=args.for_model, filter=filt)
+    resp = _stub(args.controller).ListRules(req, timeout=10)
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    for a in resp.agents:
+        print(f"agent {a.agent_id}" + (f"  (error: {a.error.text})" if a.HasField("error") else ""))
+        for r in a.rules:
+            acts = rules.RuleActions.from_pb(r.actions)
+            print(
+                f"  prio={r.priority:<5} cookie={r.cookie:#x} match={_match_text(r.match)}"
+                f" actions={_actions_text(acts)} matched={r.match_count}"
+                f" age={r.duration_s:.1f}s idle={r.idle_timeout_s} hard={r.hard_timeout_s}"
+            )
+    return 0
+
+
+def list_agents(args: argparse.Namespace) -> int:
+    resp = _stub(args.controller).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
+    for a in resp.agents:
+        print(
+            f"{a.agent_id}  models={','.join(a.model_ids)}  up={a.connected_s:.1f}s"
+            f"  pkg_in={a.pkg_in}"
+        )
+    if not resp.agents:
+        print("no agent connected")
+    return 0
+
+
+def _match_text(m: pb.Match) -> str:
+    parts = []
+    for f, name in (("model_id", "model"), ("source_id", "source"), ("label", "label")):
+        if m.HasField(f):
+            parts.append(f"{name}={getattr(m, f)}")
+    if m.HasField("confidence_min") or m.HasField("confidence_max"):
+        lo = f"{m.confidence_min:g}" if m.HasField("confidence_min") else ""
+        hi = f"{m.confidence_max:g}" if m.HasField("confidence_max") else ""
+        parts.append(f"confidence={lo}:{hi}")
+    return ",".join(parts) or "*"
+
+
+def _actions_text(a: rules.RuleActions) -> str:
+    text = a.verdict_source
+    if a.verdict_source == rules.INSPECT:
+        mode = "secure" if a.fail_mode == pb.FAIL_MODE_SECURE else "standalone"
+        text += f":{a.budget_us}:{mode}"
+    if a.mirror:
+        text += "+mirror"
+    if a.sample_p:
+        text += f"+sample:{a.sample_p:g}"
+    return text
