@@ -1,0 +1,240 @@
+"""The controller's sans-I/O session and core: messages and `now` in, messages out."""
+
+import numpy as np
+import pytest
+
+from controller.config import Config
+from controller.core import BLOCK_PRIORITY, ControllerCore
+from controller.session import AgentSession, Closed, PkgInReceived, Ready, State
+from openexample import messages, tensor
+from openexample.v1 import openexample_pb2 as pb
+from tests.strategies import descriptor
+
+
+def raw(body, xid=0, version=1):
+    return messages.envelope(body, xid=xid, version=version).SerializeToString()
+
+
+def kinds(envs):
+    return [messages.body_kind(e) for e in envs]
+
+
+def features(agent_id="a1", model="m"):
+    d = descriptor()
+    d.model_id = model
+    return pb.FeaturesReply(agent_id=agent_id, models=[d])
+
+
+def handshake(s, now=0.0, agent_id="a1", model="m"):
+    out = s.receive(raw(pb.Hello(versions_bitmap=0b10)), now)
+    (req,) = out.send
+    assert messages.body_kind(req) == "features_request"
+    return s.receive(raw(features(agent_id, model), xid=req.xid), now)
+
+
+def pkg_in(n=2, model="m", source="u1", fp=b"f" * 16):
+    x = np.zeros((n, 1, 4, 4), np.float32)
+    items = [
+        pb.PkgInItem(
+            label=1,
+            confidence=0.9,
+            reason=pb.PKG_IN_REASON_TABLE_MISS,
+            source_id=source,
+            fingerprint=fp,
+            budget_us=350,
+        )
+        for _ in range(n)
+    ]
+    return pb.PkgIn(model_id=model, inputs=tensor.encode(x), items=items)
+
+
+# --- session ---
+
+
+def test_handshake_reaches_main_with_models():
+    s = AgentSession("c1", now=0.0)
+    assert kinds(s.start()) == ["hello"]
+    out = handshake(s)
+    assert s.state is State.MAIN
+    (ev,) = out.events
+    assert isinstance(ev, Ready) and ev.agent_id == "a1" and set(ev.models) == {"m"}
+
+
+def test_bad_messages_get_typed_errors_and_the_session_lives():
+    s = AgentSession("c1", now=0.0)
+    handshake(s)
+    out = s.receive(b"\xff\xff garbage", 1.0)
+    assert kinds(out.send) == ["error"]
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_MALFORMED
+    out = s.receive(raw(pkg_in(model="nope"), xid=7), 1.0)
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_UNKNOWN_MODEL
+    assert out.send[0].xid == 7
+    out = s.receive(raw(pkg_in(), xid=8, version=9), 1.0)
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_BAD_VERSION
+    out = s.receive(raw(pb.PkgOut(), xid=9), 1.0)
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_BAD_TYPE
+    assert s.state is State.MAIN
+    out = s.receive(raw(pkg_in(), xid=10), 1.0)
+    assert isinstance(out.events[0], PkgInReceived) and out.events[0].xid == 10
+
+
+def test_nan_input_is_refused_typed():
+    s = AgentSession("c1", now=0.0)
+    handshake(s)
+    p = pkg_in(1)
+    tensor.encode(np.full((1, 1, 4, 4), np.nan, np.float32), out=p.inputs)
+    out = s.receive(raw(p, xid=3), 0.0)
+    assert out.send[0].error.type == pb.ERROR_TYPE_BAD_TENSOR
+    assert out.send[0].error.code == pb.BAD_TENSOR_CODE_NOT_FINITE
+
+
+def test_incompatible_hello_fails_and_closes():
+    s = AgentSession("c1", now=0.0)
+    out = s.receive(raw(pb.Hello(versions_bitmap=0b100), version=2), 0.0)
+    assert out.send[0].error.type == pb.ERROR_TYPE_HELLO_FAILED
+    assert out.closed and s.state is State.DEAD
+
+
+def test_pkg_in_before_features_is_unexpected_but_not_fatal():
+    s = AgentSession("c1", now=0.0)
+    s.receive(raw(pb.Hello(versions_bitmap=0b10)), 0.0)
+    out = s.receive(raw(pkg_in(), xid=5), 0.0)
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_UNEXPECTED
+    assert s.state is State.FEATURES
+
+
+def test_unusable_features_close_the_session():
+    s = AgentSession("c1", now=0.0)
+    (req,) = s.receive(raw(pb.Hello(versions_bitmap=0b10)), 0.0).send
+    out = s.receive(raw(pb.FeaturesReply(agent_id="a"), xid=req.xid), 0.0)
+    assert out.send[0].error.code == pb.BAD_REQUEST_CODE_BAD_FIELD
+    assert out.closed
+
+
+def test_echo_liveness_declares_a_silent_agent_dead():
+    s = AgentSession("c1", echo_interval_s=1.0, echo_unreplied_limit=2, now=0.0)
+    handshake(s)
+    assert kinds(s.tick(1.0).send) == ["echo_request"]
+    assert kinds(s.tick(2.0).send) == ["echo_request"]
+    assert s.tick(3.0).closed
+    # ... but any traffic keeps it alive.
+    s = AgentSession("c1", echo_interval_s=1.0, echo_unreplied_limit=2, now=0.0)
+    handshake(s)
+    for t in range(1, 10):
+        out = s.tick(float(t))
+        assert not out.closed
+        s.receive(raw(pb.EchoReply(), xid=out.send[0].xid), t + 0.1)
+
+
+def test_handshake_timeout():
+    s = AgentSession("c1", handshake_timeout_s=5.0, echo_interval_s=100, now=0.0)
+    assert not s.tick(4.0).closed
+    assert any(isinstance(e, Closed) for e in s.tick(5.0).events)
+
+
+# --- core ---
+
+
+@pytest.fixture
+def core():
+    cfg = Config(journal=":memory:", trace_threshold=2, max_workload=4, block_hard_timeout_s=60)
+    return ControllerCore(cfg, detected_models={"m"}, now=0.0)
+
+
+def connect(core, agent_id, model="m"):
+    sid, _ = core.open_session(0.0)
+    step = core.on_bytes(sid, raw(pb.Hello(versions_bitmap=0b10)), 0.0)
+    (req,) = [e for _, e in step.send]
+    step = core.on_bytes(sid, raw(features(agent_id, model), xid=req.xid), 0.0)
+    return sid, step
+
+
+def test_ready_resyncs_the_agent(core):
+    sid, step = connect(core, "a1")
+    envs = [e for s, e in step.send if s == sid]
+    assert (
+        kinds(envs)[0] == "vigilance_mod"
+        and envs[0].vigilance_mod.command == pb.VIGILANCE_MOD_COMMAND_DELETE
+    )
+    assert kinds(envs)[-1] == "barrier_request"
+    adds = [e.vigilance_mod for e in envs if e.HasField("vigilance_mod")][1:]
+    miss = [m for m in adds if m.priority == 0]
+    assert len(miss) == 1 and miss[0].actions[0].inspect.budget_us == 350
+
+
+def test_no_detector_answers_unknown(core):
+    sid, _ = connect(core, "a1", model="m")
+    core.detected_models.clear()
+    step = core.on_bytes(sid, raw(pkg_in(2), xid=11), 0.1)
+    ((_, out),) = step.send
+    assert out.xid == 11
+    assert [i.unknown_reason for i in out.pkg_out.items] == [pb.UNKNOWN_REASON_NO_DETECTOR] * 2
+
+
+def test_overload_answers_at_once(core):
+    sid, _ = connect(core, "a1")
+    step = core.on_bytes(sid, raw(pkg_in(3), xid=1), 0.1)
+    assert len(step.jobs) == 1 and core.workload == 3
+    step = core.on_bytes(sid, raw(pkg_in(2), xid=2), 0.1)  # 3 + 2 > W0 = 4
+    assert not step.jobs and step.overloaded == 2
+    assert step.send[0][1].pkg_out.items[0].unknown_reason == pb.UNKNOWN_REASON_OVERLOADED
+
+
+def adversarial(n, corrected=None):
+    item = pb.PkgOutItem(verdict=pb.VERDICT_ADVERSARIAL, action=pb.VERDICT_ACTION_DROP, score=2.0)
+    item.evidence.add(detector="d", score=2.0, threshold=1.0, flagged=True)
+    if corrected is not None:
+        item.corrected_label = corrected
+    return [item] * n
+
+
+def test_adversarial_verdict_pushes_rt_to_other_agents_and_journals(core):
+    s1, _ = connect(core, "a1")
+    s2, _ = connect(core, "a2")
+    s3, _ = connect(core, "a3", model="other")
+    (job,) = core.on_bytes(s1, raw(pkg_in(1), xid=5), 0.1).jobs
+    step = core.on_results(job, adversarial(1), 0.2)
+    by_sid = {}
+    for sid, env in step.send:
+        by_sid.setdefault(sid, []).append(messages.body_kind(env))
+    assert by_sid[s1] == ["pkg_out"]
+    assert by_sid[s2] == ["table_mod"]  # swift vigilance
+    assert s3 not in by_sid  # another model
+    (push,) = [e for s, e in step.send if s == s2]
+    assert push.table_mod.entries[0].fingerprint == b"f" * 16
+    assert len(step.incidents) == 1 and step.incidents[0].source_id == "u1"
+    assert core.workload == 0
+    # A later agent of the model gets the RT entry on connect.
+    s4, st = connect(core, "a4")
+    assert "table_mod" in kinds(e for s, e in st.send if s == s4)
+
+
+def test_source_tracing_blocks_a_repeat_offender_everywhere(core):
+    s1, _ = connect(core, "a1")
+    s2, _ = connect(core, "a2", model="other")
+    blocked = []
+    for xid in (1, 2):
+        (job,) = core.on_bytes(s1, raw(pkg_in(1, source="evil"), xid=xid), xid).jobs
+        step = core.on_results(job, adversarial(1), xid)
+        blocked += step.blocked
+    assert blocked == ["evil"]
+    mods = [(s, e.vigilance_mod) for s, e in step.send if e.HasField("vigilance_mod")]
+    assert {s for s, _ in mods} == {s1, s2}
+    mod = mods[0][1]
+    assert mod.match.source_id == "evil" and mod.priority == BLOCK_PRIORITY
+    assert mod.actions[0].HasField("drop") and mod.hard_timeout_s == 60
+    # The block is part of the desired rules: a new agent gets it on connect.
+    s3, st = connect(core, "a3")
+    assert any(
+        e.HasField("vigilance_mod") and e.vigilance_mod.match.source_id == "evil"
+        for s, e in st.send
+        if s == s3
+    )
+
+
+def test_operator_mod_validated_before_reaching_agents(core):
+    connect(core, "a1")
+    bad = pb.VigilanceMod(command=pb.VIGILANCE_MOD_COMMAND_ADD, priority=10)  # no actions
+    with pytest.raises(Exception) as e:
+        core.mod_rules(bad, 1.0)
+    assert getattr(e.value, "error_type", None) == pb.ERROR_TYPE_VIGILANCE_MOD_FAILED
