@@ -8,12 +8,18 @@ one ``pb.PkgOutItem`` per item out. ``FusedScorer`` adapts the detector pipeline
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from controller.config import Config, ConfigError
 from controller.core import InspectJob
+from controller.detectors.base import Batch, Detector
+from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
+from controller.training import model_fn
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
@@ -54,3 +60,97 @@ def score_jobs(
         out.append(items[at : at + len(p.items)])
         at += len(p.items)
     return out
+
+
+class FusedScorer:
+    """The detector pipeline of one model as a Scorer (OR of per-detector thresholds)."""
+
+    def __init__(self, model_id: str, pipeline: Pipeline) -> None:
+        self.model_id = model_id
+        self.pipeline = pipeline
+        self.names = [d.name for d in pipeline.detectors]
+        self.thresholds = [float(d.threshold) for d in pipeline.detectors]  # type: ignore[arg-type]
+
+    def score(
+        self,
+        inputs: np.ndarray,
+        logits: np.ndarray | None,
+        labels: np.ndarray,
+        metrics: ControllerMetrics | None = None,
+    ) -> list[pb.PkgOutItem]:
+        t0 = time.perf_counter()
+        fused = self.pipeline.evaluate(Batch(inputs, logits, labels))
+        if metrics is not None:
+            metrics.detector_latency.labels(self.model_id, "pipeline").observe(
+                time.perf_counter() - t0
+            )
+        # Plain lists: indexing numpy scalars per item costs more than the conversion.
+        flagged = fused.flagged.tolist()
+        score = fused.score.tolist()
+        corrected = fused.corrected.tolist()
+        per = [np.asarray(s.scores, np.float64).tolist() for s in fused.per_detector]
+        per_fix = [
+            None if s.corrected is None else s.corrected.tolist() for s in fused.per_detector
+        ]
+        flags = fused.flags.tolist()
+        items = []
+        for i in range(len(flagged)):
+            item = pb.PkgOutItem(
+                verdict=pb.VERDICT_ADVERSARIAL if flagged[i] else pb.VERDICT_BENIGN,
+                action=pb.VERDICT_ACTION_DROP if flagged[i] else pb.VERDICT_ACTION_RELEASE,
+                score=score[i],
+                threshold=0.0,  # the fused score is a margin: >= 0 means flagged
+            )
+            if corrected[i] >= 0:
+                item.corrected_label = corrected[i]
+            for j, name in enumerate(self.names):
+                ev = item.evidence.add(
+                    detector=name,
+                    score=per[j][i],
+                    threshold=self.thresholds[j],
+                    flagged=flags[j][i],
+                )
+                if per_fix[j] is not None:
+                    ev.corrected_label = per_fix[j][i]
+            items.append(item)
+        return items
+
+
+def load_scorers(cfg: Config) -> dict[str, Scorer]:
+    """One FusedScorer per configured model id, from artifact folders.
+
+    Raises ConfigError naming the model and path when an artifact cannot be used.
+    """
+    scorers: dict[str, Scorer] = {}
+    for model_id, mcfg in cfg.models.items():
+        if not mcfg.detectors:
+            continue
+        dets = []
+        for i, path in enumerate(mcfg.detectors):
+            where = f"models.{model_id}.detectors[{i}]"
+            try:
+                det = Detector.load(Path(path))
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(
+                    f"{where}: cannot load detector artifact {path!r}: {exc}"
+                ) from None
+            if det.threshold is None:
+                raise ConfigError(f"{where}: artifact {path!r} is not calibrated")
+            if det.model is None and mcfg.reference_model:
+                det.model = model_fn(mcfg.reference_model)
+            dets.append(det)
+        want = mcfg.fpr / len(dets)
+        for d in dets:
+            if d.fpr is not None and abs(d.fpr - want) > 1e-9:
+                log.warning(
+                    "model %s: detector %s was calibrated at fpr %.4g, the fused target wants"
+                    " %.4g per detector: retrain them together (openexample-controller train"
+                    " %s)",
+                    model_id,
+                    d.name,
+                    d.fpr,
+                    want,
+                    ",".join(x.name for x in dets),
+                )
+        scorers[model_id] = FusedScorer(model_id, Pipeline(dets, mcfg.fpr))
+    return scorers

@@ -1,0 +1,413 @@
+"""The public face: ``attach(model, ...)`` -> :class:`Guard`; ``guard(x)`` -> :class:`Result`.
+
+Per call: run the model on the caller's thread, then ``core.decide`` under the shared
+lock. A local decision returns at once (no protobuf, no thread switch). An INSPECT
+hands the input to the I/O thread (``loop.call_soon_threadsafe``, only when the outbox
+was empty) and waits on a per-call lock for at most the rule's budget; the I/O thread
+releases it when the verdict arrives. The asyncio API waits on a future instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from functools import partial
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
+
+from agents.core import AgentCore, ModelInfo, Result, Ticket
+from agents.metrics import AgentMetrics
+from agents.models import ModelAdapter, wrap_model
+from agents.privacy import PrivacyNoise
+from agents.transport import Transport
+from openexample.limits import DEFAULT_LIMITS, Limits
+from openexample.rules import INSPECT, RuleActions, parse_fail_mode
+from openexample.v1 import openexample_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_allocate_lock = threading.Lock
+_exp = math.exp
+
+
+def label_confidence(row: np.ndarray) -> tuple[int, float]:
+    """argmax and its softmax probability for one logits row (lean for small C)."""
+    if row.shape[0] <= 64:  # Python floats beat numpy's per-call overhead here
+        vals = row.tolist()
+        top = max(vals)
+        total = 0.0
+        for v in vals:
+            total += _exp(v - top)
+        return vals.index(top), 1.0 / total
+    label = int(row.argmax())
+    return label, float(1.0 / np.exp(row - row[label]).sum())
+
+
+def _labels_confidences(logits: np.ndarray) -> tuple[list[int], list[float]]:
+    labels = logits.argmax(axis=1)
+    top = logits[np.arange(len(logits)), labels][:, None]
+    conf = 1.0 / np.exp(logits - top).sum(axis=1)
+    return labels.tolist(), conf.tolist()
+
+
+def _wake_future(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Guard:
+    """A model behind the vigilance loop. Thread-safe; build it with :func:`attach`."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        make_core: Callable[[tuple[int, ...]], AgentCore],
+        target: str,
+        *,
+        batch_window_us: int = 0,
+        backoff_cap_s: float = 2.0,
+        on_retraction: Callable[[Result], object] | None = None,
+        registry: CollectorRegistry | None = None,
+        metrics_port: int | None = None,
+        metrics_addr: str = "0.0.0.0",
+        model_executor: Executor | None = None,
+        budgets_us: Sequence[int] = (),
+    ) -> None:
+        self.adapter = adapter
+        self.target = target
+        self._make_core = make_core
+        self._transport_kw: dict[str, Any] = dict(
+            batch_window_us=batch_window_us,
+            backoff_cap_s=backoff_cap_s,
+            on_retraction=on_retraction,
+        )
+        self._budgets_us = budgets_us
+        self._lock = threading.Lock()
+        self._bind_lock = threading.Lock()
+        self._predict = adapter.predict
+        self._executor = model_executor
+        self._closed = False
+        self.up = threading.Event()  # set by the transport while the session is in MAIN
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.core: AgentCore | None = None
+        self.transport: Transport | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self._dtype = adapter.input_dtype
+        self._metrics_server = None
+        if metrics_port is not None:
+            server, _thread = start_http_server(metrics_port, metrics_addr, self.registry)
+            self._metrics_server = server
+        if adapter.input_shape is not None:
+            self._bind(adapter.input_shape)
+
+    def _bind(self, shape: tuple[int, ...]) -> None:
+        """Build the core and start the I/O thread once the input shape is known (at
+        attach, or at the first call for a model that does not state it)."""
+        with self._bind_lock:
+            if self.core is not None or self._closed:
+                return
+            core = self._make_core(shape)
+            (info,) = core.models.values()
+            self.model_id = info.model_id
+            self.metrics = AgentMetrics(core, self._lock, self.registry, self._budgets_us)
+            self._observe = self.metrics.observer(self.model_id)
+            self.transport = Transport(
+                core, self._lock, self.target, up=self.up, **self._transport_kw
+            )
+            self.input_shape = info.input_shape
+            self.core = core
+            self.transport.start()
+
+    # ---- synchronous API -----------------------------------------------------------
+
+    def __call__(self, x: Any, *, source_id: str = "") -> Result:
+        """One input (shape ``input_shape``, or with a batch dimension of 1)."""
+        x = self._one(x)
+        row = self._predict(x[None])[0]
+        t0 = perf_counter()
+        label, conf = label_confidence(row)
+        core = self.core
+        with self._lock:
+            r = core.decide(self.model_id, x, row, label, conf, source_id, t0)
+            if r.__class__ is Ticket:
+                waiter = _allocate_lock()
+                waiter.acquire()
+                r.wake = waiter.release
+            kick = core.kick
+            core.kick = False
+        if kick:
+            self.transport.kick()
+        if r.__class__ is Ticket:
+            waiter.acquire(True, max(0.0, r.deadline - perf_counter()))
+            res = r.result
+            if res is None:  # budget over: the fail mode decides (or a verdict just won)
+                with self._lock:
+                    res = core.expire_ticket(r, perf_counter())
+        else:
+            res = r
+        return self._finish(res, t0)
+
+    def batch(self, xs: Any, *, source_id: str | Sequence[str] = "") -> list[Result]:
+        """N inputs at once (``[N, *input_shape]``): one forward pass, one PKG_IN batch."""
+        xs = self._many(xs)
+        logits = self._predict(xs)
+        t0 = perf_counter()
+        tickets = self._submit(xs, logits, source_id, t0, None)
+        out: list[Result] = []
+        expired = []
+        for r in tickets:
+            if r.__class__ is Ticket:
+                r.waiter.acquire(True, max(0.0, r.deadline - perf_counter()))
+                if r.result is None:
+                    expired.append(r)
+        if expired:
+            with self._lock:
+                now = perf_counter()
+                for r in expired:
+                    self.core.expire_ticket(r, now)
+        for r in tickets:
+            out.append(self._finish(r.result if r.__class__ is Ticket else r, t0))
+        return out
+
+    # ---- asyncio API ---------------------------------------------------------------
+
+    async def acall(self, x: Any, *, source_id: str = "") -> Result:
+        """Like ``guard(x)``; waiting for the verdict never blocks the running loop."""
+        return (await self.abatch(self._one(x)[None], source_id=source_id))[0]
+
+    async def abatch(self, xs: Any, *, source_id: str | Sequence[str] = "") -> list[Result]:
+        """Like :meth:`batch`, awaiting verdicts. The model runs on ``model_executor``
+        when attach() was given one, else inline."""
+        xs = self._many(xs)
+        loop = asyncio.get_running_loop()
+        if self._executor is not None:
+            logits = await loop.run_in_executor(self._executor, self._predict, xs)
+        else:
+            logits = self._predict(xs)
+        t0 = perf_counter()
+        rs = self._submit(xs, logits, source_id, t0, loop)
+        for r in rs:
+            if r.__class__ is Ticket:
+                fut = r.waiter
+                timer = loop.call_later(max(0.0, r.deadline - perf_counter()), _wake_future, fut)
+                await fut
+                timer.cancel()
+                if r.result is None:
+                    with self._lock:
+                        self.core.expire_ticket(r, perf_counter())
+        return [self._finish(r.result if r.__class__ is Ticket else r, t0) for r in rs]
+
+    # ---- shared --------------------------------------------------------------------
+
+    def _submit(
+        self,
+        xs: np.ndarray,
+        logits: np.ndarray,
+        source_id: str | Sequence[str],
+        t0: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> list[Result | Ticket]:
+        n = len(xs)
+        sources = [source_id] * n if isinstance(source_id, str) else list(source_id)
+        if len(sources) != n:
+            raise ValueError(f"{len(sources)} source ids for {n} inputs")
+        labels, confs = _labels_confidences(logits)
+        core, mid = self.core, self.model_id
+        out: list[Result | Ticket] = []
+        with self._lock:
+            for i in range(n):
+                r = core.decide(mid, xs[i], logits[i], labels[i], confs[i], sources[i], t0)
+                if r.__class__ is Ticket:
+                    if loop is None:
+                        waiter = r.waiter = _allocate_lock()
+                        waiter.acquire()
+                        r.wake = waiter.release
+                    else:
+                        fut = r.waiter = loop.create_future()
+                        r.wake = partial(loop.call_soon_threadsafe, _wake_future, fut)
+                out.append(r)
+            kick = core.kick
+            core.kick = False
+        if kick:
+            self.transport.kick()
+        return out
+
+    def _finish(self, res: Result, t0: float) -> Result:
+        latency = perf_counter() - t0
+        res.latency_s = latency
+        self._observe(latency)
+        return res
+
+    def _one(self, x: Any) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self._dtype)
+        if self.input_shape is None:
+            self._bind(x.shape)
+            self._check_bound()
+        if x.shape != self.input_shape:
+            if x.shape[1:] == self.input_shape and x.shape[0] == 1:
+                return x[0]
+            raise ValueError(f"input of shape {x.shape}, model takes {self.input_shape}")
+        return x
+
+    def _many(self, xs: Any) -> np.ndarray:
+        xs = np.ascontiguousarray(xs, dtype=self._dtype)
+        if self.input_shape is None and xs.ndim > 1:
+            self._bind(xs.shape[1:])
+            self._check_bound()
+        if xs.shape[1:] != self.input_shape:
+            raise ValueError(f"batch of shape {xs.shape}, want [N, *{self.input_shape}]")
+        return xs
+
+    def _check_bound(self) -> None:
+        if self.core is None:
+            raise RuntimeError("guard is closed")
+
+    # ---- session and lifecycle -----------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the controller session is up (MAIN: resync acknowledged)."""
+        return self.up.is_set()
+
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """Block until the session is up; False when ``timeout_s`` passed first (at
+        once for a model whose input shape is not known before its first call)."""
+        if self.core is None:
+            return False
+        return self.up.wait(timeout_s)
+
+    def local_mod(self, mod: pb.VigilanceMod | pb.TableMod) -> None:
+        """Apply a rule or RT change locally (standalone use, tests, benchmarks). The
+        controller's resync replaces local rules when a session comes up."""
+        if self.core is None:
+            raise RuntimeError("the model's input shape is not known yet (no call so far)")
+        with self._lock:
+            if isinstance(mod, pb.VigilanceMod):
+                self.core.rules.apply(mod, perf_counter())
+            else:
+                self.core.tables.apply(mod, perf_counter())
+
+    def stats(self) -> pb.AgentStats:
+        if self.core is None:
+            return pb.AgentStats()
+        with self._lock:
+            return self.core.agent_stats(perf_counter())
+
+    def close(self) -> None:
+        """End the session and the I/O thread; waiting callers get the fail mode.
+        Idempotent."""
+        if self._closed:
+            return
+        with self._bind_lock:
+            self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(
+    model: Any,
+    controller: str = "127.0.0.1:6653",
+    model_id: str = "model",
+    *,
+    agent_id: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: Any = None,
+    class_names: Sequence[str] | None = None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    budget_us: int = 350,
+    fail_mode: str = "standalone",
+    privacy: str | PrivacyNoise | None = None,
+    batch_window_us: int = 0,
+    max_batch_items: int = 64,
+    echo_interval_s: float = 1.0,
+    echo_unreplied_limit: int = 3,
+    on_retraction: Callable[[Result], object] | None = None,
+    registry: CollectorRegistry | None = None,
+    metrics_port: int | None = None,
+    connect_timeout_s: float | None = None,
+    model_executor: Executor | None = None,
+    fingerprint_key: bytes = b"",
+    rt_max_entries: int = 100_000,
+    rt_ttl_s: float = 0.0,
+    backoff_cap_s: float = 2.0,
+    limits: Limits = DEFAULT_LIMITS,
+    seed: int | None = None,
+) -> Guard:
+    """Put ``model`` behind the controller at ``controller`` (``host:port``).
+
+    ``model``: a torch.nn.Module, a TorchScript (.pt) or ONNX (.onnx) file, or a
+    callable on numpy batches returning logits ``[N, C]``. ``input_shape`` is one input
+    without the batch dimension; when neither it nor the model file gives it, the first
+    call does, and the session starts then. ``budget_us`` and
+    ``fail_mode`` make the table-miss rule in force until the controller installs its
+    own. With ``connect_timeout_s`` wait that long for the session (``guard.connected``
+    tells whether it came up).
+    """
+    adapter = wrap_model(model, input_shape=input_shape, input_dtype=input_dtype)
+    if isinstance(privacy, str):
+        privacy = PrivacyNoise.parse(privacy, input_range)
+    miss = RuleActions(INSPECT, budget_us, parse_fail_mode(fail_mode))
+
+    def make_core(shape: tuple[int, ...]) -> AgentCore:
+        probe = adapter.predict(np.zeros((1, *shape), dtype=adapter.input_dtype))  # warms up
+        n_classes = probe.shape[1]
+        names = tuple(class_names) if class_names else tuple(str(i) for i in range(n_classes))
+        if len(names) != n_classes:
+            raise ValueError(f"{len(names)} class names for {n_classes} logits")
+        info = ModelInfo(
+            model_id=model_id,
+            input_shape=tuple(shape),
+            class_names=names,
+            input_dtype=adapter.input_dtype,
+            framework=adapter.framework,
+            model_digest=adapter.digest,
+            privacy=privacy,
+        )
+        return AgentCore(
+            agent_id or f"{socket.gethostname()}-{os.getpid()}-{model_id}",
+            [info],
+            miss_actions=miss,
+            limits=limits,
+            max_batch_items=max_batch_items,
+            rt_max_entries=rt_max_entries,
+            rt_ttl_s=rt_ttl_s,
+            echo_interval_s=echo_interval_s,
+            echo_unreplied_limit=echo_unreplied_limit,
+            fingerprint_key=fingerprint_key,
+            seed=seed,
+            now=perf_counter(),
+        )
+
+    guard = Guard(
+        adapter,
+        make_core,
+        controller,
+        batch_window_us=batch_window_us,
+        backoff_cap_s=backoff_cap_s,
+        on_retraction=on_retraction,
+        registry=registry,
+        metrics_port=metrics_port,
+        model_executor=model_executor,
+        budgets_us=(budget_us,),
+    )
+    if connect_timeout_s is not None and not guard.wait_connected(connect_timeout_s):
+        log.warning("no session with controller %s after %.1f s", controller, connect_timeout_s)
+    return guard

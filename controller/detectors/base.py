@@ -1,0 +1,226 @@
+"""The detector interface: fit on clean data, calibrate to a false-positive rate, score.
+
+Modelled on Alibi Detect's ``infer_threshold`` / ``predict`` pair, kept small so a new
+detector is one file: subclass ``Detector``, set ``name``, implement ``score`` (and the
+``_fit`` / ``config`` / ``arrays`` / ``_restore`` hooks if it learns anything), decorate it
+with ``@register``. Artifacts are folders with a JSON manifest and one ``.npz``: no pickle,
+so loading an artifact never runs code from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+ModelFn = Callable[[np.ndarray], np.ndarray]
+"""A reference copy of the model: inputs [N, *shape] -> logits [N, C]."""
+
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.npz"
+FORMAT = 1
+_VERSIONED = ("numpy", "scipy", "pillow", "imagehash", "torch", "openexample")
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What PKG_IN carries, decoded, for one model."""
+
+    inputs: np.ndarray  # [N, *input_shape] float32 (or uint8)
+    logits: np.ndarray | None  # [N, C]
+    labels: np.ndarray  # [N] int64, the label the model gave
+    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def make_batch(
+    inputs: np.ndarray, model: ModelFn | None = None, *, logits: np.ndarray | None = None
+) -> Batch:
+    """A Batch for ``inputs`` with the model's logits and labels (argmax), for offline use."""
+    if logits is None:
+        if model is None:
+            raise ValueError("make_batch needs a model or logits")
+        logits = np.asarray(model(inputs), dtype=np.float32)
+    return Batch(inputs, logits, np.asarray(logits).argmax(axis=1).astype(np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    scores: np.ndarray  # [N] float, higher = more adversarial
+    corrected: np.ndarray | None  # [N] int64 label the detector would give, or None
+
+
+class Detector(ABC):
+    """Base class. ``threshold`` and ``fpr`` are set by ``calibrate``; ``meta`` holds what
+    the manifest records (dataset, classes, input shape, calibration figures)."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.threshold: float | None = None
+        self.fpr: float | None = None
+        self.meta: dict[str, Any] = {}
+        self.model: ModelFn | None = None  # not saved: the controller re-attaches its copy
+
+    # -- learning -------------------------------------------------------------------------
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        model: ModelFn | None = None,
+        dataset: str | None = None,
+        class_names: list[str] | None = None,
+    ) -> Self:
+        """Learn from clean training data ``x`` [N, *shape] with true labels ``y`` [N]."""
+        x, y = np.asarray(x), np.asarray(y, dtype=np.int64)
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} items, y has {len(y)}")
+        self.model = model
+        num_classes = len(class_names) if class_names else int(y.max()) + 1
+        self.meta.update(
+            dataset=dataset,
+            classes=list(class_names) if class_names else [str(i) for i in range(num_classes)],
+            input_shape=[int(d) for d in x.shape[1:]],
+            num_fit=len(x),
+        )
+        self._fit(x, y)
+        return self
+
+    def _fit(self, x: np.ndarray, y: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Override to learn; ``self.model`` is set when a reference model was given."""
+
+    @abstractmethod
+    def score(self, batch: Batch) -> Scores:
+        """Score every item of ``batch``: higher = more adversarial."""
+
+    # -- threshold ------------------------------------------------------------------------
+    def calibrate(self, clean: Batch, fpr: float) -> float:
+        """Set ``threshold`` to the (1 - fpr) quantile of the scores of clean inputs."""
+        if not 0.0 < fpr < 1.0:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        s = np.asarray(self.score(clean).scores, dtype=np.float64)
+        if s.size == 0 or not np.isfinite(s).all():
+            raise ValueError("calibration needs a non-empty batch with finite scores")
+        # "higher": the threshold is an observed clean score, never an interpolated one
+        self.threshold = float(np.quantile(s, 1.0 - fpr, method="higher"))
+        self.fpr = fpr
+        self.meta["calibration"] = {
+            "n": int(s.size),
+            "target_fpr": fpr,
+            "measured_fpr": float(np.mean(s >= self.threshold)),
+            "median": float(np.median(s)),
+            "quantiles": {str(q): float(np.quantile(s, q)) for q in (0.01, 0.5, 0.9, 0.99)},
+        }
+        return self.threshold
+
+    def flag(self, scores: np.ndarray) -> np.ndarray:
+        """scores >= threshold, as a bool array."""
+        if self.threshold is None:
+            raise RuntimeError(f"detector {self.name!r} is not calibrated")
+        return np.asarray(scores) >= self.threshold
+
+    # -- persistence ----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON values) that rebuild this detector."""
+        return {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Learned state as named numeric arrays."""
+        return {}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Inverse of ``arrays``."""
+
+    def save(self, path: str | Path) -> None:
+        """Write the artifact folder: ``manifest.json`` + ``arrays.npz``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "config": self.config(),
+            "threshold": self.threshold,
+            "fpr": self.fpr,
+            **self.meta,
+            "versions": _versions(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        tmp = path / f".{ARRAYS}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **self.arrays())
+        os.replace(tmp, path / ARRAYS)
+        tmp = path / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path / MANIFEST)  # last: a manifest means a complete artifact
+
+    @classmethod
+    def load(cls, path: str | Path) -> Detector:
+        """Read an artifact folder; on ``Detector`` itself, dispatch on the manifest's name."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if cls is Detector:
+            from controller.detectors import get  # the registry discovers plugins
+
+            return get(manifest["name"]).load(path)
+        if manifest.get("name") != cls.name:
+            raise ValueError(f"{path} holds a {manifest.get('name')!r} detector, not {cls.name!r}")
+        det = cls(**manifest.get("config", {}))
+        with np.load(path / ARRAYS, allow_pickle=False) as z:
+            det._restore({k: z[k] for k in z.files})
+        det.threshold = manifest.get("threshold")
+        det.fpr = manifest.get("fpr")
+        skip = {"format", "name", "class", "config", "threshold", "fpr", "versions", "created"}
+        det.meta = {k: v for k, v in manifest.items() if k not in skip}
+        return det
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} threshold={self.threshold}>"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The parsed manifest of an artifact folder, checked for a name and a known format."""
+    file = Path(path) / MANIFEST
+    manifest = json.loads(file.read_text())
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("name"), str):
+        raise ValueError(f"{file}: not a detector manifest")
+    if manifest.get("format", FORMAT) > FORMAT:
+        raise ValueError(f"{file}: artifact format {manifest['format']} is newer than {FORMAT}")
+    return manifest
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make ``cls`` available by its ``name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute 'name'")
+    other = _REGISTRY.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"detector name {name!r} is taken by {other.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        if dist == "torch" and "torch" not in sys.modules:
+            continue  # only record torch when this detector actually used it
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out

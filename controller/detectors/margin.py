@@ -1,0 +1,42 @@
+"""Top-2 softmax margin on the logits the agent sends: model-agnostic, nothing to learn.
+
+Minimal-perturbation attacks (DeepFool, C&W) stop just past the decision boundary, where
+the two best classes are nearly tied; clean inputs are usually classified with a wide
+margin. Score = -(p_top1 - p_top2), so a small margin scores high.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from controller.detectors.base import Batch, Detector, Scores, register
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (shifted by the row max, so large logits are safe)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@register
+class MarginDetector(Detector):
+    name = "margin"
+
+    def score(self, batch: Batch) -> Scores:
+        logits = batch.logits
+        if logits is None:
+            if self.model is None:
+                raise ValueError("margin needs logits in the batch or fit(..., model=...)")
+            logits = self.model(batch.inputs)
+        p = softmax(logits)
+        if p.shape[1] < 2:
+            raise ValueError("margin needs at least two classes")
+        top2 = -np.partition(-p, 1, axis=1)[:, :2]  # [best, second best]
+        # corrected: the most likely class other than the one the model claimed
+        labels = np.asarray(batch.labels, dtype=np.int64)
+        rows = np.arange(len(p))
+        valid = (labels >= 0) & (labels < p.shape[1])
+        others = p.copy()
+        others[rows[valid], labels[valid]] = -1.0
+        return Scores(-(top2[:, 0] - top2[:, 1]), others.argmax(axis=1).astype(np.int64))

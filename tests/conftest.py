@@ -1,0 +1,60 @@
+"""Shared fixtures: the example model and detector artifacts (trained once, cached),
+and a factory for real controller processes on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT, ControllerProcess
+
+CACHE = Path(os.environ.get("OPENEXAMPLE_CACHE", ROOT / "var" / "cache"))
+MODEL_ID = "mnist-cnn"
+DETECTORS = ["margin", "phash_prototype"]
+
+
+@pytest.fixture(scope="session")
+def example_model() -> Path:
+    from controller.models import ensure_example_model
+
+    return ensure_example_model(CACHE, "mnist5k")
+
+
+@pytest.fixture(scope="session")
+def artifacts(example_model) -> list[Path]:
+    from controller.training import build_artifacts
+
+    out = CACHE / "artifacts" / "mnist5k"
+    if all((out / n / "manifest.json").is_file() for n in DETECTORS):
+        return [out / n for n in DETECTORS]
+    return build_artifacts(DETECTORS, out, model_path=example_model, fpr=0.01, cache=CACHE)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from controller import datasets
+
+    return datasets.load("mnist5k").split()
+
+
+@pytest.fixture
+def controller(tmp_path, artifacts):
+    """Factory: start a controller process with config overrides; all stopped at teardown."""
+    started: list[ControllerProcess] = []
+
+    def start(**config) -> ControllerProcess:
+        cfg = {
+            "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+            # Generous budget: CI machines are shared; latency is measured by bench/.
+            "budget_us": 3_000_000,
+            **config,
+        }
+        proc = ControllerProcess(tmp_path / f"controller{len(started)}", cfg)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
