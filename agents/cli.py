@@ -1,9 +1,49 @@
-"""``openexample-agent``: put an existing model file behind a controller."""
+"""``openexample-agent``: put an existing model file behind a controller, with no code.
+
+    openexample-agent attach --model mnist.pt --controller 127.0.0.1:6653 \\
+        --serve 0.0.0.0:7000 --input-shape 1,28,28 --budget-us 350
+
+Serves ``openexample.v1.Predictor/Predict`` to end users with the vigilance loop in
+between; SIGTERM / SIGINT stop it cleanly (in-flight calls finish, the session closes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r} (e.g. 1,28,28)") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r} (e.g. 1,28,28)")
+    return dims
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad range {text!r} (e.g. 0,1)") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"empty range {text!r}")
+    return lo, hi
+
+
+def _classes(text: str) -> list[str]:
+    """Comma-separated names, or ``@FILE`` with one name per line."""
+    if text.startswith("@"):
+        return [ln.strip() for ln in Path(text[1:]).read_text().splitlines() if ln.strip()]
+    return [c.strip() for c in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,14 +52,83 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model file with the OpenExample vigilance loop in between.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("attach", help="attach a model file to a controller and serve it")
+    a = sub.add_parser("attach", help="attach a model file to a controller and serve it")
+    a.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) file")
+    a.add_argument("--controller", required=True, metavar="HOST:PORT")
+    a.add_argument("--serve", required=True, metavar="HOST:PORT", help="Predictor API address")
+    a.add_argument("--model-id", help="model id declared to the controller (default: file stem)")
+    a.add_argument("--agent-id", help="agent id (default: host-pid-model)")
+    a.add_argument("--input-shape", type=_ints, help="one input, no batch dim, e.g. 1,28,28")
+    a.add_argument("--input-range", type=_range, default=(0.0, 1.0), help="lo,hi (default 0,1)")
+    a.add_argument("--classes", type=_classes, help="class names: a,b,c or @FILE")
+    a.add_argument(
+        "--budget-us",
+        type=int,
+        default=350,
+        help="budget of the default table-miss rule until the controller sets its own",
+    )
+    a.add_argument("--fail-mode", choices=("standalone", "secure"), default="standalone")
+    a.add_argument("--batch-window-us", type=int, default=0)
+    a.add_argument("--max-batch-items", type=int, default=64)
+    a.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    a.add_argument("--privacy", metavar="laplace:EPS", help="local DP noise on what is sent")
+    a.add_argument("--connect-timeout", type=float, default=0.0, help="wait for the session")
+    a.add_argument("--model-threads", type=int, default=min(4, os.cpu_count() or 1))
+    a.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from agents.guard import attach
+    from agents.server import start_server
+
+    executor = ThreadPoolExecutor(args.model_threads, thread_name_prefix="model")
+    guard = attach(
+        args.model,
+        args.controller,
+        args.model_id or Path(args.model).stem,
+        agent_id=args.agent_id,
+        input_shape=args.input_shape,
+        class_names=args.classes,
+        input_range=args.input_range,
+        budget_us=args.budget_us,
+        fail_mode=args.fail_mode,
+        privacy=args.privacy,
+        batch_window_us=args.batch_window_us,
+        max_batch_items=args.max_batch_items,
+        metrics_port=args.metrics_port,
+        connect_timeout_s=args.connect_timeout or None,
+        model_executor=executor,
+    )
+    try:
+        server, port = await start_server(guard, args.serve)
+        host = args.serve.rsplit(":", 1)[0]
+        print(f"openexample-agent: serving {guard.model_id} on {host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(grace=2.0)
+    finally:
+        guard.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"openexample-agent {args.command}: not yet available", file=sys.stderr)
-    return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    except (FileNotFoundError, ImportError, ValueError, OSError) as exc:
+        print(f"openexample-agent: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

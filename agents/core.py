@@ -18,12 +18,26 @@ import random
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from agents.privacy import PrivacyNoise
+from agents.results import (
+    CONTROLLER,
+    DISCONNECTED,
+    RT,
+    RULE,
+    STANDALONE,
+    TIMEOUT,
+    UNKNOWN,
+    VERDICT_NAMES,
+    Batch,
+    Item,
+    ModelInfo,
+    Result,
+    Ticket,
+    outcome,
+)
 from openexample import tensor
 from openexample.errors import ProtocolError, bad_request
 from openexample.limits import DEFAULT_LIMITS, Limits
@@ -43,219 +57,12 @@ from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Who decided (Result.decided_by).
-RULE, RT, CONTROLLER, TIMEOUT, DISCONNECTED = "rule", "rt", "controller", "timeout", "disconnected"
-# Result.verdict.
-BENIGN, ADVERSARIAL, UNKNOWN = "benign", "adversarial", "unknown"
-VERDICT_NAMES = {pb.VERDICT_BENIGN: BENIGN, pb.VERDICT_ADVERSARIAL: ADVERSARIAL}
-
 # Session states: no stream / HELLO sent / version agreed, waiting for FEATURES_REQUEST /
 # FEATURES_REPLY sent, controller resyncing (PKG_IN allowed) / resync acknowledged.
 DOWN, HELLO, FEATURES, CONFIG, MAIN = range(5)
 STATE_NAMES = ("DOWN", "HELLO", "FEATURES", "CONFIG", "MAIN")
 
-STANDALONE, SECURE = pb.FAIL_MODE_STANDALONE, pb.FAIL_MODE_SECURE
-_RELEASE, _DROP, _CORRECT = (
-    pb.VERDICT_ACTION_RELEASE,
-    pb.VERDICT_ACTION_DROP,
-    pb.VERDICT_ACTION_CORRECT,
-)
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What FEATURES_REPLY declares about one model, plus its privacy noise."""
-
-    model_id: str
-    input_shape: tuple[int, ...]
-    class_names: tuple[str, ...]
-    input_dtype: Any = np.float32  # anything np.dtype() takes
-    framework: str = "callable"
-    model_digest: str = ""
-    privacy: PrivacyNoise | None = None
-
-    def descriptor(self) -> pb.ModelDescriptor:
-        return pb.ModelDescriptor(
-            model_id=self.model_id,
-            input_shape=list(self.input_shape),
-            input_dtype=tensor.dtype_code(self.input_dtype),
-            class_names=list(self.class_names),
-            privacy=self.privacy.to_pb() if self.privacy else None,
-            model_digest=self.model_digest,
-            framework=self.framework,
-        )
-
-
-class Result:
-    """What the caller gets for one inference.
-
-    ``output`` is the logits row or None when withheld; ``label`` is the label handed
-    out (the corrected one on CORRECT); ``model_label`` what the model said.
-    ``retraction`` marks a late verdict that overrides an earlier timeout decision.
-    """
-
-    __slots__ = (
-        "confidence",
-        "decided_by",
-        "label",
-        "latency_s",
-        "model_id",
-        "model_label",
-        "output",
-        "released",
-        "retraction",
-        "score",
-        "source_id",
-        "verdict",
-    )
-
-    def __init__(
-        self,
-        model_id: str,
-        source_id: str,
-        output: np.ndarray | None,
-        label: int,
-        model_label: int,
-        confidence: float,
-        verdict: str,
-        decided_by: str,
-        released: bool,
-        latency_s: float,
-        score: float | None = None,
-        retraction: bool = False,
-    ) -> None:
-        self.model_id = model_id
-        self.source_id = source_id
-        self.output = output
-        self.label = label
-        self.model_label = model_label
-        self.confidence = confidence
-        self.verdict = verdict
-        self.decided_by = decided_by
-        self.released = released
-        self.latency_s = latency_s
-        self.score = score
-        self.retraction = retraction
-
-    def __repr__(self) -> str:
-        extra = ", retraction" if self.retraction else ""
-        return (
-            f"Result(label={self.label}, verdict={self.verdict!r}, decided_by="
-            f"{self.decided_by!r}, released={self.released}, "
-            f"latency_us={self.latency_s * 1e6:.1f}{extra})"
-        )
-
-
-class Ticket:
-    """An inference waiting for the controller. ``wake`` (set by the shell under the
-    lock) is called once when ``result`` is first set."""
-
-    __slots__ = (
-        "confidence",
-        "deadline",
-        "fail_mode",
-        "label",
-        "logits",
-        "model_id",
-        "result",
-        "source_id",
-        "started",
-        "waiter",
-        "wake",
-    )
-
-    def __init__(
-        self,
-        model_id: str,
-        source_id: str,
-        logits: np.ndarray,
-        label: int,
-        confidence: float,
-        fail_mode: int,
-        started: float,
-        deadline: float,
-    ) -> None:
-        self.model_id = model_id
-        self.source_id = source_id
-        self.logits = logits
-        self.label = label
-        self.confidence = confidence
-        self.fail_mode = fail_mode
-        self.started = started
-        self.deadline = deadline
-        self.result: Result | None = None
-        self.wake: Callable[[], object] | None = None
-        self.waiter: object = None  # the shell's lock or future behind ``wake``
-
-
-class _Item:
-    """One PKG_IN item and the tickets (FT waiters) its verdict answers."""
-
-    __slots__ = (
-        "budget_us",
-        "confidence",
-        "cookie",
-        "fp",
-        "label",
-        "logits",
-        "reason",
-        "source_id",
-        "tickets",
-        "wall_ns",
-        "x",
-    )
-
-    def __init__(
-        self,
-        x: np.ndarray,
-        logits: np.ndarray,
-        label: int,
-        confidence: float,
-        source_id: str,
-        reason: int,
-        cookie: int,
-        fp: bytes,
-        budget_us: int,
-        wall_ns: int,
-    ) -> None:
-        self.x = x
-        self.logits = logits
-        self.label = label
-        self.confidence = confidence
-        self.source_id = source_id
-        self.reason = reason
-        self.cookie = cookie
-        self.fp = fp
-        self.budget_us = budget_us
-        self.wall_ns = wall_ns
-        self.tickets: list[Ticket] = []
-
-
-class _Batch:
-    __slots__ = ("items", "model_id", "sent_at", "xid")
-
-    def __init__(self, xid: int, model_id: str) -> None:
-        self.xid = xid
-        self.model_id = model_id
-        self.items: list[_Item] = []
-        self.sent_at = 0.0
-
-
-def outcome(
-    verdict: int, action: int, corrected: int | None, fail_mode: int, label: int
-) -> tuple[str, bool, int]:
-    """(verdict name, released, label handed out) for a controller or RT verdict."""
-    name = VERDICT_NAMES.get(verdict)
-    if name is None:  # UNKNOWN (or garbage): the rule's fail mode decides
-        return UNKNOWN, fail_mode == STANDALONE, label
-    if action == _CORRECT and corrected is not None:
-        return name, True, corrected
-    if action == _RELEASE:
-        return name, True, label
-    if action == _DROP:
-        return name, False, label
-    return name, verdict == pb.VERDICT_BENIGN, label  # no usable action: go by the verdict
 
 
 class AgentCore:
@@ -312,10 +119,10 @@ class AgentCore:
         self.controller_id = ""
         self.kick = False  # the shell must wake the I/O loop to flush the outbox
         self._scheduled = False
-        self._outbox: list[_Batch] = []
-        self._open: dict[str, _Batch] = {}
-        self._sent: dict[int, _Batch] = {}  # xid -> batch awaiting PKG_OUT, oldest first
-        self._inflight: dict[Key, _Item] = {}  # FT keys -> the item that carries them
+        self._outbox: list[Batch] = []
+        self._open: dict[str, Batch] = {}
+        self._sent: dict[int, Batch] = {}  # xid -> batch awaiting PKG_OUT, oldest first
+        self._inflight: dict[Key, Item] = {}  # FT keys -> the item that carries them
         self._next_echo = 0.0
         self._echo_outstanding = 0
         self.echo_rtt_s: float | None = None
@@ -355,46 +162,26 @@ class AgentCore:
                 self._copy(model_id, x, logits, label, confidence, source_id, rule.cookie, False)
             self.decided_locally += 1
             released = source == ALLOW
-            res = Result(
-                model_id,
-                source_id,
-                logits if released else None,
-                label,
-                label,
-                confidence,
-                UNKNOWN,
-                RULE,
-                released,
-                0.0,
-            )
-            self._count(res)
-            return res
+            return self._decided(model_id, source_id, logits, label, confidence, released, RULE)
 
         fail_mode = actions.fail_mode
         fp = fingerprint(x, self._fp_key)
         key = (model_id, fp, label)
         entry = self.tables.rt.get(key, now)
-        if entry is not None:
+        if entry is not None:  # the verdict is already known
             self.decided_locally += 1
-            return self._local(
-                model_id, source_id, logits, label, confidence, fail_mode, entry, now
+            self._count_verdict(model_id, entry.verdict)
+            name, released, out = outcome(
+                entry.verdict, entry.action, entry.corrected_label, fail_mode, label
+            )
+            return self._decided(
+                model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score
             )
         if not self.sending:
             released = fail_mode == STANDALONE
-            res = Result(
-                model_id,
-                source_id,
-                logits if released else None,
-                label,
-                label,
-                confidence,
-                UNKNOWN,
-                DISCONNECTED,
-                released,
-                0.0,
+            return self._decided(
+                model_id, source_id, logits, label, confidence, released, DISCONNECTED
             )
-            self._count(res)
-            return res
 
         self.inspected += 1
         budget_us = actions.budget_us
@@ -416,7 +203,7 @@ class AgentCore:
                 item.tickets.append(ticket)
                 return ticket
         reason = pb.PKG_IN_REASON_TABLE_MISS if rule.is_table_miss else pb.PKG_IN_REASON_ACTION
-        item = _Item(
+        item = Item(
             x, logits, label, confidence, source_id, reason, rule.cookie, fp, budget_us,
             self._wall_ns(),
         )  # fmt: skip
@@ -431,33 +218,32 @@ class AgentCore:
             self._settle(ticket, pb.VERDICT_UNKNOWN, 0, None, TIMEOUT, now)
         return ticket.result  # type: ignore[return-value]
 
-    def _local(
+    def _decided(
         self,
         model_id: str,
         source_id: str,
         logits: np.ndarray,
         label: int,
         confidence: float,
-        fail_mode: int,
-        entry: ResultEntry,
-        now: float,
+        released: bool,
+        decided_by: str,
+        verdict: str = UNKNOWN,
+        out_label: int | None = None,
+        score: float | None = None,
     ) -> Result:
-        self._count_verdict(model_id, entry.verdict)
-        name, released, out_label = outcome(
-            entry.verdict, entry.action, entry.corrected_label, fail_mode, label
-        )
+        """A Result decided on the spot (rule, RT or no controller), counted."""
         res = Result(
             model_id,
             source_id,
             logits if released else None,
-            out_label,
+            label if out_label is None else out_label,
             label,
             confidence,
-            name,
-            RT,
+            verdict,
+            decided_by,
             released,
             0.0,
-            entry.score,
+            score,
         )
         self._count(res)
         return res
@@ -480,26 +266,24 @@ class AgentCore:
         x = np.array(x, copy=True)  # the caller may reuse its buffer once we return
         reason = pb.PKG_IN_REASON_MIRROR if mirror else pb.PKG_IN_REASON_SAMPLED
         fp = fingerprint(x, self._fp_key)
-        item = _Item(
-            x, logits, label, confidence, source_id, reason, cookie, fp, 0, self._wall_ns()
-        )
+        item = Item(x, logits, label, confidence, source_id, reason, cookie, fp, 0, self._wall_ns())
         self._enqueue(self._batch_for(model_id), item)
 
-    def _batch_for(self, model_id: str) -> _Batch:
+    def _batch_for(self, model_id: str) -> Batch:
         batch = self._open.get(model_id)
         if batch is None or len(batch.items) >= self.max_batch_items:
-            batch = self._open[model_id] = _Batch(self._xid(), model_id)
+            batch = self._open[model_id] = Batch(self._xid(), model_id)
             self._outbox.append(batch)
         return batch
 
-    def _enqueue(self, batch: _Batch, item: _Item) -> None:
+    def _enqueue(self, batch: Batch, item: Item) -> None:
         batch.items.append(item)
         if not self._scheduled:
             self._scheduled = self.kick = True
 
     # ---- outbox (I/O thread) -------------------------------------------------------
 
-    def take_outbox(self, now: float) -> list[_Batch]:
+    def take_outbox(self, now: float) -> list[Batch]:
         """Close the queued batches and mark them sent (build them with build_pkg_in)."""
         self._scheduled = False
         batches = [b for b in self._outbox if b.items]
@@ -511,7 +295,7 @@ class AgentCore:
         self.pkg_in_total += len(batches)
         return batches
 
-    def build_pkg_in(self, batch: _Batch) -> pb.Envelope:
+    def build_pkg_in(self, batch: Batch) -> pb.Envelope:
         """The PKG_IN for a taken batch. Touches no shared state but the noise RNG, so
         the I/O thread runs it outside the lock."""
         info = self.models[batch.model_id]
@@ -742,7 +526,7 @@ class AgentCore:
         self._answer(batch, items, now)
         return []
 
-    def _answer(self, batch: _Batch, answers: Sequence[pb.PkgOutItem] | None, now: float) -> None:
+    def _answer(self, batch: Batch, answers: Sequence[pb.PkgOutItem] | None, now: float) -> None:
         """Resolve a sent batch: with the PKG_OUT items, or None = UNKNOWN for all."""
         model_id = batch.model_id
         rt, ttl = self.tables.rt, self.tables.rt.default_ttl_s

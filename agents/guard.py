@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agents.core import AgentCore, ModelInfo, Result, Ticket
+from agents.core import AgentCore
 from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
 from agents.privacy import PrivacyNoise
+from agents.results import ModelInfo, Result, Ticket
 from agents.transport import Transport
 from openexample.limits import DEFAULT_LIMITS, Limits
 from openexample.rules import INSPECT, RuleActions, parse_fail_mode
@@ -98,14 +99,17 @@ class Guard:
         self._closed = False
         self.up = threading.Event()  # set by the transport while the session is in MAIN
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.core: AgentCore | None = None
+        self.core: AgentCore | None = None  # built once the input shape is known
+        self.model_id: str | None = None
         self.transport: Transport | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._dtype = adapter.input_dtype
         self._metrics_server = None
+        self.metrics_port: int | None = None  # the bound port (metrics_port 0 = any)
         if metrics_port is not None:
             server, _thread = start_http_server(metrics_port, metrics_addr, self.registry)
             self._metrics_server = server
+            self.metrics_port = server.server_port
         if adapter.input_shape is not None:
             self._bind(adapter.input_shape)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,9 @@ def _wrap_torchscript(path: Path, input_shape: Any, input_dtype: Any) -> ModelAd
     import torch
 
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; files remain
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} is neither an .onnx file nor a TorchScript file: {exc}") from exc
     return _wrap_torch(module, "torchscript", file_digest(path), input_shape, input_dtype)

@@ -20,7 +20,8 @@ from time import perf_counter
 
 import grpc
 
-from agents.core import AgentCore, Result
+from agents.core import AgentCore
+from agents.results import Result
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Transport:
         self.up = up if up is not None else threading.Event()  # set while in MAIN
         self._ready = threading.Event()
         self._closed = False
+        self._was_up = True  # so the first failure to connect is logged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -115,7 +117,8 @@ class Transport:
             with self._lock:
                 self.core.disconnected(perf_counter())
             self.up.clear()
-            loop.close()
+            # The loop is left stopped, not closed: grpc's process-wide completion queue
+            # may still post late channel events to it, which raise on a closed loop.
 
     async def _main(self) -> None:
         assert self._stop is not None
@@ -154,7 +157,10 @@ class Transport:
             for t in done:
                 exc = t.exception()
                 if isinstance(exc, grpc.aio.AioRpcError):
-                    log.info("controller %s: %s %s", self.target, exc.code().name, exc.details())
+                    # Once per outage at INFO; every retry after that at DEBUG.
+                    level = logging.INFO if self._was_up else logging.DEBUG
+                    log.log(level, "controller %s: %s", self.target, exc.code().name)
+                    self._was_up = False
                 elif exc is not None:
                     log.error("agent session failed", exc_info=exc)
         finally:
@@ -204,7 +210,7 @@ class Transport:
                 retracted = core.drain_retractions() if core.retracted else None
             self._send(out)
             if up and not self.up.is_set():
-                self._reached_main = True
+                self._reached_main = self._was_up = True
                 self.up.set()
                 log.info("session with controller %s is up", self.target)
             if retracted:

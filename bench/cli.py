@@ -16,11 +16,20 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--json", help="write results as JSON to this path")
         s.add_argument("--out", help="folder for tables and plots")
         s.add_argument("--quick", action="store_true", help="a short smoke run")
+    d = sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
+    d.add_argument("--workdir", default="var/demo", help="journal, config and logs")
+    d.add_argument("--agents", type=int, default=3)
+    d.add_argument("--per-attack", type=int, default=60, help="inputs per attack per agent")
+    d.add_argument("--budget-us", type=int, default=350, help="INSPECT budget (paper: 350)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from bench.demo import run_demo
+
+        return run_demo(args)
     print(f"openexample-bench {args.command}: not yet available", file=sys.stderr)
     return 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -59,10 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="artifact folder")
     t.add_argument("--cache", default="var/cache", help="where the example model is cached")
 
-    d = sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
-    d.add_argument("--workdir", default="var/demo", help="models, artifacts, journal")
-    d.add_argument("--agents", type=int, default=3)
-    d.add_argument("--per-attack", type=int, default=60, help="inputs per attack per agent")
     return p
 
 
@@ -136,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         from controller.training import train_command
 
         return train_command(args)
-    if args.command == "demo":
-        from controller.demo import run_demo
-
-        with contextlib.suppress(KeyboardInterrupt):
-            return run_demo(args)
-        return 130
     return 2
 
 

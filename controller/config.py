@@ -134,9 +134,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {what}, got {getattr(cfg, key)!r}")
 
     host, sep, port = cfg.listen.rpartition(":")
-    need(
-        bool(sep and host and port.isdigit() and int(port) < 65536), "listen", "want HOST:PORT"
-    )
+    need(bool(sep and host and port.isdigit() and int(port) < 65536), "listen", "want HOST:PORT")
     need(-1 <= cfg.metrics_port < 65536, "metrics_port", "want 0..65535 or -1")
     need(0 < cfg.budget_us <= 60_000_000, "budget_us", "want 1..60000000")
     need(cfg.fail_mode in _FAIL_MODES, "fail_mode", f"want one of {_FAIL_MODES}")

@@ -56,7 +56,11 @@ def _fail(code: str, text: str) -> ProtocolError:
 
 @dataclass(frozen=True, slots=True)
 class RuleMatch:
-    """Match fields; None is a wildcard. Confidence bounds are inclusive."""
+    """Match fields; None is a wildcard. Confidence bounds are inclusive.
+
+    Bounds travel as float32: build from the wire with from_pb (validated), and expect
+    to_pb to round a bound set by hand that is not a float32 value.
+    """
 
     model_id: str | None = None
     source_id: str | None = None
@@ -284,11 +288,9 @@ class RuleTable:
         """The entry that decides this inference; updates its counters."""
         self.lookup_count += 1
         entries = self._entries
-        for rule in entries:
+        for rule in entries:  # never runs off the end: the table-miss (last) matches all
             if rule.match.matches(model_id, source_id, label, confidence):
                 break
-        else:  # unreachable: the table-miss (last) matches everything
-            rule = entries[-1]
         if rule is not entries[-1]:
             self.hit_count += 1
         rule.match_count += 1

@@ -60,6 +60,4 @@ bodies = st.one_of(
     st.builds(pb.StatsRequest, type=st.sampled_from([1, 2, 3])),
     pkg_ins(),
 )
-envelopes = st.builds(
-    lambda body, xid: messages.envelope(body, xid=xid), bodies, u32
-)
+envelopes = st.builds(lambda body, xid: messages.envelope(body, xid=xid), bodies, u32)

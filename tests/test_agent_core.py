@@ -11,24 +11,21 @@ import math
 import numpy as np
 import pytest
 
-from agents.core import (
+from agents.core import CONFIG, FEATURES, MAIN, AgentCore
+from agents.privacy import PrivacyNoise
+from agents.results import (
     ADVERSARIAL,
     BENIGN,
-    CONFIG,
     CONTROLLER,
     DISCONNECTED,
-    FEATURES,
-    MAIN,
     RT,
     RULE,
     TIMEOUT,
     UNKNOWN,
-    AgentCore,
     ModelInfo,
     Result,
     Ticket,
 )
-from agents.privacy import PrivacyNoise
 from openexample import rules, tensor
 from openexample.messages import envelope, hello
 from openexample.rules import INSPECT, RuleActions

@@ -9,24 +9,24 @@ from controller import datasets
 
 
 @pytest.fixture(scope="module")
-def mnist():
+def mnist5k():
     return datasets.load("mnist5k")
 
 
-def test_mnist5k_shape_range_balance(mnist):
-    assert mnist.x.shape == (5000, 1, 28, 28)
-    assert mnist.x.dtype == np.float32 and mnist.y.dtype == np.int64
-    assert mnist.x.min() == 0.0 and mnist.x.max() == 1.0
-    assert np.bincount(mnist.y).tolist() == [500] * 10
-    assert mnist.class_names == [str(i) for i in range(10)]
-    assert mnist.input_shape == (1, 28, 28) and mnist.num_classes == 10 and len(mnist) == 5000
+def test_mnist5k_shape_range_balance(mnist5k):
+    assert mnist5k.x.shape == (5000, 1, 28, 28)
+    assert mnist5k.x.dtype == np.float32 and mnist5k.y.dtype == np.int64
+    assert mnist5k.x.min() == 0.0 and mnist5k.x.max() == 1.0
+    assert np.bincount(mnist5k.y).tolist() == [500] * 10
+    assert mnist5k.class_names == [str(i) for i in range(10)]
+    assert mnist5k.input_shape == (1, 28, 28) and mnist5k.num_classes == 10 and len(mnist5k) == 5000
     # real digits, not noise: most pixels are background
-    assert 0.05 < mnist.x.mean() < 0.25
+    assert 0.05 < mnist5k.x.mean() < 0.25
 
 
-def test_cached_arrays_are_read_only(mnist):
+def test_cached_arrays_are_read_only(mnist5k):
     with pytest.raises(ValueError):
-        mnist.x[0, 0, 0, 0] = 1.0
+        mnist5k.x[0, 0, 0, 0] = 1.0
 
 
 def test_digits_shape_and_range():
@@ -41,28 +41,28 @@ def test_unknown_name_lists_valid_ones():
         datasets.load("cifar10")
 
 
-def test_split_is_stratified_disjoint_and_complete(mnist):
-    s = mnist.split()
+def test_split_is_stratified_disjoint_and_complete(mnist5k):
+    s = mnist5k.split()
     assert (len(s.train), len(s.calibration), len(s.test)) == (3000, 1000, 1000)
     for part, per_class in ((s.train, 300), (s.calibration, 100), (s.test, 100)):
         assert np.bincount(part.y, minlength=10).tolist() == [per_class] * 10
-        assert part.name == "mnist5k" and part.class_names == mnist.class_names
+        assert part.name == "mnist5k" and part.class_names == mnist5k.class_names
     # every image lands in exactly one part: compare image bytes
     keys = [bytes(v) for part in (s.train, s.calibration, s.test) for v in part.x.reshape(-1, 784)]
     assert len(keys) == 5000
-    all_keys = {bytes(v) for v in mnist.x.reshape(-1, 784)}
+    all_keys = {bytes(v) for v in mnist5k.x.reshape(-1, 784)}
     assert set(keys) == all_keys
 
 
-def test_split_is_deterministic_and_seeded(mnist):
-    a, b, c = mnist.split(seed=3), mnist.split(seed=3), mnist.split(seed=4)
+def test_split_is_deterministic_and_seeded(mnist5k):
+    a, b, c = mnist5k.split(seed=3), mnist5k.split(seed=3), mnist5k.split(seed=4)
     assert np.array_equal(a.test.x, b.test.x) and np.array_equal(a.train.y, b.train.y)
     assert not np.array_equal(a.test.x, c.test.x)
 
 
-def test_split_fractions_are_checked(mnist):
+def test_split_fractions_are_checked(mnist5k):
     with pytest.raises(ValueError):
-        mnist.split(calibration=0.6, test=0.5)
+        mnist5k.split(calibration=0.6, test=0.5)
 
 
 def test_dataset_rejects_bad_shapes():
@@ -88,9 +88,9 @@ def test_idx_round_trip(tmp_path, sep, gz):
     for stem, kind, arr in (("train-images", "idx3", images), ("train-labels", "idx1", labels)):
         raw = _idx_bytes(arr, 0x08, ">u1")
         name = f"{stem}{sep}{kind}-ubyte" + (".gz" if gz else "")
-        (tmp_path / "mnist").mkdir(exist_ok=True)
-        (tmp_path / "mnist" / name).write_bytes(gzip.compress(raw) if gz else raw)
-    ds = datasets.load("idx:mnist", root=str(tmp_path))
+        (tmp_path / "mnist5k").mkdir(exist_ok=True)
+        (tmp_path / "mnist5k" / name).write_bytes(gzip.compress(raw) if gz else raw)
+    ds = datasets.load("idx:mnist5k", root=str(tmp_path))
     assert ds.x.shape == (30, 1, 5, 7) and ds.x.dtype == np.float32
     assert np.array_equal(np.round(ds.x[:, 0] * 255).astype(np.uint8), images)
     assert np.array_equal(ds.y, labels.astype(np.int64))

@@ -31,11 +31,8 @@ def splits():
 
 
 @pytest.fixture(scope="session")
-def model_path(tmp_path_factory):
-    start = time.perf_counter()
-    path = models.ensure_example_model(tmp_path_factory.mktemp("models"))
-    print(f"example model trained in {time.perf_counter() - start:.1f} s")
-    return path
+def model_path(example_model):
+    return example_model  # trained once per cache (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,14 @@ def test_generated_module_is_the_package_one():
     # The generated gRPC module imports the messages by package path; a layout change
     # that breaks that import would only show at run time.
     out = subprocess.run(
-        [sys.executable, "-c", "import openexample.v1.openexample_pb2_grpc as g; print(g.OpenExampleStub)"],
+        [
+            sys.executable,
+            "-c",
+            "import openexample.v1.openexample_pb2_grpc as g; print(g.OpenExampleStub)",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=True,
     )
-    assert "OpenExampleStub" in out.stdout
+    assert out.stdout.strip() == "openexample.v1.openexample_pb2_grpc"

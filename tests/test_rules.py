@@ -339,7 +339,9 @@ def test_check_overlap():
     add(t, match=m(label=1), priority=4)
     assert [r.cookie for r in t if r.priority == 4] == [0, 2, 0]  # b, a (re-added), label
     # The table-miss overlaps every priority-0 rule.
-    assert refused(t, mod("add", match=m(model_id="z"), priority=0, flags=R.CHECK_OVERLAP))
+    assert (
+        refused(t, mod("add", match=m(model_id="z"), priority=0, flags=R.CHECK_OVERLAP)) == overlap
+    )
 
 
 def test_table_full_counts_rules_but_not_the_table_miss():
@@ -1013,7 +1015,7 @@ lookups = st.tuples(
     mostly(["a", "b"], ["c"]),
     mostly(["x"], ["y"], times=2),
     mostly([0, 1], [2]),
-    mostly([0.0, 0.5, 0.7, 1.0], [NAN]),
+    mostly([0.0, 0.5, 0.7, 1.0], [NAN], times=2),
 )
 
 
@@ -1108,8 +1110,29 @@ def _mangle(data, flips):
     return bytes(data)
 
 
+u32, u64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+floats32 = st.none() | st.floats(width=32)
+any_action = st.builds(
+    lambda kind, n, p: [pb.Action(), R.allow(), R.drop(), R.mirror(), R.sample(p),
+                        R.inspect(n, n % 4)][kind],
+    st.integers(0, 5), u32, st.floats(width=32),
+)  # fmt: skip
+wild_mods = st.builds(
+    lambda f, match, actions: pb.VigilanceMod(match=match, actions=actions, **f),
+    st.fixed_dictionaries(
+        dict(command=st.integers(-1, 6) | st.integers(-(2**31), 2**31 - 1),
+             priority=st.integers(0, MAX_PRIORITY + 1) | u32, flags=st.integers(0, 9) | u32,
+             cookie=u64, cookie_mask=u64, idle_timeout_s=u32, hard_timeout_s=u32)
+    ),
+    st.builds(
+        pb.Match, model_id=st.none() | st.text(max_size=300), source_id=st.none() | st.text(),
+        label=st.none() | u32, confidence_min=floats32, confidence_max=floats32,
+    ),
+    st.lists(any_action, max_size=3),
+)  # fmt: skip
 garbage = st.one_of(
     st.binary(max_size=120),
+    wild_mods.map(lambda x: x.SerializeToString()),
     st.builds(
         _mangle,
         mods(matches).map(lambda x: x.SerializeToString()),

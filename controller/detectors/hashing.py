@@ -36,7 +36,9 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == np.uint8:
         return x
-    y = np.multiply(x, np.float32(255), dtype=np.float32)
+    # (x * 255).round() in the input's precision (float16 and integers go through float32)
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    y = np.multiply(x, dt(255), dtype=dt)
     np.rint(y, out=y)  # half to even, like ndarray.round()
     np.maximum(y, 0, out=y)
     return np.minimum(y, 255, out=y).astype(np.uint8)
@@ -84,7 +86,7 @@ def _lanczos(x: float) -> float:
 
 @lru_cache(maxsize=64)
 def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] float64 matrix of PIL's fixed-point LANCZOS weights (precompute_coeffs)."""
+    """[out, in] matrix of PIL's fixed-point LANCZOS weights (precompute_coeffs), / 2**22."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = _LANCZOS_SUPPORT * filterscale
@@ -103,14 +105,15 @@ def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
             k = (v / ww if ww != 0.0 else v) * one
             # normalize_coeffs_8bpc: round half away from zero via C's truncating int cast
             m[xx, xmin + x] = int(k - 0.5) if k < 0 else int(k + 0.5)
+    # scaled by 2**-22 (exact: a power of two), so the sums come out in pixel units
+    m *= 1.0 / (1 << _PRECISION_BITS)
     m.setflags(write=False)
     return m
 
 
 def _requantise(acc: np.ndarray) -> np.ndarray:
-    """PIL's clip8, in place: (acc + half) >> PRECISION_BITS, clamped to 0..255."""
-    acc += 1 << (_PRECISION_BITS - 1)
-    acc *= 1.0 / (1 << _PRECISION_BITS)  # a power of two: exact
+    """PIL's clip8 on sums already scaled by 2**-22, in place: floor(acc + 1/2) in 0..255."""
+    acc += 0.5
     np.floor(acc, out=acc)
     np.maximum(acc, 0, out=acc)  # ufuncs: np.clip's wrapper costs microseconds per call
     return np.minimum(acc, 255, out=acc)

@@ -1,0 +1,245 @@
+"""``openexample-bench demo`` (``make demo``): the main job on the embedded default.
+
+Trains what the default needs (cached), starts the controller daemon, attaches the
+example MNIST model as a few agents, replays clean and adversarial (ART) traffic from
+several end-user sources, and prints what was caught, missed, corrected and blocked,
+who decided, and the added latency against the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from agents import Guard, attach
+from controller import datasets
+from controller.models import ensure_example_model
+from controller.training import build_artifacts
+
+MODEL_ID = "mnist-cnn"
+DETECTORS = ["margin", "phash_prototype"]
+ATTACKS = ("FGSM", "PGD", "DeepFool")
+_LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on (http://\S+/metrics)")
+
+
+def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) -> dict:
+    """Successful adversarial examples per attack (IBM ART), cached on disk."""
+    import torch
+    from art.attacks.evasion import DeepFool, FastGradientMethod, ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    from controller.models import load_model
+
+    path = cache / f"attacks-{len(x)}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return {k: (data[f"{k}_x"], data[f"{k}_adv"], data[f"{k}_y"]) for k in ATTACKS}
+    clf = PyTorchClassifier(
+        load_model(model_path),
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=x.shape[1:],
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+    )
+    attacks = {
+        "FGSM": FastGradientMethod(clf, eps=0.3),
+        "PGD": ProjectedGradientDescent(
+            clf, eps=0.3, eps_step=0.01, max_iter=40, num_random_init=1, verbose=False
+        ),
+        # nb_grads=3: only the closest classes; batch_size: ART defaults to one at a time.
+        "DeepFool": DeepFool(clf, max_iter=50, nb_grads=3, batch_size=128, verbose=False),
+    }
+    out, arrays = {}, {}
+    for name, attack in attacks.items():
+        t0 = time.perf_counter()
+        adv = attack.generate(x).astype(np.float32)
+        ok = clf.predict(adv).argmax(1) != y
+        out[name] = (x[ok], adv[ok], y[ok])
+        arrays |= {f"{name}_x": x[ok], f"{name}_adv": adv[ok], f"{name}_y": y[ok]}
+        print(
+            f"  {name}: {ok.mean():.0%} of {len(x)} fool the model"
+            f" ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return out
+
+
+def start_controller(workdir: Path, artifacts: list[Path], budget_us: int) -> tuple:
+    cfg = {
+        "listen": "127.0.0.1:0",
+        "metrics_port": 0,
+        "journal": str(workdir / "journal.sqlite3"),
+        "budget_us": budget_us,
+        "trace_threshold": 5,
+        "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+    }
+    cfg_path = workdir / "controller.json"  # JSON is YAML
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "serve", "--config", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log_path = workdir / "controller.log"
+    found: dict[str, str] = {}
+    ready = threading.Event()
+
+    def pump() -> None:
+        with log_path.open("w") as log:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                m = _LISTEN.search(line)
+                if m:
+                    found.update(port=m[1], metrics=m[2])
+                    ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(60):
+        proc.kill()
+        raise SystemExit(f"controller did not start, see {log_path}")
+    return proc, f"127.0.0.1:{found['port']}", found["metrics"], log_path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = Path("var/cache")
+    t_start = time.perf_counter()
+    print("1/4 example model and detectors (cached after the first run)", flush=True)
+    model_path = ensure_example_model(cache, "mnist5k")
+    art_dir = cache / "artifacts" / "mnist5k"
+    if all((art_dir / n / "manifest.json").is_file() for n in DETECTORS):
+        artifacts = [art_dir / n for n in DETECTORS]
+    else:
+        artifacts = build_artifacts(DETECTORS, art_dir, model_path=model_path, cache=cache)
+    splits = datasets.load("mnist5k").split()
+    n = args.per_attack * args.agents
+    print(f"2/4 adversarial examples with IBM ART on {n} test images", flush=True)
+    attacks = make_attacks(model_path, splits.test.x[:n], splits.test.y[:n], cache)
+
+    print("3/4 controller daemon and agents", flush=True)
+    proc, address, metrics_url, log_path = start_controller(workdir, artifacts, args.budget_us)
+    guards = [
+        attach(
+            str(model_path),
+            controller=address,
+            model_id=MODEL_ID,
+            agent_id=f"line-{i + 1}",
+            input_shape=(1, 28, 28),
+            connect_timeout_s=30,
+        )
+        for i in range(args.agents)
+    ]
+    # Traffic: honest users send clean images; two attackers send adversarial ones. Every
+    # adversarial input goes to two agents: the second one shows swift vigilance.
+    rng = np.random.default_rng(0)
+    clean = splits.test.x[n : n + args.per_attack * args.agents]
+    clean_y = splits.test.y[n : n + len(clean)]
+    traffic: list[list[tuple]] = [[] for _ in guards]
+    for i, (x, y) in enumerate(zip(clean, clean_y, strict=True)):
+        traffic[i % len(guards)].append(("clean", x, y, f"user-{i % 7}"))
+    for name, (_, adv, y) in attacks.items():
+        for i in range(len(adv)):
+            src = "mallory" if i % 2 else "eve"
+            first = i % len(guards)
+            for k in (first, (first + 1) % len(guards)):
+                traffic[k].append((name, adv[i], y[i], src))
+    for t in traffic:
+        rng.shuffle(t)
+
+    print("4/4 replaying traffic", flush=True)
+    rows: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    lat: dict[str, list[float]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def replay(name: str, g: Guard, items: list[tuple]) -> None:
+        for kind, x, y, src in items:
+            r = g(x, source_id=src)
+            flagged = (not r.released) or r.label != r.model_label
+            c = Counter(n=1)
+            if kind == "clean":
+                c["false_alarm"] = int(flagged)
+            else:
+                c["caught"] = int(flagged)
+                c["missed"] = int(not flagged)
+                c["corrected"] = int(r.released and r.label == y)
+            c[f"by_{r.decided_by}"] = 1
+            with lock:
+                rows[(name, kind)] += c
+                lat[r.decided_by].append(r.latency_s)
+
+    threads = [
+        threading.Thread(target=replay, args=(f"line-{i + 1}", g, t))
+        for i, (g, t) in enumerate(zip(guards, traffic, strict=True))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g in guards:
+        g.close()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+    journal = workdir / "journal.sqlite3"
+    db = sqlite3.connect(journal)
+    incidents = db.execute("SELECT COUNT(*) FROM incidents").fetchone()[0]
+    by_source = db.execute(
+        "SELECT source_id, COUNT(*) FROM incidents GROUP BY source_id ORDER BY 2 DESC"
+    ).fetchall()
+    blocked = [
+        line.split("blocked ", 1)[1].strip()
+        for line in log_path.read_text().splitlines()
+        if "source tracing blocked" in line
+    ]
+    print_report(rows, lat, args.budget_us)
+    print(f"\nsources blocked by the controller: {', '.join(blocked) or 'none'}")
+    print(f"incidents journaled: {incidents} {dict(by_source)}  ->  {journal}")
+    print(f"controller log: {log_path}; metrics were at {metrics_url}")
+    print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def print_report(rows: dict, lat: dict, budget_us: int) -> None:
+    header = (
+        f"\n{'agent':<8} {'traffic':<9} {'n':>4} {'caught':>7} {'missed':>7} {'false':>6}"
+        f" {'fixed':>6} {'rule':>5} {'rt':>5} {'ctrl':>5} {'tmout':>6} {'disc':>5}"
+    )
+    print(header)
+    print("-" * (len(header) - 1))
+    for (agent, kind), c in sorted(rows.items()):
+        caught = "-" if kind == "clean" else c["caught"]
+        missed = "-" if kind == "clean" else c["missed"]
+        fixed = "-" if kind == "clean" else c["corrected"]
+        false = c["false_alarm"] if kind == "clean" else "-"
+        print(
+            f"{agent:<8} {kind:<9} {c['n']:>4} {caught!s:>7} {missed!s:>7} {false!s:>6}"
+            f" {fixed!s:>6} {c['by_rule']:>5} {c['by_rt']:>5} {c['by_controller']:>5}"
+            f" {c['by_timeout']:>6} {c['by_disconnected']:>5}"
+        )
+    print(f"\nadded latency by decider (budget {budget_us} us):")
+    for who, values in sorted(lat.items()):
+        us = np.asarray(values) * 1e6
+        p50, p90, p99 = np.percentile(us, [50, 90, 99])
+        within = float(np.mean(us <= budget_us))
+        print(
+            f"  {who:<12} n={len(us):<5} p50={p50:8.0f} us  p90={p90:8.0f} us"
+            f"  p99={p99:8.0f} us  within budget {within:.0%}"
+        )
