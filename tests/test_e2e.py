@@ -322,3 +322,62 @@ def test_bad_config_is_refused_naming_the_key(tmp_path):
     with pytest.raises(RuntimeError) as e:
         proc.start(timeout_s=30)
     assert "budget_usec: unknown key" in str(e.value)
+
+
+def test_agent_cli_serves_predict_with_the_vigilance_loop(controller, example_model, mnist):
+    import re
+    import subprocess
+    import sys
+
+    from openexample.v1 import predict_pb2, predict_pb2_grpc
+    from tests.procs import ROOT
+
+    proc = controller()
+    cmd = [
+        sys.executable,
+        "-m",
+        "agents.cli",
+        "attach",
+        "--model",
+        str(example_model),
+        "--controller",
+        proc.address,
+        "--serve",
+        "127.0.0.1:0",
+        "--model-id",
+        MODEL_ID,
+        "--input-shape",
+        "1,28,28",
+        "--connect-timeout",
+        "20",
+    ]
+    agent = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        port = None
+        for line in agent.stdout:
+            m = re.search(r"serving \S+ on [^:]+:(\d+)", line)
+            if m:
+                port = int(m[1])
+                break
+        assert port, "agent CLI did not start serving"
+        stub = predict_pb2_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        req = predict_pb2.PredictRequest(
+            model_id=MODEL_ID, input=tensor.encode(mnist.test.x[:3]), source_id="plc-7"
+        )
+        resp = stub.Predict(req, timeout=30)
+        assert len(resp.results) == 3
+        for r, y in zip(resp.results, mnist.test.y[:3], strict=True):
+            assert r.decided_by == predict_pb2.DECIDED_BY_CONTROLLER
+            if r.released:
+                assert r.label == y  # the example model gets these right
+                assert tuple(r.output.shape) == (10,)
+        with pytest.raises(grpc.RpcError) as e:  # a wrong shape is a clear error
+            stub.Predict(
+                predict_pb2.PredictRequest(input=tensor.encode(np.zeros((5, 5), np.float32)))
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        agent.terminate()
+        assert agent.wait(20) == 0  # SIGTERM closes cleanly
