@@ -133,6 +133,8 @@ def list_rules(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
         return 0
+    if not resp.agents:
+        print("no agent connected")
     for a in resp.agents:
         print(f"agent {a.agent_id}" + (f"  (error: {a.error.text})" if a.HasField("error") else ""))
         for r in a.rules:
