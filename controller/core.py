@@ -75,6 +75,7 @@ class Step:
     # Replies to controller-initiated requests (sid, xid, envelope): admin waits on them.
     replies: list[tuple[int, int, pb.Envelope]] = field(default_factory=list)
     closed: list[tuple[int, str]] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)  # sessions that reached MAIN
     # Typed errors sent to agents, by name; sources blocked; overload answers.
     errors: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
@@ -169,6 +170,7 @@ class ControllerCore:
             if isinstance(ev, PkgInReceived):
                 self._admit(sid, s, ev, step, now)
             elif isinstance(ev, Ready):
+                step.ready.append(sid)
                 step.send.extend((sid, env) for env in self._resync(s, now))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))

@@ -202,7 +202,7 @@ class ControllerServer:
             log.warning("source tracing blocked %s", step.blocked)
             self.metrics.blocked.inc(len(step.blocked))
         self.metrics.workload.set(self.core.workload)
-        if step.closed or any(e.HasField("barrier_request") for _, e in step.send):
+        if step.closed or step.ready:
             self.metrics.agents.set(len(self.core.sessions_of()))
 
     def expect_reply(self, sid: int, xid: int) -> asyncio.Future[pb.Envelope]:
