@@ -1,0 +1,106 @@
+"""A first latency probe (``python -m bench.quick_latency``), until ``openexample-bench
+latency`` lands: one real controller process, one agent, the example MNIST model.
+
+Measures, in the same run: the bare model call, the agent fast path (ALLOW rule and
+RT hit: added latency), the INSPECT round trip through the controller's detectors, and
+a bare ECHO round trip on the same gRPC stack as the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from agents import attach
+from bench.demo import DETECTORS, MODEL_ID, start_controller
+from controller import datasets
+from controller.models import ensure_example_model, load_model
+from openexample import messages, rules
+from openexample.v1 import openexample_pb2 as pb
+
+
+def pct(us: list[float]) -> str:
+    a = np.asarray(us)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return f"n={len(a):<6} p50={p50:8.1f} us  p90={p90:8.1f} us  p99={p99:8.1f} us"
+
+
+async def echo_floor(address: str, n: int) -> list[float]:
+    """ECHO round trips on a raw OpenExample stream (HELLO first), grpc.aio client."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = ch.stream_stream("/openexample.v1.OpenExample/Connect")()
+        await call.write(messages.hello("probe").SerializeToString())
+        await call.read()  # controller HELLO
+        await call.read()  # FEATURES_REQUEST (unanswered: ECHO works in any state)
+        out = []
+        for i in range(n):
+            env = messages.envelope(pb.EchoRequest(data=b""), xid=i + 1).SerializeToString()
+            t0 = time.perf_counter()
+            await call.write(env)
+            while True:
+                reply = pb.Envelope.FromString(await call.read())
+                if reply.HasField("echo_reply") and reply.xid == i + 1:
+                    break
+            out.append((time.perf_counter() - t0) * 1e6)
+        call.cancel()
+        return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("-n", type=int, default=2000)
+    args = p.parse_args()
+    cache = Path("var/cache")
+    model_path = ensure_example_model(cache)
+    art = [cache / "artifacts" / "mnist5k" / d for d in DETECTORS]
+    workdir = Path("var/quick_latency")
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc, address, _, _ = start_controller(workdir, art, budget_us=1_000_000)
+    x = datasets.load("mnist5k").split().test.x
+    n = args.n
+    try:
+        model = load_model(model_path)
+        bare = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(torch.from_numpy(x[i % len(x)][None]))
+            bare.append((time.perf_counter() - t0) * 1e6)
+        g = attach(
+            str(model_path),
+            controller=address,
+            model_id=MODEL_ID,
+            input_shape=(1, 28, 28),
+            connect_timeout_s=30,
+        )
+        for i in range(200):  # warm-up
+            g(x[i])
+        # Distinct inputs (a tiny jitter), so none is an RT hit.
+        rng = np.random.default_rng(0)
+        fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
+        fresh = fresh.astype(np.float32)
+        inspect = [g(fresh[i]).latency_s * 1e6 for i in range(n)]
+        rt = [g(x[i % 200]).latency_s * 1e6 for i in range(n)]  # seen before: RT hits
+        g.local_mod(rules.vigilance_mod("add", priority=10, actions=[rules.allow()]))
+        allow = [g(x[i % len(x)]).latency_s * 1e6 for i in range(n)]
+        g.close()
+        echo = asyncio.run(echo_floor(address, n))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"bare model call           {pct(bare)}")
+    print(f"fast path: ALLOW rule     {pct(allow)}  (added)")
+    print(f"fast path: RT hit         {pct(rt)}  (added)")
+    print(f"INSPECT round trip        {pct(inspect)}  (added)")
+    print(f"gRPC ECHO floor           {pct(echo)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
