@@ -51,7 +51,10 @@ class ControllerServer:
         self.port = 0
         self.metrics_port = 0
         self._queues: dict[int, asyncio.Queue[bytes | None]] = {}
-        self._jobs: asyncio.Queue[InspectJob] = asyncio.Queue()
+        # Admitted jobs wait here until the next loop iteration: everything that arrived
+        # in the meantime, from any agent, is scored as one batch (no extra task hop).
+        self._pending: list[InspectJob] = []
+        self._score_scheduled = False
         self._waiters: dict[tuple[int, int], asyncio.Future[pb.Envelope]] = {}
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
@@ -88,7 +91,6 @@ class ControllerServer:
             self.metrics_port = httpd.server_port
         self._tasks = [
             asyncio.create_task(self._tick_loop(), name="tick"),
-            asyncio.create_task(self._score_loop(), name="score"),
             asyncio.create_task(self._journal_loop(), name="journal"),
         ]
         host = self.cfg.listen.rpartition(":")[0]
@@ -111,9 +113,7 @@ class ControllerServer:
         self._draining = True
         await self._health.enter_graceful_shutdown()
         # Let the scorer finish what it holds, answer the rest SHUTTING_DOWN.
-        leftover = []
-        while not self._jobs.empty():
-            leftover.append(self._jobs.get_nowait())
+        leftover, self._pending = self._pending, []
         self._dispatch(self.core.shutdown_answers(leftover))
         for sid in list(self._queues):
             self._dispatch(
@@ -178,7 +178,10 @@ class ControllerServer:
                 q.put_nowait(env.SerializeToString())
         for job in step.jobs:
             self.metrics.pkg_in.labels(job.pkg.model_id).inc()
-            self._jobs.put_nowait(job)
+            self._pending.append(job)
+        if step.jobs and not self._score_scheduled:
+            self._score_scheduled = True
+            asyncio.get_running_loop().call_soon(self._score_pending)
         if step.incidents:
             self.journal.record(step.incidents)
             self.metrics.incidents.inc(len(step.incidents))
@@ -219,25 +222,30 @@ class ControllerServer:
             delay = 0.2 if deadline is None else deadline - time.monotonic()
             await asyncio.sleep(min(max(delay, 0.005), 0.2))
 
-    async def _score_loop(self) -> None:
-        while True:
-            jobs = [await self._jobs.get()]
-            # Batch across agents: take everything already waiting, up to the cap.
-            n = jobs[0].size
-            while not self._jobs.empty() and n < self.cfg.max_batch_items:
-                jobs.append(self._jobs.get_nowait())
-                n += jobs[-1].size
-            self.metrics.batch_items.observe(n)
-            by_model: dict[str, list[InspectJob]] = defaultdict(list)
-            for job in jobs:
-                by_model[job.pkg.model_id].append(job)
-            for model_id, group in by_model.items():
-                results = score_jobs(self.scorers[model_id], group, self.metrics)
-                now = time.monotonic()
-                for job, items in zip(group, results, strict=True):
-                    self._dispatch(self.core.on_results(job, items, now))
-                    self.metrics.verdict_latency.labels(model_id).observe(now - job.received_at)
-            await asyncio.sleep(0)  # let readers run between batches
+    def _score_pending(self) -> None:
+        """Score what is pending, up to the batch cap; the rest goes next iteration."""
+        self._score_scheduled = False
+        take = n = 0
+        while take < len(self._pending) and n < self.cfg.max_batch_items:
+            n += self._pending[take].size
+            take += 1
+        jobs = self._pending[:take]
+        del self._pending[:take]
+        if self._pending:  # readers run before the next batch
+            self._score_scheduled = True
+            asyncio.get_running_loop().call_soon(self._score_pending)
+        if not jobs:
+            return
+        self.metrics.batch_items.observe(n)
+        by_model: dict[str, list[InspectJob]] = defaultdict(list)
+        for job in jobs:
+            by_model[job.pkg.model_id].append(job)
+        for model_id, group in by_model.items():
+            results = score_jobs(self.scorers[model_id], group, self.metrics)
+            now = time.monotonic()
+            for job, items in zip(group, results, strict=True):
+                self._dispatch(self.core.on_results(job, items, now))
+                self.metrics.verdict_latency.labels(model_id).observe(now - job.received_at)
 
     async def _journal_loop(self) -> None:
         while True:
