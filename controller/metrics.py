@@ -1,45 +1,130 @@
-"""Prometheus metrics of the controller (thin shell; the core only returns facts)."""
+"""Prometheus metrics of the controller (thin shell; the core only returns facts).
+
+Names follow Prometheus conventions: ``openexample_controller_`` prefix, base units
+(``_seconds``, ``_bytes``), counters end in ``_total`` (prometheus-client adds it),
+labels only with bounded values (model ids from the config, detector names, verdict
+kinds, session events, error names). Raw end-user source ids never become a label,
+except in the top-k gauge whose series count is capped at ``top_k``.
+
+Hot path: per-model children are created once and cached in dicts (``.labels()`` costs
+a lock and a tuple hash per call); per-detector margins are counted with numpy per
+batch, not per item. The catalogue in docs/metrics.md is generated from this registry
+by ``python -m bench.metrics_catalogue``.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from openexample.buckets import latency_buckets
 
+if TYPE_CHECKING:  # only for annotations: metrics never drive the core
+    from controller.core import ControllerCore, Incident
+
+VERDICTS = {0: "unspecified", 1: "benign", 2: "adversarial", 3: "unknown"}
+SESSION_EVENTS = ("opened", "closed", "errored")
+# Normalised margin of one detector (controller/detectors/fusion.py): 0 on the
+# threshold, -1 a typical clean input, > 0 flagged.
+MARGIN_BUCKETS = (-4.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
 
 class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry, budget_s: float, max_workload: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        budget_s: float,
+        max_workload: int,
+        *,
+        models: Iterable[str] = (),
+        core: ControllerCore | None = None,
+        top_k: int = 10,
+    ) -> None:
         r = registry
         buckets = latency_buckets([budget_s])
+        self.budget = Gauge(
+            "openexample_controller_budget_seconds",
+            "Budget of the default INSPECT rule installed on agents",
+            registry=r,
+        )
+        self.budget.set(budget_s)
         self.pkg_in = Counter(
             "openexample_controller_pkg_in", "PKG_IN messages received", ["model"], registry=r
         )
+        self.pkg_in_items = Counter(
+            "openexample_controller_pkg_in_items",
+            "Inferences received in PKG_IN messages",
+            ["model"],
+            registry=r,
+        )
         self.pkg_in_bytes = Counter(
-            "openexample_controller_received_bytes", "Bytes received from agents", registry=r
+            "openexample_controller_pkg_in_bytes",
+            "Bytes of PKG_IN messages received",
+            ["model"],
+            registry=r,
+        )
+        self.pkg_out = Counter(
+            "openexample_controller_pkg_out", "PKG_OUT messages sent", ["model"], registry=r
         )
         self.pkg_out_bytes = Counter(
-            "openexample_controller_sent_bytes", "Bytes sent to agents", registry=r
+            "openexample_controller_pkg_out_bytes",
+            "Bytes of PKG_OUT messages sent",
+            ["model"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "openexample_controller_received_bytes",
+            "Bytes received on agent streams, all messages",
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "openexample_controller_sent_bytes",
+            "Bytes sent on agent streams, all messages",
+            registry=r,
         )
         self.verdicts = Counter(
-            "openexample_controller_verdicts", "Verdicts by kind", ["model", "verdict"], registry=r
+            "openexample_controller_verdicts",
+            "Verdicts answered, per inference, by kind",
+            ["model", "verdict"],
+            registry=r,
         )
         self.verdict_latency = Histogram(
             "openexample_controller_verdict_latency_seconds",
-            "PKG_IN received to PKG_OUT queued, per batch",
+            "PKG_IN received to PKG_OUT queued, per PKG_IN",
             ["model"],
             buckets=buckets,
             registry=r,
         )
         self.detector_latency = Histogram(
             "openexample_controller_detector_latency_seconds",
-            "Time one detector took on one batch",
+            "Time one detector took on one batch (detector=pipeline: the whole fusion)",
             ["model", "detector"],
             buckets=buckets,
             registry=r,
         )
+        self.detector_flagged = Counter(
+            "openexample_controller_detector_flagged_items",
+            "Inferences a detector flagged (over its own threshold)",
+            ["model", "detector"],
+            registry=r,
+        )
+        self.detector_margin = _BatchHistograms(
+            "openexample_controller_detector_margin",
+            "Normalised detector score per inference: (score - threshold) / (threshold -"
+            " median clean score); 0 on the threshold, -1 a typical clean input",
+            ("model", "detector"),
+            MARGIN_BUCKETS,
+        )
+        r.register(self.detector_margin)
         self.batch_items = Histogram(
             "openexample_controller_batch_items",
-            "Items scored together",
+            "Inferences scored together",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
@@ -52,14 +137,17 @@ class ControllerMetrics:
         self.workload_max.set(max_workload)
         self.overloaded = Counter(
             "openexample_controller_overloaded_items",
-            "Items answered UNKNOWN/OVERLOADED (W over W0)",
+            "Inferences answered UNKNOWN/OVERLOADED at once (W over W0)",
             registry=r,
         )
         self.agents = Gauge(
             "openexample_controller_connected_agents", "Agent sessions in MAIN", registry=r
         )
         self.sessions = Counter(
-            "openexample_controller_sessions", "Agent sessions", ["event"], registry=r
+            "openexample_controller_sessions",
+            "Agent sessions by event (opened, closed, errored)",
+            ["event"],
+            registry=r,
         )
         self.errors = Counter(
             "openexample_controller_protocol_errors",
@@ -68,20 +156,247 @@ class ControllerMetrics:
             registry=r,
         )
         self.incidents = Counter(
-            "openexample_controller_incidents", "Adversarial verdicts journaled", registry=r
+            "openexample_controller_incidents",
+            "Adversarial verdicts journaled as incidents",
+            ["model"],
+            registry=r,
         )
         self.blocked = Counter(
             "openexample_controller_sources_blocked",
-            "Sources blocked by source tracing",
+            "Sources blocked by source tracing (DROP rule installed on every agent)",
             registry=r,
         )
+        self.top_sources = _TopSources(top_k)
+        r.register(self.top_sources)
+        self.rt_entries = Gauge(
+            "openexample_controller_rt_entries",
+            "Entries in the controller-wide RT (known adversarial inputs, for resync)",
+            registry=r,
+        )
+        self.blocked_now = Gauge(
+            "openexample_controller_blocked_sources",
+            "Sources blocked by source tracing right now",
+            registry=r,
+        )
+        self.rules = Gauge(
+            "openexample_controller_rules",
+            "Desired vigilance rules, summed over agents (template: for new agents)",
+            ["scope"],
+            registry=r,
+        )
+        if core is not None:
+            self.bind_core(core)
+        # Cached children, keyed by model id (or (model, detector)).
         self._verdict_children: dict[tuple[str, int], Counter] = {}
+        self._in: dict[str, tuple[Callable, Callable, Callable]] = {}
+        self._out: dict[str, tuple[Callable, Callable]] = {}
+        self._latency: dict[str, Callable[[float], None]] = {}
+        self._incident: dict[str, Callable] = {}
+        self._detectors: dict[tuple[str, tuple[str, ...]], list[tuple[Callable, Callable]]] = {}
+        for event in SESSION_EVENTS:
+            self.sessions.labels(event)
+        for model in models:  # series exist (at 0) from the start, not at first use
+            self.model(model)
 
-    def verdict(self, model: str, verdict: int) -> None:
-        # Cached children: .labels() costs a dict lookup and a lock per call.
+    def bind_core(self, core: ControllerCore) -> None:
+        """Gauges read from the core at scrape time (plain len() reads, no locking)."""
+        self.rt_entries.set_function(lambda: len(core.rt))
+        self.blocked_now.set_function(lambda: len(core._blocked))
+        self.rules.labels("template").set_function(lambda: len(core.template))
+        self.rules.labels("agents").set_function(
+            lambda: sum(len(t) for t in list(core.agent_rules.values()))
+        )
+
+    def model(self, model: str) -> None:
+        """Create (and cache) every per-model child of ``model``."""
+        for v in (1, 2, 3):
+            self._verdict_child(model, v)
+        self._in_children(model)
+        self._out_children(model)
+        self.latency_observer(model)
+        self._incident_child(model)
+
+    # --- hot path helpers (cached children) ---
+
+    def _verdict_child(self, model: str, verdict: int) -> Counter:
         child = self._verdict_children.get((model, verdict))
         if child is None:
-            name = {1: "benign", 2: "adversarial", 3: "unknown"}.get(verdict, "unspecified")
-            child = self.verdicts.labels(model, name)
+            child = self.verdicts.labels(model, VERDICTS.get(verdict, "unspecified"))
             self._verdict_children[(model, verdict)] = child
-        child.inc()
+        return child
+
+    def verdict(self, model: str, verdict: int) -> None:
+        self._verdict_child(model, verdict).inc()
+
+    def _in_children(self, model: str) -> tuple[Callable, Callable, Callable]:
+        c = self._in.get(model)
+        if c is None:
+            c = self._in[model] = (
+                self.pkg_in.labels(model).inc,
+                self.pkg_in_items.labels(model).inc,
+                self.pkg_in_bytes.labels(model).inc,
+            )
+        return c
+
+    def _out_children(self, model: str) -> tuple[Callable, Callable]:
+        c = self._out.get(model)
+        if c is None:
+            c = self._out[model] = (
+                self.pkg_out.labels(model).inc,
+                self.pkg_out_bytes.labels(model).inc,
+            )
+        return c
+
+    def _incident_child(self, model: str) -> Callable:
+        c = self._incident.get(model)
+        if c is None:
+            c = self._incident[model] = self.incidents.labels(model).inc
+        return c
+
+    def pkg_in_received(self, model: str, items: int, nbytes: int) -> None:
+        msgs, n, size = self._in_children(model)
+        msgs()
+        n(items)
+        size(nbytes)
+
+    def pkg_out_sent(self, model: str, nbytes: int) -> None:
+        msgs, size = self._out_children(model)
+        msgs()
+        size(nbytes)
+
+    def latency_observer(self, model: str) -> Callable[[float], None]:
+        obs = self._latency.get(model)
+        if obs is None:
+            obs = self._latency[model] = self.verdict_latency.labels(model).observe
+        return obs
+
+    def record_incidents(self, incidents: Sequence[Incident]) -> None:
+        for inc in incidents:
+            self._incident_child(inc.model_id)()
+        self.top_sources.add(inc.source_id for inc in incidents if inc.source_id)
+
+    def observe_detectors(
+        self,
+        model: str,
+        names: Sequence[str],
+        seconds: Sequence[float],
+        margins: np.ndarray | None,
+        flags: np.ndarray,
+    ) -> None:
+        """One scored batch: per-detector latency, flagged counts, margin histograms.
+
+        ``margins`` and ``flags`` are ``[D, N]``; ``seconds`` has one entry per detector
+        plus, last, the whole pipeline's.
+        """
+        key = (model, tuple(names))
+        children = self._detectors.get(key)
+        if children is None:
+            children = self._detectors[key] = [
+                (
+                    self.detector_latency.labels(model, n).observe,
+                    self.detector_flagged.labels(model, n).inc,
+                )
+                for n in (*names, "pipeline")
+            ]
+        for (observe, _), s in zip(children, seconds, strict=False):
+            observe(s)
+        counts = [*flags.sum(axis=1).tolist(), int(flags.any(axis=0).sum())]
+        for (_, flagged), c in zip(children, counts, strict=False):
+            flagged(c)
+        if margins is not None:
+            self.detector_margin.observe_batch(model, names, margins)
+
+
+class _BatchHistograms(Collector):
+    """Histograms filled a whole ``[D, N]`` array at a time (numpy), one per (model, name).
+
+    prometheus-client has no batch observe; per-item ``observe`` would cost ~1 us per
+    item and detector on the scoring path.
+    """
+
+    def __init__(
+        self, name: str, doc: str, labels: tuple[str, str], buckets: Sequence[float]
+    ) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = np.asarray(buckets, np.float64)
+        self._lock = threading.Lock()
+        self._data: dict[tuple[str, str], list] = {}  # -> [bucket counts, sum]
+
+    def observe_batch(self, model: str, names: Sequence[str], values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64)
+        # bucket i counts values <= bounds[i]; the last slot is +Inf
+        idx = np.searchsorted(self.bounds, values, side="left")
+        nb = len(self.bounds) + 1
+        with self._lock:
+            for j, name in enumerate(names):
+                row = values[j]
+                finite = np.isfinite(row)
+                counts = np.bincount(idx[j], minlength=nb)
+                d = self._data.get((model, name))
+                if d is None:
+                    d = self._data[(model, name)] = [np.zeros(nb, np.int64), 0.0]
+                d[0] += counts
+                d[1] += float(row[finite].sum())
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+
+    def collect(self) -> Iterator[Metric]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        with self._lock:
+            snap = [(k, d[0].copy(), d[1]) for k, d in sorted(self._data.items())]
+        bounds = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        for key, counts, total in snap:
+            cum = np.cumsum(counts).tolist()
+            fam.add_metric(list(key), list(zip(bounds, cum, strict=True)), total)
+        yield fam
+
+
+class _TopSources(Collector):
+    """The ``k`` sources with the most adversarial verdicts (space-saving sketch).
+
+    Exact while fewer than ``capacity`` distinct sources were seen; beyond that, counts
+    are upper bounds (Metwally et al., space-saving). Only ``k`` series are exported at
+    a time, so the label stays bounded; the full list is in the incident journal.
+    """
+
+    NAME = "openexample_controller_top_source_adversarial_verdicts"
+
+    def __init__(self, k: int = 10, capacity: int = 1024) -> None:
+        self.k = k
+        self.capacity = max(capacity, k)
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, sources: Iterable[str]) -> None:
+        with self._lock:
+            counts = self._counts
+            for s in sources:
+                if s in counts:
+                    counts[s] += 1
+                elif len(counts) < self.capacity:
+                    counts[s] = 1
+                else:  # replace the smallest: it inherits that count (space-saving)
+                    low = min(counts, key=counts.__getitem__)
+                    counts[s] = counts.pop(low) + 1
+
+    def top(self) -> list[tuple[str, int]]:
+        with self._lock:
+            items = list(self._counts.items())
+        items.sort(key=lambda kv: (-kv[1], kv[0]))
+        return items[: self.k]
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self._doc(), labels=["source"])
+
+    def _doc(self) -> str:
+        return (
+            f"Adversarial verdicts of the {self.k} sources with the most since start"
+            " (space-saving sketch; the incident journal has them all)"
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        fam = GaugeMetricFamily(self.NAME, self._doc(), labels=["source"])
+        for source, count in self.top():
+            fam.add_metric([source], count)
+        yield fam

@@ -78,11 +78,15 @@ class FusedScorer:
         labels: np.ndarray,
         metrics: ControllerMetrics | None = None,
     ) -> list[pb.PkgOutItem]:
-        t0 = time.perf_counter()
-        fused = self.pipeline.evaluate(Batch(inputs, logits, labels))
-        if metrics is not None:
-            metrics.detector_latency.labels(self.model_id, "pipeline").observe(
-                time.perf_counter() - t0
+        if metrics is None:
+            fused = self.pipeline.evaluate(Batch(inputs, logits, labels))
+        else:
+            timings: list[float] = []
+            t0 = time.perf_counter()
+            fused = self.pipeline.evaluate(Batch(inputs, logits, labels), timings)
+            timings.append(time.perf_counter() - t0)  # the whole pipeline, last
+            metrics.observe_detectors(
+                self.model_id, self.pipeline.names, timings, fused.margins, fused.flags
             )
         # Plain lists: indexing numpy scalars per item costs more than the conversion.
         flagged = fused.flagged.tolist()

@@ -46,7 +46,13 @@ class ControllerServer:
         self.scorers = dict(scorers)
         self.core = ControllerCore(cfg, set(self.scorers), time.monotonic())
         self.registry = registry or CollectorRegistry()
-        self.metrics = ControllerMetrics(self.registry, cfg.budget_us / 1e6, cfg.max_workload)
+        self.metrics = ControllerMetrics(
+            self.registry,
+            cfg.budget_us / 1e6,
+            cfg.max_workload,
+            models=sorted(self.scorers),
+            core=self.core,
+        )
         self.journal = Journal(cfg.journal)
         self.port = 0
         self.metrics_port = 0
@@ -149,7 +155,7 @@ class ControllerServer:
         reader = asyncio.create_task(self._read(sid, requests, queue))
         try:
             while (data := await queue.get()) is not None:
-                self.metrics.pkg_out_bytes.inc(len(data))
+                self.metrics.sent_bytes.inc(len(data))
                 yield data
         finally:
             reader.cancel()
@@ -162,8 +168,13 @@ class ControllerServer:
     ) -> None:
         try:
             async for data in requests:
-                self.metrics.pkg_in_bytes.inc(len(data))
-                self._dispatch(self.core.on_bytes(sid, data, time.monotonic()))
+                self.metrics.received_bytes.inc(len(data))
+                step = self.core.on_bytes(sid, data, time.monotonic())
+                if step.jobs or step.verdicts:  # a PKG_IN: admitted, or answered at once
+                    model = step.jobs[0].pkg.model_id if step.jobs else step.verdicts[0][0]
+                    n = step.jobs[0].size if step.jobs else len(step.verdicts)
+                    self.metrics.pkg_in_received(model, n, len(data))
+                self._dispatch(step)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:  # the daemon never dies of what a peer sends
@@ -175,16 +186,18 @@ class ControllerServer:
         for sid, env in step.send:
             q = self._queues.get(sid)
             if q is not None:
-                q.put_nowait(env.SerializeToString())
+                data = env.SerializeToString()
+                if env.HasField("pkg_out"):
+                    self.metrics.pkg_out_sent(env.pkg_out.model_id, len(data))
+                q.put_nowait(data)
         for job in step.jobs:
-            self.metrics.pkg_in.labels(job.pkg.model_id).inc()
             self._pending.append(job)
         if step.jobs and not self._score_scheduled:
             self._score_scheduled = True
             asyncio.get_running_loop().call_soon(self._score_pending)
         if step.incidents:
             self.journal.record(step.incidents)
-            self.metrics.incidents.inc(len(step.incidents))
+            self.metrics.record_incidents(step.incidents)
         for sid, xid, env in step.replies:
             fut = self._waiters.pop((sid, xid), None)
             if fut is not None and not fut.done():
@@ -243,9 +256,10 @@ class ControllerServer:
         for model_id, group in by_model.items():
             results = score_jobs(self.scorers[model_id], group, self.metrics)
             now = time.monotonic()
+            observe = self.metrics.latency_observer(model_id)
             for job, items in zip(group, results, strict=True):
                 self._dispatch(self.core.on_results(job, items, now))
-                self.metrics.verdict_latency.labels(model_id).observe(now - job.received_at)
+                observe(now - job.received_at)
 
     async def _journal_loop(self) -> None:
         while True:

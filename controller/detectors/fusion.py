@@ -15,6 +15,7 @@ so ``fused >= 0`` exactly when some detector flags the item.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ class Fused:
     corrected: np.ndarray  # [N] int64, -1 = none
     per_detector: tuple[Scores, ...]
     flags: np.ndarray  # [D, N] bool
+    margins: np.ndarray | None = None  # [D, N] normalised margins (see module doc)
 
 
 def _scale(det: Detector) -> float:
@@ -89,8 +91,18 @@ class Pipeline:
         fpr = self.per_detector_fpr
         return {n: d.calibrate(clean, fpr) for n, d in zip(self.names, self.detectors, strict=True)}
 
-    def evaluate(self, batch: Batch) -> Fused:
-        per = tuple(d.score(batch) for d in self.detectors)
+    def evaluate(self, batch: Batch, timings: list[float] | None = None) -> Fused:
+        """Score ``batch`` with every detector; ``timings`` (optional) gets the seconds
+        each detector took, in order (for metrics)."""
+        if timings is None:
+            per = tuple(d.score(batch) for d in self.detectors)
+        else:
+            scored = []
+            for d in self.detectors:
+                t0 = time.perf_counter()
+                scored.append(d.score(batch))
+                timings.append(time.perf_counter() - t0)
+            per = tuple(scored)
         flags = np.stack([d.flag(s.scores) for d, s in zip(self.detectors, per, strict=True)])
         margins = np.stack(
             [
@@ -103,7 +115,7 @@ class Pipeline:
         for s, f in zip(reversed(per), reversed(flags), strict=True):
             if s.corrected is not None:
                 corrected = np.where(f, s.corrected, corrected)
-        return Fused(flags.any(axis=0), margins.max(axis=0), corrected, per, flags)
+        return Fused(flags.any(axis=0), margins.max(axis=0), corrected, per, flags, margins)
 
     def decide(self, batch: Batch) -> list[Decision]:
         """One Decision per item, with every detector's evidence."""
