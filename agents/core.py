@@ -137,6 +137,8 @@ class AgentCore:
         self.verdicts: dict[tuple[str, str], int] = {}
         self.misses_by_model: dict[str, int] = {}
         self.retractions_by_model: dict[str, int] = {}
+        # (model, TIMEOUT or DISCONNECTED, released): decisions the fail mode made.
+        self.fail_mode_decisions: dict[tuple[str, str, bool], int] = {}
 
     # ---- the data path (caller threads, under the shell's lock) ---------------------
 
@@ -589,10 +591,13 @@ class AgentCore:
     def _count(self, res: Result) -> None:
         key = (res.model_id, res.decided_by)
         self.decisions[key] = self.decisions.get(key, 0) + 1
-        if res.decided_by == TIMEOUT:
-            self.budget_misses += 1
-            m = res.model_id
-            self.misses_by_model[m] = self.misses_by_model.get(m, 0) + 1
+        if res.decided_by == TIMEOUT or res.decided_by == DISCONNECTED:
+            fkey = (res.model_id, res.decided_by, res.released)
+            self.fail_mode_decisions[fkey] = self.fail_mode_decisions.get(fkey, 0) + 1
+            if res.decided_by == TIMEOUT:
+                self.budget_misses += 1
+                m = res.model_id
+                self.misses_by_model[m] = self.misses_by_model.get(m, 0) + 1
 
     def _count_verdict(self, model_id: str, verdict: int) -> None:
         key = (model_id, VERDICT_NAMES.get(verdict, UNKNOWN))

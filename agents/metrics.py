@@ -4,33 +4,54 @@ Counters and gauges are read from :class:`agents.core.AgentCore` at scrape time 
 core counts with plain ints under the lock it already holds, so the fast path pays no
 Prometheus locking); only the latency histogram is a live prometheus-client metric,
 with its per-model child cached so the hot path never calls ``.labels()``.
+
+Every series carries ``model`` and ``agent`` (the agent id: one per Guard, so bounded
+by the deployment). Several Guards may share one registry (``attach(registry=...)``):
+they share one histogram and one collector, so the exposition stays valid.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agents.core import AgentCore
+from openexample.buckets import latency_buckets as _latency_buckets_s
 
-# ~10 us to 100 ms (ARCHITECTURE §5); attach() adds a boundary at each budget.
-BASE_BUCKETS = (
-    10e-6, 20e-6, 35e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6,
-    1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1,
-)  # fmt: skip
+LATENCY = "openexample_agent_added_latency_seconds"
 
 
 def latency_buckets(budgets_us: Iterable[int] = ()) -> tuple[float, ...]:
-    extra = {b * 1e-6 for b in budgets_us if 0 < b * 1e-6 < 0.1}
-    return tuple(sorted(set(BASE_BUCKETS) | extra))
+    """~10 us to 100 ms (ARCHITECTURE §5) plus a boundary at each budget (microseconds)."""
+    return _latency_buckets_s(b * 1e-6 for b in budgets_us)
+
+
+class _Shared:
+    """What the Guards of one registry share: the histogram and the collector."""
+
+    def __init__(self, registry: CollectorRegistry, buckets: tuple[float, ...]) -> None:
+        self.latency = Histogram(
+            LATENCY,
+            "Latency the vigilance loop adds on top of the model, per inference.",
+            ["model", "agent"],
+            buckets=buckets,
+            registry=registry,
+        )
+        self.collector = _CoreCollector()
+        registry.register(self.collector)
+
+
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, _Shared] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
 
 
 class AgentMetrics:
-    """The registry of one Guard (its own unless one is passed in)."""
+    """The metrics of one Guard, in its registry (its own unless one is passed in)."""
 
     def __init__(
         self,
@@ -40,97 +61,214 @@ class AgentMetrics:
         budgets_us: Iterable[int] = (),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.latency = Histogram(
-            "openexample_agent_added_latency_seconds",
-            "Latency the vigilance loop adds on top of the model, per inference.",
-            ["model"],
-            buckets=latency_buckets(budgets_us),
-            registry=self.registry,
-        )
-        self._observers = {m: self.latency.labels(m).observe for m in core.models}
-        self.registry.register(_CoreCollector(core, lock))
+        with _SHARED_LOCK:
+            shared = _SHARED.get(self.registry)
+            if shared is None:  # buckets: the first Guard's budgets decide
+                shared = _SHARED[self.registry] = _Shared(
+                    self.registry, latency_buckets(budgets_us)
+                )
+        self.latency = shared.latency
+        self.agent_id = core.agent_id
+        self._observers = {m: self.latency.labels(m, core.agent_id).observe for m in core.models}
+        shared.collector.add(core, lock)
 
-    def observer(self, model_id: str):  # noqa: ANN201 - a bound Histogram.observe
+    def observer(self, model_id: str) -> Callable[[float], None]:
         """The cached ``observe`` of one model's latency histogram child."""
         obs = self._observers.get(model_id)
         if obs is None:
-            obs = self._observers[model_id] = self.latency.labels(model_id).observe
+            obs = self._observers[model_id] = self.latency.labels(model_id, self.agent_id).observe
         return obs
 
 
+def _snapshot(c: AgentCore) -> dict:
+    """The core's counters, copied (call under the core's lock)."""
+    tables = {"rules": c.rules, "rt": c.tables.rt, "ft": c.tables.ft}
+    return dict(
+        agent=c.agent_id,
+        models=list(c.models),
+        decisions=dict(c.decisions),
+        verdicts=dict(c.verdicts),
+        misses=dict(c.misses_by_model),
+        retractions=dict(c.retractions_by_model),
+        fail_mode=dict(c.fail_mode_decisions),
+        pkg_in=c.pkg_in_total,
+        pkg_in_items=c.pkg_in_items,
+        pkg_in_bytes=c.pkg_in_bytes,
+        pkg_out=c.pkg_out_total,
+        inferences=c.inferences,
+        inspected=c.inspected,
+        mirrored=c.mirrored,
+        ft_joined=c.ft_joined,
+        reconnects=c.reconnects,
+        errors=c.errors_received,
+        up=1.0 if c.up else 0.0,
+        tables={
+            name: (
+                len(t),
+                getattr(t, "max_entries", None),
+                t.lookup_count,
+                t.hit_count,
+                getattr(t, "eviction_count", 0),
+            )
+            for name, t in tables.items()
+        },
+        max_rules=c.rules.max_rules + 1,  # + the table-miss, like the rule count
+    )
+
+
 class _CoreCollector(Collector):
-    def __init__(self, core: AgentCore, lock: threading.Lock) -> None:
-        self._core = core
-        self._lock = lock
+    def __init__(self) -> None:
+        self._cores: list[tuple[weakref.ref[AgentCore], threading.Lock]] = []
+        self._guard = threading.Lock()
+
+    def add(self, core: AgentCore, lock: threading.Lock) -> None:
+        with self._guard:
+            self._cores.append((weakref.ref(core), lock))
+
+    def _snapshots(self) -> list[dict]:
+        with self._guard:
+            live = [(ref(), lock) for ref, lock in self._cores]
+            self._cores = [(ref, lock) for ref, lock in self._cores if ref() is not None]
+        out = []
+        for core, lock in live:
+            if core is None:
+                continue
+            with lock:  # a consistent snapshot; copying is cheap next to a scrape
+                out.append(_snapshot(core))
+        return out
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families are known at collect time only
 
     def collect(self) -> Iterator[Metric]:
-        c = self._core
-        with self._lock:  # a consistent snapshot; copying is cheap next to a scrape
-            decisions = dict(c.decisions)
-            verdicts = dict(c.verdicts)
-            misses = dict(c.misses_by_model)
-            retractions = dict(c.retractions_by_model)
-            scalars = (
-                c.pkg_in_total,
-                c.pkg_in_items,
-                c.pkg_in_bytes,
-                c.pkg_out_total,
-                c.inferences,
-                c.reconnects,
-                1.0 if c.up else 0.0,
-                len(c.tables.rt),
-                len(c.tables.ft),
-                len(c.rules),
+        snaps = self._snapshots()
+        fams: dict[str, Metric] = {}
+
+        def fam(kind: type, name: str, doc: str, labels: list[str]) -> Metric:
+            f = fams.get(name)
+            if f is None:
+                f = fams[name] = kind(name, doc, labels=labels)
+            return f
+
+        ma = ["model", "agent"]
+        for s in snaps:
+            agent, models = s["agent"], s["models"]
+
+            def per_model(d: dict[str, int], models: list[str] = models) -> dict[str, int]:
+                return {m: d.get(m, 0) for m in models} | d
+
+            f = fam(
+                CounterMetricFamily,
+                "openexample_agent_decisions",
+                "Inferences decided, by who decided (rule, rt, controller, timeout, disconnected).",
+                ["model", "agent", "decided_by"],
             )
-            models = list(c.models)
-        pkg_in, items, nbytes, pkg_out, inferences, reconnects, up, rt, ft, rules = scalars
+            for (m, by), v in sorted(s["decisions"].items()):
+                f.add_metric([m, agent, by], v)
+            f = fam(
+                CounterMetricFamily,
+                "openexample_agent_verdicts",
+                "Verdicts learned (PKG_OUT items and RT hits), by verdict.",
+                ["model", "agent", "verdict"],
+            )
+            verdicts = {(m, v): 0 for m in models for v in ("benign", "adversarial", "unknown")}
+            for (m, v), n in sorted((verdicts | s["verdicts"]).items()):
+                f.add_metric([m, agent, v], n)
+            f = fam(
+                CounterMetricFamily,
+                "openexample_agent_budget_misses",
+                "Inspections decided by the fail mode because the budget expired.",
+                ma,
+            )
+            for m, v in sorted(per_model(s["misses"]).items()):
+                f.add_metric([m, agent], v)
+            f = fam(
+                CounterMetricFamily,
+                "openexample_agent_fail_mode_decisions",
+                "Inferences the rule's fail mode decided (budget expired, or no"
+                " controller), by whether the output was released (standalone) or"
+                " withheld (secure).",
+                ["model", "agent", "reason", "outcome"],
+            )
+            fm = {(m, "timeout", r): 0 for m in models for r in (True, False)}
+            for (m, reason, released), v in sorted((fm | s["fail_mode"]).items()):
+                f.add_metric([m, agent, reason, "released" if released else "withheld"], v)
+            f = fam(
+                CounterMetricFamily,
+                "openexample_agent_retractions",
+                "Late verdicts that overrode a timeout decision.",
+                ma,
+            )
+            for m, v in sorted(per_model(s["retractions"]).items()):
+                f.add_metric([m, agent], v)
 
-        def counter(name: str, doc: str, labels: list[str], samples: dict) -> Metric:
-            fam = CounterMetricFamily(name, doc, labels=labels)
-            for key, value in sorted(samples.items()):
-                fam.add_metric(list(key) if isinstance(key, tuple) else [key], value)
-            return fam
+            f = fam(
+                GaugeMetricFamily,
+                "openexample_agent_table_entries",
+                "Entries in the agent's tables: rules (with the table-miss), rt (known"
+                " verdicts), ft (pending verdicts).",
+                ["agent", "table"],
+            )
+            for t, (n, *_rest) in s["tables"].items():
+                f.add_metric([agent, t], n)
+            f = fam(
+                GaugeMetricFamily,
+                "openexample_agent_table_max_entries",
+                "Capacity of the agent's tables.",
+                ["agent", "table"],
+            )
+            for t, (_n, cap, *_rest) in s["tables"].items():
+                f.add_metric([agent, t], s["max_rules"] if t == "rules" else cap)
+            for name, doc, i in (
+                ("openexample_agent_table_lookups", "Lookups in the agent's tables.", 2),
+                (
+                    "openexample_agent_table_hits",
+                    "Lookups that found an entry (rules: a rule other than the table-miss).",
+                    3,
+                ),
+                ("openexample_agent_table_evictions", "Entries evicted to make room.", 4),
+            ):
+                f = fam(CounterMetricFamily, name, doc, ["agent", "table"])
+                for t, row in s["tables"].items():
+                    f.add_metric([agent, t], row[i])
 
-        def by_model(d: dict[str, int]) -> dict[str, int]:
-            return {m: d.get(m, 0) for m in models} | d
-
-        yield counter(
-            "openexample_agent_decisions",
-            "Inferences decided, by who decided.",
-            ["model", "decided_by"],
-            decisions,
-        )
-        yield counter(
-            "openexample_agent_verdicts",
-            "Verdicts learned (PKG_OUT items and RT hits), by verdict.",
-            ["model", "verdict"],
-            verdicts,
-        )
-        yield counter(
-            "openexample_agent_budget_misses",
-            "Inspections decided by the fail mode because the budget expired.",
-            ["model"],
-            by_model(misses),
-        )
-        yield counter(
-            "openexample_agent_retractions",
-            "Late verdicts that overrode a timeout decision.",
-            ["model"],
-            by_model(retractions),
-        )
-        for name, doc, value in (
-            ("openexample_agent_pkg_in", "PKG_IN messages sent.", pkg_in),
-            ("openexample_agent_pkg_in_items", "Inferences sent in PKG_IN.", items),
-            ("openexample_agent_pkg_in_bytes", "Bytes of PKG_IN sent.", nbytes),
-            ("openexample_agent_pkg_out", "PKG_OUT messages received.", pkg_out),
-            ("openexample_agent_inferences", "Inferences through the vigilance loop.", inferences),
-            ("openexample_agent_reconnects", "Sessions opened after the first.", reconnects),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        for name, doc, value in (
-            ("openexample_agent_connected", "1 while the controller session is up.", up),
-            ("openexample_agent_rt_entries", "Entries in the RT (known verdicts).", rt),
-            ("openexample_agent_ft_entries", "Entries in the FT (pending verdicts).", ft),
-            ("openexample_agent_rules", "Vigilance rules installed (with the table-miss).", rules),
-        ):
-            yield GaugeMetricFamily(name, doc, value=value)
+            for name, doc, key in (
+                ("openexample_agent_pkg_in", "PKG_IN messages sent.", "pkg_in"),
+                ("openexample_agent_pkg_in_items", "Inferences sent in PKG_IN.", "pkg_in_items"),
+                ("openexample_agent_pkg_in_bytes", "Bytes of PKG_IN sent.", "pkg_in_bytes"),
+                ("openexample_agent_pkg_out", "PKG_OUT messages received.", "pkg_out"),
+                (
+                    "openexample_agent_inferences",
+                    "Inferences through the vigilance loop.",
+                    "inferences",
+                ),
+                (
+                    "openexample_agent_inspections",
+                    "Inferences sent to the controller and waited for (INSPECT).",
+                    "inspected",
+                ),
+                (
+                    "openexample_agent_mirrored",
+                    "Copies sent that nobody waits for (MIRROR, SAMPLE).",
+                    "mirrored",
+                ),
+                (
+                    "openexample_agent_ft_joined",
+                    "Inspections that joined an identical pending one (FT hit).",
+                    "ft_joined",
+                ),
+                ("openexample_agent_reconnects", "Sessions opened after the first.", "reconnects"),
+                (
+                    "openexample_agent_protocol_errors_received",
+                    "ERROR messages received from the controller.",
+                    "errors",
+                ),
+            ):
+                fam(CounterMetricFamily, name, doc, ["agent"]).add_metric([agent], s[key])
+            fam(
+                GaugeMetricFamily,
+                "openexample_agent_connected",
+                "1 while the controller session is up (MAIN).",
+                ["agent"],
+            ).add_metric([agent], s["up"])
+        yield from fams.values()
