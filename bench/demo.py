@@ -9,13 +9,8 @@ who decided, and the added latency against the budget.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from agents import Guard, attach
+from bench.procs import ControllerProcess
 from controller import datasets
 from controller.models import ensure_example_model
 from controller.training import build_artifacts
@@ -78,43 +74,15 @@ def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) ->
     return out
 
 
-def start_controller(workdir: Path, artifacts: list[Path], budget_us: int) -> tuple:
-    cfg = {
-        "listen": "127.0.0.1:0",
-        "metrics_port": 0,
-        "journal": str(workdir / "journal.sqlite3"),
-        "budget_us": budget_us,
-        "trace_threshold": 5,
-        "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
-    }
-    cfg_path = workdir / "controller.json"  # JSON is YAML
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "serve", "--config", str(cfg_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log_path = workdir / "controller.log"
-    found: dict[str, str] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        with log_path.open("w") as log:
-            for line in proc.stdout:  # type: ignore[union-attr]
-                log.write(line)
-                log.flush()
-                m = _LISTEN.search(line)
-                if m:
-                    found.update(port=m[1], metrics=m[2])
-                    ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(60):
-        proc.kill()
-        raise SystemExit(f"controller did not start, see {log_path}")
-    return proc, f"127.0.0.1:{found['port']}", found["metrics"], log_path
+def start_controller(workdir: Path, artifacts: list[Path], budget_us: int) -> ControllerProcess:
+    return ControllerProcess(
+        workdir,
+        {
+            "budget_us": budget_us,
+            "trace_threshold": 5,
+            "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+        },
+    ).start()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -135,11 +103,11 @@ def run_demo(args: argparse.Namespace) -> int:
     attacks = make_attacks(model_path, splits.test.x[:n], splits.test.y[:n], cache)
 
     print("3/4 controller daemon and agents", flush=True)
-    proc, address, metrics_url, log_path = start_controller(workdir, artifacts, args.budget_us)
+    proc = start_controller(workdir, artifacts, args.budget_us)
     guards = [
         attach(
             str(model_path),
-            controller=address,
+            controller=proc.address,
             model_id=MODEL_ID,
             agent_id=f"line-{i + 1}",
             input_shape=(1, 28, 28),
@@ -195,8 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
         t.join()
     for g in guards:
         g.close()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    proc.stop()
 
     journal = workdir / "journal.sqlite3"
     db = sqlite3.connect(journal)
@@ -206,13 +173,13 @@ def run_demo(args: argparse.Namespace) -> int:
     ).fetchall()
     blocked = [
         line.split("blocked ", 1)[1].strip()
-        for line in log_path.read_text().splitlines()
+        for line in proc.log
         if "source tracing blocked" in line
     ]
     print_report(rows, lat, args.budget_us)
     print(f"\nsources blocked by the controller: {', '.join(blocked) or 'none'}")
     print(f"incidents journaled: {incidents} {dict(by_source)}  ->  {journal}")
-    print(f"controller log: {log_path}; metrics were at {metrics_url}")
+    print(f"controller log: {proc.log_path}; metrics were at {proc.metrics_url}")
     print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
     return 0
 

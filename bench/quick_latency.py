@@ -61,7 +61,8 @@ def main() -> int:
     art = [cache / "artifacts" / "mnist5k" / d for d in DETECTORS]
     workdir = Path("var/quick_latency")
     workdir.mkdir(parents=True, exist_ok=True)
-    proc, address, _, _ = start_controller(workdir, art, budget_us=1_000_000)
+    proc = start_controller(workdir, art, budget_us=1_000_000)
+    address = proc.address
     x = datasets.load("mnist5k").split().test.x
     n = args.n
     try:
@@ -92,8 +93,7 @@ def main() -> int:
         g.close()
         echo = asyncio.run(echo_floor(address, n))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.stop()
     print(f"bare model call           {pct(bare)}")
     print(f"fast path: ALLOW rule     {pct(allow)}  (added)")
     print(f"fast path: RT hit         {pct(rt)}  (added)")
