@@ -53,10 +53,11 @@ class ControllerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         ready = threading.Event()
+        restart = self.port != 0
 
         def pump() -> None:
             assert self.proc is not None and self.proc.stdout is not None
-            with self.log_path.open("a") as log:
+            with self.log_path.open("a" if restart else "w") as log:
                 for line in self.proc.stdout:
                     log.write(line)
                     log.flush()

@@ -6,6 +6,7 @@ burst of adversarial verdicts costs the hot path one list append each.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
@@ -40,7 +41,11 @@ class Journal:
         self._pending: list[Incident] = []
         self._lock = threading.Lock()
 
-    def record(self, incidents: list[Incident]) -> None:
+    def record(self, incidents: list[Incident], wall_offset_s: float = 0.0) -> None:
+        """Queue incidents for the next flush. The core stamps them with its monotonic
+        ``now``; ``wall_offset_s`` (time.time() - time.monotonic()) makes them unix times."""
+        if wall_offset_s:
+            incidents = [dataclasses.replace(i, at=i.at + wall_offset_s) for i in incidents]
         with self._lock:
             self._pending.extend(incidents)
 

@@ -196,7 +196,7 @@ class ControllerServer:
             self._score_scheduled = True
             asyncio.get_running_loop().call_soon(self._score_pending)
         if step.incidents:
-            self.journal.record(step.incidents)
+            self.journal.record(step.incidents, time.time() - time.monotonic())
             self.metrics.record_incidents(step.incidents)
         for sid, xid, env in step.replies:
             fut = self._waiters.pop((sid, xid), None)
