@@ -21,9 +21,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agents.core import AgentCore
+from agents.results import CONTROLLER, DISCONNECTED, RT, RULE, TIMEOUT
 from openexample.buckets import latency_buckets as _latency_buckets_s
 
 LATENCY = "openexample_agent_added_latency_seconds"
+DECIDED_BY = (RULE, RT, CONTROLLER, TIMEOUT, DISCONNECTED)
 
 
 def latency_buckets(budgets_us: Iterable[int] = ()) -> tuple[float, ...]:
@@ -163,7 +165,8 @@ class _CoreCollector(Collector):
                 "Inferences decided, by who decided (rule, rt, controller, timeout, disconnected).",
                 ["model", "agent", "decided_by"],
             )
-            for (m, by), v in sorted(s["decisions"].items()):
+            decisions = {(m, by): 0 for m in models for by in DECIDED_BY} | s["decisions"]
+            for (m, by), v in sorted(decisions.items()):
                 f.add_metric([m, agent, by], v)
             f = fam(
                 CounterMetricFamily,
