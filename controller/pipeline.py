@@ -140,8 +140,20 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                 ) from None
             if det.threshold is None:
                 raise ConfigError(f"{where}: artifact {path!r} is not calibrated")
-            if det.model is None and mcfg.reference_model:
-                det.model = model_fn(mcfg.reference_model)
+            # the config's reference model, else (for detectors that cannot score without
+            # one) the model file the artifact was trained with, recorded in its manifest
+            ref = mcfg.reference_model
+            if not ref and getattr(det, "needs_model", False):
+                ref = det.meta.get("model")
+                if not ref:
+                    raise ConfigError(
+                        f"{where}: {det.name} needs models.{model_id}.reference_model"
+                    )
+            if det.model is None and ref:
+                try:
+                    det.model = model_fn(ref)
+                except (OSError, RuntimeError, ValueError) as exc:
+                    raise ConfigError(f"{where}: cannot load model {ref!r}: {exc}") from None
             dets.append(det)
         want = mcfg.fpr / len(dets)
         for d in dets:

@@ -3,15 +3,22 @@
 Several detectors meant to run together are calibrated together: each at
 fpr / k on the same clean calibration split, so that the fused verdict (an OR of
 per-detector thresholds) stays within the target false-positive rate.
+
+The default set, ``DEFAULT_DETECTORS``, puts DeSVig beside the two detectors that see the
+decision boundary (margin, feature squeezing): DeSVig catches large perturbations (FGSM,
+PGD), the others the minimal ones (DeepFool) that sit right at the boundary.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +27,8 @@ from controller import datasets, detectors
 from controller.detectors.base import Batch, ModelFn
 from controller.detectors.fusion import Pipeline
 from controller.models import ensure_example_model, load_model
+
+DEFAULT_DETECTORS = ("margin", "feature_squeezing", "desvig")
 
 
 def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
@@ -37,23 +46,37 @@ def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
 
 
 def build_artifacts(
-    names: list[str],
+    names: Sequence[str] | None,
     out: Path,
     *,
     dataset: str = "mnist5k",
     model_path: str | Path | None = None,
     fpr: float = 0.01,
     cache: Path = Path("var/cache"),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Path]:
-    """Fit ``names`` on the dataset's train split, calibrate jointly, save each to out/NAME."""
+    """Fit ``names`` (None: ``DEFAULT_DETECTORS``) on the dataset's train split, calibrate
+    them jointly, save each to out/NAME.
+
+    ``options[name]`` are constructor keywords for that detector. Detectors whose
+    constructor takes ``cache`` get the cache folder, so an expensive model (the DeSVig
+    CGAN) is trained once per machine and data set.
+    """
+    names = list(DEFAULT_DETECTORS if names is None else names)
+    options = options or {}
     ds = datasets.load(dataset)
     splits = ds.split()
-    model_path = model_path or ensure_example_model(cache, dataset)
+    model_path = Path(model_path or ensure_example_model(cache, dataset)).resolve()
     predict = model_fn(model_path)
     dets = []
     for name in names:
         t0 = time.perf_counter()
-        det = detectors.get(name)()
+        cls = detectors.get(name)
+        kwargs = dict(options.get(name, {}))
+        if "cache" in inspect.signature(cls).parameters:
+            kwargs.setdefault("cache", str(cache))
+        det = cls(**kwargs)
+        print(f"  fitting {name}...", file=sys.stderr, flush=True)
         det.fit(
             splits.train.x,
             splits.train.y,
@@ -70,7 +93,7 @@ def build_artifacts(
     report = pipe.calibration_report(clean)
     paths = []
     for det in dets:
-        det.meta["model"] = str(model_path)
+        det.meta["model"] = str(model_path)  # absolute: the controller re-attaches it
         det.meta["fused_with"] = names
         path = out / det.name
         det.save(path)

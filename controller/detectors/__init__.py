@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 from pathlib import Path
 
-from controller.detectors import margin, phash_prototype
+from controller.detectors import desvig, feature_squeezing, margin, phash_prototype
 from controller.detectors.base import (
     _REGISTRY,
     Batch,
@@ -24,7 +24,12 @@ from controller.detectors.base import (
 )
 
 ENTRY_POINT_GROUP = "openexample.detectors"
-BUILTIN = (margin.MarginDetector, phash_prototype.PhashPrototypeDetector)
+BUILTIN = (
+    margin.MarginDetector,
+    phash_prototype.PhashPrototypeDetector,
+    feature_squeezing.FeatureSqueezingDetector,
+    desvig.DesvigDetector,
+)
 
 log = logging.getLogger("openexample.controller")
 _plugins_loaded = False
