@@ -1,0 +1,339 @@
+"""Monitoring against the real thing: a Prometheus server scraping a running controller
+and agents under load must answer every dashboard panel's query with data; promtool
+checks the scraped metrics, the scrape config, the recording rules and their tests.
+
+Needs the Debian package ``prometheus`` (``make test`` installs it via
+scripts/system-deps.sh); skipped with that reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from agents import attach
+from tests.conftest import MODEL_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+MON = ROOT / "monitoring"
+PROM_DIR = MON / "prometheus"
+DASHBOARD = MON / "grafana" / "dashboards" / "openexample.json"
+SHAPE = (1, 28, 28)
+
+
+def _tool(name: str) -> str | None:
+    path = Path("/usr/bin") / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+PROMETHEUS = _tool("prometheus")
+PROMTOOL = _tool("promtool")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None or PROMTOOL is None,
+    reason="the Prometheus server is not installed (Debian package `prometheus`:"
+    " `make test` installs it via scripts/system-deps.sh)",
+)
+
+
+def promtool(*args: str, stdin: bytes | None = None, cwd: Path | None = None):
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], input=stdin, capture_output=True, cwd=cwd, timeout=60, check=False
+    )
+
+
+def panels() -> list[dict]:
+    out = []
+    for p in json.loads(DASHBOARD.read_text())["panels"]:
+        if p["type"] == "row":
+            out.extend(p.get("panels", []))  # panels of a collapsed row
+        else:
+            out.append(p)
+    return out
+
+
+# Template variables as a dashboard user with "All" selected sees them; the rate
+# interval as Grafana computes it for a 1 s scrape interval (4 x scrape, at least).
+VARIABLES = {"model": ".*", "agent": ".*", "__rate_interval": "5s", "__interval": "1s"}
+
+
+def substitute(expr: str) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in VARIABLES, f"unknown template variable ${name} in {expr!r}"
+        return VARIABLES[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", one, expr)
+
+
+# -- static checks (promtool, files) ---------------------------------------------------
+
+
+@needs_prometheus
+def test_promtool_check_config_and_rules():
+    res = promtool("check", "config", str(PROM_DIR / "prometheus.yml"))
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    res = promtool("check", "rules", str(PROM_DIR / "rules.yml"))
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+@needs_prometheus
+def test_promtool_test_rules():
+    res = promtool("test", "rules", "rules_test.yml", cwd=PROM_DIR)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+def test_dashboard_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "openexample" and dash["schemaVersion"] >= 36  # Grafana 10+
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "model", "agent"} <= names
+    for p in panels():
+        assert p["targets"], p["title"]
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert {"x", "y", "w", "h"} <= set(p["gridPos"]), p["title"]
+        for t in p["targets"]:
+            assert t["expr"].strip() and t["refId"], p["title"]
+    # what the issue asks the dashboard to show
+    titles = " | ".join(p["title"].lower() for p in panels())
+    for want in (
+        "p50 / p99 vs budget",
+        "fast-path share",
+        "adversarial rate by model and agent",
+        "budget misses",
+        "workload w vs w0",
+        "connected agents",
+        "per-detector latency",
+        "sources with most adversarial verdicts",
+        "incidents over time",
+    ):
+        assert want in titles, want
+
+
+def test_provisioning_and_compose_point_at_files_that_exist():
+    ds = yaml.safe_load((MON / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert ds["datasources"][0]["uid"] == "prometheus"
+    dash = yaml.safe_load((MON / "grafana/provisioning/dashboards/openexample.yml").read_text())
+    assert dash["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    compose = yaml.safe_load((MON / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"controller", "prometheus", "grafana"} <= set(services)
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (MON / src).exists(), vol
+    assert services["prometheus"]["network_mode"] == "service:controller"
+    cfg = yaml.safe_load((MON / "controller.yml").read_text())
+    assert cfg["metrics_port"] == 9464
+    assert "localhost:9464" in (PROM_DIR / "prometheus.yml").read_text()
+
+
+def test_metric_catalogue_is_fresh():
+    from bench.metrics_catalogue import OUT, render
+
+    assert OUT.read_text() == render(), (
+        "docs/metrics.md is stale: run `python -m bench.metrics_catalogue`"
+    )
+
+
+# -- the live check ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+class PrometheusServer:
+    """/usr/bin/prometheus on loopback, 1 s scrape and rule evaluation, with the
+    repository's scrape config and recording rules pointed at the given targets."""
+
+    def __init__(self, workdir: Path, controller: str, agents: list[str]) -> None:
+        cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+        cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        cfg["rule_files"] = [str(PROM_DIR / f) for f in cfg["rule_files"]]
+        jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+        jobs["openexample-controller"]["static_configs"] = [{"targets": [controller]}]
+        agents_file = workdir / "agents.yml"
+        agents_file.write_text(yaml.safe_dump([{"targets": agents}]))
+        jobs["openexample-agents"]["file_sd_configs"] = [{"files": [str(agents_file)]}]
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "prometheus.log"
+        assert PROMETHEUS is not None
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _get(f"{self.url}/-/ready", 1).strip():
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("prometheus did not start:\n" + self.log.read_text())
+            time.sleep(0.2)
+
+    def query(self, expr: str) -> list[dict]:
+        qs = urllib.parse.urlencode({"query": expr})
+        body = json.loads(_get(f"{self.url}/api/v1/query?{qs}"))
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def api(self, path: str) -> dict:
+        return json.loads(_get(f"{self.url}{path}"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _fgsm(model_path: Path, x: np.ndarray, y: np.ndarray, eps: float = 0.3) -> np.ndarray:
+    """FGSM (L-inf eps) on the example model, plain torch (ART is for the bench)."""
+    import torch
+
+    from controller.models import load_model
+
+    model = load_model(model_path).eval()
+    xt = torch.tensor(x, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(model(xt), torch.tensor(y, dtype=torch.long))
+    loss.backward()
+    return (xt + eps * xt.grad.sign()).clamp(0.0, 1.0).detach().numpy().astype(np.float32)
+
+
+def _finite(result: list[dict]) -> bool:
+    return any("value" in r and math.isfinite(float(r["value"][1])) for r in result)
+
+
+@needs_prometheus
+@pytest.mark.integration
+def test_every_dashboard_query_returns_data_from_a_live_controller_and_agents(
+    controller, example_model, mnist, tmp_path
+):
+    # budget generous enough for a shared CI box; a few agents, each with its endpoint
+    proc = controller(budget_us=200_000, trace_threshold=5)
+    guards = [
+        attach(
+            str(example_model),
+            controller=proc.address,
+            model_id=MODEL_ID,
+            agent_id=f"agent-{i}",
+            input_shape=SHAPE,
+            connect_timeout_s=20,
+            metrics_port=0,
+        )
+        for i in range(3)
+    ]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    prom = None
+    try:
+        assert all(g.connected for g in guards), "an agent did not reach MAIN"
+        clean = mnist.test.x[:200]
+        adv = _fgsm(example_model, mnist.test.x[200:260], mnist.test.y[200:260])
+
+        def load() -> None:
+            # clean traffic from a few users; FGSM from attackers, repeated inputs
+            # (RT hits after the controller pushes them) and sources that get blocked
+            # (their inferences are then dropped by a rule on every agent).
+            rng = np.random.default_rng(0)
+            i = 0
+            try:
+                while not stop.is_set():
+                    g = guards[i % len(guards)]
+                    # a little noise: fresh fingerprints, so clean inputs keep going to
+                    # the controller instead of all becoming RT hits after one pass
+                    x = clean[i % len(clean)] + rng.uniform(0, 1e-3, SHAPE).astype(np.float32)
+                    g(x, source_id=f"user-{i % 7}")
+                    if i % 4 == 0:
+                        g(adv[(i // 4) % len(adv)], source_id=f"attacker-{(i // 40) % 3}")
+                    if i % 10 == 0:
+                        g.batch(clean[:4], source_id="batch-user")
+                    i += 1
+                    time.sleep(0.002)
+            except BaseException as exc:  # surfaced by the test thread
+                errors.append(exc)
+
+        loader = threading.Thread(target=load, name="load", daemon=True)
+        loader.start()
+
+        agent_targets = [f"127.0.0.1:{g.metrics_port}" for g in guards]
+        prom = PrometheusServer(tmp_path, f"127.0.0.1:{proc.metrics_port}", agent_targets)
+
+        # promtool on what Prometheus scrapes: the controller's and an agent's output
+        for target in (f"127.0.0.1:{proc.metrics_port}", agent_targets[0]):
+            text = _get(f"http://{target}/metrics")
+            assert b"openexample_" in text
+            res = promtool("check", "metrics", stdin=text)
+            assert res.returncode == 0, (target, res.stdout.decode(), res.stderr.decode())
+
+        queries = [
+            (p["title"], t["refId"], substitute(t["expr"])) for p in panels() for t in p["targets"]
+        ]
+        deadline = time.monotonic() + 45
+        while True:
+            missing = [(title, ref, q) for title, ref, q in queries if not _finite(prom.query(q))]
+            if not missing or time.monotonic() > deadline:
+                break
+            assert not errors, errors
+            time.sleep(1.0)
+
+        targets = prom.api("/api/v1/targets")["data"]["activeTargets"]
+        health = {(t["labels"]["job"], t["scrapeUrl"]): t["health"] for t in targets}
+        assert set(health.values()) == {"up"}, health
+        assert not errors, errors
+        assert not missing, "panel queries without data:\n" + "\n".join(
+            f"  {title} [{ref}]: {q}" for title, ref, q in missing
+        )
+        # the template variables' label_values() queries
+        for label in ("model", "agent"):
+            qs = urllib.parse.urlencode({"match[]": "openexample_agent_decisions_total"})
+            assert prom.api(f"/api/v1/label/{label}/values?{qs}")["data"], label
+        # and the load did what the panels claim to show
+        adversarial = prom.query('sum(openexample_agent_verdicts_total{verdict="adversarial"})')
+        assert float(adversarial[0]["value"][1]) > 0
+        assert prom.query("openexample_controller_top_source_adversarial_verdicts")
+    finally:
+        stop.set()
+        for g in guards:
+            g.close()
+        if prom is not None:
+            prom.stop()
