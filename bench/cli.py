@@ -14,8 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("latency", "latency scenarios"), ("detection", "detection figures")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", help="write results as JSON to this path")
-        s.add_argument("--out", help="folder for tables and plots")
-        s.add_argument("--quick", action="store_true", help="a short smoke run")
+        s.add_argument("--out", default=f"var/bench/{name}", help="folder for tables and plots")
+        s.add_argument("--quick", action="store_true", help="a short smoke run (< 2 min)")
+        s.add_argument("--seed", type=int, default=0)
+    lat = sub.choices["latency"]
+    lat.add_argument("--agents", default="1,4,16,64", help="concurrent agent counts")
+    lat.add_argument("--scenarios", help="comma-separated subset of the scenarios")
+    lat.add_argument("--requests", type=int, help="timed requests per run (split over agents)")
+    lat.add_argument("--no-saturation", action="store_true", help="skip the saturation run")
     d = sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
     d.add_argument("--workdir", default="var/demo", help="journal, config and logs")
     d.add_argument("--agents", type=int, default=3)
@@ -30,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.demo import run_demo
 
         return run_demo(args)
+    if args.command == "latency":
+        from bench.latency import run
+
+        return run(args)
     print(f"openexample-bench {args.command}: not yet available", file=sys.stderr)
     return 2
 

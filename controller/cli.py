@@ -80,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
             "max_workload": args.max_workload,
         }
         cfg = cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
         scorers = load_scorers(cfg)
     except ConfigError as exc:
         print(f"openexample-controller: config error: {exc}", file=sys.stderr)
