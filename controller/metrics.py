@@ -14,6 +14,7 @@ by ``python -m bench.metrics_catalogue``.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -227,6 +228,14 @@ class ControllerMetrics:
 
     def verdict(self, model: str, verdict: int) -> None:
         self._verdict_child(model, verdict).inc()
+
+    def verdicts_seen(self, pairs: Sequence[tuple[str, int]]) -> None:
+        """One (model, verdict) per inference: one ``inc`` per kind, not per item."""
+        if len(pairs) == 1:
+            self._verdict_child(*pairs[0]).inc()
+            return
+        for key, n in collections.Counter(pairs).items():
+            self._verdict_child(*key).inc(n)
 
     def _in_children(self, model: str) -> tuple[Callable, Callable, Callable]:
         c = self._in.get(model)

@@ -210,8 +210,8 @@ class ControllerServer:
                 q.put_nowait(None)
         for name in step.errors:
             self.metrics.errors.labels(name).inc()
-        for model, verdict in step.verdicts:
-            self.metrics.verdict(model, verdict)
+        if step.verdicts:
+            self.metrics.verdicts_seen(step.verdicts)
         if step.overloaded:
             self.metrics.overloaded.inc(step.overloaded)
         if step.blocked:

@@ -152,6 +152,83 @@ def test_metric_catalogue_is_fresh():
     )
 
 
+# -- agent metrics: lock-free latency histogram, shared registries -------------------
+
+
+def _agent_core(agent_id: str):
+    from agents.core import AgentCore
+    from agents.results import ModelInfo
+    from openexample.rules import INSPECT, RuleActions
+
+    return AgentCore(
+        agent_id, [ModelInfo("m", (1,), ("0", "1"))], miss_actions=RuleActions(INSPECT, 350, 1)
+    )
+
+
+def _samples(registry, name: str) -> dict:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in registry.collect()
+        for s in fam.samples
+        if s.name.startswith(name)
+    }
+
+
+def test_agent_latency_histogram_counts_every_observation_from_many_threads():
+    from prometheus_client import CollectorRegistry
+
+    from agents.metrics import AgentMetrics
+
+    reg = CollectorRegistry()
+    metrics = AgentMetrics(_agent_core("a"), threading.Lock(), reg, (350,))
+    observe = metrics.observer("m")
+
+    def work() -> None:
+        for i in range(5000):
+            observe(1e-5 * (i % 50))  # 0 .. 490 us
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    observe(1.0)  # this thread's shard: +Inf bucket
+    got = _samples(reg, "openexample_agent_added_latency_seconds")
+    lab = (("agent", "a"), ("model", "m"))
+    count = got[("openexample_agent_added_latency_seconds_count", lab)]
+    assert count == 20_001
+    values = [1e-5 * k for k in range(50)]
+    expected_sum = 4 * 100 * sum(values) + 1.0
+    assert got[("openexample_agent_added_latency_seconds_sum", lab)] == pytest.approx(expected_sum)
+
+    def bucket(le: str) -> float:
+        return got[("openexample_agent_added_latency_seconds_bucket", (lab[0], ("le", le), lab[1]))]
+
+    # the budget (350 us) is a bucket boundary
+    assert bucket("0.00035") == 4 * 100 * sum(v <= 350e-6 for v in values)
+    assert bucket("0.1") == 20_000 and bucket("+Inf") == 20_001
+    # finished threads were folded into the total: a second scrape says the same
+    assert _samples(reg, "openexample_agent_added_latency_seconds") == got
+
+
+@needs_prometheus
+def test_guards_sharing_a_registry_expose_valid_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agents.metrics import AgentMetrics
+
+    reg = CollectorRegistry()
+    cores = [_agent_core("a"), _agent_core("b")]
+    for core in cores:
+        AgentMetrics(core, threading.Lock(), reg, (350,)).observer("m")(2e-5)
+    text = generate_latest(reg)
+    res = promtool("check", "metrics", stdin=text)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    got = _samples(reg, "openexample_agent_added_latency_seconds_count")
+    assert sorted(dict(k[1])["agent"] for k in got) == ["a", "b"]
+    assert b'openexample_agent_decisions_total{agent="b",decided_by="rt",model="m"} 0.0' in text
+
+
 # -- the live check ------------------------------------------------------------------
 
 
