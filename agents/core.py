@@ -65,6 +65,13 @@ STATE_NAMES = ("DOWN", "HELLO", "FEATURES", "CONFIG", "MAIN")
 _MASK64 = (1 << 64) - 1
 
 
+# "overloaded", "no_detector", ... for Result.reason.
+UNKNOWN_REASONS = {
+    v: pb.UnknownReason.Name(v).removeprefix("UNKNOWN_REASON_").lower()
+    for v in pb.UnknownReason.values()
+}
+
+
 class AgentCore:
     """One agent's protocol state and tables; see the module docstring."""
 
@@ -537,18 +544,21 @@ class AgentCore:
             if self._inflight.get(key) is item:
                 del self._inflight[key]
                 self.tables.ft.resolve(key)
+            reason = ""
             if answers is None:
                 verdict, action, corrected, score = pb.VERDICT_UNKNOWN, 0, None, None
             else:
                 a = answers[i]
                 verdict, action, score = a.verdict, a.action, a.score
+                if a.unknown_reason:
+                    reason = UNKNOWN_REASONS.get(a.unknown_reason, "unspecified")
                 corrected = a.corrected_label if a.HasField("corrected_label") else None
                 self._count_verdict(model_id, verdict)
                 if verdict in VERDICT_NAMES:  # UNKNOWN is not a result worth keeping
                     expires = now + ttl if ttl > 0 else None
                     rt.put(key, ResultEntry(verdict, action, corrected, score, expires))
             for t in item.tickets:
-                self._settle(t, verdict, action, corrected, CONTROLLER, now, score)
+                self._settle(t, verdict, action, corrected, CONTROLLER, now, score, reason)
 
     def _settle(
         self,
@@ -559,6 +569,7 @@ class AgentCore:
         decided_by: str,
         now: float,
         score: float | None = None,
+        reason: str = "",
     ) -> None:
         name, released, label = outcome(verdict, action, corrected, t.fail_mode, t.label)
         res = Result(
@@ -573,6 +584,7 @@ class AgentCore:
             released,
             now - t.started,
             score,
+            reason=reason,
         )
         prev = t.result
         if prev is None:

@@ -69,6 +69,7 @@ class Result:
         "model_id",
         "model_label",
         "output",
+        "reason",
         "released",
         "retraction",
         "score",
@@ -90,6 +91,7 @@ class Result:
         latency_s: float,
         score: float | None = None,
         retraction: bool = False,
+        reason: str = "",
     ) -> None:
         self.model_id = model_id
         self.source_id = source_id
@@ -103,6 +105,8 @@ class Result:
         self.latency_s = latency_s
         self.score = score
         self.retraction = retraction
+        # Why the verdict is "unknown" when the controller said so ("overloaded", ...).
+        self.reason = reason
 
     def __repr__(self) -> str:
         extra = ", retraction" if self.retraction else ""

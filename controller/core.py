@@ -96,6 +96,7 @@ class ControllerCore:
         self.detected_models = detected_models  # model ids with a detector pipeline
         self.sessions: dict[int, AgentSession] = {}
         self.workload = 0  # W: items admitted and not answered yet
+        self.draining = False  # shutting down: new PKG_INs are answered at once
         self._sid = itertools.count(1)
         self._miss = rules.RuleActions.from_pb([rules.inspect(cfg.budget_us, cfg.fail_mode)])
         # Desired rules: the template for agents not seen yet, and one table per agent
@@ -200,7 +201,9 @@ class ControllerCore:
     def _admit(self, sid: int, s: AgentSession, ev: PkgInReceived, step: Step, now: float) -> None:
         pkg, n = ev.pkg, len(ev.pkg.items)
         reason = 0
-        if pkg.model_id not in self.detected_models:
+        if self.draining:
+            reason = pb.UNKNOWN_REASON_SHUTTING_DOWN
+        elif pkg.model_id not in self.detected_models:
             reason = pb.UNKNOWN_REASON_NO_DETECTOR
         elif self.workload + n > self.cfg.max_workload:
             reason = pb.UNKNOWN_REASON_OVERLOADED
@@ -341,18 +344,6 @@ class ControllerCore:
             (sid, self.sessions[sid].request(filt), self.sessions[sid].agent_id)
             for sid in self.sessions_of(agent_id, model_id)
         ]
-
-    def shutdown_answers(self, jobs: list[InspectJob]) -> Step:
-        """UNKNOWN/SHUTTING_DOWN for jobs that will not be scored."""
-        step = Step()
-        for job in jobs:
-            self.workload -= job.size
-            s = self.sessions.get(job.sid)
-            if s is not None:
-                items = _unknown_items(job.size, pb.UNKNOWN_REASON_SHUTTING_DOWN)
-                body = pb.PkgOut(model_id=job.pkg.model_id, items=items)
-                step.send.append((job.sid, s.reply_to(job.xid, body)))
-        return step
 
 
 __all__ = ["ControllerCore", "Incident", "InspectJob", "ProtocolError", "Step"]

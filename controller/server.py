@@ -116,11 +116,11 @@ class ControllerServer:
         if self._draining:
             await self._stopped.wait()
             return
-        self._draining = True
+        self._draining = self.core.draining = True
         await self._health.enter_graceful_shutdown()
-        # Let the scorer finish what it holds, answer the rest SHUTTING_DOWN.
-        leftover, self._pending = self._pending, []
-        self._dispatch(self.core.shutdown_answers(leftover))
+        # Drain: what was admitted is scored and answered before the sessions close.
+        while self._pending:
+            self._score_pending()
         for sid in list(self._queues):
             self._dispatch(
                 self.core.close_session(sid, "controller shutting down", time.monotonic())

@@ -238,3 +238,11 @@ def test_operator_mod_validated_before_reaching_agents(core):
     with pytest.raises(Exception) as e:
         core.mod_rules(bad, 1.0)
     assert getattr(e.value, "error_type", None) == pb.ERROR_TYPE_VIGILANCE_MOD_FAILED
+
+
+def test_draining_answers_new_work_shutting_down(core):
+    sid, _ = connect(core, "a1")
+    core.draining = True
+    step = core.on_bytes(sid, raw(pkg_in(1), xid=3), 0.1)
+    assert not step.jobs
+    assert step.send[0][1].pkg_out.items[0].unknown_reason == pb.UNKNOWN_REASON_SHUTTING_DOWN

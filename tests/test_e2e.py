@@ -206,7 +206,7 @@ def test_overload_answers_overloaded(controller, agent, mnist):
     proc = controller(max_workload=1)
     g = agent(proc)
     results = g.batch(mnist.test.x[:4])
-    assert {r.verdict for r in results} == {"unknown"}
+    assert {(r.verdict, r.reason) for r in results} == {("unknown", "overloaded")}
     assert all(r.decided_by == "controller" and r.released for r in results)  # standalone
 
 
