@@ -24,10 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "metrics.md"
 BUDGET_US = 350  # the default budget: its boundary shows in the histogram buckets
 
-_TYPE_SUFFIX = {
-    "counter": "_total",
-    "histogram": "_bucket / _sum / _count",
-}
+_TYPE_SUFFIX = {"counter": "_total"}
 
 
 def controller_registry() -> CollectorRegistry:
@@ -85,9 +82,11 @@ def _table(reg: CollectorRegistry) -> list[str]:
     notes = []
     for fam in sorted(reg.collect(), key=lambda f: f.name):
         suffix = _TYPE_SUFFIX.get(fam.type, "")
-        name = f"`{fam.name}{suffix}`" if suffix.startswith("_total") else f"`{fam.name}`"
+        seen = {s.name for s in fam.samples}
+        name = f"`{fam.name}{suffix}`"
         if fam.type == "histogram":
-            name += " (`_bucket`, `_sum`, `_count`)"
+            parts = [x for x in ("_bucket", "_sum", "_count") if f"{fam.name}{x}" in seen]
+            name += " (" + ", ".join(f"`{x}`" for x in parts) + ")"
             notes.append(f"- `{fam.name}` buckets (le): {_buckets(fam)}, +Inf")
         labels = ", ".join(f"`{x}`" for x in _labels(fam)) or "-"
         doc = fam.documentation.replace("|", "\\|")

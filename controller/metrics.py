@@ -118,7 +118,8 @@ class ControllerMetrics:
         self.detector_margin = _BatchHistograms(
             "openexample_controller_detector_margin",
             "Normalised detector score per inference: (score - threshold) / (threshold -"
-            " median clean score); 0 on the threshold, -1 a typical clean input",
+            " median clean score); 0 on the threshold, -1 a typical clean input (negative"
+            " buckets, so no _sum/_count: OpenMetrics)",
             ("model", "detector"),
             MARGIN_BUCKETS,
         )

@@ -229,6 +229,52 @@ def test_guards_sharing_a_registry_expose_valid_metrics():
     assert b'openexample_agent_decisions_total{agent="b",decided_by="rt",model="m"} 0.0' in text
 
 
+def test_controller_detector_margins_match_per_item_histograms_and_top_k_is_bounded():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from controller.core import Incident
+    from controller.metrics import MARGIN_BUCKETS, ControllerMetrics
+
+    reg = CollectorRegistry()
+    m = ControllerMetrics(reg, 350e-6, 4096, models=["m"], top_k=3)
+    rng = np.random.default_rng(1)
+    margins = rng.normal(-1.0, 1.5, (2, 500))
+    margins[0, :5] = MARGIN_BUCKETS[:5]  # values on the boundaries count as <= le
+    flags = margins >= 0
+    m.observe_detectors("m", ["d1", "d2"], [1e-4, 2e-4, 3e-4], margins, flags)
+    ref_reg = CollectorRegistry()
+    ref = Histogram("ref", "per item", ["detector"], buckets=MARGIN_BUCKETS, registry=ref_reg)
+    for j, name in enumerate(["d1", "d2"]):
+        for v in margins[j]:
+            ref.labels(name).observe(float(v))
+    got = _samples(reg, "openexample_controller_detector_margin")
+    want = _samples(ref_reg, "ref")
+    for (name, labels), value in want.items():
+        if not name.endswith("_bucket"):  # negative buckets: no _sum/_count (OpenMetrics)
+            continue
+        key = (name.replace("ref", "openexample_controller_detector_margin"), labels)
+        key = (key[0], tuple(sorted((*labels, ("model", "m")))))
+        assert got[key] == pytest.approx(value), key
+    flagged = _samples(reg, "openexample_controller_detector_flagged_items_total")
+    assert flagged[
+        (
+            "openexample_controller_detector_flagged_items_total",
+            (("detector", "pipeline"), ("model", "m")),
+        )
+    ] == int(flags.any(axis=0).sum())
+
+    incidents = [
+        Incident(0.0, "a", "m", src, 0, None, 1.0, "[]")
+        for src in ["s1"] * 5 + ["s2"] * 3 + ["s3"] * 2 + [f"x{i}" for i in range(50)]
+    ]
+    m.record_incidents(incidents)
+    top = _samples(reg, "openexample_controller_top_source_adversarial_verdicts")
+    assert {dict(k[1])["source"]: v for k, v in top.items()} == {"s1": 5, "s2": 3, "s3": 2}
+    assert _samples(reg, "openexample_controller_incidents_total")[
+        ("openexample_controller_incidents_total", (("model", "m"),))
+    ] == len(incidents)
+
+
 # -- the live check ------------------------------------------------------------------
 
 
