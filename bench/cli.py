@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default=f"var/bench/{name}", help="folder for tables and plots")
         s.add_argument("--quick", action="store_true", help="a short smoke run (< 2 min)")
         s.add_argument("--seed", type=int, default=0)
+    det = sub.choices["detection"]
+    det.add_argument(
+        "--detectors", default="margin,feature_squeezing,desvig", help="the fused pipeline"
+    )
     lat = sub.choices["latency"]
     lat.add_argument("--agents", default="1,4,16,64", help="concurrent agent counts")
     lat.add_argument("--scenarios", help="comma-separated subset of the scenarios")
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.demo import run_demo
 
         return run_demo(args)
+    if args.command == "detection":
+        from bench.detection import run as run_detection
+
+        return run_detection(args)
     if args.command == "latency":
         from bench.latency import run
 
