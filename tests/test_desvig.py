@@ -1,0 +1,231 @@
+"""DeSVig: the CGAN copy really depends on the label, the detector, its artifact.
+
+The CGAN is trained once per machine with the default settings and cached under CACHE
+(controller/cgan.py ``ensure_cgan``): the demo and ``build_artifacts`` reuse the same file.
+"""
+
+import configparser
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from controller import cgan, detectors, models
+from controller.detectors import Batch, Detector, hashing, make_batch
+from controller.detectors.desvig import DesvigDetector
+from controller.training import DEFAULT_DETECTORS, build_artifacts, model_fn
+from tests.conftest import CACHE
+from tests.procs import ROOT
+
+
+@pytest.fixture(scope="module")
+def gan(mnist):
+    t0 = time.perf_counter()
+    model, summary = cgan.ensure_cgan(CACHE, mnist.train.x, mnist.train.y, 10, progress=False)
+    print(f"cgan ready in {time.perf_counter() - t0:.1f}s: {summary}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def predict(example_model):
+    return model_fn(example_model)
+
+
+@pytest.fixture(scope="module")
+def fitted(mnist, predict, gan):
+    det = DesvigDetector(cache=CACHE, progress=False)  # the cached CGAN: no training here
+    det.fit(mnist.train.x, mnist.train.y, model=predict, dataset="mnist5k")
+    det.calibrate(make_batch(mnist.calibration.x, predict), 0.05)
+    return det
+
+
+def _wrong(y, seed=0):
+    return (y + np.random.default_rng(seed).integers(1, 10, len(y))) % 10
+
+
+def _ham(a, b):
+    return hashing.hamming(
+        hashing.pack(hashing.average_hash(a)), hashing.pack(hashing.average_hash(b))
+    ).astype(float)
+
+
+def test_label_conditions_the_copy(gan, mnist, predict):
+    x, y = mnist.test.x, mnist.test.y
+    wrong = _wrong(y)
+    right_copy, wrong_copy = gan.copy(x, y), gan.copy(x, wrong)
+    assert right_copy.shape == x.shape and right_copy.min() >= 0 and right_copy.max() <= 1
+    ham_right, ham_wrong = _ham(x, right_copy), _ham(x, wrong_copy)
+    l2_right = np.linalg.norm((right_copy - x).reshape(len(x), -1), axis=1)
+    l2_wrong = np.linalg.norm((wrong_copy - x).reshape(len(x), -1), axis=1)
+    # far for the wrong label, close for the right one, on average and item by item
+    assert ham_wrong.mean() > 2 * ham_right.mean(), (ham_right.mean(), ham_wrong.mean())
+    assert l2_wrong.mean() > 1.4 * l2_right.mean(), (l2_right.mean(), l2_wrong.mean())
+    assert np.mean(ham_wrong > ham_right) > 0.8
+    # and a copy for label c looks like a c to the (independent) example classifier
+    assert np.mean(predict(wrong_copy).argmax(1) == wrong) > 0.85
+    assert np.mean(predict(right_copy).argmax(1) == y) > 0.95
+
+
+def test_prior_samples_look_like_their_class(gan, predict):
+    labels = np.repeat(np.arange(10), 30)
+    samples = gan.sample(labels)
+    assert np.mean(predict(samples).argmax(1) == labels) > 0.9
+
+
+def test_numpy_copy_matches_torch(gan, mnist):
+    # the numpy forward pass against the same weights in torch
+    x, y = mnist.test.x[:32], mnist.test.y[:32]
+    w = {k: torch.from_numpy(v) for k, v in gan.arrays().items()}
+    xt = torch.from_numpy(np.ascontiguousarray(x).reshape(32, -1))
+    y1h = torch.eye(10)[torch.from_numpy(y)]
+    z = torch.relu(torch.cat([xt, y1h], 1) @ w["e_w1"] + w["e_b1"]) @ w["e_w2"] + w["e_b2"]
+    g = torch.sigmoid(
+        torch.relu(torch.cat([z, y1h], 1) @ w["g_w1"] + w["g_b1"]) @ w["g_w2"] + w["g_b2"]
+    )
+    np.testing.assert_allclose(gan.encode(x, y), z.numpy(), atol=1e-4)
+    np.testing.assert_allclose(gan.copy(x, y).reshape(32, -1), g.numpy(), atol=1e-5)
+
+
+def test_iterative_inversion_improves_the_copy(gan, mnist):
+    x, y = mnist.test.x[:64], mnist.test.y[:64]
+    z0 = gan.encode(x, y)
+    z = gan.invert(x, y, z0, steps=30)
+
+    def err(zz):
+        return np.mean((gan.generate(zz, y) - x) ** 2)
+
+    assert err(z) < 0.9 * err(z0)
+    # from scratch (z = 0) it also gets closer than the class's mean image
+    assert err(gan.invert(x, y, steps=60)) < err(np.zeros_like(z0))
+
+
+def test_cgan_cache_is_keyed_by_settings(mnist, tmp_path):
+    x, y = mnist.train.x[:64], mnist.train.y[:64]
+    tiny = cgan.CGANConfig(epochs=1, hidden=16, d_hidden=16)
+    a, s1 = cgan.ensure_cgan(tmp_path, x, y, 10, tiny, progress=False)
+    b, s2 = cgan.ensure_cgan(tmp_path, x, y, 10, tiny, progress=False)
+    assert "cached" not in s1 and "cached" in s2
+    for k, v in a.arrays().items():
+        np.testing.assert_array_equal(v, b.arrays()[k])
+    cgan.ensure_cgan(tmp_path, x, y, 10, cgan.CGANConfig(epochs=1, hidden=8, d_hidden=8),
+                     progress=False)  # fmt: skip
+    assert len(list((tmp_path / "cgan").glob("*.npz"))) == 2
+
+
+def test_calibrated_fpr_and_fgsm(fitted, mnist, predict, example_model):
+    cal = fitted.meta["calibration"]
+    assert cal["measured_fpr"] <= 0.05 + 1e-9 and cal["measured_fpr"] > 0.03  # tie-break
+    clean = make_batch(mnist.test.x, predict)
+    s_clean = fitted.score(clean).scores
+    assert np.mean(s_clean >= fitted.threshold) < 0.09
+    net = models.load_model(example_model)
+    xt = torch.from_numpy(np.ascontiguousarray(mnist.test.x)).requires_grad_(True)
+    torch.nn.functional.cross_entropy(net(xt), torch.from_numpy(mnist.test.y)).backward()
+    adv = make_batch((xt + 0.3 * xt.grad.sign()).clamp(0, 1).detach().numpy(), predict)
+    ok = (clean.labels == mnist.test.y) & (adv.labels != mnist.test.y)
+    s_adv = fitted.score(Batch(adv.inputs[ok], adv.logits[ok], adv.labels[ok])).scores
+    auc = roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(s_adv))], np.r_[s_clean, s_adv])
+    assert auc > 0.9, auc
+    assert np.mean(s_adv >= fitted.threshold) > 0.7
+
+
+def test_score_is_hamming_plus_tie_break(fitted, mnist):
+    x, y = mnist.test.x[:50], mnist.test.y[:50]
+    copies = fitted.cgan.copy(x, y)
+    ham = _ham(x, copies)
+    paper = DesvigDetector(distance="hash")
+    paper.cgan = fitted.cgan
+    s = paper.score(Batch(x, None, y)).scores
+    np.testing.assert_array_equal(np.floor(s), ham)
+    assert np.all(s - ham < 0.5)
+    plain = DesvigDetector(distance="hash", tie_break=False)
+    plain.cgan = fitted.cgan
+    np.testing.assert_array_equal(plain.score(Batch(x, None, y)).scores, ham)
+    # the default: the larger of Hamming and L1, each over its clean 99th percentile
+    l1 = np.abs(copies - x).reshape(len(x), -1).sum(1)
+    want = np.maximum(s / fitted.scales[0], l1 / fitted.scales[1])
+    np.testing.assert_allclose(fitted.score(Batch(x, None, y)).scores, want, rtol=1e-5)
+    assert fitted.meta["scales"]["hamming"] == fitted.scales[0] > 1
+
+
+def test_wrong_claims_score_higher_and_get_corrected(fitted, mnist):
+    x, y = mnist.test.x, mnist.test.y
+    right = fitted.score(Batch(x, None, y))
+    wrong = fitted.score(Batch(x, None, _wrong(y, 1)))
+    assert np.mean(wrong.scores >= fitted.threshold) > 0.6  # 0.72 measured
+    flagged = wrong.scores >= fitted.threshold
+    assert np.mean(wrong.corrected[flagged] == y[flagged]) > 0.85
+    # unflagged items keep their claimed label (the correction is only computed if flagged)
+    kept = right.scores < fitted.threshold
+    np.testing.assert_array_equal(right.corrected[kept], y[kept])
+    assert np.mean(fitted.class_distances(x).argmin(1) == y) > 0.85
+
+
+def test_labels_outside_the_classes_score_highest(fitted, mnist):
+    x = mnist.test.x[:3]
+    s = fitted.score(Batch(x, None, np.array([-1, 10, 3]))).scores
+    assert s[0] == s[1] > 1000 and s[2] < 100
+
+
+def test_uint8_inputs_and_other_hashes(fitted, mnist):
+    x, y = mnist.test.x[:40], mnist.test.y[:40]
+    u8 = np.rint(x * 255).astype(np.uint8)
+    np.testing.assert_allclose(
+        fitted.score(Batch(u8, None, y)).scores, fitted.score(Batch(x, None, y)).scores, atol=1e-4
+    )
+    for kind in ("dhash", "phash"):
+        det = DesvigDetector(hash=kind)
+        det.cgan = fitted.cgan
+        assert np.all(det.score(Batch(x, None, y)).scores < 100)
+    with pytest.raises(ValueError, match="hash"):
+        DesvigDetector(hash="whash")
+    with pytest.raises(ValueError, match="distance"):
+        DesvigDetector(distance="l2")
+
+
+def test_artifact_round_trip(fitted, mnist, tmp_path):
+    fitted.save(tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["name"] == "desvig" and manifest["config"]["hash"] == "average"
+    assert manifest["config"]["cgan"]["latent"] == cgan.CGANConfig().latent
+    assert manifest["cgan"]["num_train"] == len(mnist.train)
+    with np.load(tmp_path / "d" / "arrays.npz", allow_pickle=False) as z:
+        assert "g_w2" in z.files and "summary" not in z.files
+    loaded = Detector.load(tmp_path / "d")
+    assert isinstance(loaded, DesvigDetector) and loaded.threshold == fitted.threshold
+    b = Batch(mnist.test.x[:64], None, mnist.test.y[:64])
+    np.testing.assert_array_equal(loaded.score(b).scores, fitted.score(b).scores)
+
+
+def test_refine_option(fitted, mnist):
+    det = DesvigDetector(refine_steps=10)
+    det.cgan, det.scales = fitted.cgan, fitted.scales
+    x, y = mnist.test.x[::10], mnist.test.y[::10]
+    assert det.config()["refine_steps"] == 10
+    refined = det.score(Batch(x, None, y)).scores
+    assert refined.mean() < fitted.score(Batch(x, None, y)).scores.mean()
+
+
+def test_registered_and_entry_points():
+    assert detectors.get("desvig") is DesvigDetector
+    assert {"desvig", "feature_squeezing", "margin"} <= set(detectors.available())
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    group = cfg["options.entry_points"]["openexample.detectors"]
+    names = {line.split("=")[0].strip() for line in group.strip().splitlines()}
+    assert {cls.name for cls in detectors.BUILTIN} <= names
+
+
+def test_build_artifacts_default_set(tmp_path, example_model, gan):
+    paths = build_artifacts(None, tmp_path, model_path=example_model, fpr=0.01, cache=CACHE)
+    assert [p.name for p in paths] == list(DEFAULT_DETECTORS)
+    report = json.loads((tmp_path / "calibration.json").read_text())
+    # each threshold is an observed clean score and flags it too: up to 1/n over per detector
+    assert report["fused_fpr"] <= 0.01 + 3 / report["n"]
+    for p in paths:
+        manifest = json.loads((p / "manifest.json").read_text())
+        assert manifest["fpr"] == pytest.approx(0.01 / 3)
+        assert manifest["model"] == str(example_model.resolve())
