@@ -114,6 +114,7 @@ def run(
     cal = make_batch(sp.calibration.x, predict)
     test = make_batch(x, predict)
     clean_ok = test.labels == y
+    Pipeline(dets, FPRS[0]).calibrate(cal)  # first: a detector may fit scales on it (desvig)
     cal_scores = {d.name: d.score(cal).scores for d in dets}
     test_scores = {d.name: d.score(test).scores for d in dets}
     report: dict[str, Any] = {
@@ -124,7 +125,7 @@ def run(
     }
     pipes = {}
     for fpr in FPRS:
-        pipe = Pipeline([d for d in dets], fpr)
+        pipe = Pipeline(dets, fpr)
         pipe.calibrate(cal)
         pipes[fpr] = (pipe, [d.threshold for d in dets])
         report[f"fused_clean_test_fpr@{fpr}"] = float(pipe.evaluate(test).flagged.mean())

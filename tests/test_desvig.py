@@ -5,6 +5,7 @@ The CGAN is trained once per machine with the default settings and cached under 
 """
 
 import configparser
+import importlib.metadata
 import json
 import time
 
@@ -217,6 +218,10 @@ def test_registered_and_entry_points():
     group = cfg["options.entry_points"]["openexample.detectors"]
     names = {line.split("=")[0].strip() for line in group.strip().splitlines()}
     assert {cls.name for cls in detectors.BUILTIN} <= names
+    # where the installed metadata is current, the entry points load the same classes
+    for ep in importlib.metadata.entry_points(group=detectors.ENTRY_POINT_GROUP):
+        if ep.name in names:
+            assert ep.load() is detectors.get(ep.name)
 
 
 def test_build_artifacts_default_set(tmp_path, example_model, gan):

@@ -15,16 +15,18 @@ Scores (``distance``):
   order is kept, and the ties of a 0..64 integer distance no longer make the calibrated
   FPR overshoot.
 - ``"hash+l1"`` (the default): the larger of that Hamming distance and the L1 pixel
-  distance between X and X', each divided by its 99th percentile on the clean training
-  split. The 8x8 hash averages away the dense noise of L-inf attacks (FGSM, PGD at 0.3),
-  which the copy cannot reproduce and L1 sums up: on mnist5k at 1% FPR the hash alone
-  caught ~80% of them, hash-or-L1 all but a few (bench/detection_probe.py).
+  distance between X and X', each divided by its 99th percentile on the clean
+  calibration data (``calibrate``; the training split until then). The 8x8 hash
+  averages away the dense noise of L-inf attacks (FGSM, PGD at 0.3), which the copy
+  cannot reproduce and L1 sums up: on mnist5k at 1% FPR the hash alone caught ~80% of
+  them, hash-or-L1 all of them (bench/detection_probe.py).
 
 Corrected label = the class whose copy is closest (pixel L2) to the input. With
-``correct_on="binarized"`` (the default, for MNIST-like ink-on-paper images) copies and
-comparison use the 1-bit squeezed input, which strips L-inf noise below 0.5: on FGSM
-inputs the closest-copy label went from ~40% to ~90% right. It is computed for flagged
-items only once calibrated (every item before), since it costs one copy per class.
+``correct_on="binarized"`` (the default, for MNIST-like ink-on-paper images) the copies
+are made from, and compared with, the 1-bit squeezed input, which strips L-inf noise
+below 0.5: on FGSM inputs the closest-copy label went from ~40% to ~90% right. It is
+computed for flagged items only once calibrated (for every item before), since it costs
+one copy per class.
 
 - hash: ``average`` (imagehash.average_hash, Table III; the paper's step 12, "simplify
   the colour into 64 levels", is read as the greyscale conversion of the standard aHash,
@@ -156,9 +158,22 @@ class DesvigDetector(Detector):
             self.cgan, summary = train_cgan(x, y, classes, self.cgan_config, progress=self.progress)
         self.meta["cgan"] = {k: v for k, v in summary.items() if k != "settings"}
         with _blas_limit(len(x)):
-            ham, l1 = self.distances(x, y)
+            self._set_scales(*self.distances(x, y))  # until calibrate sees held-out data
+
+    def _set_scales(self, ham: np.ndarray, l1: np.ndarray) -> None:
         self.scales = np.maximum(np.quantile(np.stack([ham, l1], 1), _SCALE_QUANTILE, 0), 1e-6)
         self.meta["scales"] = {"hamming": float(self.scales[0]), "l1": float(self.scales[1])}
+
+    def calibrate(self, clean: Batch, fpr: float) -> float:
+        """Scale each distance by its 99th percentile on ``clean`` (held-out data: copies
+        of training images are closer than of new ones), then set the threshold."""
+        if self.cgan is None:
+            raise RuntimeError("desvig is not fitted")
+        labels = np.asarray(clean.labels, dtype=np.int64)
+        valid = (labels >= 0) & (labels < self.cgan.classes)
+        with _blas_limit(len(labels)):
+            self._set_scales(*self.distances(_as_float(clean.inputs)[valid], labels[valid]))
+        return super().calibrate(clean, fpr)
 
     # -- scoring ----------------------------------------------------------------------------
     def _hashes(self, images: np.ndarray) -> np.ndarray:
