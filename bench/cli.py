@@ -18,9 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quick", action="store_true", help="a short smoke run (< 2 min)")
         s.add_argument("--seed", type=int, default=0)
     det = sub.choices["detection"]
-    det.add_argument(
-        "--detectors", default="margin,feature_squeezing,desvig", help="the fused pipeline"
-    )
+    det.add_argument("--detectors", help="the fused pipeline (default: the trained default set)")
     lat = sub.choices["latency"]
     lat.add_argument("--agents", default="1,4,16,64", help="concurrent agent counts")
     lat.add_argument("--scenarios", help="comma-separated subset of the scenarios")

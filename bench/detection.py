@@ -28,7 +28,7 @@ from controller import datasets
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.models import ensure_example_model
-from controller.training import build_artifacts, model_fn
+from controller.training import DEFAULT_DETECTORS, build_artifacts, model_fn
 
 FPRS = (0.01, 0.05)
 TABLE_IV = ("baseline", "FGSM", "R+FGSM", "DeepFool")
@@ -86,7 +86,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     n = 200 if args.quick else 1000
     x, y = splits.test.x[:n], splits.test.y[:n]
     predict = model_fn(model)
-    dets = load_pipeline(model, cache, tuple(args.detectors.split(",")))
+    dets = load_pipeline(model, cache, _names(args))
     clf = classifier(model, x.shape[1:], 10)
     clean_logits = predict(x)
     clean_pred = clean_logits.argmax(1)
@@ -158,6 +158,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
         if spec.name in TABLE_IV and (spec.eps in (None, 0.3)):
             adversarial[spec.name] = (adv[ok], y[ok])
     return report, {"rocs": rocs, "adversarial": adversarial, "clean": (x[right], y[right])}
+
+
+def _names(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
 
 
 def _copy(d: Detector) -> Detector:
@@ -335,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report, data = evaluate(args)
     model = ensure_example_model(Path("var/cache"))
-    report["table_iv"] = table_iv(model, data, args.detectors.split(","), args.quick)
+    report["table_iv"] = table_iv(model, data, list(_names(args)), args.quick)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
