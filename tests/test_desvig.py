@@ -14,10 +14,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from controller import cgan, detectors, models
+from controller import cgan, config, detectors, models
 from controller.detectors import Batch, Detector, hashing, make_batch
 from controller.detectors.desvig import DesvigDetector
+from controller.pipeline import load_scorers
 from controller.training import DEFAULT_DETECTORS, build_artifacts, model_fn
+from openexample.v1 import openexample_pb2 as pb
 from tests.conftest import CACHE
 from tests.procs import ROOT
 
@@ -224,7 +226,7 @@ def test_registered_and_entry_points():
             assert ep.load() is detectors.get(ep.name)
 
 
-def test_build_artifacts_default_set(tmp_path, example_model, gan):
+def test_build_artifacts_default_set(tmp_path, example_model, gan, mnist):
     paths = build_artifacts(None, tmp_path, model_path=example_model, fpr=0.01, cache=CACHE)
     assert [p.name for p in paths] == list(DEFAULT_DETECTORS)
     report = json.loads((tmp_path / "calibration.json").read_text())
@@ -234,3 +236,10 @@ def test_build_artifacts_default_set(tmp_path, example_model, gan):
         manifest = json.loads((p / "manifest.json").read_text())
         assert manifest["fpr"] == pytest.approx(0.01 / 3)
         assert manifest["model"] == str(example_model.resolve())
+    # the controller loads the set (feature squeezing re-attaches the model by itself)
+    cfg = config.from_mapping({"models": {"m": {"detectors": [str(p) for p in paths]}}})
+    scorer = load_scorers(cfg)["m"]
+    x, y = mnist.test.x[::50], mnist.test.y[::50]
+    items = scorer.score(x, model_fn(example_model)(x), _wrong(y, 2))  # claims the wrong label
+    assert len(items) == len(x) and sum(i.verdict == pb.VERDICT_ADVERSARIAL for i in items) > 5
+    assert [e.detector for e in items[0].evidence] == list(DEFAULT_DETECTORS)
