@@ -27,6 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from controller import datasets, detectors
+from controller.detectors import hashing
 from controller.detectors.base import Batch, make_batch
 from controller.detectors.fusion import Pipeline
 from controller.models import ensure_example_model, load_model
@@ -88,6 +89,21 @@ def latency(det: Any, x: np.ndarray, labels: np.ndarray, repeat: int = 300) -> d
             det.score(b)
             times.append(time.perf_counter() - t0)
         out[f"batch{n}_us_per_sample"] = float(np.median(times) / n * 1e6)
+    return out
+
+
+def conditioning(det: Any, x: np.ndarray, y: np.ndarray, predict: Any) -> dict[str, float]:
+    """Does the label condition the copy? Distances of clean inputs to their copies for the
+    true and for a random wrong label, and how often the classifier reads the wrong-label
+    copy as that label."""
+    wrong = (y + np.random.default_rng(0).integers(1, 10, len(y))) % 10
+    out = {}
+    for name, labels in (("right", y), ("wrong", wrong)):
+        copies = det.cgan.copy(x, labels)
+        ham = hashing.hamming(*(hashing.pack(hashing.average_hash(a)) for a in (x, copies)))
+        out[f"hamming_{name}"] = float(ham.mean())
+        out[f"l2_{name}"] = float(np.linalg.norm((copies - x).reshape(len(x), -1), axis=1).mean())
+        out[f"classifier_reads_{name}_label"] = float(np.mean(predict(copies).argmax(1) == labels))
     return out
 
 
@@ -155,6 +171,8 @@ def run(
                 np.mean(fixed == y[ok][fused.flagged]) if fused.flagged.any() else 0.0
             )
         report["attacks"][attack] = entry
+    if "desvig" in names:
+        report["label_conditioning"] = conditioning(dets[names.index("desvig")], x, y, predict)
     if want_latency and "desvig" in names:
         d = dets[names.index("desvig")]
         report["desvig_latency"] = latency(d, sp.test.x, sp.test.y)
@@ -196,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clean accuracy {report['clean_accuracy']:.3f}; fused clean test FPR "
           f"{report['fused_clean_test_fpr@0.01']:.3f} @1%, "
           f"{report['fused_clean_test_fpr@0.05']:.3f} @5%")  # fmt: skip
+    if "label_conditioning" in report:
+        print("desvig label conditioning (clean test):", report["label_conditioning"])
     if "desvig_latency" in report:
         print("desvig latency (us/sample):", report["desvig_latency"])
     if args.json:

@@ -45,6 +45,7 @@ class CGANConfig:
 
     latent: int = 8
     hidden: int = 256  # E and G hidden width
+    encoder_pool: int = 1  # the encoder sees the image average-pooled by this factor
     d_hidden: int = 256  # discriminator trunk width
     epochs: int = 30
     batch_size: int = 64
@@ -60,6 +61,14 @@ class CGANConfig:
 
 
 # -- numpy inference --------------------------------------------------------------------------
+def pool(x: np.ndarray, k: int) -> np.ndarray:
+    """[N, C, H, W] -> [N, C * H/k * W/k]: k x k average pooling, flattened."""
+    n, c, h, w = x.shape
+    if k == 1:
+        return x.reshape(n, c * h * w)
+    return x.reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5)).reshape(n, -1)
+
+
 _WEIGHTS = ("e_w1", "e_b1", "e_w2", "e_b2", "g_w1", "g_b1", "g_w2", "g_b2")
 
 
@@ -86,8 +95,10 @@ class CGAN:
         self.pixels = int(np.prod(self.shape))
         self.latent = int(self.w["e_w2"].shape[1])
         self.classes = int(self.w["g_w1"].shape[0] - self.latent)
+        seen = self.w["e_w1"].shape[0] - self.classes  # pixels the encoder sees
+        self.pool = round((self.pixels / seen) ** 0.5)
         # split the first layers: the image / latent part, and the label rows
-        self._e_x, self._e_y = self.w["e_w1"][: self.pixels], self.w["e_w1"][self.pixels :]
+        self._e_x, self._e_y = self.w["e_w1"][:seen], self.w["e_w1"][seen:]
         self._g_z, self._g_y = self.w["g_w1"][: self.latent], self.w["g_w1"][self.latent :]
         self._e_y = self._e_y + self.w["e_b1"]  # fold the biases into the label rows
         self._g_y = self._g_y + self.w["g_b1"]
@@ -97,7 +108,7 @@ class CGAN:
 
     def encode(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """E(x, label): [N, *shape] images -> [N, latent] (posterior mean)."""
-        flat = np.asarray(x, dtype=np.float32).reshape(len(labels), self.pixels)
+        flat = pool(np.asarray(x, dtype=np.float32).reshape(len(labels), *self.shape), self.pool)
         h = flat @ self._e_x
         h += self._e_y[labels]
         np.maximum(h, 0, out=h)
@@ -125,11 +136,17 @@ class CGAN:
         return self.generate(z, labels)
 
     def copies_all(self, x: np.ndarray, refine_steps: int = 0) -> np.ndarray:
-        """Copies of every input for every class: [N, classes, *shape]."""
-        n = len(x)
-        labels = np.tile(np.arange(self.classes), n)
-        xx = np.repeat(np.asarray(x, np.float32).reshape(n, self.pixels), self.classes, 0)
-        return self.copy(xx, labels, refine_steps).reshape(n, self.classes, *self.shape)
+        """Copies of every input for every class: [N, classes, *shape]. The encoder's
+        image product is shared by all classes: only the label rows differ."""
+        n, k = len(x), self.classes
+        x = np.asarray(x, dtype=np.float32).reshape(n, *self.shape)
+        h = (pool(x, self.pool) @ self._e_x)[:, None, :] + self._e_y[None]  # [N, k, hidden]
+        np.maximum(h, 0, out=h)
+        z = h.reshape(n * k, -1) @ self.w["e_w2"] + self.w["e_b2"]
+        labels = np.tile(np.arange(k), n)
+        if refine_steps > 0:
+            z = self.invert(np.repeat(x, k, axis=0), labels, z, steps=refine_steps)
+        return self.generate(z, labels).reshape(n, k, *self.shape)
 
     def invert(
         self,
@@ -177,7 +194,7 @@ class Encoder(nn.Module):
 
     def __init__(self, pixels: int, classes: int, cfg: CGANConfig) -> None:
         super().__init__()
-        self.l1 = nn.Linear(pixels + classes, cfg.hidden)
+        self.l1 = nn.Linear(pixels // cfg.encoder_pool**2 + classes, cfg.hidden)
         self.l2 = nn.Linear(cfg.hidden, 2 * cfg.latent)
 
     def forward(self, x: torch.Tensor, y1h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -234,7 +251,11 @@ def train_cgan(
     torch.manual_seed(cfg.seed)
     shape = tuple(int(s) for s in x.shape[1:])
     pixels = int(np.prod(shape))
-    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32).reshape(len(x), pixels))
+    x = np.ascontiguousarray(x, np.float32)
+    if cfg.encoder_pool > 1 and (shape[1] % cfg.encoder_pool or shape[2] % cfg.encoder_pool):
+        raise ValueError(f"encoder_pool {cfg.encoder_pool} does not divide the image {shape}")
+    xt = torch.from_numpy(x.reshape(len(x), pixels))
+    xe = torch.from_numpy(pool(x, cfg.encoder_pool))  # what the encoder sees
     yt = torch.from_numpy(np.asarray(y, np.int64))
     enc = Encoder(pixels, num_classes, cfg)
     gen = Generator(pixels, num_classes, cfg)
@@ -260,7 +281,7 @@ def train_cgan(
             ys1h = eye[ys]
             yp = torch.randint(0, num_classes, (n,), generator=gen_rng)
             yp1h = eye[yp]
-            mu, logvar = enc(xb, y1h)
+            mu, logvar = enc(xe[idx], y1h)
             z = mu + torch.randn(mu.shape, generator=gen_rng) * (0.5 * logvar).exp()
             rec = gen(z, y1h)
             swapped = gen(mu, ys1h)  # the copy of x for the wrong label

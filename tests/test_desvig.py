@@ -92,6 +92,24 @@ def test_numpy_copy_matches_torch(gan, mnist):
     np.testing.assert_allclose(gan.copy(x, y).reshape(32, -1), g.numpy(), atol=1e-5)
 
 
+def test_copies_for_every_class(gan, mnist):
+    x = mnist.test.x[::100]
+    every = gan.copies_all(x)
+    assert every.shape == (len(x), 10, *x.shape[1:])
+    for c in (0, 7):
+        np.testing.assert_allclose(every[:, c], gan.copy(x, np.full(len(x), c)), atol=1e-6)
+
+
+def test_pooled_encoder(mnist, tmp_path):
+    x, y = mnist.train.x[:128], mnist.train.y[:128]
+    cfg = cgan.CGANConfig(epochs=1, hidden=16, d_hidden=16, encoder_pool=2)
+    model, _ = cgan.ensure_cgan(tmp_path, x, y, 10, cfg, progress=False)
+    assert model.pool == 2 and model.w["e_w1"].shape[0] == 14 * 14 + 10
+    assert model.copy(x[:5], y[:5]).shape == (5, 1, 28, 28)
+    with pytest.raises(ValueError, match="encoder_pool"):
+        cgan.train_cgan(x, y, 10, cgan.CGANConfig(epochs=1, encoder_pool=3), progress=False)
+
+
 def test_iterative_inversion_improves_the_copy(gan, mnist):
     x, y = mnist.test.x[:64], mnist.test.y[:64]
     z0 = gan.encode(x, y)
