@@ -22,10 +22,10 @@ from agents import Guard, attach
 from bench.procs import ControllerProcess
 from controller import datasets
 from controller.models import ensure_example_model
-from controller.training import build_artifacts
+from controller.training import DEFAULT_DETECTORS, ensure_artifacts
 
 MODEL_ID = "mnist-cnn"
-DETECTORS = ["margin", "phash_prototype"]
+DETECTORS = DEFAULT_DETECTORS
 ATTACKS = ("FGSM", "PGD", "DeepFool")
 _LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on (http://\S+/metrics)")
 
@@ -92,11 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t_start, wall0 = time.perf_counter(), time.time()
     print("1/4 example model and detectors (cached after the first run)", flush=True)
     model_path = ensure_example_model(cache, "mnist5k")
-    art_dir = cache / "artifacts" / "mnist5k"
-    if all((art_dir / n / "manifest.json").is_file() for n in DETECTORS):
-        artifacts = [art_dir / n for n in DETECTORS]
-    else:
-        artifacts = build_artifacts(DETECTORS, art_dir, model_path=model_path, cache=cache)
+    artifacts = ensure_artifacts(DETECTORS, cache=cache)
     splits = datasets.load("mnist5k").split()
     n = args.per_attack * args.agents
     print(f"2/4 adversarial examples with IBM ART on {n} test images", flush=True)

@@ -28,17 +28,14 @@ from controller import datasets
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.models import ensure_example_model
-from controller.training import DEFAULT_DETECTORS, build_artifacts, model_fn
+from controller.training import DEFAULT_DETECTORS, ensure_artifacts, model_fn
 
 FPRS = (0.01, 0.05)
 TABLE_IV = ("baseline", "FGSM", "R+FGSM", "DeepFool")
 
 
 def load_pipeline(model: Path, cache: Path, names: tuple[str, ...]) -> list[Detector]:
-    art = cache / "artifacts" / "mnist5k"
-    if not all((art / n / "manifest.json").is_file() for n in names):
-        build_artifacts(list(names), art, model_path=model, cache=cache)
-    dets = [Detector.load(art / n) for n in names]
+    dets = [Detector.load(p) for p in ensure_artifacts(names, cache=cache)]
     predict = model_fn(model)
     for d in dets:
         d.model = predict  # detectors that call the model use the reference copy
@@ -207,13 +204,12 @@ def table_iv(model: Path, data: dict, detectors: list[str], quick: bool) -> list
     """Accuracy without defence and with OpenExample, through a real controller + agent."""
     from agents import attach
 
-    art = Path("var/cache") / "artifacts" / "mnist5k"
     proc = ControllerProcess(
         Path("var/bench/detection/controller"),
         {
             "budget_us": 2_000_000,  # detection figures, not latency: every verdict counts
             "trace_threshold": 10**9,  # no source blocking: each input judged on its own
-            "models": {"mnist-cnn": {"detectors": [str(art / d) for d in detectors]}},
+            "models": {"mnist-cnn": {"detectors": [str(p) for p in ensure_artifacts(detectors)]}},
         },
     ).start()
     rows = []

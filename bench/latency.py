@@ -33,7 +33,7 @@ from tqdm import tqdm
 from bench.demo import DETECTORS, start_controller
 from bench.latency_workers import run_agents
 from controller.models import ensure_example_model
-from controller.training import build_artifacts
+from controller.training import ensure_artifacts
 
 SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "grpc_echo", "tcp_echo")
 PERCENTILES = {"p50_us": 50, "p90_us": 90, "p95_us": 95, "p99_us": 99, "p999_us": 99.9}
@@ -173,14 +173,12 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path("var/cache")
     model = ensure_example_model(cache)
-    art = cache / "artifacts" / "mnist5k"
-    if not all((art / d / "manifest.json").is_file() for d in DETECTORS):
-        build_artifacts(DETECTORS, art, model_path=model, cache=cache)
+    artifacts = ensure_artifacts(DETECTORS, cache=cache)
     agents = [1, 4] if args.quick else [int(a) for a in args.agents.split(",")]
     requests = args.requests or (200 if args.quick else 2000)
     warmup = max(20, requests // 10)
     scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
-    proc = start_controller(out / "controller", [art / d for d in DETECTORS], 1_000_000)
+    proc = start_controller(out / "controller", artifacts, 1_000_000)
     grpc_echo, grpc_addr = _echo_server("grpc")
     tcp_echo, tcp_addr = _echo_server("tcp")
     address = {"grpc_echo": grpc_addr, "tcp_echo": tcp_addr}
@@ -223,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
         "budget_us": BUDGET_US,
-        "detectors": DETECTORS,
+        "detectors": list(DETECTORS),
         "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
         "saturation": sat,
     }

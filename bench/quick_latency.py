@@ -21,6 +21,7 @@ from agents import attach
 from bench.demo import DETECTORS, MODEL_ID, start_controller
 from controller import datasets
 from controller.models import ensure_example_model, load_model
+from controller.training import ensure_artifacts
 from openexample import messages, rules
 from openexample.v1 import openexample_pb2 as pb
 
@@ -58,7 +59,7 @@ def main() -> int:
     args = p.parse_args()
     cache = Path("var/cache")
     model_path = ensure_example_model(cache)
-    art = [cache / "artifacts" / "mnist5k" / d for d in DETECTORS]
+    art = ensure_artifacts(DETECTORS, cache=cache)
     workdir = Path("var/quick_latency")
     workdir.mkdir(parents=True, exist_ok=True)
     proc = start_controller(workdir, art, budget_us=1_000_000)

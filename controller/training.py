@@ -106,6 +106,28 @@ def build_artifacts(
     return paths
 
 
+def ensure_artifacts(
+    names: Sequence[str] | None = None,
+    *,
+    dataset: str = "mnist5k",
+    cache: Path = Path("var/cache"),
+    fpr: float = 0.01,
+) -> list[Path]:
+    """Artifacts of a detector set calibrated together, built once and cached.
+
+    Each set gets its own folder (``cache/artifacts/DATASET/NAME+NAME``): the thresholds
+    depend on the set (the FPR budget is split across its detectors).
+    """
+    names = tuple(names or DEFAULT_DETECTORS)
+    out = Path(cache) / "artifacts" / dataset / "+".join(names)
+    if fpr != 0.01:
+        out = out.with_name(f"{out.name}@{fpr:g}")
+    paths = [out / n for n in names]
+    if not all((p / "manifest.json").is_file() for p in paths):
+        paths = build_artifacts(names, out, dataset=dataset, fpr=fpr, cache=cache)
+    return paths
+
+
 def train_command(args: argparse.Namespace) -> int:
     names = [n for n in args.detector.split(",") if n]
     if names == ["default"]:

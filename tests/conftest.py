@@ -24,12 +24,9 @@ def example_model() -> Path:
 
 @pytest.fixture(scope="session")
 def artifacts(example_model) -> list[Path]:
-    from controller.training import build_artifacts
+    from controller.training import ensure_artifacts
 
-    out = CACHE / "artifacts" / "mnist5k"
-    if all((out / n / "manifest.json").is_file() for n in DETECTORS):
-        return [out / n for n in DETECTORS]
-    return build_artifacts(DETECTORS, out, model_path=example_model, fpr=0.01, cache=CACHE)
+    return ensure_artifacts(DETECTORS, cache=CACHE)
 
 
 @pytest.fixture(scope="session")
