@@ -221,6 +221,14 @@ def test_artifact_round_trip(fitted, mnist, tmp_path):
     np.testing.assert_array_equal(loaded.score(b).scores, fitted.score(b).scores)
 
 
+def test_artifact_without_scales_loads_as_hash_only(fitted, tmp_path):
+    fitted.save(tmp_path / "d")
+    with np.load(tmp_path / "d" / "arrays.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "scales"}
+    np.savez(tmp_path / "d" / "arrays.npz", **arrays)
+    assert Detector.load(tmp_path / "d").distance == "hash"
+
+
 def test_refine_option(fitted, mnist):
     det = DesvigDetector(refine_steps=10)
     det.cgan, det.scales = fitted.cgan, fitted.scales

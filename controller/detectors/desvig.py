@@ -144,7 +144,10 @@ class DesvigDetector(Detector):
 
     def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.cgan = CGAN(dict(arrays), tuple(int(s) for s in arrays["shape"]))
-        self.scales = np.asarray(arrays["scales"], np.float64)
+        if "scales" in arrays:
+            self.scales = np.asarray(arrays["scales"], np.float64)
+        else:  # an artifact from before the L1 distance: its threshold is on the hash score
+            self.distance, self.scales = "hash", np.ones(2)
 
     # -- learning ---------------------------------------------------------------------------
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
