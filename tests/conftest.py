@@ -12,7 +12,6 @@ from tests.procs import ROOT, ControllerProcess
 
 CACHE = Path(os.environ.get("OPENEXAMPLE_CACHE", ROOT / "var" / "cache"))
 MODEL_ID = "mnist-cnn"
-DETECTORS = ["margin", "phash_prototype"]
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +23,9 @@ def example_model() -> Path:
 
 @pytest.fixture(scope="session")
 def artifacts(example_model) -> list[Path]:
-    from controller.training import ensure_artifacts
+    from controller.training import DEFAULT_DETECTORS, ensure_artifacts
 
-    return ensure_artifacts(DETECTORS, cache=CACHE)
+    return ensure_artifacts(DEFAULT_DETECTORS, cache=CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -111,14 +111,21 @@ class Detector(ABC):
 
     # -- threshold ------------------------------------------------------------------------
     def calibrate(self, clean: Batch, fpr: float) -> float:
-        """Set ``threshold`` to the (1 - fpr) quantile of the scores of clean inputs."""
+        """Set ``threshold`` so that at most ``fpr`` of these clean inputs are flagged.
+
+        The threshold sits just above the clean score ranked floor(fpr * n) from the top:
+        with ``flag`` being ``score >= threshold``, a threshold equal to an observed score
+        would flag that input too and overshoot the target (k + 1 of n, not k).
+        """
         if not 0.0 < fpr < 1.0:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         s = np.asarray(self.score(clean).scores, dtype=np.float64)
         if s.size == 0 or not np.isfinite(s).all():
             raise ValueError("calibration needs a non-empty batch with finite scores")
         # "higher": the threshold is an observed clean score, never an interpolated one
-        self.threshold = float(np.quantile(s, 1.0 - fpr, method="higher"))
+        ranked = np.sort(s)
+        allowed = int(np.floor(fpr * s.size))
+        self.threshold = float(np.nextafter(ranked[s.size - allowed - 1], np.inf))
         self.fpr = fpr
         self.meta["calibration"] = {
             "n": int(s.size),
