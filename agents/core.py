@@ -134,6 +134,9 @@ class AgentCore:
         self._echo_outstanding = 0
         self.echo_rtt_s: float | None = None
         self.retracted: list[Result] = []  # drained by the shell (on_retraction callback)
+        # Models whose RT has held an ADVERSARIAL entry: only for them does an ALLOW rule
+        # pay for a fingerprint, so a known attack is refused even where rules allow.
+        self._rt_adversarial: set[str] = set()
 
         # Counters (AgentStats and the Prometheus collector read them).
         self.inferences = self.decided_locally = self.inspected = self.mirrored = 0
@@ -164,6 +167,12 @@ class AgentCore:
         rule = self.rules.lookup(model_id, source_id, label, confidence, now)
         actions = rule.actions
         source = actions.verdict_source
+        if source == ALLOW and model_id in self._rt_adversarial:
+            fp = fingerprint(x, self._fp_key)
+            entry = self.tables.rt.get((model_id, fp, label), now)
+            if entry is not None and entry.verdict == pb.VERDICT_ADVERSARIAL:
+                return self._from_rt(entry, model_id, source_id, logits, label, confidence,
+                                     actions.fail_mode)  # fmt: skip
         if source != INSPECT:  # ALLOW / DROP, maybe with a copy nobody waits for
             if actions.mirror:
                 self._copy(model_id, x, logits, label, confidence, source_id, rule.cookie, True)
@@ -178,14 +187,7 @@ class AgentCore:
         key = (model_id, fp, label)
         entry = self.tables.rt.get(key, now)
         if entry is not None:  # the verdict is already known
-            self.decided_locally += 1
-            self._count_verdict(model_id, entry.verdict)
-            name, released, out = outcome(
-                entry.verdict, entry.action, entry.corrected_label, fail_mode, label
-            )
-            return self._decided(
-                model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score
-            )
+            return self._from_rt(entry, model_id, source_id, logits, label, confidence, fail_mode)
         if not self.sending:
             released = fail_mode == STANDALONE
             return self._decided(
@@ -220,6 +222,25 @@ class AgentCore:
         self._inflight[key] = item
         self._enqueue(batch, item)
         return ticket
+
+    def _from_rt(
+        self,
+        entry: ResultEntry,
+        model_id: str,
+        source_id: str,
+        logits: np.ndarray,
+        label: int,
+        confidence: float,
+        fail_mode: int,
+    ) -> Result:
+        self.decided_locally += 1
+        self._count_verdict(model_id, entry.verdict)
+        name, released, out = outcome(
+            entry.verdict, entry.action, entry.corrected_label, fail_mode, label
+        )
+        return self._decided(
+            model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score
+        )
 
     def expire_ticket(self, ticket: Ticket, now: float) -> Result:
         """The waiter's budget is over: its result, deciding by fail mode if still open."""
@@ -459,12 +480,19 @@ class AgentCore:
 
     def _on_table_mod(self, env: pb.Envelope, now: float) -> list[pb.Envelope]:
         self._check_writable()
-        mod = env.table_mod
+        self.apply_table_mod(env.table_mod, now)
+        return []
+
+    def apply_table_mod(self, mod: pb.TableMod, now: float) -> None:
+        """RT/FT change (from the controller, or local); raises ProtocolError."""
         self.tables.apply(mod, now)
+        if mod.table == pb.LABEL_TABLE_RT and any(
+            e.verdict == pb.VERDICT_ADVERSARIAL for e in mod.entries
+        ):
+            self._rt_adversarial.add(mod.model_id)
         if mod.table == pb.LABEL_TABLE_FT:  # FT cleared (the only FT mod): nothing to join
             model = mod.model_id
             self._inflight = {k: v for k, v in self._inflight.items() if model and k[0] != model}
-        return []
 
     def _on_stats_request(self, env: pb.Envelope, now: float) -> list[pb.Envelope]:
         req = env.stats_request
@@ -557,6 +585,8 @@ class AgentCore:
                 if verdict in VERDICT_NAMES:  # UNKNOWN is not a result worth keeping
                     expires = now + ttl if ttl > 0 else None
                     rt.put(key, ResultEntry(verdict, action, corrected, score, expires))
+                    if verdict == pb.VERDICT_ADVERSARIAL:
+                        self._rt_adversarial.add(model_id)
             for t in item.tickets:
                 self._settle(t, verdict, action, corrected, CONTROLLER, now, score, reason)
 

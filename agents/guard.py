@@ -298,7 +298,7 @@ class Guard:
             if isinstance(mod, pb.VigilanceMod):
                 self.core.rules.apply(mod, perf_counter())
             else:
-                self.core.tables.apply(mod, perf_counter())
+                self.core.apply_table_mod(mod, perf_counter())
 
     def stats(self) -> pb.AgentStats:
         if self.core is None:

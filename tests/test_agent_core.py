@@ -239,6 +239,17 @@ def test_rt_hit_needs_the_same_label():
     assert isinstance(decide(core, x), Ticket)  # the model said 1, the entry is for 2
 
 
+def test_known_adversarial_input_is_refused_even_where_a_rule_allows():
+    core = to_main(make_core())
+    add_rule(core, [rules.allow()])
+    x, other = x_of(0.25), x_of(0.75)
+    assert decide(core, x).decided_by == RULE  # nothing known yet: the rule decides
+    send(core, rt_push("m", [label_entry(fingerprint(x), 1, pb.VERDICT_ADVERSARIAL)]))
+    res = decide(core, x)
+    assert (res.decided_by, res.released, res.verdict) == (RT, False, "adversarial")
+    assert decide(core, other).decided_by == RULE  # other inputs keep the fast path
+
+
 # --- INSPECT, FT, PKG_IN ---
 
 
