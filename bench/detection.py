@@ -101,17 +101,26 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
         clf, splits.train.x[: 500 if args.quick else 2000], args.seed, 2 if args.quick else 5
     )
 
-    def bid_scores(v: np.ndarray) -> np.ndarray:
-        return bid.detector.predict(v)[:, 1]
+    (squeezing,) = load_pipeline(model, cache, ("feature_squeezing",))
 
-    cal_scores["binary_input_detector"] = bid_scores(cal_x)
-    clean_scores["binary_input_detector"] = bid_scores(x)
+    def squeeze_scores(v: np.ndarray) -> np.ndarray:
+        logits = predict(v)
+        return np.asarray(squeezing.score(Batch(v, logits, logits.argmax(1))).scores)
+
+    # Baselines measured in the same run, outside the pipeline.
+    baselines = {
+        "feature_squeezing": squeeze_scores,
+        "binary_input_detector": lambda v: bid.detector.predict(v)[:, 1],
+    }
+    for name, fn in baselines.items():
+        cal_scores[name], clean_scores[name] = fn(cal_x), fn(x)
     report: dict[str, Any] = {
         "schema": "openexample.bench.detection/1",
         "dataset": "mnist5k",
         "n_test": int(n),
         "clean_accuracy": round(float(right.mean()), 4),
         "detectors_in_pipeline": [d.name for d in dets],
+        "baselines": ["feature_squeezing", "binary_input_detector"],
         "fused_fpr_on_clean": {
             str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in pipes.items()
         },
@@ -129,10 +138,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
             s = np.asarray(d.score(a).scores) if ok.any() else np.empty(0)
             row["detectors"].append(_det_row(d.name, cal_scores[d.name], clean_scores[d.name], s))
             rocs.setdefault(_label(spec), {})[d.name] = (clean_scores[d.name], s)
-        s = bid_scores(adv[ok]) if ok.any() else np.empty(0)
-        name = "binary_input_detector"
-        row["detectors"].append(_det_row(name, cal_scores[name], clean_scores[name], s))
-        rocs[_label(spec)][name] = (clean_scores[name], s)
+        for name, fn in baselines.items():
+            s = fn(adv[ok]) if ok.any() else np.empty(0)
+            row["detectors"].append(_det_row(name, cal_scores[name], clean_scores[name], s))
+            rocs[_label(spec)][name] = (clean_scores[name], s)
         fused: dict[str, Any] = {"detector": "fused", "tpr_at_fpr": {}}
         for f, p in pipes.items():
             ev = p.evaluate(a) if ok.any() else None
