@@ -134,9 +134,10 @@ class AgentCore:
         self._echo_outstanding = 0
         self.echo_rtt_s: float | None = None
         self.retracted: list[Result] = []  # drained by the shell (on_retraction callback)
-        # Models whose RT has held an ADVERSARIAL entry: only for them does an ALLOW rule
-        # pay for a fingerprint, so a known attack is refused even where rules allow.
-        self._rt_adversarial: set[str] = set()
+        # (model, label) pairs for which the RT has held an ADVERSARIAL entry: only those
+        # inferences pay for a fingerprint under an ALLOW rule, so a known attack is
+        # refused even where rules allow, and the rest keep the fast path.
+        self._rt_adversarial: set[tuple[str, int]] = set()
 
         # Counters (AgentStats and the Prometheus collector read them).
         self.inferences = self.decided_locally = self.inspected = self.mirrored = 0
@@ -167,7 +168,7 @@ class AgentCore:
         rule = self.rules.lookup(model_id, source_id, label, confidence, now)
         actions = rule.actions
         source = actions.verdict_source
-        if source == ALLOW and model_id in self._rt_adversarial:
+        if source == ALLOW and (model_id, label) in self._rt_adversarial:
             fp = fingerprint(x, self._fp_key)
             entry = self.tables.rt.get((model_id, fp, label), now)
             if entry is not None and entry.verdict == pb.VERDICT_ADVERSARIAL:
@@ -486,10 +487,10 @@ class AgentCore:
     def apply_table_mod(self, mod: pb.TableMod, now: float) -> None:
         """RT/FT change (from the controller, or local); raises ProtocolError."""
         self.tables.apply(mod, now)
-        if mod.table == pb.LABEL_TABLE_RT and any(
-            e.verdict == pb.VERDICT_ADVERSARIAL for e in mod.entries
-        ):
-            self._rt_adversarial.add(mod.model_id)
+        if mod.table == pb.LABEL_TABLE_RT:
+            self._rt_adversarial.update(
+                (mod.model_id, e.label) for e in mod.entries if e.verdict == pb.VERDICT_ADVERSARIAL
+            )
         if mod.table == pb.LABEL_TABLE_FT:  # FT cleared (the only FT mod): nothing to join
             model = mod.model_id
             self._inflight = {k: v for k, v in self._inflight.items() if model and k[0] != model}
@@ -586,7 +587,7 @@ class AgentCore:
                     expires = now + ttl if ttl > 0 else None
                     rt.put(key, ResultEntry(verdict, action, corrected, score, expires))
                     if verdict == pb.VERDICT_ADVERSARIAL:
-                        self._rt_adversarial.add(model_id)
+                        self._rt_adversarial.add((model_id, item.label))
             for t in item.tickets:
                 self._settle(t, verdict, action, corrected, CONTROLLER, now, score, reason)
 
