@@ -256,11 +256,11 @@ def test_build_artifacts_default_set(tmp_path, example_model, gan, mnist):
     paths = build_artifacts(None, tmp_path, model_path=example_model, fpr=0.01, cache=CACHE)
     assert [p.name for p in paths] == list(DEFAULT_DETECTORS)
     report = json.loads((tmp_path / "calibration.json").read_text())
-    # each threshold is an observed clean score and flags it too: up to 1/n over per detector
-    assert report["fused_fpr"] <= 0.01 + 3 / report["n"]
+    # each detector flags at most fpr / k of the calibration inputs, so the OR at most fpr
+    assert report["fused_fpr"] <= 0.01
     for p in paths:
         manifest = json.loads((p / "manifest.json").read_text())
-        assert manifest["fpr"] == pytest.approx(0.01 / 3)
+        assert manifest["fpr"] == pytest.approx(0.01 / len(DEFAULT_DETECTORS))
         assert manifest["model"] == str(example_model.resolve())
     # the controller loads the set (feature squeezing re-attaches the model by itself)
     cfg = config.from_mapping({"models": {"m": {"detectors": [str(p) for p in paths]}}})
