@@ -407,6 +407,7 @@ class AgentCore:
         if self.state == HELLO:
             return self._on_hello(env)
         kind = env.WhichOneof("body")
+        self._echo_outstanding = 0  # any message proves the controller alive (as it does for us)
         try:
             if env.version != self.version:
                 raise bad_request(
