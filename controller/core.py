@@ -26,7 +26,6 @@ from controller.session import (
     State,
 )
 from openexample import rules, tables
-from openexample.errors import ProtocolError
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn
 
@@ -344,6 +343,3 @@ class ControllerCore:
             (sid, self.sessions[sid].request(filt), self.sessions[sid].agent_id)
             for sid in self.sessions_of(agent_id, model_id)
         ]
-
-
-__all__ = ["ControllerCore", "Incident", "InspectJob", "ProtocolError", "Step"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, ControllerProcess
+from bench.procs import ROOT, ControllerProcess
 
 CACHE = Path(os.environ.get("OPENEXAMPLE_CACHE", ROOT / "var" / "cache"))
 MODEL_ID = "mnist-cnn"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from bench.procs import ROOT
 from controller import cgan, config, detectors, models
 from controller.detectors import Batch, Detector, hashing, make_batch
 from controller.detectors.desvig import DesvigDetector
@@ -21,7 +22,6 @@ from controller.pipeline import load_scorers
 from controller.training import DEFAULT_DETECTORS, build_artifacts, model_fn
 from openexample.v1 import openexample_pb2 as pb
 from tests.conftest import CACHE
-from tests.procs import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -316,7 +316,7 @@ def test_malformed_and_invalid_messages_get_typed_errors_and_the_daemon_lives(co
 
 
 def test_bad_config_is_refused_naming_the_key(tmp_path):
-    from tests.procs import ControllerProcess
+    from bench.procs import ControllerProcess
 
     proc = ControllerProcess(tmp_path, {"budget_usec": 5})
     with pytest.raises(RuntimeError) as e:
@@ -329,8 +329,8 @@ def test_agent_cli_serves_predict_with_the_vigilance_loop(controller, example_mo
     import subprocess
     import sys
 
+    from bench.procs import ROOT
     from openexample.v1 import predict_pb2, predict_pb2_grpc
-    from tests.procs import ROOT
 
     proc = controller()
     cmd = [
