@@ -2,12 +2,14 @@
 
 from agents import attach
 guard = attach(model, controller="127.0.0.1:6653", model_id="mnist-cnn",
-               input_shape=(1, 28, 28))
+               input_shape=(1, 28, 28))   # AgentConfig fields as keywords, or
+guard = attach(model, AgentConfig(...), budget_us=500)   # a config plus overrides
 res = guard(x)          # res.output, .label, .verdict, .decided_by, .released, .latency_s
 res = await guard.acall(x)
 guard.close()
 """
 
+from agents.config import AgentConfig
 from agents.core import AgentCore
 from agents.guard import Guard, attach
 from agents.models import ModelAdapter, wrap_model
@@ -24,6 +26,7 @@ from agents.results import (
     ModelInfo,
     Result,
 )
+from openexample.errors import ConfigError
 
 __all__ = [
     "ADVERSARIAL",
@@ -34,7 +37,9 @@ __all__ = [
     "RULE",
     "TIMEOUT",
     "UNKNOWN",
+    "AgentConfig",
     "AgentCore",
+    "ConfigError",
     "Guard",
     "ModelAdapter",
     "ModelInfo",

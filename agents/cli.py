@@ -18,15 +18,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agents.config import FAIL_MODES, AgentConfig
+from openexample.errors import ConfigError
+
+_DEFAULTS = AgentConfig()  # every default of an agent setting comes from here
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+        return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r} (e.g. 1,28,28)") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r} (e.g. 1,28,28)")
-    return dims
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -34,19 +36,22 @@ def _range(text: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad range {text!r} (e.g. 0,1)") from None
-    if not lo < hi:
-        raise argparse.ArgumentTypeError(f"empty range {text!r}")
     return lo, hi
 
 
 def _classes(text: str) -> list[str]:
     """Comma-separated names, or ``@FILE`` with one name per line."""
     if text.startswith("@"):
-        return [ln.strip() for ln in Path(text[1:]).read_text().splitlines() if ln.strip()]
+        try:
+            lines = Path(text[1:]).read_text().splitlines()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{text[1:]}: {exc.strerror}") from None
+        return [ln.strip() for ln in lines if ln.strip()]
     return [c.strip() for c in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
     p = argparse.ArgumentParser(
         prog="openexample-agent",
         description="Serve a model file with the OpenExample vigilance loop in between.",
@@ -57,36 +62,67 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--controller", required=True, metavar="HOST:PORT")
     a.add_argument("--serve", required=True, metavar="HOST:PORT", help="Predictor API address")
     a.add_argument("--model-id", help="model id declared to the controller (default: file stem)")
-    a.add_argument("--agent-id", help="agent id (default: host-pid-model)")
-    a.add_argument("--input-shape", type=_ints, help="one input, no batch dim, e.g. 1,28,28")
-    a.add_argument("--input-range", type=_range, default=(0.0, 1.0), help="lo,hi (default 0,1)")
-    a.add_argument("--classes", type=_classes, help="class names: a,b,c or @FILE")
+    a.add_argument("--agent-id", default=d.agent_id, help="agent id (default: host-pid-model)")
+    a.add_argument(
+        "--input-shape",
+        type=_ints,
+        default=d.input_shape,
+        help="one input, no batch dim, e.g. 1,28,28 (default: from the model file)",
+    )
+    lo, hi = d.input_range
+    a.add_argument(
+        "--input-range", type=_range, default=d.input_range, help=f"lo,hi (default {lo:g},{hi:g})"
+    )
+    a.add_argument(
+        "--classes", type=_classes, default=d.class_names, help="class names: a,b,c or @FILE"
+    )
     a.add_argument(
         "--budget-us",
         type=int,
-        default=350,
-        help="budget of the default table-miss rule until the controller sets its own",
+        default=d.budget_us,
+        help="budget of the default table-miss rule until the controller sets its own "
+        "(default %(default)s)",
     )
-    a.add_argument("--fail-mode", choices=("standalone", "secure"), default="standalone")
-    a.add_argument("--batch-window-us", type=int, default=0)
-    a.add_argument("--max-batch-items", type=int, default=64)
-    a.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    a.add_argument("--privacy", metavar="laplace:EPS", help="local DP noise on what is sent")
-    a.add_argument("--connect-timeout", type=float, default=0.0, help="wait for the session")
+    a.add_argument(
+        "--fail-mode",
+        default=d.fail_mode,
+        metavar="{" + ",".join(FAIL_MODES) + "}",
+        help="what the default table-miss rule does without a verdict (default %(default)s)",
+    )
+    a.add_argument("--batch-window-us", type=int, default=d.batch_window_us)
+    a.add_argument("--max-batch-items", type=int, default=d.max_batch_items)
+    a.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help="serve Prometheus metrics on this port (0 = any; default: none)",
+    )
+    a.add_argument(
+        "--metrics-addr", default=d.metrics_addr, help="metrics address (default %(default)s)"
+    )
+    a.add_argument(
+        "--privacy",
+        default=d.privacy,
+        metavar="laplace:EPS",
+        help="local DP noise on what is sent (laplace:EPS or gaussian:EPS[:DELTA])",
+    )
+    a.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=d.connect_timeout_s,
+        metavar="SECONDS",
+        help="wait this long for the session before serving (default: do not wait)",
+    )
     a.add_argument("--model-threads", type=int, default=min(4, os.cpu_count() or 1))
     a.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from agents.guard import attach
-    from agents.server import start_server
-
-    executor = ThreadPoolExecutor(args.model_threads, thread_name_prefix="model")
-    guard = attach(
-        args.model,
-        args.controller,
-        args.model_id or Path(args.model).stem,
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The AgentConfig the ``attach`` flags say (ConfigError on a bad value)."""
+    return AgentConfig(
+        controller=args.controller,
+        model_id=args.model_id or Path(args.model).stem,
         agent_id=args.agent_id,
         input_shape=args.input_shape,
         class_names=args.classes,
@@ -97,9 +133,24 @@ async def _serve(args: argparse.Namespace) -> int:
         batch_window_us=args.batch_window_us,
         max_batch_items=args.max_batch_items,
         metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        # 0 (the old way to say it) = do not wait
         connect_timeout_s=args.connect_timeout or None,
-        model_executor=executor,
     )
+
+
+async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agents.guard import attach
+    from agents.server import start_server
+
+    if args.model_threads < 1:
+        raise ConfigError(f"model_threads: must be > 0, got {args.model_threads}")
+    executor = ThreadPoolExecutor(args.model_threads, thread_name_prefix="model")
+    try:
+        guard = attach(args.model, config, model_executor=executor)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
     try:
         server, port = await start_server(guard, args.serve)
         host = args.serve.rsplit(":", 1)[0]
@@ -123,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        config = config_from_args(args)
         import uvloop
 
-        return uvloop.run(_serve(args))
-    except (FileNotFoundError, ImportError, ValueError, OSError) as exc:
-        print(f"openexample-agent: {exc}", file=sys.stderr)
+        return uvloop.run(_serve(args, config))
+    except (ConfigError, FileNotFoundError, ImportError, ValueError, OSError) as exc:
+        # A local mistake (a flag, a file, an address): one line, no traceback.
+        print(f"openexample-agent: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from functools import partial
@@ -24,14 +25,13 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 
+from agents.config import AgentConfig
 from agents.core import AgentCore
 from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
-from agents.privacy import PrivacyNoise
 from agents.results import ModelInfo, Result, Ticket
 from agents.transport import Transport
-from openexample.limits import DEFAULT_LIMITS, Limits
-from openexample.rules import INSPECT, RuleActions, parse_fail_mode
+from openexample.errors import ConfigError
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -72,26 +72,18 @@ class Guard:
         self,
         adapter: ModelAdapter,
         make_core: Callable[[tuple[int, ...]], AgentCore],
-        target: str,
+        config: AgentConfig,
         *,
-        batch_window_us: int = 0,
-        backoff_cap_s: float = 2.0,
         on_retraction: Callable[[Result], object] | None = None,
         registry: CollectorRegistry | None = None,
-        metrics_port: int | None = None,
-        metrics_addr: str = "0.0.0.0",
         model_executor: Executor | None = None,
-        budgets_us: Sequence[int] = (),
     ) -> None:
         self.adapter = adapter
-        self.target = target
+        self.config = config
+        self.target = config.controller
         self._make_core = make_core
-        self._transport_kw: dict[str, Any] = dict(
-            batch_window_us=batch_window_us,
-            backoff_cap_s=backoff_cap_s,
-            on_retraction=on_retraction,
-        )
-        self._budgets_us = budgets_us
+        self._on_retraction = on_retraction
+        self._budgets_us = (config.budget_us,)
         self._lock = threading.Lock()
         self._bind_lock = threading.Lock()
         self._predict = adapter.predict
@@ -106,8 +98,10 @@ class Guard:
         self._dtype = adapter.input_dtype
         self._metrics_server = None
         self.metrics_port: int | None = None  # the bound port (metrics_port 0 = any)
-        if metrics_port is not None:
-            server, _thread = start_http_server(metrics_port, metrics_addr, self.registry)
+        if config.metrics_port is not None:
+            server, _thread = start_http_server(
+                config.metrics_port, config.metrics_addr, self.registry
+            )
             self._metrics_server = server
             self.metrics_port = server.server_port
         if adapter.input_shape is not None:
@@ -124,8 +118,10 @@ class Guard:
             self.model_id = info.model_id
             self.metrics = AgentMetrics(core, self._lock, self.registry, self._budgets_us)
             self._observe = self.metrics.observer(self.model_id)
+            # PKG_IN carries wall-clock inference times; the core only knows ``now``.
+            core.wall_offset_s = time.time() - perf_counter()
             self.transport = Transport(
-                core, self._lock, self.target, up=self.up, **self._transport_kw
+                core, self._lock, up=self.up, on_retraction=self._on_retraction
             )
             self.input_shape = info.input_shape
             self.core = core
@@ -141,14 +137,12 @@ class Guard:
         label, conf = label_confidence(row)
         core = self.core
         with self._lock:
-            r = core.decide(self.model_id, x, row, label, conf, source_id, t0)
+            r, flush = core.decide(self.model_id, x, row, label, conf, source_id, t0)
             if r.__class__ is Ticket:
                 waiter = _allocate_lock()
                 waiter.acquire()
                 r.wake = waiter.release
-            kick = core.kick
-            core.kick = False
-        if kick:
+        if flush:
             self.transport.kick()
         if r.__class__ is Ticket:
             waiter.acquire(True, max(0.0, r.deadline - perf_counter()))
@@ -227,9 +221,11 @@ class Guard:
         labels, confs = _labels_confidences(logits)
         core, mid = self.core, self.model_id
         out: list[Result | Ticket] = []
+        kick = False
         with self._lock:
             for i in range(n):
-                r = core.decide(mid, xs[i], logits[i], labels[i], confs[i], sources[i], t0)
+                r, flush = core.decide(mid, xs[i], logits[i], labels[i], confs[i], sources[i], t0)
+                kick |= flush
                 if r.__class__ is Ticket:
                     if loop is None:
                         waiter = r.waiter = _allocate_lock()
@@ -239,8 +235,6 @@ class Guard:
                         fut = r.waiter = loop.create_future()
                         r.wake = partial(loop.call_soon_threadsafe, _wake_future, fut)
                 out.append(r)
-            kick = core.kick
-            core.kick = False
         if kick:
             self.transport.kick()
         return out
@@ -328,90 +322,69 @@ class Guard:
 
 def attach(
     model: Any,
-    controller: str = "127.0.0.1:6653",
-    model_id: str = "model",
+    config: AgentConfig | None = None,
+    /,
     *,
-    agent_id: str | None = None,
-    input_shape: Sequence[int] | None = None,
-    input_dtype: Any = None,
-    class_names: Sequence[str] | None = None,
-    input_range: tuple[float, float] = (0.0, 1.0),
-    budget_us: int = 350,
-    fail_mode: str = "standalone",
-    privacy: str | PrivacyNoise | None = None,
-    batch_window_us: int = 0,
-    max_batch_items: int = 64,
-    echo_interval_s: float = 1.0,
-    echo_unreplied_limit: int = 3,
     on_retraction: Callable[[Result], object] | None = None,
     registry: CollectorRegistry | None = None,
-    metrics_port: int | None = None,
-    connect_timeout_s: float | None = None,
     model_executor: Executor | None = None,
-    fingerprint_key: bytes = b"",
-    rt_max_entries: int = 100_000,
-    rt_ttl_s: float = 0.0,
-    backoff_cap_s: float = 2.0,
-    limits: Limits = DEFAULT_LIMITS,
-    seed: int | None = None,
+    **overrides: Any,
 ) -> Guard:
-    """Put ``model`` behind the controller at ``controller`` (``host:port``).
+    """Put ``model`` behind the controller at ``config.controller`` (``host:port``).
 
     ``model``: a torch.nn.Module, a TorchScript (.pt) or ONNX (.onnx) file, or a
-    callable on numpy batches returning logits ``[N, C]``. ``input_shape`` is one input
-    without the batch dimension; when neither it nor the model file gives it, the first
-    call does, and the session starts then. ``budget_us`` and
-    ``fail_mode`` make the table-miss rule in force until the controller installs its
-    own. With ``connect_timeout_s`` wait that long for the session (``guard.connected``
-    tells whether it came up).
+    callable on numpy batches returning logits ``[N, C]``. ``config`` (default: the
+    :class:`AgentConfig` defaults) with ``overrides`` (AgentConfig fields, e.g.
+    ``attach(model, controller="127.0.0.1:6653", model_id="m", input_shape=(1, 28, 28))``)
+    says everything else; a bad or unknown one raises :class:`ConfigError` before
+    anything starts. ``input_shape`` is one input without the batch dimension; when
+    neither it nor the model file gives it, the first call does, and the session starts
+    then. ``budget_us`` and ``fail_mode`` make the table-miss rule in force until the
+    controller installs its own. With ``connect_timeout_s`` wait that long for the
+    session (``guard.connected`` tells whether it came up).
+
+    Not configuration: ``on_retraction`` (called with a Result the controller took
+    back), ``registry`` (a Prometheus registry to fill, shared by several guards) and
+    ``model_executor`` (where the asyncio API runs the model).
     """
-    adapter = wrap_model(model, input_shape=input_shape, input_dtype=input_dtype)
-    if isinstance(privacy, str):
-        privacy = PrivacyNoise.parse(privacy, input_range)
-    miss = RuleActions(INSPECT, budget_us, parse_fail_mode(fail_mode))
+    if config is not None and not isinstance(config, AgentConfig):
+        raise ConfigError(
+            f"config: an AgentConfig, got {config!r} (pass controller=..., model_id=... "
+            "as keywords)"
+        )
+    config = AgentConfig.from_overrides(config, **overrides)
+    if not config.agent_id:
+        config = config.replace(agent_id=f"{socket.gethostname()}-{os.getpid()}-{config.model_id}")
+    adapter = wrap_model(model, input_shape=config.input_shape, input_dtype=config.input_dtype)
 
     def make_core(shape: tuple[int, ...]) -> AgentCore:
         probe = adapter.predict(np.zeros((1, *shape), dtype=adapter.input_dtype))  # warms up
         n_classes = probe.shape[1]
-        names = tuple(class_names) if class_names else tuple(str(i) for i in range(n_classes))
+        names = config.class_names or tuple(str(i) for i in range(n_classes))
         if len(names) != n_classes:
-            raise ValueError(f"{len(names)} class names for {n_classes} logits")
+            raise ConfigError(
+                f"class_names: {len(names)} names for {n_classes} logits, got {names!r}"
+            )
         info = ModelInfo(
-            model_id=model_id,
+            model_id=config.model_id,
             input_shape=tuple(shape),
             class_names=names,
             input_dtype=adapter.input_dtype,
             framework=adapter.framework,
             model_digest=adapter.digest,
-            privacy=privacy,
+            privacy=config.privacy,
         )
-        return AgentCore(
-            agent_id or f"{socket.gethostname()}-{os.getpid()}-{model_id}",
-            [info],
-            miss_actions=miss,
-            limits=limits,
-            max_batch_items=max_batch_items,
-            rt_max_entries=rt_max_entries,
-            rt_ttl_s=rt_ttl_s,
-            echo_interval_s=echo_interval_s,
-            echo_unreplied_limit=echo_unreplied_limit,
-            fingerprint_key=fingerprint_key,
-            seed=seed,
-            now=perf_counter(),
-        )
+        return AgentCore(config.agent_id, [info], config, now=perf_counter())
 
     guard = Guard(
         adapter,
         make_core,
-        controller,
-        batch_window_us=batch_window_us,
-        backoff_cap_s=backoff_cap_s,
+        config,
         on_retraction=on_retraction,
         registry=registry,
-        metrics_port=metrics_port,
         model_executor=model_executor,
-        budgets_us=(budget_us,),
     )
-    if connect_timeout_s is not None and not guard.wait_connected(connect_timeout_s):
-        log.warning("no session with controller %s after %.1f s", controller, connect_timeout_s)
+    timeout_s = config.connect_timeout_s
+    if timeout_s is not None and not guard.wait_connected(timeout_s):
+        log.warning("no session with controller %s after %.1f s", config.controller, timeout_s)
     return guard

@@ -179,39 +179,33 @@ class AgentMetrics:
         return obs
 
 
-def _snapshot(c: AgentCore) -> dict:
-    """The core's counters, copied (call under the core's lock)."""
-    tables = {"rules": c.rules, "rt": c.tables.rt, "ft": c.tables.ft}
+def _snapshot(core: AgentCore) -> dict:
+    """The core's public snapshot as the collector's rows (call under the core's lock)."""
+    snap = core.snapshot()
+    c = snap.counters
     return dict(
-        agent=c.agent_id,
-        models=list(c.models),
-        decisions=dict(c.decisions),
-        verdicts=dict(c.verdicts),
-        misses=dict(c.misses_by_model),
-        retractions=dict(c.retractions_by_model),
-        fail_mode=dict(c.fail_mode_decisions),
-        pkg_in=c.pkg_in_total,
+        agent=snap.agent_id,
+        models=list(snap.models),
+        decisions=c.decisions,
+        verdicts=c.verdicts,
+        misses=c.misses_by_model,
+        retractions=c.retractions_by_model,
+        fail_mode=c.fail_mode_decisions,
+        pkg_in=c.pkg_in,
         pkg_in_items=c.pkg_in_items,
         pkg_in_bytes=c.pkg_in_bytes,
-        pkg_out=c.pkg_out_total,
+        pkg_out=c.pkg_out,
         inferences=c.inferences,
         inspected=c.inspected,
         mirrored=c.mirrored,
         ft_joined=c.ft_joined,
         reconnects=c.reconnects,
         errors=c.errors_received,
-        up=1.0 if c.up else 0.0,
+        up=1.0 if snap.up else 0.0,
         tables={
-            name: (
-                len(t),
-                getattr(t, "max_entries", None),
-                t.lookup_count,
-                t.hit_count,
-                getattr(t, "eviction_count", 0),
-            )
-            for name, t in tables.items()
+            name: (t.entries, t.max_entries, t.lookups, t.hits, t.evictions)
+            for name, t in snap.tables.items()
         },
-        max_rules=c.rules.max_rules + 1,  # + the table-miss, like the rule count
     )
 
 
@@ -318,7 +312,7 @@ class _CoreCollector(Collector):
                 ["agent", "table"],
             )
             for t, (_n, cap, *_rest) in s["tables"].items():
-                f.add_metric([agent, t], s["max_rules"] if t == "rules" else cap)
+                f.add_metric([agent, t], cap)
             for name, doc, i in (
                 ("openexample_agent_table_lookups", "Lookups in the agent's tables.", 2),
                 (

@@ -171,8 +171,8 @@ class Item:
         "logits",
         "reason",
         "source_id",
+        "started",
         "tickets",
-        "wall_ns",
         "x",
     )
 
@@ -187,7 +187,7 @@ class Item:
         cookie: int,
         fp: bytes,
         budget_us: int,
-        wall_ns: int,
+        started: float,
     ) -> None:
         self.x = x
         self.logits = logits
@@ -198,7 +198,7 @@ class Item:
         self.cookie = cookie
         self.fp = fp
         self.budget_us = budget_us
-        self.wall_ns = wall_ns
+        self.started = started  # the core's clock; PKG_IN carries it as wall time
         self.tickets: list[Ticket] = []
 
 

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agents.config import split_host_port
 from agents.guard import Guard
 from agents.results import Result
 from openexample import tensor
@@ -55,9 +56,10 @@ def _peer_host(peer: str) -> str:
 
 
 class PredictorService(predict_pb2_grpc.PredictorServicer):
-    def __init__(self, guard: Guard, max_batch: int = 1024) -> None:
+    def __init__(self, guard: Guard, max_batch: int | None = None) -> None:
         self.guard = guard
-        self.max_batch = max_batch
+        # default: the most items one PKG_IN batch may carry under the agent's limits
+        self.max_batch = max_batch or guard.config.limits.max_batch_items
 
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
@@ -87,7 +89,8 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
 
 async def start_server(guard: Guard, address: str) -> tuple[grpc.aio.Server, int]:
     """Start serving Predict on ``address`` (``host:port``, port 0 = any); returns the
-    server and the bound port."""
+    server and the bound port. A malformed address is a ConfigError naming ``serve``."""
+    split_host_port(address, "serve")
     server = grpc.aio.server(options=guard.core.my_limits.grpc_options() if guard.core else None)
     predict_pb2_grpc.add_PredictorServicer_to_server(PredictorService(guard), server)
     health = health_aio.HealthServicer()

@@ -20,7 +20,7 @@ from time import perf_counter
 
 import grpc
 
-from agents.core import AgentCore
+from agents.core import AgentCore, AgentOutput
 from agents.results import Result
 
 log = logging.getLogger(__name__)
@@ -43,20 +43,17 @@ class Transport:
         self,
         core: AgentCore,
         lock: threading.Lock,
-        target: str,
         *,
-        batch_window_us: int = 0,
-        backoff_initial_s: float = 0.05,
-        backoff_cap_s: float = 2.0,
         tick_cap_s: float = 0.1,
         on_retraction: Callable[[Result], object] | None = None,
         up: threading.Event | None = None,
     ) -> None:
+        cfg = core.config
         self.core = core
-        self.target = target
+        self.target = cfg.controller
         self._lock = lock
-        self._window_s = batch_window_us * 1e-6
-        self._backoff = (backoff_initial_s, backoff_cap_s)
+        self._window_s = cfg.batch_window_us * 1e-6
+        self._backoff = (cfg.backoff_initial_s, cfg.backoff_cap_s)
         self._tick_cap_s = tick_cap_s
         self._on_retraction = on_retraction
         self.up = up if up is not None else threading.Event()  # set while in MAIN
@@ -115,8 +112,9 @@ class Transport:
             log.exception("agent I/O thread crashed")
         finally:
             with self._lock:
-                self.core.disconnected(perf_counter())
+                out = self.core.disconnected(perf_counter())
             self.up.clear()
+            self._carry_out(out)
             # The loop is left stopped, not closed: grpc's process-wide completion queue
             # may still post late channel events to it, which raise on a closed loop.
 
@@ -141,11 +139,13 @@ class Transport:
         self._out = collections.deque()
         self._out_ready = asyncio.Event()
         self._reached_main = False
-        channel = grpc.aio.insecure_channel(self.target, options=self.core.my_limits.grpc_options())
+        channel = grpc.aio.insecure_channel(
+            self.target, options=self.core.config.limits.grpc_options()
+        )
         call = channel.stream_stream(CONNECT_METHOD)()  # no serializers: raw bytes
         with self._lock:
-            hello = self.core.connected(perf_counter())
-        self._send(hello)
+            out = self.core.connected(perf_counter())
+        self._send(out.send)
         tasks = [
             asyncio.ensure_future(self._writer(call)),
             asyncio.ensure_future(self._reader(call)),
@@ -168,10 +168,9 @@ class Transport:
                 t.cancel()
             call.cancel()
             with self._lock:
-                self.core.disconnected(perf_counter())
-                retracted = self.core.drain_retractions()
+                out = self.core.disconnected(perf_counter())
             self.up.clear()
-            self._deliver(retracted)
+            self._carry_out(out)
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,16 +205,12 @@ class Transport:
                 return
             with self._lock:
                 out = core.receive(data, perf_counter())
-                up, close = core.up, core.want_close
-                retracted = core.drain_retractions() if core.retracted else None
-            self._send(out)
-            if up and not self.up.is_set():
+            self._carry_out(out)
+            if out.established:
                 self._reached_main = self._was_up = True
                 self.up.set()
                 log.info("session with controller %s is up", self.target)
-            if retracted:
-                self._deliver(retracted)
-            if close:
+            if out.close:
                 self._out.append(None)
                 assert self._out_ready is not None
                 self._out_ready.set()
@@ -226,14 +221,10 @@ class Transport:
             now = perf_counter()
             with self._lock:
                 out = core.tick(now)
-                dead = core.dead
                 deadline = core.next_deadline()
-                retracted = core.drain_retractions() if core.retracted else None
-            self._send(out)
-            if retracted:
-                self._deliver(retracted)
-            if dead:
-                log.warning("controller %s stopped answering echo requests", self.target)
+            self._carry_out(out)
+            if out.close:  # echo liveness or the handshake deadline ended it
+                log.warning("controller %s: %s", self.target, out.close)
                 return
             delay = self._tick_cap_s if deadline is None else deadline - now
             await asyncio.sleep(min(max(delay, 0.001), self._tick_cap_s))
@@ -259,9 +250,20 @@ class Transport:
             data = core.build_pkg_in(batch).SerializeToString()
             size += len(data)
             self._out.append(data)
-        core.pkg_in_bytes += size  # only this thread writes it
         assert self._out_ready is not None
         self._out_ready.set()
+        with self._lock:
+            core.count_sent_bytes(size)
+
+    def _carry_out(self, out: AgentOutput) -> None:
+        """Do what a core call returned (outside the lock): send, wake, deliver."""
+        if out.send:
+            self._send(out.send)
+        for t in out.settled:
+            if t.wake is not None:
+                t.wake()
+        if out.retractions:
+            self._deliver(out.retractions)
 
     def _deliver(self, retracted: list[Result]) -> None:
         if self._on_retraction is None:

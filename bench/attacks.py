@@ -1,8 +1,11 @@
 """Adversarial examples for evaluation, made with IBM ART (the library the paper used).
 
-Every attack runs against the example model through ART's PyTorchClassifier; results
-are cached on disk keyed by the model file, the inputs and the attack's settings, so
-a second run of the bench or the demo costs nothing.
+The one place in bench/ that builds ART classifiers and attacks: the demo, the detection
+bench and the detection probe describe their attacks as ``AttackSpec`` rows and run them
+through ``art_classifier`` / ``classifier``, ``build`` and ``adversarials``. Every attack runs
+against the example model through ART's PyTorchClassifier; ``generate`` caches results on
+disk keyed by the model file, the inputs and the attack's settings, so a second run of
+the bench costs nothing (the demo and the probe keep their own cache files).
 """
 
 from __future__ import annotations
@@ -72,18 +75,52 @@ def standard_attacks(quick: bool = False) -> list[AttackSpec]:
     return specs
 
 
-def classifier(model_path: Path, input_shape: tuple[int, ...], classes: int) -> Any:
+def art_classifier(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    classes: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Any:
+    """ART's PyTorchClassifier over ``model``: cross-entropy, inputs clipped to [0, 1];
+    with an ``optimizer``, it can be trained (``fit``)."""
     from art.estimators.classification import PyTorchClassifier
 
-    from controller.models import load_model
-
     return PyTorchClassifier(
-        model=load_model(model_path),
+        model=model,
         loss=torch.nn.CrossEntropyLoss(),
-        input_shape=input_shape,
+        optimizer=optimizer,
+        input_shape=tuple(input_shape),
         nb_classes=classes,
         clip_values=(0.0, 1.0),
     )
+
+
+def classifier(model_path: Path, input_shape: tuple[int, ...], classes: int) -> Any:
+    """The TorchScript model at ``model_path`` (the example model) as an ART classifier."""
+    from controller.reference_model import load_model
+
+    return art_classifier(load_model(model_path), input_shape, classes)
+
+
+def build(spec: AttackSpec, clf: Any) -> Any:
+    """The ART attack of ``spec`` against ``clf``, its progress bars off where it has any."""
+    import art.attacks.evasion as evasion
+
+    cls = getattr(evasion, spec.art_class)
+    quiet = {"verbose": False} if "verbose" in inspect.signature(cls.__init__).parameters else {}
+    return cls(clf, **spec.params, **quiet)
+
+
+def adversarials(spec: AttackSpec, clf: Any, x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Adversarial versions of ``x`` (float32, not cached): R+FGSM's random step first."""
+    attack = build(spec, clf)
+    start = x
+    if spec.random_step:
+        rng = np.random.default_rng(seed)
+        start = np.clip(x + spec.random_step * np.sign(rng.standard_normal(x.shape)), 0, 1)
+        start = start.astype(np.float32)
+    return attack.generate(x=start).astype(np.float32)
 
 
 def generate(
@@ -94,18 +131,8 @@ def generate(
     path = cache / "attacks" / f"{spec.name}-{spec.key}-{digest}-{seed}.npy"
     if path.is_file():
         return np.load(path)
-    import art.attacks.evasion as evasion
-
-    cls = getattr(evasion, spec.art_class)
-    quiet = {"verbose": False} if "verbose" in inspect.signature(cls.__init__).parameters else {}
-    attack = cls(clf, **spec.params, **quiet)
-    start = x
-    if spec.random_step:
-        rng = np.random.default_rng(seed)
-        start = np.clip(x + spec.random_step * np.sign(rng.standard_normal(x.shape)), 0, 1)
-        start = start.astype(np.float32)
     t0 = time.perf_counter()
-    adv = attack.generate(x=start).astype(np.float32)
+    adv = adversarials(spec, clf, x, seed)
     print(f"  {spec.name} {spec.params}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, adv)

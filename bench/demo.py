@@ -21,48 +21,42 @@ from typing import Any
 import numpy as np
 
 from agents import Guard, attach
+from bench.attacks import AttackSpec, adversarials, classifier
 from bench.procs import ControllerProcess
-from controller import datasets
-from controller.models import ensure_example_model
-from controller.training import DEFAULT_DETECTORS, ensure_artifacts
+from controller.training import datasets
+from controller.training.example_model import ensure_example_model
+from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 
 MODEL_ID = "mnist-cnn"
 DETECTORS = DEFAULT_DETECTORS
 ATTACKS = ("FGSM", "PGD", "DeepFool")
+ATTACK_SPECS = {
+    "FGSM": AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3),
+    "PGD": AttackSpec(
+        "PGD",
+        "ProjectedGradientDescent",
+        {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
+        eps=0.3,
+    ),
+    # nb_grads=3: only the closest classes; batch_size: ART defaults to one at a time.
+    "DeepFool": AttackSpec(
+        "DeepFool", "DeepFool", {"max_iter": 50, "nb_grads": 3, "batch_size": 128}
+    ),
+}
 _LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on (http://\S+/metrics)")
 
 
 def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) -> dict:
     """Successful adversarial examples per attack (IBM ART), cached on disk."""
-    import torch
-    from art.attacks.evasion import DeepFool, FastGradientMethod, ProjectedGradientDescent
-    from art.estimators.classification import PyTorchClassifier
-
-    from controller.models import load_model
-
     path = cache / f"attacks-{len(x)}.npz"
     if path.is_file():
         data = np.load(path)
         return {k: (data[f"{k}_x"], data[f"{k}_adv"], data[f"{k}_y"]) for k in ATTACKS}
-    clf = PyTorchClassifier(
-        load_model(model_path),
-        loss=torch.nn.CrossEntropyLoss(),
-        input_shape=x.shape[1:],
-        nb_classes=10,
-        clip_values=(0.0, 1.0),
-    )
-    attacks = {
-        "FGSM": FastGradientMethod(clf, eps=0.3),
-        "PGD": ProjectedGradientDescent(
-            clf, eps=0.3, eps_step=0.01, max_iter=40, num_random_init=1, verbose=False
-        ),
-        # nb_grads=3: only the closest classes; batch_size: ART defaults to one at a time.
-        "DeepFool": DeepFool(clf, max_iter=50, nb_grads=3, batch_size=128, verbose=False),
-    }
+    clf = classifier(model_path, x.shape[1:], 10)
     out, arrays = {}, {}
-    for name, attack in attacks.items():
+    for name in ATTACKS:
         t0 = time.perf_counter()
-        adv = attack.generate(x).astype(np.float32)
+        adv = adversarials(ATTACK_SPECS[name], clf, x)
         ok = clf.predict(adv).argmax(1) != y
         out[name] = (x[ok], adv[ok], y[ok])
         arrays |= {f"{name}_x": x[ok], f"{name}_adv": adv[ok], f"{name}_y": y[ok]}

@@ -22,16 +22,25 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from bench.attacks import AttackSpec, classifier, generate, standard_attacks
+from bench.attacks import (
+    AttackSpec,
+    adversarials,
+    art_classifier,
+    classifier,
+    generate,
+    standard_attacks,
+)
 from bench.procs import ControllerProcess
-from controller import datasets
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
-from controller.models import ensure_example_model
-from controller.training import DEFAULT_DETECTORS, ensure_artifacts, model_fn
+from controller.reference_model import model_fn
+from controller.training import datasets
+from controller.training.example_model import ensure_example_model
+from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 
 FPRS = (0.01, 0.05)
 TABLE_IV = ("baseline", "FGSM", "R+FGSM", "DeepFool")
+BID_TRAINING_ATTACK = AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3)
 
 
 def load_pipeline(model: Path, cache: Path, names: tuple[str, ...]) -> list[Detector]:
@@ -44,9 +53,7 @@ def load_pipeline(model: Path, cache: Path, names: tuple[str, ...]) -> list[Dete
 
 def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> Any:
     """ART's BinaryInputDetector: a small CNN told apart clean and FGSM (eps 0.3) inputs."""
-    from art.attacks.evasion import FastGradientMethod
     from art.defences.detector.evasion import BinaryInputDetector
-    from art.estimators.classification import PyTorchClassifier
 
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
@@ -54,15 +61,10 @@ def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> An
         torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Flatten(), torch.nn.Linear(16 * 5 * 5, 2),
     )  # fmt: skip
-    det_clf = PyTorchClassifier(
-        model=net,
-        loss=torch.nn.CrossEntropyLoss(),
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
-        input_shape=x.shape[1:],
-        nb_classes=2,
-        clip_values=(0.0, 1.0),
+    det_clf = art_classifier(
+        net, x.shape[1:], 2, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3)
     )
-    adv = FastGradientMethod(clf, eps=0.3).generate(x).astype(np.float32)
+    adv = adversarials(BID_TRAINING_ATTACK, clf, x)
     xs = np.concatenate([x, adv])
     ys = np.eye(2, dtype=np.float32)[np.r_[np.zeros(len(x), int), np.ones(len(adv), int)]]
     det = BinaryInputDetector(det_clf)

@@ -29,36 +29,43 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from controller import datasets, detectors
+from bench.attacks import AttackSpec, adversarials, classifier
+from controller import detectors
 from controller.detectors import hashing
 from controller.detectors.base import Batch, make_batch
 from controller.detectors.fusion import Pipeline
-from controller.models import ensure_example_model, load_model
-from controller.training import DEFAULT_DETECTORS, model_fn
+from controller.reference_model import model_fn
+from controller.training import datasets
+from controller.training.example_model import ensure_example_model
+from controller.training.train import DEFAULT_DETECTORS
 
 ATTACKS = ("fgsm", "pgd", "deepfool")  # the targets; --attacks adds bim, cw
-KNOWN_ATTACKS = ("fgsm", "pgd", "bim", "deepfool", "cw")
 FPRS = (0.01, 0.05)
+PROBE_ATTACKS = {
+    "fgsm": AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3),
+    "pgd": AttackSpec(
+        "PGD",
+        "ProjectedGradientDescent",
+        {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
+        eps=0.3,
+    ),
+    "bim": AttackSpec(
+        "BIM", "BasicIterativeMethod", {"eps": 0.3, "eps_step": 0.01, "max_iter": 40}, eps=0.3
+    ),
+    "deepfool": AttackSpec("DeepFool", "DeepFool", {"nb_grads": 3, "batch_size": 128}),
+    # ART's defaults, cut short as in the first measurements
+    "cw": AttackSpec(
+        "CW-L2", "CarliniL2Method", {"max_iter": 10, "binary_search_steps": 5, "batch_size": 128}
+    ),
+}
+KNOWN_ATTACKS = tuple(PROBE_ATTACKS)
 
 
-def _attack(name: str, clf: Any) -> Any:
-    from art.attacks import evasion as ev
-
-    if name == "fgsm":
-        return ev.FastGradientMethod(clf, eps=0.3)
-    if name == "pgd":
-        return ev.ProjectedGradientDescent(
-            clf, eps=0.3, eps_step=0.01, max_iter=40, num_random_init=1, verbose=False
-        )
-    if name == "bim":
-        return ev.BasicIterativeMethod(clf, eps=0.3, eps_step=0.01, max_iter=40, verbose=False)
-    if name == "deepfool":
-        return ev.DeepFool(clf, nb_grads=3, batch_size=128, verbose=False)
-    if name == "cw":  # ART's defaults, cut short as in the first measurements
-        return ev.CarliniL2Method(
-            clf, max_iter=10, binary_search_steps=5, batch_size=128, verbose=False
-        )
-    raise ValueError(f"unknown attack {name!r}; known: {', '.join(KNOWN_ATTACKS)}")
+def _spec(name: str) -> AttackSpec:
+    try:
+        return PROBE_ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(KNOWN_ATTACKS)}") from None
 
 
 def make_attacks(
@@ -80,18 +87,11 @@ def make_attacks(
         if path.is_file():
             out[name] = np.load(path)
             continue
+        spec = _spec(name)
         if clf is None:
-            from art.estimators.classification import PyTorchClassifier
-
-            clf = PyTorchClassifier(
-                model=load_model(model_path),
-                loss=torch.nn.CrossEntropyLoss(),
-                input_shape=tuple(x.shape[1:]),
-                nb_classes=10,
-                clip_values=(0.0, 1.0),
-            )
+            clf = classifier(model_path, tuple(x.shape[1:]), 10)
         t0 = time.perf_counter()
-        out[name] = _attack(name, clf).generate(x=x).astype(np.float32)
+        out[name] = adversarials(spec, clf, x)
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.npy")

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from bench.demo import DETECTORS, start_controller
 from bench.latency_workers import run_agents
-from controller.models import ensure_example_model
-from controller.training import ensure_artifacts
+from controller.training.example_model import ensure_example_model
+from controller.training.train import ensure_artifacts
 
 SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "grpc_echo", "tcp_echo")
 PERCENTILES = {"p50_us": 50, "p90_us": 90, "p95_us": 95, "p99_us": 99, "p999_us": 99.9}

@@ -24,7 +24,7 @@ SHAPE = (1, 28, 28)
 
 def _inputs(seed: int, n: int) -> np.ndarray:
     """Distinct MNIST-sized inputs (none repeats, so no RT hit on the inspect path)."""
-    from controller import datasets
+    from controller.training import datasets
 
     x = datasets.load("mnist5k").x
     rng = np.random.default_rng(seed)
@@ -45,7 +45,7 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
     if scenario == "bare_model":
         import torch
 
-        from controller.models import load_model
+        from controller.reference_model import load_model
 
         model = load_model(model_path)
 

@@ -43,15 +43,13 @@ def controller_registry() -> CollectorRegistry:
 
 
 def agent_registry() -> CollectorRegistry:
+    from agents.config import AgentConfig
     from agents.core import AgentCore
     from agents.metrics import AgentMetrics
     from agents.results import ModelInfo
-    from openexample.rules import INSPECT, RuleActions
 
     core = AgentCore(
-        "a",
-        [ModelInfo("m", (1,), ("0", "1"))],
-        miss_actions=RuleActions(INSPECT, BUDGET_US, 1),
+        "a", [ModelInfo("m", (1,), ("0", "1"))], AgentConfig(budget_us=BUDGET_US), now=0.0
     )
     reg = CollectorRegistry()
     AgentMetrics(core, threading.Lock(), reg, (BUDGET_US,))

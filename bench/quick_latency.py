@@ -19,9 +19,10 @@ import torch
 
 from agents import attach
 from bench.demo import DETECTORS, MODEL_ID, start_controller
-from controller import datasets
-from controller.models import ensure_example_model, load_model
-from controller.training import ensure_artifacts
+from controller.reference_model import load_model
+from controller.training import datasets
+from controller.training.example_model import ensure_example_model
+from controller.training.train import ensure_artifacts
 from openexample import messages, rules
 from openexample.v1 import openexample_pb2 as pb
 

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"openexample-controller rules: {exc.details()}", file=sys.stderr)
             return 1
     if args.command == "train":
-        from controller.training import train_command
+        # offline code, imported here only: ``serve`` never loads the training stack
+        from controller.training.train import train_command
 
         return train_command(args)
     return 2

@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
+from openexample.errors import ConfigError  # also importable from here
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,9 @@ class Config:
     # Liveness: ECHO every interval; this many unanswered -> session dead.
     echo_interval_s: float = 1.0
     echo_unreplied_limit: int = 3
+    # An agent that has not finished HELLO, FEATURES and the resync BARRIER by then is
+    # closed (liveness only starts once the handshake is done).
+    handshake_timeout_s: float = 10.0
     # Workload W0 (seed 000, Table III): items queued or being scored; above it new
     # PKG_IN items are answered UNKNOWN/OVERLOADED at once.
     max_workload: int = 4096
@@ -143,6 +144,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.fail_mode in _FAIL_MODES, "fail_mode", f"want one of {_FAIL_MODES}")
     need(cfg.echo_interval_s > 0, "echo_interval_s", "must be > 0")
     need(cfg.echo_unreplied_limit >= 1, "echo_unreplied_limit", "must be >= 1")
+    need(cfg.handshake_timeout_s > 0, "handshake_timeout_s", "must be > 0")
     need(cfg.max_workload >= 1, "max_workload", "must be >= 1")
     need(1 <= cfg.max_batch_items <= 1024, "max_batch_items", "want 1..1024")
     need(cfg.rt_ttl_s >= 0, "rt_ttl_s", "must be >= 0")

@@ -22,8 +22,6 @@ from controller.session import (
     PkgInReceived,
     Ready,
     ReplyReceived,
-    RuleRemoved,
-    State,
 )
 from openexample import rules, tables
 from openexample.v1 import openexample_pb2 as pb
@@ -64,6 +62,19 @@ class Incident:
     corrected_label: int | None
     score: float
     evidence: str  # JSON: [{detector, score, threshold, flagged}, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSnapshot:
+    """What metrics and the admin API read of the core (a copy; never its internals)."""
+
+    sessions: int  # open streams, in any state
+    agents: int  # configured sessions (FEATURES done)
+    workload: int  # W: items admitted and not answered yet
+    rt_entries: int
+    blocked_sources: int
+    template_rules: int  # desired rules for agents not seen yet
+    agent_rules: int  # desired rules, summed over known agents
 
 
 @dataclass(slots=True)
@@ -115,6 +126,7 @@ class ControllerCore:
             self.cfg.controller_id,
             echo_interval_s=self.cfg.echo_interval_s,
             echo_unreplied_limit=self.cfg.echo_unreplied_limit,
+            handshake_timeout_s=self.cfg.handshake_timeout_s,
             now=now,
         )
         self.sessions[sid] = s
@@ -133,7 +145,7 @@ class ControllerCore:
         return [
             sid
             for sid, s in self.sessions.items()
-            if s.state is State.MAIN
+            if s.configured
             and (not agent_id or s.agent_id == agent_id)
             and (not model_id or model_id in s.models)
         ]
@@ -160,7 +172,8 @@ class ControllerCore:
         return step
 
     def next_deadline(self) -> float | None:
-        return min((s.next_deadline() for s in self.sessions.values()), default=None)
+        times = [t for s in self.sessions.values() if (t := s.next_deadline()) is not None]
+        return min(times, default=None)
 
     def _absorb(self, sid: int, out: Output, step: Step, now: float) -> None:
         s = self.sessions.get(sid)
@@ -174,8 +187,6 @@ class ControllerCore:
                 step.send.extend((sid, env) for env in self._resync(s, now))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))
-            elif isinstance(ev, RuleRemoved):
-                pass  # the agent's own timeouts; desired tables expire by themselves
             elif isinstance(ev, Closed):
                 self.sessions.pop(sid, None)
                 step.closed.append((sid, ev.reason))
@@ -223,7 +234,7 @@ class ControllerCore:
         self.workload -= job.size
         model_id = job.pkg.model_id
         s = self.sessions.get(job.sid)
-        if s is not None and s.state is State.MAIN:
+        if s is not None and s.configured:
             body = pb.PkgOut(model_id=model_id, items=items)
             step.send.append((job.sid, s.reply_to(job.xid, body)))
         pushed: list[pb.LabelEntry] = []
@@ -301,6 +312,21 @@ class ControllerCore:
         )
         step.blocked.append(source)
         step.send.extend(self.mod_rules(mod, now)[0])
+
+    # --- introspection ---
+
+    def snapshot(self) -> CoreSnapshot:
+        # list() copies: a scrape thread may call this while the event loop mutates.
+        sessions = list(self.sessions.values())
+        return CoreSnapshot(
+            sessions=len(sessions),
+            agents=sum(1 for s in sessions if s.configured),
+            workload=self.workload,
+            rt_entries=len(self.rt),
+            blocked_sources=len(self._blocked),
+            template_rules=len(self.template),
+            agent_rules=sum(len(t) for t in list(self.agent_rules.values())),
+        )
 
     # --- operator ---
 

@@ -201,13 +201,11 @@ class ControllerMetrics:
             self.model(model)
 
     def bind_core(self, core: ControllerCore) -> None:
-        """Gauges read from the core at scrape time (plain len() reads, no locking)."""
-        self.rt_entries.set_function(lambda: len(core.rt))
-        self.blocked_now.set_function(lambda: len(core._blocked))
-        self.rules.labels("template").set_function(lambda: len(core.template))
-        self.rules.labels("agents").set_function(
-            lambda: sum(len(t) for t in list(core.agent_rules.values()))
-        )
+        """Gauges read from the core's public snapshot at scrape time."""
+        self.rt_entries.set_function(lambda: core.snapshot().rt_entries)
+        self.blocked_now.set_function(lambda: core.snapshot().blocked_sources)
+        self.rules.labels("template").set_function(lambda: core.snapshot().template_rules)
+        self.rules.labels("agents").set_function(lambda: core.snapshot().agent_rules)
 
     def model(self, model: str) -> None:
         """Create (and cache) every per-model child of ``model``."""

@@ -19,7 +19,7 @@ from controller.core import InspectJob
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
-from controller.training import model_fn
+from controller.reference_model import model_fn
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
@@ -143,7 +143,7 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
             # the config's reference model, else (for detectors that cannot score without
             # one) the model file the artifact was trained with, recorded in its manifest
             ref = mcfg.reference_model
-            if not ref and getattr(det, "needs_model", False):
+            if not ref and det.needs_model:
                 ref = det.meta.get("model")
                 if not ref:
                     raise ConfigError(

@@ -1,8 +1,14 @@
-"""The library's one exception type: a typed OpenExample protocol error.
+"""The library's errors, under one base class :class:`OpenExampleError`.
 
-Everything that rejects peer input (decoding, validation, rule and table mods)
-raises :class:`ProtocolError`, which carries the wire ERROR's type and code, so a
-daemon answers with :meth:`ProtocolError.to_error` and keeps the session.
+Who made the mistake decides the class:
+
+- :class:`ConfigError`: the local caller or operator (a bad setting, argument or file);
+  raised before anything is sent, the message names the key.
+- :class:`ProtocolError`: the peer sent something this side refuses (decoding,
+  validation, rule and table mods). It carries the wire ERROR's type and code, so a
+  daemon answers with :meth:`ProtocolError.to_error` and keeps the session.
+- :class:`PeerError`: the peer refused something this side sent (a received ERROR),
+  raised at the local caller that asked.
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ def error_name(error_type: int, code: int) -> str:
     return f"{tname}/{cname.removeprefix(prefix)}"
 
 
-class ProtocolError(Exception):
+class OpenExampleError(Exception):
+    """Base class of every error the OpenExample packages raise on purpose."""
+
+
+class ConfigError(OpenExampleError, ValueError):
+    """A configuration key, argument or value is wrong; the message names it."""
+
+
+class ProtocolError(OpenExampleError):
     """A peer sent something this side refuses; maps 1:1 to a wire ERROR."""
 
     def __init__(self, error_type: int, code: int, text: str, xid: int = 0) -> None:
@@ -70,6 +84,10 @@ class ProtocolError(Exception):
     def from_error(cls, err: pb.Error) -> ProtocolError:
         """The exception a received ERROR stands for (to raise at the caller)."""
         return cls(err.type, err.code, err.text, err.offending_xid)
+
+
+class PeerError(ProtocolError):
+    """The peer refused what this side sent: a received ERROR, raised locally."""
 
 
 def bad_request(code: int, text: str) -> ProtocolError:

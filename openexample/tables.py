@@ -198,6 +198,12 @@ class PendingTable(_Table[Pending]):
     def resolve(self, key: Key) -> Pending | None:
         return self._items.pop(key, None)
 
+    def oldest_since(self) -> float | None:
+        """When the oldest pending entry began (None: empty), for the next expiry."""
+        for pending in self._items.values():
+            return pending.since
+        return None
+
     def expire(self, now: float, max_age_s: float) -> list[Key]:
         """Drop entries with ``now - since >= max_age_s``: no answer is coming."""
         expired: list[Key] = []

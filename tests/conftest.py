@@ -16,21 +16,21 @@ MODEL_ID = "mnist-cnn"
 
 @pytest.fixture(scope="session")
 def example_model() -> Path:
-    from controller.models import ensure_example_model
+    from controller.training.example_model import ensure_example_model
 
     return ensure_example_model(CACHE, "mnist5k")
 
 
 @pytest.fixture(scope="session")
 def artifacts(example_model) -> list[Path]:
-    from controller.training import DEFAULT_DETECTORS, ensure_artifacts
+    from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 
     return ensure_artifacts(DEFAULT_DETECTORS, cache=CACHE)
 
 
 @pytest.fixture(scope="session")
 def mnist():
-    from controller import datasets
+    from controller.training import datasets
 
     return datasets.load("mnist5k").split()
 

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from agents.core import CONFIG, FEATURES, MAIN, AgentCore
+from agents.config import AgentConfig
+from agents.core import AgentCore, AgentOutput
 from agents.privacy import PrivacyNoise
 from agents.results import (
     ADVERSARIAL,
@@ -29,6 +30,7 @@ from agents.results import (
 from openexample import rules, tensor
 from openexample.messages import envelope, hello
 from openexample.rules import INSPECT, RuleActions
+from openexample.session import State
 from openexample.tables import fingerprint, label_entry, rt_push
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import validate_features, validate_pkg_in
@@ -39,33 +41,37 @@ LOGITS = np.array([0.1, 2.0, 0.3], dtype=np.float32)  # label 1
 STANDALONE, SECURE = pb.FAIL_MODE_STANDALONE, pb.FAIL_MODE_SECURE
 
 
+FAIL_MODE_NAMES = {STANDALONE: "standalone", SECURE: "secure"}
+WALL_OFFSET_S = 1000.0  # wall clock = the core's clock + this
+
+
 def make_core(model=MODEL, fail_mode=STANDALONE, **kw) -> AgentCore:
     kw.setdefault("seed", 7)
-    return AgentCore(
-        "agent-1",
-        [model],
-        miss_actions=RuleActions(INSPECT, 350, fail_mode),
-        wall_ns=lambda: 123_456,
-        **kw,
-    )
+    config = AgentConfig(budget_us=350, fail_mode=FAIL_MODE_NAMES[fail_mode], **kw)
+    return AgentCore("agent-1", [model], config, now=0.0, wall_offset_s=WALL_OFFSET_S)
 
 
-def send(core: AgentCore, body, xid: int = 0, now: float = 0.0) -> list[pb.Envelope]:
+def deliver(core: AgentCore, body, xid: int = 0, now: float = 0.0) -> AgentOutput:
     """Deliver one controller message as bytes, the way the transport does."""
     return core.receive(envelope(body, xid=xid).SerializeToString(), now)
 
 
+def send(core: AgentCore, body, xid: int = 0, now: float = 0.0) -> list[pb.Envelope]:
+    """deliver() and keep only what the agent sends back."""
+    return deliver(core, body, xid, now).send
+
+
 def to_config(core: AgentCore, now: float = 0.0) -> pb.Envelope:
     core.connected(now)
-    assert core.receive(hello("ctrl").SerializeToString(), now) == []
+    assert core.receive(hello("ctrl").SerializeToString(), now).send == []
     (features,) = send(core, pb.FeaturesRequest(), xid=7, now=now)
     return features
 
 
 def to_main(core: AgentCore, now: float = 0.0) -> AgentCore:
     to_config(core, now)
-    send(core, pb.BarrierRequest(), xid=8, now=now)
-    assert core.state == MAIN
+    out = deliver(core, pb.BarrierRequest(), xid=8, now=now)
+    assert core.state is State.MAIN and out.established
     return core
 
 
@@ -73,10 +79,15 @@ def x_of(value: float) -> np.ndarray:
     return np.full(SHAPE, value, dtype=np.float32)
 
 
-def decide(core: AgentCore, x=None, *, source="", logits=LOGITS, now=0.0, label=None):
+def decide_flush(core: AgentCore, x=None, *, source="", logits=LOGITS, now=0.0, label=None):
+    """(Result | Ticket, flush flag) as core.decide returns them."""
     x = x_of(0.5) if x is None else x
     label = int(np.argmax(logits)) if label is None else label
     return core.decide("m", x, logits, label, 0.8, source, now)
+
+
+def decide(core: AgentCore, x=None, **kw):
+    return decide_flush(core, x, **kw)[0]
 
 
 def add_rule(core: AgentCore, actions, *, priority=100, now=0.0, **match) -> None:
@@ -104,10 +115,10 @@ def error_of(out: list[pb.Envelope]) -> pb.Error:
 
 def test_handshake_hello_and_features_reply_contents():
     core = make_core()
-    (h,) = core.connected(0.0)
+    (h,) = core.connected(0.0).send
     assert h.hello.sender_id == "agent-1" and h.hello.versions_bitmap & 2
-    assert core.receive(hello("ctrl").SerializeToString(), 0.0) == []
-    assert core.state == FEATURES and core.controller_id == "ctrl"
+    assert core.receive(hello("ctrl").SerializeToString(), 0.0).send == []
+    assert core.state is State.FEATURES and core.controller_id == "ctrl"
     (env,) = send(core, pb.FeaturesRequest(), xid=7)
     assert env.xid == 7 and env.WhichOneof("body") == "features_reply"
     reply = env.features_reply
@@ -123,30 +134,41 @@ def test_handshake_hello_and_features_reply_contents():
     }
     assert reply.max_batch_items == 64
     assert set(validate_features(reply)) == {"m"}  # the controller's own check passes
-    assert core.state == CONFIG and core.sending and not core.up
+    assert core.state is State.CONFIG and core.sending and not core.up
 
 
 def test_hello_without_common_version_fails_and_closes():
     core = make_core()
     core.connected(0.0)
     bad = pb.Envelope(version=5, hello=pb.Hello(versions_bitmap=1 << 5, sender_id="c"))
-    err = error_of(core.receive(bad.SerializeToString(), 0.0))
+    out = core.receive(bad.SerializeToString(), 0.0)
+    err = error_of(out.send)
     assert err.type == pb.ERROR_TYPE_HELLO_FAILED and err.code == pb.HELLO_FAILED_CODE_INCOMPATIBLE
-    assert core.want_close
+    assert out.close and core.state is State.CLOSED
 
 
 def test_first_message_must_be_hello():
+    core = make_core(handshake_timeout_s=10.0)
+    core.connected(0.0)
+    out = deliver(core, pb.FeaturesRequest(), xid=3)
+    err = error_of(out.send)
+    assert (err.type, err.code) == (pb.ERROR_TYPE_BAD_REQUEST, pb.BAD_REQUEST_CODE_UNEXPECTED)
+    # Changed on purpose: the session keeps waiting for HELLO; the handshake deadline closes.
+    assert not out.close and core.state is State.HELLO
+    assert not core.tick(9.9).close
+    assert core.tick(10.0).close and core.state is State.CLOSED
+    # ... and a HELLO that does come in time is still accepted.
     core = make_core()
     core.connected(0.0)
-    err = error_of(send(core, pb.FeaturesRequest(), xid=3))
-    assert (err.type, err.code) == (pb.ERROR_TYPE_BAD_REQUEST, pb.BAD_REQUEST_CODE_UNEXPECTED)
-    assert core.want_close
+    send(core, pb.FeaturesRequest(), xid=3)
+    assert core.receive(hello("ctrl").SerializeToString(), 0.0).send == []
+    assert core.state is State.FEATURES
 
 
 def test_messages_with_another_version_are_refused():
     core = to_main(make_core())
     env = envelope(pb.EchoRequest(data=b"x"), xid=4, version=2)
-    err = error_of(core.receive(env.SerializeToString(), 0.0))
+    err = error_of(core.receive(env.SerializeToString(), 0.0).send)
     assert err.code == pb.BAD_REQUEST_CODE_BAD_VERSION and err.offending_xid == 4
 
 
@@ -172,9 +194,10 @@ def test_resync_is_applied_in_order_then_barrier_reply():
     for i, mod in enumerate(mods):
         assert send(core, mod, xid=10 + i) == []
     assert send(core, rt_push("m", [label_entry(fp, 1, pb.VERDICT_ADVERSARIAL)]), xid=20) == []
-    (barrier,) = send(core, pb.BarrierRequest(), xid=21)
+    out = deliver(core, pb.BarrierRequest(), xid=21)
+    (barrier,) = out.send
     assert barrier.xid == 21 and barrier.WhichOneof("body") == "barrier_reply"
-    assert core.state == MAIN and core.up
+    assert core.state is State.MAIN and core.up and out.established
     assert [r.priority for r in core.rules] == [200, 100, 0]
     assert core.rules.lookup("m", "", 1, 0.5, 0.0).actions == RuleActions(INSPECT, 500, SECURE)
     assert decide(core, source="evil").released is False  # the source block
@@ -196,14 +219,14 @@ def test_allow_and_drop_rules_decide_locally_without_sending():
     core = to_main(make_core())
     add_rule(core, [rules.allow()], source_id="trusted")
     add_rule(core, [rules.drop()], source_id="blocked")
-    ok = decide(core, source="trusted")
+    ok, ok_flush = decide_flush(core, source="trusted")
     assert isinstance(ok, Result)
     assert (ok.decided_by, ok.released, ok.label, ok.verdict) == (RULE, True, 1, UNKNOWN)
     assert ok.output is LOGITS
-    no = decide(core, source="blocked")
+    no, no_flush = decide_flush(core, source="blocked")
     assert (no.decided_by, no.released, no.output) == (RULE, False, None)
-    assert not core.kick and core.flush(0.0) == []
-    assert core.decisions[("m", RULE)] == 2 and core.decided_locally == 2
+    assert not ok_flush and not no_flush and core.flush(0.0) == []
+    assert core.counters.decisions[("m", RULE)] == 2 and core.counters.decided_locally == 2
 
 
 @pytest.mark.parametrize(
@@ -229,7 +252,7 @@ def test_rt_hit_decides_locally(entry_verdict, corrected, released, label, verdi
     )
     assert res.model_label == 1 and res.score == pytest.approx(0.7)
     assert core.flush(0.0) == []
-    assert core.verdicts[("m", verdict_name)] == 1
+    assert core.counters.verdicts[("m", verdict_name)] == 1
 
 
 def test_rt_hit_needs_the_same_label():
@@ -256,8 +279,8 @@ def test_known_adversarial_input_is_refused_even_where_a_rule_allows():
 def test_inspect_sends_pkg_in_and_registers_ft():
     core = to_main(make_core())
     x = x_of(0.5)
-    t = decide(core, x, source="alice", now=1.0)
-    assert isinstance(t, Ticket) and core.kick
+    t, flush = decide_flush(core, x, source="alice", now=1.0)
+    assert isinstance(t, Ticket) and flush
     assert t.deadline == pytest.approx(1.0 + 350e-6)
     assert len(core.tables.ft) == 1
     (env,) = core.flush(1.0)
@@ -267,7 +290,7 @@ def test_inspect_sends_pkg_in_and_registers_ft():
     assert item.label == 1 and item.confidence == pytest.approx(0.8)
     assert item.source_id == "alice" and item.reason == pb.PKG_IN_REASON_TABLE_MISS
     assert item.fingerprint == fingerprint(x) and item.budget_us == 350
-    assert item.inferred_at_ns == 123_456 and item.rule_cookie == 0
+    assert item.inferred_at_ns == int((1.0 + WALL_OFFSET_S) * 1e9) and item.rule_cookie == 0
     decoded = validate_pkg_in(pkg, {"m": MODEL.descriptor()})
     np.testing.assert_array_equal(decoded.inputs, x[None])
     np.testing.assert_array_equal(decoded.logits, LOGITS[None])
@@ -290,9 +313,10 @@ def test_identical_concurrent_inputs_join_the_pending_ft_entry():
     c = decide(core, x_of(0.6))
     (env,) = core.flush(0.0)
     assert len(env.pkg_in.items) == 2  # a and b share one item
-    assert core.tables.ft.hit_count == 1 and core.ft_joined == 1
+    assert core.tables.ft.hit_count == 1 and core.counters.ft_joined == 1
     out = pkg_out(env.xid, *[verdict(pb.VERDICT_ADVERSARIAL, pb.VERDICT_ACTION_DROP)] * 2)
-    assert send(core, *out, now=0.0001) == []
+    got = deliver(core, *out, now=0.0001)
+    assert got.send == [] and got.settled == [a, b, c]
     for t in (a, b, c):
         assert t.result.decided_by == CONTROLLER and t.result.released is False
     assert len(core.tables.ft) == 0
@@ -323,12 +347,12 @@ def test_pkg_out_maps_verdict_and_action(v, action, corrected, fail_mode, want):
     woken = []
     t.wake = lambda: woken.append(1)
     (env,) = core.flush(0.0)
-    send(core, *pkg_out(env.xid, verdict(v, action, corrected)), now=0.0002)
+    out = deliver(core, *pkg_out(env.xid, verdict(v, action, corrected)), now=0.0002)
     res = t.result
     assert (res.verdict, res.released, res.label) == want
     assert res.decided_by == CONTROLLER and res.latency_s == pytest.approx(0.0002)
     assert (res.output is not None) == res.released
-    assert woken == [1]
+    assert out.settled == [t] and woken == []  # the shell wakes settled tickets, not the core
     recorded = core.tables.rt.get(("m", fingerprint(x_of(0.5)), 1), 1.0)
     assert (recorded is not None) == (v != pb.VERDICT_UNKNOWN)  # UNKNOWN is not recorded
     assert core.expire_ticket(t, 1.0) is res  # the waiter's later check changes nothing
@@ -341,7 +365,10 @@ def test_budget_expiry_applies_the_fail_mode(fail_mode, released):
     core.flush(0.0)
     res = core.expire_ticket(t, 0.001)
     assert (res.decided_by, res.verdict, res.released) == (TIMEOUT, UNKNOWN, released)
-    assert core.budget_misses == 1 and core.misses_by_model == {"m": 1}
+    assert core.counters.budget_misses == 1 and core.counters.misses_by_model == {"m": 1}
+    snap = core.snapshot()
+    snap.counters.budget_misses = 99  # a copy: the core's counters stay
+    assert core.counters.budget_misses == 1
 
 
 def test_late_verdict_after_release_becomes_a_retraction():
@@ -351,7 +378,7 @@ def test_late_verdict_after_release_becomes_a_retraction():
     first = core.expire_ticket(t, 0.001)
     core.expire_ticket(u, 0.001)
     assert first.released
-    send(
+    out = deliver(
         core,
         *pkg_out(
             env.xid,
@@ -361,11 +388,11 @@ def test_late_verdict_after_release_becomes_a_retraction():
         now=0.01,
     )
     assert t.result is first  # the caller's result stands ...
-    (late,) = core.drain_retractions()  # ... and the correction goes to on_retraction
+    (late,) = out.retractions  # ... and the correction goes to on_retraction
     assert late.retraction and late.released is False and late.verdict == ADVERSARIAL
     assert late.decided_by == CONTROLLER
-    assert core.retractions == 1 and core.retractions_by_model == {"m": 1}
-    assert core.drain_retractions() == []
+    assert core.counters.retractions == 1 and core.counters.retractions_by_model == {"m": 1}
+    assert out.settled == []  # both tickets were already decided
     # The verdict still reached RT: the same input is now decided locally.
     assert decide(core, x_of(0.1)).decided_by == RT
 
@@ -381,7 +408,7 @@ def test_controller_error_for_a_pkg_in_resolves_its_waiters():
         UNKNOWN,
         False,
     )
-    assert core.errors_received == 1 and len(core.tables.ft) == 0
+    assert core.counters.errors_received == 1 and len(core.tables.ft) == 0
 
 
 def test_pkg_out_with_wrong_item_count_is_refused():
@@ -396,7 +423,7 @@ def test_pkg_out_with_wrong_item_count_is_refused():
 def test_pkg_out_for_an_unknown_xid_is_ignored():
     core = to_main(make_core())
     assert send(core, *pkg_out(999, verdict(pb.VERDICT_BENIGN, 1))) == []
-    assert core.unmatched_pkg_out == 1
+    assert core.counters.unmatched_pkg_out == 1
 
 
 def test_mirror_and_sample_send_without_waiting_and_fill_rt():
@@ -410,9 +437,9 @@ def test_mirror_and_sample_send_without_waiting_and_fill_rt():
     (env,) = core.flush(0.0)
     reasons = [(i.reason, i.budget_us) for i in env.pkg_in.items]
     assert reasons == [(pb.PKG_IN_REASON_MIRROR, 0), (pb.PKG_IN_REASON_SAMPLED, 0)]
-    assert core.mirrored == 2 and len(core.tables.ft) == 0
+    assert core.counters.mirrored == 2 and len(core.tables.ft) == 0
     send(core, *pkg_out(env.xid, *[verdict(pb.VERDICT_ADVERSARIAL, 2)] * 2))
-    assert core.verdicts[("m", ADVERSARIAL)] == 2
+    assert core.counters.verdicts[("m", ADVERSARIAL)] == 2
     assert core.tables.rt.get(("m", fingerprint(x_of(0.3)), 1), 0.0) is not None
 
 
@@ -425,7 +452,7 @@ def test_bad_vigilance_mod_gets_error_and_the_session_goes_on():
     err = error_of(send(core, mod, xid=33))
     assert err.type == pb.ERROR_TYPE_VIGILANCE_MOD_FAILED
     assert err.code == pb.VIGILANCE_MOD_FAILED_CODE_BAD_PRIORITY and err.offending_xid == 33
-    assert len(core.rules) == 1 and core.state == MAIN
+    assert len(core.rules) == 1 and core.state is State.MAIN
     (echo,) = send(core, pb.EchoRequest(data=b"ping"), xid=34)
     assert echo.xid == 34 and echo.echo_reply.data == b"ping"
 
@@ -443,15 +470,17 @@ def test_bad_table_mod_gets_error():
         (b"\xff\xff\xff\xff garbage", pb.BAD_REQUEST_CODE_MALFORMED),
         (pb.Envelope(version=1, xid=5).SerializeToString(), pb.BAD_REQUEST_CODE_BAD_TYPE),
         (envelope(pb.PkgIn(model_id="m"), xid=6).SerializeToString(), pb.BAD_REQUEST_CODE_BAD_TYPE),
-        (envelope(pb.FeaturesReply(), xid=6).SerializeToString(), pb.BAD_REQUEST_CODE_BAD_TYPE),
+        # A FEATURES_REPLY nobody asked for: the shared session refuses it (either plane).
+        (envelope(pb.FeaturesReply(), xid=6).SerializeToString(), pb.BAD_REQUEST_CODE_UNEXPECTED),
         (hello("again").SerializeToString(), pb.BAD_REQUEST_CODE_UNEXPECTED),
     ],
 )
 def test_garbage_and_unexpected_messages_get_error_not_crash(data, code):
     core = to_main(make_core())
-    err = error_of(core.receive(data, 0.0))
+    out = core.receive(data, 0.0)
+    err = error_of(out.send)
     assert (err.type, err.code) == (pb.ERROR_TYPE_BAD_REQUEST, code)
-    assert core.state == MAIN and not core.want_close
+    assert core.state is State.MAIN and not out.close
     assert send(core, pb.BarrierRequest(), xid=9)[0].xid == 9
 
 
@@ -460,8 +489,8 @@ def test_random_bytes_never_raise():
     rng = np.random.default_rng(0)
     for n in range(300):
         out = core.receive(rng.bytes(int(rng.integers(0, 64))), 0.0)
-        assert all(isinstance(e, pb.Envelope) for e in out), n
-    assert core.state == MAIN
+        assert all(isinstance(e, pb.Envelope) for e in out.send), n
+    assert core.state is State.MAIN
 
 
 def test_stats_replies():
@@ -524,7 +553,8 @@ def test_disconnect_resolves_waiters_and_keeps_rules_and_rt():
     sent, queued = decide(core, x_of(0.1)), None
     core.flush(0.0)
     queued = decide(core, x_of(0.2))
-    core.disconnected(0.5)
+    out = core.disconnected(0.5)
+    assert out.settled == [sent, queued] and core.state is None
     for t in (sent, queued):
         assert (t.result.decided_by, t.result.released) == (DISCONNECTED, True)
     assert len(core.rules) == 2 and len(core.tables.rt) == 1 and len(core.tables.ft) == 0
@@ -532,20 +562,22 @@ def test_disconnect_resolves_waiters_and_keeps_rules_and_rt():
     assert isinstance(res, Result) and res.decided_by == DISCONNECTED
     assert decide(core, x_of(0.9)).decided_by == RT  # RT works without a controller
     to_main(core, 1.0)
-    assert core.reconnects == 1 and core.flush(1.0) == []
+    assert core.counters.reconnects == 1 and core.flush(1.0) == []
 
 
 def test_echo_keepalive_declares_a_silent_controller_dead():
     core = to_main(make_core(echo_interval_s=1.0, echo_unreplied_limit=3))
-    assert core.tick(0.5) == []
-    (echo,) = core.tick(1.0)
+    assert core.tick(0.5).send == []
+    (echo,) = core.tick(1.0).send
     assert echo.WhichOneof("body") == "echo_request"
     reply = envelope(pb.EchoReply(data=echo.echo_request.data), xid=echo.xid)
     core.receive(reply.SerializeToString(), 1.002)
     assert core.echo_rtt_s == pytest.approx(0.002)
     for now in (2.0, 3.0, 4.0):
-        assert len(core.tick(now)) == 1 and not core.dead
-    assert core.tick(5.0) == [] and core.dead
+        out = core.tick(now)
+        assert len(out.send) == 1 and not out.close
+    out = core.tick(5.0)
+    assert out.send == [] and out.close and core.state is State.CLOSED
 
 
 def test_rule_timeouts_send_vigilance_removed():
@@ -560,7 +592,7 @@ def test_rule_timeouts_send_vigilance_removed():
     )
     send(core, mod, now=0.0)
     assert core.next_deadline() == pytest.approx(1.0)  # the echo comes first
-    out = [e for e in core.tick(10.0) if e.WhichOneof("body") == "vigilance_removed"]
+    out = [e for e in core.tick(10.0).send if e.WhichOneof("body") == "vigilance_removed"]
     (removed,) = out
     assert removed.xid == 0 and removed.vigilance_removed.cookie == 9
     assert removed.vigilance_removed.reason == pb.REMOVED_REASON_HARD_TIMEOUT
@@ -573,10 +605,10 @@ def test_unanswered_pkg_in_is_forgotten_after_the_late_window():
     (env,) = core.flush(0.0)
     core.tick(1.0)
     assert len(core.tables.ft) == 0  # FT gives up first: new copies are sent again
-    core.tick(5.0)
+    assert core.tick(5.0).settled == [t]
     assert t.result.decided_by == TIMEOUT
-    send(core, *pkg_out(env.xid, verdict(pb.VERDICT_ADVERSARIAL, 2)), now=6.0)
-    assert core.unmatched_pkg_out == 1 and core.drain_retractions() == []
+    out = deliver(core, *pkg_out(env.xid, verdict(pb.VERDICT_ADVERSARIAL, 2)), now=6.0)
+    assert core.counters.unmatched_pkg_out == 1 and out.retractions == []
 
 
 # --- privacy ---

@@ -26,10 +26,15 @@ def features(agent_id="a1", model="m"):
 
 
 def handshake(s, now=0.0, agent_id="a1", model="m"):
+    """HELLO, FEATURES, then the resync's BARRIER answered: the session is in MAIN."""
     out = s.receive(raw(pb.Hello(versions_bitmap=0b10)), now)
     (req,) = out.send
     assert messages.body_kind(req) == "features_request"
-    return s.receive(raw(features(agent_id, model), xid=req.xid), now)
+    out = s.receive(raw(features(agent_id, model), xid=req.xid), now)
+    assert s.state is State.CONFIG and s.configured
+    barrier = s.request(pb.BarrierRequest())
+    s.receive(raw(pb.BarrierReply(), xid=barrier.xid), now)
+    return out
 
 
 def pkg_in(n=2, model="m", source="u1", fp=b"f" * 16):
@@ -92,7 +97,7 @@ def test_incompatible_hello_fails_and_closes():
     s = AgentSession("c1", now=0.0)
     out = s.receive(raw(pb.Hello(versions_bitmap=0b100), version=2), 0.0)
     assert out.send[0].error.type == pb.ERROR_TYPE_HELLO_FAILED
-    assert out.closed and s.state is State.DEAD
+    assert out.closed and s.state is State.CLOSED
 
 
 def test_pkg_in_before_features_is_unexpected_but_not_fatal():

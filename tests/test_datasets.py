@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controller import datasets
+from controller.training import datasets
 
 
 @pytest.fixture(scope="module")

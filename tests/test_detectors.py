@@ -7,6 +7,7 @@ from it with a few lines of autograd.
 import copy
 import importlib.metadata
 import json
+import logging
 import time
 
 import numpy as np
@@ -15,14 +16,16 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import controller.detectors as detectors
-from controller import datasets, models
-from controller.detectors import Batch, Detector, Scores, hashing, make_batch, register
-from controller.detectors.base import _REGISTRY
+from controller.detectors import Batch, Detector, Scores, hashing, make_batch
+from controller.detectors.feature_squeezing import FeatureSqueezingDetector
 from controller.detectors.fusion import Pipeline
 from controller.detectors.margin import MarginDetector
 from controller.detectors.phash_prototype import PhashPrototypeDetector, choose_prototypes
+from controller.training import datasets
+from controller.training import example_model as cnn
 
 FGSM_EPS = 0.3
+GROUP = detectors.ENTRY_POINT_GROUP
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def model_path(example_model):
 
 @pytest.fixture(scope="session")
 def model_fn(model_path):
-    net = models.load_model(model_path)
+    net = cnn.load_model(model_path)
 
     def fn(x):
         with torch.no_grad():
@@ -84,30 +87,60 @@ def test_example_model_accuracy_and_metadata(model_path, splits):
     assert meta["class_names"] == [str(i) for i in range(10)]
     assert meta["torch_version"] == torch.__version__
     assert meta["accuracy"] >= 0.95
-    assert models.accuracy(models.load_model(model_path), splits.test) == meta["accuracy"]
+    assert cnn.accuracy(cnn.load_model(model_path), splits.test) == meta["accuracy"]
 
 
 def test_example_model_is_cached(model_path):
     before = model_path.stat().st_mtime_ns
     start = time.perf_counter()
-    assert models.ensure_example_model(model_path.parent.parent) == model_path
+    assert cnn.ensure_example_model(model_path.parent.parent) == model_path
     assert time.perf_counter() - start < 1.0 and model_path.stat().st_mtime_ns == before
 
 
 def test_training_is_deterministic_and_torchscript_round_trips(tmp_path):
     small = datasets.load("digits").subset(np.arange(300))
-    a = models.train_classifier(small, epochs=1, seed=5, progress=False)
-    b = models.train_classifier(small, epochs=1, seed=5, progress=False)
+    a = cnn.train_classifier(small, epochs=1, seed=5, progress=False)
+    b = cnn.train_classifier(small, epochs=1, seed=5, progress=False)
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     x = torch.from_numpy(small.x[:16].copy())
-    models.save_torchscript(a, tmp_path / "m.pt", x[:1])
-    loaded = models.load_model(tmp_path / "m.pt")
+    cnn.save_torchscript(a, tmp_path / "m.pt", x[:1])
+    loaded = cnn.load_model(tmp_path / "m.pt")
     with torch.no_grad():
         assert torch.equal(loaded(x), a(x))
 
 
 # -- registry ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The detector registry as a copy a test may add ad-hoc detectors to (restored after)."""
+    reg = dict(detectors._detectors())
+    monkeypatch.setattr(detectors, "_registry", reg)
+    return reg
+
+
+@pytest.fixture
+def entry_points(monkeypatch):
+    """Replace the installed entry points: ``entry_points(*eps)`` makes the registry read
+    these instead (afresh); returns the groups it was asked for."""
+    seen = []
+
+    def use(*eps):
+        def fake_entry_points(*, group):
+            seen.append(group)
+            return list(eps)
+
+        monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+        monkeypatch.setattr(detectors, "_registry", None)
+        return seen
+
+    return use
+
+
+def _ep(name, value):
+    return importlib.metadata.EntryPoint(name, value, GROUP)
 
 
 def test_registry_lookup_and_unknown_name():
@@ -118,19 +151,35 @@ def test_registry_lookup_and_unknown_name():
         detectors.get("nope")
 
 
-def test_register_refuses_a_taken_name_and_a_missing_one():
-    class Impostor(MarginDetector):
-        name = "margin"
+class Impostor(MarginDetector):
+    name = "margin"
 
-    with pytest.raises(ValueError, match="taken"):
-        register(Impostor)
 
-    class Nameless(Detector):
-        def score(self, batch):
-            raise NotImplementedError
+class Nameless(Detector):
+    def score(self, batch):
+        raise NotImplementedError
 
-    with pytest.raises(TypeError):
-        register(Nameless)
+
+def test_registry_refuses_a_taken_name_and_a_missing_one(entry_points, caplog):
+    entry_points(
+        _ep("margin", "controller.detectors.margin:MarginDetector"),
+        _ep("margin", f"{__name__}:Impostor"),
+        _ep("nameless", f"{__name__}:Nameless"),
+    )
+    with caplog.at_level(logging.ERROR, logger="openexample.controller"):
+        assert detectors.get("margin") is MarginDetector
+        assert detectors.available() == ["margin"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("Impostor" in m for m in logged) and any("Nameless" in m for m in logged)
+
+
+def test_contract_is_declared_on_the_class():
+    for flag in ("needs_model", "needs_activations", "can_purify"):
+        assert getattr(Detector, flag) is False
+        for name in detectors.available():
+            assert isinstance(getattr(detectors.get(name), flag), bool)
+    assert FeatureSqueezingDetector.needs_model and not MarginDetector.needs_model
+    assert MarginDetector.can_purify and not FeatureSqueezingDetector.can_purify
 
 
 class ConstantDetector(Detector):
@@ -142,26 +191,24 @@ class ConstantDetector(Detector):
         return Scores(np.zeros(len(batch)), None)
 
 
-def test_plugins_come_from_the_entry_point_group(monkeypatch):
-    ep = importlib.metadata.EntryPoint(
-        "test_constant", f"{__name__}:ConstantDetector", detectors.ENTRY_POINT_GROUP
-    )
-    broken = importlib.metadata.EntryPoint(
-        "broken", "no_such_module_xyz:Thing", detectors.ENTRY_POINT_GROUP
-    )
-    seen = []
-
-    def fake_entry_points(*, group):
-        seen.append(group)
-        return [broken, ep]
-
-    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
-    monkeypatch.setattr(detectors, "_plugins_loaded", False)
-    try:
+def test_plugins_come_from_the_entry_point_group(entry_points, caplog):
+    broken = _ep("broken", "no_such_module_xyz:Thing")
+    seen = entry_points(broken, _ep("test_constant", f"{__name__}:ConstantDetector"))
+    with caplog.at_level(logging.ERROR, logger="openexample.controller"):
         assert detectors.get("test_constant") is ConstantDetector  # the broken one is skipped
-        assert seen == [detectors.ENTRY_POINT_GROUP]
-    finally:
-        _REGISTRY.pop("test_constant", None)
+        assert "broken" not in detectors.available()
+        with pytest.raises(ValueError, match="unknown detector 'broken'"):
+            detectors.get("broken")
+    assert seen == [GROUP]  # the group is read once
+    assert sum("'broken'" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_an_ad_hoc_detector_through_the_registry_fixture(registry, tmp_path):
+    registry["test_constant"] = ConstantDetector
+    assert detectors.get("test_constant") is ConstantDetector
+    ConstantDetector().save(tmp_path / "c")
+    assert type(detectors.load_artifact(tmp_path / "c")) is ConstantDetector
+    assert type(Detector.load(tmp_path / "c")) is ConstantDetector
 
 
 # -- margin -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def fgsm(example_model, mnist):
     from art.attacks.evasion import FastGradientMethod
     from art.estimators.classification import PyTorchClassifier
 
-    from controller.models import load_model
+    from controller.reference_model import load_model
 
     model = load_model(example_model)
     clf = PyTorchClassifier(

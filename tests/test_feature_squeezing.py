@@ -11,15 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import roc_auc_score
 
-from controller import config, detectors, models
+from controller import config, detectors
 from controller.detectors import Batch, Detector, make_batch
-from controller.detectors.feature_squeezing import (
-    FeatureSqueezingDetector,
-    bit_depth,
-    median_2x2,
-)
+from controller.detectors.arrays import bit_depth
+from controller.detectors.feature_squeezing import FeatureSqueezingDetector, median_2x2
 from controller.pipeline import load_scorers
-from controller.training import model_fn
+from controller.reference_model import load_model, model_fn
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def fitted(mnist, predict):
 
 @pytest.fixture(scope="module")
 def fgsm(mnist, example_model):
-    net = models.load_model(example_model)
+    net = load_model(example_model)
     x = torch.from_numpy(np.ascontiguousarray(mnist.test.x)).requires_grad_(True)
     torch.nn.functional.cross_entropy(net(x), torch.from_numpy(mnist.test.y)).backward()
     return (x + 0.3 * x.grad.sign()).clamp(0, 1).detach().numpy()
@@ -78,6 +75,7 @@ def test_bad_squeezer():
 
 
 def test_needs_model(mnist):
+    assert FeatureSqueezingDetector.needs_model  # declared: the controller attaches one
     det = FeatureSqueezingDetector()
     with pytest.raises(ValueError, match="needs the model"):
         det.score(Batch(mnist.test.x[:2], None, np.zeros(2, np.int64)))

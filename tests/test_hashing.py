@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from controller import datasets
 from controller.detectors import hashing
+from controller.training import datasets
 
 REFERENCE = {"average": imagehash.average_hash, "dhash": imagehash.dhash, "phash": imagehash.phash}
 

@@ -1,8 +1,10 @@
 """The package boundaries of ARCHITECTURE.md §4, and the console scripts."""
 
 import ast
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,34 @@ def test_console_script_has_help(script):
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: " + script)
+
+
+SERVE_IMPORTS = """
+import json, sys
+import controller.cli, controller.server, controller.pipeline
+from controller import detectors
+names = detectors.available()
+for name in names:
+    detectors.get(name)
+loaded = sorted(
+    m for m in sys.modules
+    if m in ("controller.training", "art") or m.startswith(("controller.training.", "art."))
+)
+print(json.dumps({"detectors": names, "offline": loaded}))
+"""
+
+
+def test_serve_never_imports_the_offline_room():
+    """What ``serve`` runs (the daemon and every registered detector) loads nothing from
+    controller/training (datasets, the example model, ``train``) and not ART."""
+    out = subprocess.run(
+        [sys.executable, "-c", SERVE_IMPORTS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"desvig", "feature_squeezing", "margin", "phash_prototype"} <= set(report["detectors"])
+    assert report["offline"] == []

@@ -156,12 +156,12 @@ def test_metric_catalogue_is_fresh():
 
 
 def _agent_core(agent_id: str):
+    from agents.config import AgentConfig
     from agents.core import AgentCore
     from agents.results import ModelInfo
-    from openexample.rules import INSPECT, RuleActions
 
     return AgentCore(
-        agent_id, [ModelInfo("m", (1,), ("0", "1"))], miss_actions=RuleActions(INSPECT, 350, 1)
+        agent_id, [ModelInfo("m", (1,), ("0", "1"))], AgentConfig(budget_us=350), now=0.0
     )
 
 
@@ -353,7 +353,7 @@ def _fgsm(model_path: Path, x: np.ndarray, y: np.ndarray, eps: float = 0.3) -> n
     """FGSM (L-inf eps) on the example model, plain torch (ART is for the bench)."""
     import torch
 
-    from controller.models import load_model
+    from controller.reference_model import load_model
 
     model = load_model(model_path).eval()
     xt = torch.tensor(x, requires_grad=True)

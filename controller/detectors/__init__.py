@@ -1,8 +1,12 @@
 """Detectors hosted by the controller, looked up by name.
 
-Built-ins register themselves on import; third-party packages add theirs through the
-entry-point group ``openexample.detectors`` (``name = package.module:Class``), loaded the
-first time a name is not found, so a new detector is one file plus one line of metadata.
+Every detector, built-in or third-party, is declared the same way: one line in the
+entry-point group ``openexample.detectors`` (``name = package.module:Class``; the built-ins
+are in setup.cfg ``[options.entry_points]``). The group is read once, the first time a
+name is asked for; a plugin that fails to load, is not a ``Detector`` subclass, or whose
+entry-point name differs from its class's ``name`` is logged once and left out. What a
+detector needs from the controller is declared on the class (``Detector.needs_model``,
+``needs_activations``, ``can_purify``): see controller/detectors/base.py.
 """
 
 from __future__ import annotations
@@ -11,28 +15,21 @@ import importlib.metadata
 import logging
 from pathlib import Path
 
-from controller.detectors import desvig, feature_squeezing, margin, phash_prototype
 from controller.detectors.base import (
-    _REGISTRY,
     Batch,
     Detector,
     ModelFn,
     Scores,
     make_batch,
     read_manifest,
-    register,
 )
 
 ENTRY_POINT_GROUP = "openexample.detectors"
-BUILTIN = (
-    margin.MarginDetector,
-    phash_prototype.PhashPrototypeDetector,
-    feature_squeezing.FeatureSqueezingDetector,
-    desvig.DesvigDetector,
-)
 
 log = logging.getLogger("openexample.controller")
-_plugins_loaded = False
+
+_registry: dict[str, type[Detector]] | None = None
+"""name -> class, read from the entry points on first use (tests swap it for a copy)."""
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -44,39 +41,45 @@ __all__ = [
     "get",
     "load_artifact",
     "make_batch",
-    "register",
 ]
 
 
-def _load_plugins() -> None:
-    """Import every entry point of the group once; a broken plugin is logged, not fatal."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
+def _load_entry_points() -> dict[str, type[Detector]]:
+    found: dict[str, type[Detector]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, Detector)):
                 raise TypeError(f"{ep.value} is not a Detector subclass")
-            if _REGISTRY.get(cls.name) is not cls:
-                register(cls)
+            name = getattr(cls, "name", None)
+            if name != ep.name:
+                raise TypeError(f"{ep.value} has name {name!r}, its entry point {ep.name!r}")
+            other = found.get(name)
+            if other is not None and other is not cls:
+                raise ValueError(f"detector name {name!r} is taken by {other.__qualname__}")
         except Exception:
             log.exception("detector plugin %r (%s) failed to load", ep.name, ep.value)
+            continue
+        found[name] = cls
+    return found
+
+
+def _detectors() -> dict[str, type[Detector]]:
+    global _registry
+    if _registry is None:
+        _registry = _load_entry_points()
+    return _registry
 
 
 def available() -> list[str]:
-    """Names of all detectors: built-in and installed plugins."""
-    _load_plugins()
-    return sorted(_REGISTRY)
+    """Names of all detectors declared in the entry-point group."""
+    return sorted(_detectors())
 
 
 def get(name: str) -> type[Detector]:
-    """The detector class registered as ``name``; ValueError naming the valid ones if none."""
-    if name not in _REGISTRY:
-        _load_plugins()
+    """The detector class declared as ``name``; ValueError naming the valid ones if none."""
     try:
-        return _REGISTRY[name]
+        return _detectors()[name]
     except KeyError:
         raise ValueError(
             f"unknown detector {name!r}; available: {', '.join(available())}"

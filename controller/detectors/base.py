@@ -1,10 +1,13 @@
 """The detector interface: fit on clean data, calibrate to a false-positive rate, score.
 
 Modelled on Alibi Detect's ``infer_threshold`` / ``predict`` pair, kept small so a new
-detector is one file: subclass ``Detector``, set ``name``, implement ``score`` (and the
-``_fit`` / ``config`` / ``arrays`` / ``_restore`` hooks if it learns anything), decorate it
-with ``@register``. Artifacts are folders with a JSON manifest and one ``.npz``: no pickle,
-so loading an artifact never runs code from it.
+detector is one module (or one package): subclass ``Detector``, set ``name`` and the
+contract flags it needs (``needs_model``, ``needs_activations``, ``can_purify``), implement
+``score`` (and the ``_fit`` / ``config`` / ``arrays`` / ``_restore`` hooks if it learns
+anything), and declare it in the entry-point group ``openexample.detectors``
+(``name = package.module:Class``; see controller/detectors/__init__.py). Artifacts are
+folders with a JSON manifest and one ``.npz``: no pickle, so loading an artifact never
+runs code from it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 FORMAT = 1
 _VERSIONED = ("numpy", "scipy", "pillow", "imagehash", "torch", "openexample")
-
-_REGISTRY: dict[str, type[Detector]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,26 @@ class Scores:
 
 class Detector(ABC):
     """Base class. ``threshold`` and ``fpr`` are set by ``calibrate``; ``meta`` holds what
-    the manifest records (dataset, classes, input shape, calibration figures)."""
+    the manifest records (dataset, classes, input shape, calibration figures).
+
+    The class attributes below are the detector's contract with the controller; a
+    subclass sets those it needs, and callers read them instead of guessing."""
 
     name: ClassVar[str]
+    """The registry and manifest name: equal to the detector's entry-point name."""
+
+    needs_model: ClassVar[bool] = False
+    """Scores need the controller's reference copy of the model (``self.model``): the
+    controller attaches the configured ``reference_model``, or the model file recorded in
+    the artifact's manifest, and refuses the artifact when there is neither."""
+
+    needs_activations: ClassVar[bool] = False
+    """Scores need the intermediate activations the agent attaches to PKG_IN
+    (``Batch.activations``)."""
+
+    can_purify: ClassVar[bool] = False
+    """``score`` may give a corrected label (``Scores.corrected``): the label the input
+    would get once the perturbation is taken out, for the agent to answer with."""
 
     def __init__(self) -> None:
         self.threshold: float | None = None
@@ -209,18 +227,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format", FORMAT) > FORMAT:
         raise ValueError(f"{file}: artifact format {manifest['format']} is newer than {FORMAT}")
     return manifest
-
-
-def register(cls: type[Detector]) -> type[Detector]:
-    """Class decorator: make ``cls`` available by its ``name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__qualname__} needs a class attribute 'name'")
-    other = _REGISTRY.get(name)
-    if other is not None and other is not cls:
-        raise ValueError(f"detector name {name!r} is taken by {other.__qualname__}")
-    _REGISTRY[name] = cls
-    return cls
 
 
 def _versions() -> dict[str, str]:

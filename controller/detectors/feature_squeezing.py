@@ -24,16 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from controller.detectors.base import Batch, Detector, Scores, register
-from controller.detectors.margin import softmax
+from controller.detectors.arrays import as_float, bit_depth, softmax
+from controller.detectors.base import Batch, Detector, Scores
 
 SQUEEZERS = ("bit_depth_1", "median_2x2")
-
-
-def bit_depth(x: np.ndarray, bits: int = 1) -> np.ndarray:
-    """Reduce [0, 1] images to ``bits`` bits per pixel: round(x * (2^b - 1)) / (2^b - 1)."""
-    levels = np.float32(2**bits - 1)
-    return (np.rint(np.asarray(x, np.float32) * levels) / levels).astype(np.float32)
 
 
 def median_2x2(x: np.ndarray) -> np.ndarray:
@@ -51,7 +45,6 @@ def median_2x2(x: np.ndarray) -> np.ndarray:
 _SQUEEZE = {"bit_depth_1": bit_depth, "median_2x2": median_2x2}
 
 
-@register
 class FeatureSqueezingDetector(Detector):
     name = "feature_squeezing"
     needs_model = True  # the controller re-attaches the reference model (pipeline.py)
@@ -76,15 +69,13 @@ class FeatureSqueezingDetector(Detector):
                 "feature_squeezing needs the model: fit(..., model=...), or a reference_model"
                 " in the controller config"
             )
-        x = np.asarray(batch.inputs)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / np.float32(255)
+        x = as_float(batch.inputs)
         n = len(x)
         if batch.logits is not None:
             p = softmax(batch.logits)
             logits = self.model(self.squeezed(x))
         else:
-            logits = self.model(np.concatenate([x.astype(np.float32), self.squeezed(x)]))
+            logits = self.model(np.concatenate([x, self.squeezed(x)]))
             p, logits = softmax(logits[:n]), logits[n:]
         q = softmax(logits).reshape(len(self.squeezers), n, -1)
         l1 = np.abs(q - p[None]).sum(axis=2)  # [S, N]

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.detectors.base import Batch, Detector, Scores, register
+from controller.detectors.arrays import softmax
+from controller.detectors.base import Batch, Detector, Scores
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (shifted by the row max, so large logits are safe)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
-@register
 class MarginDetector(Detector):
     name = "margin"
+    can_purify = True  # corrected: the runner-up class
 
     def score(self, batch: Batch) -> Scores:
         logits = batch.logits

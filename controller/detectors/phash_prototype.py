@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from controller.detectors import hashing
-from controller.detectors.base import Batch, Detector, Scores, register
+from controller.detectors.base import Batch, Detector, Scores
 
 _FAR = 65  # more than any Hamming distance between 64-bit hashes
 _MAX_CANDIDATES = 4096  # per class: bounds fit memory (a 4096^2 uint8 distance matrix)
@@ -62,9 +62,9 @@ def choose_prototypes(hashes: np.ndarray, k: int, iterations: int = 5) -> np.nda
     return np.sort(first[np.unique(chosen)])
 
 
-@register
 class PhashPrototypeDetector(Detector):
     name = "phash_prototype"
+    can_purify = True  # corrected: the class with the nearest prototypes
 
     def __init__(self, k: int = 256, hash: str = "average", temperature: float = 1.0) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ like the input and nothing would be detected. Three things see to that:
 Networks are small MLPs (one hidden layer each for E and G), so that a copy costs two
 matrix products per input. Training runs here in torch (about 25 s on 2 idle cores, with
 a progress bar); the weights are then plain numpy arrays, and ``CGAN``
-(controller/inversion.py) runs E and G, and the iterative inversion, in numpy: the
+(inversion.py beside this file) runs E and G, and the iterative inversion, in numpy: the
 detector artifact is an ``.npz`` and scoring runs no torch and no autograd.
 """
 
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from controller.inversion import CGAN, pool
+from controller.detectors.arrays import pool
+from controller.detectors.desvig.inversion import CGAN
 
 __all__ = ["CGAN", "CGANConfig", "ensure_cgan", "fingerprint", "train_cgan"]
 

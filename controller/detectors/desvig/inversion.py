@@ -1,6 +1,6 @@
 """The input copy in numpy: DeSVig's encoder E(x, y) -> z, generator G(z | y), inversion.
 
-Weights come from controller/cgan.py (trained in torch); here they are float32 arrays, so
+Weights come from gan.py beside this file (trained in torch); here they are float32 arrays, so
 scoring a batch is a few matrix products with no torch, and the iterative inversion (the
 paper's "iteratively optimize", Table III step 6) has its gradient written out.
 """
@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def pool(x: np.ndarray, k: int) -> np.ndarray:
-    """[N, C, H, W] -> [N, C * H/k * W/k]: k x k average pooling, flattened."""
-    n, c, h, w = x.shape
-    if k == 1:
-        return x.reshape(n, c * h * w)
-    return x.reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5)).reshape(n, -1)
-
+from controller.detectors.arrays import pool, sigmoid_
 
 _WEIGHTS = ("e_w1", "e_b1", "e_w2", "e_b2", "g_w1", "g_b1", "g_w2", "g_b2")
-
-
-def _sigmoid(v: np.ndarray) -> np.ndarray:
-    # 0.5 * tanh(v / 2) + 0.5: one transcendental, and no overflow warning for large |v|
-    np.multiply(v, 0.5, out=v)
-    np.tanh(v, out=v)
-    np.multiply(v, 0.5, out=v)
-    return np.add(v, 0.5, out=v)
 
 
 class CGAN:
@@ -74,7 +59,7 @@ class CGAN:
         np.maximum(h, 0, out=h)
         out = h @ self.w["g_w2"]
         out += self.w["g_b2"]
-        return _sigmoid(out).reshape(len(labels), *self.shape)
+        return sigmoid_(out).reshape(len(labels), *self.shape)
 
     def copy(self, x: np.ndarray, labels: np.ndarray, refine_steps: int = 0) -> np.ndarray:
         """The input copy of ``x`` for ``labels``: G(E(x, y), y), refined if asked."""
@@ -121,7 +106,7 @@ class CGAN:
         for t in range(1, steps + 1):
             pre = self._hidden(z, labels)
             h = np.maximum(pre, 0)
-            g = _sigmoid(h @ self.w["g_w2"] + self.w["g_b2"])
+            g = sigmoid_(h @ self.w["g_w2"] + self.w["g_b2"])
             d_out = 2.0 * (g - target) * g * (1.0 - g)  # d loss / d logits
             d_h = (d_out @ self.w["g_w2"].T) * (pre > 0)
             grad = d_h @ self._g_z.T + 2.0 * prior * z

@@ -28,28 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from controller import datasets, detectors
-from controller.detectors.base import Batch, ModelFn
+from controller import detectors
+from controller.detectors.base import Batch
 from controller.detectors.fusion import Pipeline
-from controller.models import ensure_example_model, load_model
+from controller.reference_model import model_fn
+from controller.training import datasets
+from controller.training.example_model import ensure_example_model
 
 DEFAULT_DETECTORS = ("desvig", "margin")
-
-
-def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
-    """A TorchScript file as a numpy callable: inputs [N, ...] -> logits [N, C]."""
-    model = load_model(path)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), batch_size):
-                out.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))))
-        return torch.cat(out).numpy().astype(np.float32)
-
-    return predict
 
 
 def build_artifacts(

@@ -1,7 +1,7 @@
 """DeSVig (seed 000): a CGAN copy of the input for the claimed label, compared by hash.
 
 Table III: the controller draws a copy X' of the input X for the label L the model gave
-(step 6, controller/cgan.py), hashes both (steps 11-16: resize to 8x8, compare each pixel
+(step 6, gan.py beside this file), hashes both (steps 11-16: resize to 8x8, compare each pixel
 with the mean, 64 bits) and compares the hashes; the paper's "flexible threshold" on their
 Hamming distance is learned here by ``calibrate`` on clean data for a target FPR.
 
@@ -50,10 +50,11 @@ from typing import Any
 
 import numpy as np
 
-from controller.cgan import CGAN, CGANConfig, ensure_cgan, train_cgan
 from controller.detectors import hashing
-from controller.detectors.base import Batch, Detector, Scores, register
-from controller.detectors.feature_squeezing import bit_depth
+from controller.detectors.arrays import as_float, bit_depth
+from controller.detectors.base import Batch, Detector, Scores
+from controller.detectors.desvig.gan import CGANConfig, ensure_cgan, train_cgan
+from controller.detectors.desvig.inversion import CGAN
 
 _FAR = 1e6  # the score of an item whose label is not a class: above any distance
 DISTANCES = ("hash", "hash+l1")
@@ -77,16 +78,9 @@ def _blas_limit(n: int) -> Any:
     return _POOLS.limit(limits=1, user_api="blas")
 
 
-def _as_float(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255)
-    return np.asarray(x, dtype=np.float32)
-
-
-@register
 class DesvigDetector(Detector):
     name = "desvig"
+    can_purify = True  # corrected: the class whose copy is closest to the input
 
     def __init__(
         self,
@@ -151,7 +145,7 @@ class DesvigDetector(Detector):
 
     # -- learning ---------------------------------------------------------------------------
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = _as_float(x)
+        x = as_float(x)
         classes = len(self.meta["classes"])
         if self.cache is not None:
             self.cgan, summary = ensure_cgan(
@@ -175,7 +169,7 @@ class DesvigDetector(Detector):
         labels = np.asarray(clean.labels, dtype=np.int64)
         valid = (labels >= 0) & (labels < self.cgan.classes)
         with _blas_limit(len(labels)):
-            self._set_scales(*self.distances(_as_float(clean.inputs)[valid], labels[valid]))
+            self._set_scales(*self.distances(as_float(clean.inputs)[valid], labels[valid]))
         return super().calibrate(clean, fpr)
 
     # -- scoring ----------------------------------------------------------------------------
@@ -202,7 +196,7 @@ class DesvigDetector(Detector):
         (the input binarized with ``correct_on="binarized"``): argmin = corrected label."""
         if self.cgan is None:
             raise RuntimeError("desvig is not fitted")
-        x = _as_float(x)
+        x = as_float(x)
         if self.correct_on == "binarized":
             x = bit_depth(x, 1)
         copies = self.cgan.copies_all(x, self.refine_steps)
@@ -212,7 +206,7 @@ class DesvigDetector(Detector):
     def score(self, batch: Batch) -> Scores:
         if self.cgan is None:
             raise RuntimeError("desvig is not fitted")
-        x = _as_float(batch.inputs)
+        x = as_float(batch.inputs)
         labels = np.asarray(batch.labels, dtype=np.int64)
         n, classes = len(labels), self.cgan.classes
         valid = (labels >= 0) & (labels < classes)

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,12 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from controller import datasets
+from controller.reference_model import load_model, quiet_torchscript
+from controller.training import datasets
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from controller.training.datasets import Dataset
 
-    from controller.datasets import Dataset
+__all__ = [
+    "SmallCNN",
+    "accuracy",
+    "ensure_example_model",
+    "load_model",
+    "save_torchscript",
+    "train_classifier",
+]
 
 BATCH_SIZE = 64
 LEARNING_RATE = 3e-3  # 8 epochs of 47 steps: 1e-3 ends at ~96%, 3e-3 at ~97%
@@ -97,31 +103,15 @@ def accuracy(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
     return correct / max(len(ds), 1)
 
 
-@contextmanager
-def _quiet_torchscript() -> Iterator[None]:
-    # torch.jit is deprecated upstream but is still the format the design names; keep the
-    # warning out of users' logs (the switch to torch.export is a separate decision).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-        yield
-
-
 def save_torchscript(model: nn.Module, path: str | Path, example_input: torch.Tensor) -> None:
     """Trace ``model`` (in eval mode) and save it atomically as TorchScript."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_torchscript(), torch.no_grad():
+    with quiet_torchscript(), torch.no_grad():
         traced = torch.jit.trace(model.eval(), example_input)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         traced.save(str(tmp))
     os.replace(tmp, path)
-
-
-def load_model(path: str | Path) -> torch.jit.ScriptModule:
-    """Load a TorchScript model on the CPU, in eval mode."""
-    with _quiet_torchscript():
-        model = torch.jit.load(str(path), map_location="cpu")
-    return model.eval()
 
 
 def _slug(name: str) -> str:
