@@ -91,7 +91,7 @@ async def start_server(guard: Guard, address: str) -> tuple[grpc.aio.Server, int
     """Start serving Predict on ``address`` (``host:port``, port 0 = any); returns the
     server and the bound port. A malformed address is a ConfigError naming ``serve``."""
     split_host_port(address, "serve")
-    server = grpc.aio.server(options=guard.core.my_limits.grpc_options() if guard.core else None)
+    server = grpc.aio.server(options=guard.config.limits.grpc_options())
     predict_pb2_grpc.add_PredictorServicer_to_server(PredictorService(guard), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -85,7 +85,7 @@ class Step:
     # Replies to controller-initiated requests (sid, xid, envelope): admin waits on them.
     replies: list[tuple[int, int, pb.Envelope]] = field(default_factory=list)
     closed: list[tuple[int, str]] = field(default_factory=list)
-    ready: list[int] = field(default_factory=list)  # sessions that reached MAIN
+    ready: list[int] = field(default_factory=list)  # sessions whose FEATURES were accepted
     # Typed errors sent to agents, by name; sources blocked; overload answers.
     errors: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)

@@ -2,7 +2,7 @@
 
 Detectors that call the model (``Detector.needs_model``) get it from here: the config's
 ``reference_model``, or the model file recorded in an artifact's manifest. The format is
-TorchScript, the one the controller config names for reference copies (architecture 2b).
+TorchScript, the one the controller config names for reference copies (docs/architecture.md).
 This is daemon code: ``serve`` loads it, and it imports nothing of the offline room
 (controller/training).
 """

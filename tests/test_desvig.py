@@ -287,7 +287,21 @@ def test_build_artifacts_default_set(tmp_path, example_model, gan, mnist):
     # the controller loads the set (feature squeezing re-attaches the model by itself)
     cfg = config.from_mapping({"models": {"m": {"detectors": [str(p) for p in paths]}}})
     scorer = load_scorers(cfg)["m"]
-    x, y = mnist.test.x[::50], mnist.test.y[::50]
-    items = scorer.score(x, model_fn(example_model)(x), _wrong(y, 2))  # claims the wrong label
-    assert len(items) == len(x) and sum(i.verdict == pb.VERDICT_ADVERSARIAL for i in items) > 5
-    assert [e.detector for e in items[0].evidence] == list(DEFAULT_DETECTORS)
+    # The same clean images claimed under their true label and under a wrong one: the
+    # wrong claims score higher and are flagged more. (How many are caught is a figure
+    # for the detection bench, not for a test: see the README.)
+    x, y = mnist.test.x[::25], mnist.test.y[::25]
+    logits = model_fn(example_model)(x)
+    right = scorer.score(x, logits, y)
+    wrong = scorer.score(x, logits, _wrong(y, 2))
+    assert len(right) == len(wrong) == len(x)
+    assert [e.detector for e in wrong[0].evidence] == list(DEFAULT_DETECTORS)
+
+    def flagged(items):
+        return sum(i.verdict == pb.VERDICT_ADVERSARIAL for i in items)
+
+    def desvig_scores(items):
+        return np.array([e.score for i in items for e in i.evidence if e.detector == "desvig"])
+
+    assert flagged(wrong) >= 2 and flagged(wrong) > flagged(right)
+    assert np.median(desvig_scores(wrong)) > np.median(desvig_scores(right))

@@ -1,4 +1,4 @@
-"""The package boundaries of ARCHITECTURE.md §4, and the console scripts."""
+"""The rooms of docs/architecture.md and what may import what, and the console scripts."""
 
 import ast
 import json
@@ -76,3 +76,84 @@ def test_serve_never_imports_the_offline_room():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"desvig", "feature_squeezing", "margin", "phash_prototype"} <= set(report["detectors"])
     assert report["offline"] == []
+
+
+# The sans-I/O rooms (docs/architecture.md): messages and ``now`` in, messages and events
+# out. No event loop, sockets, threads, clocks or metrics library, directly or through
+# another project module they import. The generated gRPC stubs in openexample/v1 are
+# imported only by the shells.
+SANS_IO = [
+    *(
+        p
+        for p in sorted((ROOT / "openexample").rglob("*.py"))
+        if not p.name.endswith("_pb2_grpc.py")
+    ),
+    ROOT / "controller" / "core.py",
+    ROOT / "controller" / "session.py",
+    ROOT / "agents" / "core.py",
+    ROOT / "agents" / "counters.py",
+    ROOT / "agents" / "results.py",
+    ROOT / "agents" / "config.py",
+]
+IO_MODULES = {"asyncio", "grpc", "threading", "time", "prometheus_client", "socket", "selectors"}
+PROJECT = ("openexample", "controller", "agents", "bench")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Full names of the modules a file imports (``from a.b import c`` gives a.b, a.b.c)."""
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def module_file(name: str) -> Path | None:
+    """The project file behind a dotted module name, if it is one of ours."""
+    if name.split(".")[0] not in PROJECT:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def io_imports_reachable_from(path: Path) -> dict[str, set[str]]:
+    """{project file: I/O modules it imports} over everything ``path`` pulls in."""
+    seen: set[Path] = set()
+    todo = [path]
+    found: dict[str, set[str]] = {}
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        mods = imported_modules(p)
+        bad = {m.split(".")[0] for m in mods} & IO_MODULES
+        if bad:
+            found[str(p.relative_to(ROOT))] = bad
+        for m in mods:
+            f = module_file(m)
+            if f is not None and not f.name.endswith("_pb2_grpc.py"):
+                todo.append(f)
+    return found
+
+
+@pytest.mark.parametrize("path", SANS_IO, ids=lambda p: str(p.relative_to(ROOT)))
+def test_sans_io_core_imports_no_io(path):
+    assert io_imports_reachable_from(path) == {}
+
+
+def test_the_sans_io_check_catches_an_io_import(tmp_path, monkeypatch):
+    """The check above can fail: a core that imports a helper that imports time."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "core.py").write_text("from agents import helper\n")
+    (tmp_path / "agents" / "helper.py").write_text("import time\n")
+    found = io_imports_reachable_from(tmp_path / "agents" / "core.py")
+    assert found == {"agents/helper.py": {"time"}}

@@ -2,7 +2,7 @@
 
 The controller never trains the user's model; this one exists so the demo, the detectors'
 tests and the benchmarks have a real MNIST classifier to attack. It is saved as TorchScript,
-the format the controller config names for reference copies of a model (architecture 2b).
+the format the controller config names for reference copies of a model (docs/architecture.md).
 """
 
 from __future__ import annotations
