@@ -38,7 +38,7 @@ DECIDED_BY = (RULE, RT, CONTROLLER, TIMEOUT, DISCONNECTED)
 
 
 def latency_buckets(budgets_us: Iterable[int] = ()) -> tuple[float, ...]:
-    """~10 us to 100 ms (the design brief, "Real parts") plus a boundary at each budget (microseconds)."""
+    """~10 us to 100 ms plus a boundary at each budget (microseconds)."""
     return _latency_buckets_s(b * 1e-6 for b in budgets_us)
 
 
