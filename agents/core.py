@@ -30,6 +30,7 @@ import numpy as np
 
 from agents.config import AgentConfig
 from agents.counters import AgentCounters, AgentSnapshot, TableCounts
+from agents.outbox import Outbox, build_pkg_in
 from agents.results import (
     CONTROLLER,
     DISCONNECTED,
@@ -46,9 +47,8 @@ from agents.results import (
     Ticket,
     outcome,
 )
-from openexample import tensor
 from openexample.errors import PeerError, ProtocolError, bad_request
-from openexample.messages import envelope
+from openexample.messages import PROTOCOL_VERSION
 from openexample.rules import ALLOW, INSPECT, RuleActions, RuleTable, parse_fail_mode
 from openexample.session import Closed, Established, Output, PeerHello, Received, Session, State
 from openexample.tables import Key, LabelTables, PendingTable, ResultEntry, ResultTable, fingerprint
@@ -98,7 +98,7 @@ class AgentCore:
             ResultTable(config.rt_max_entries, default_ttl_s=config.rt_ttl_s),
             PendingTable(config.ft_max_entries),
         )
-        self.max_batch_items = min(config.max_batch_items, config.limits.max_batch_items)
+        self.outbox = Outbox(min(config.max_batch_items, config.limits.max_batch_items))
         # Wall clock = now + offset: PKG_IN's inferred_at_ns, for stage timings.
         self.wall_offset_s = wall_offset_s
         self._fp_key = config.fingerprint_key
@@ -112,10 +112,6 @@ class AgentCore:
         self.role = pb.CONTROLLER_ROLE_EQUAL
         self.generation_id: int | None = None
         self.controller_id = ""
-        self._scheduled = False  # a flush of the outbox is due
-        self._outbox: list[Batch] = []
-        self._open: dict[str, Batch] = {}
-        self._sent: dict[int, Batch] = {}  # xid -> batch awaiting PKG_OUT, oldest first
         self._inflight: dict[Key, Item] = {}  # FT keys -> the item that carries them
         # (model, label) pairs for which the RT has held an ADVERSARIAL entry: only those
         # inferences pay for a fingerprint under an ALLOW rule, so a known attack is
@@ -191,7 +187,7 @@ class AgentCore:
                     now)  # fmt: skip
         item.tickets.append(ticket)
         self._inflight[key] = item
-        return ticket, self._enqueue(batch, item)
+        return ticket, self.outbox.add(batch, item)
 
     def expire_ticket(self, ticket: Ticket, now: float) -> Result:
         """The waiter's budget is over: its result, deciding by fail mode if still open."""
@@ -268,65 +264,32 @@ class AgentCore:
         reason = pb.PKG_IN_REASON_MIRROR if mirror else pb.PKG_IN_REASON_SAMPLED
         fp = fingerprint(x, self._fp_key)
         item = Item(x, logits, label, confidence, source_id, reason, cookie, fp, 0, now)
-        return self._enqueue(self._batch_for(model_id), item)
+        return self.outbox.add(self._batch_for(model_id), item)
 
     def _batch_for(self, model_id: str) -> Batch:
-        batch = self._open.get(model_id)
-        if batch is None or len(batch.items) >= self.max_batch_items:
-            assert self.session is not None
-            batch = self._open[model_id] = Batch(self.session.request_xid(), model_id)
-            self._outbox.append(batch)
-        return batch
-
-    def _enqueue(self, batch: Batch, item: Item) -> bool:
-        batch.items.append(item)
-        if self._scheduled:
-            return False
-        self._scheduled = True
-        return True
+        assert self.session is not None  # decide() sends only while a session is up
+        return self.outbox.batch_for(model_id, self.session.request_xid)
 
     # ---- outbox (I/O thread) -------------------------------------------------------
 
     def take_outbox(self, now: float) -> list[Batch]:
         """Close the queued batches and mark them sent (build them with build_pkg_in)."""
-        self._scheduled = False
-        batches = [b for b in self._outbox if b.items]
-        self._outbox = []
-        self._open.clear()
-        for b in batches:
-            b.sent_at = now
-            self._sent[b.xid] = b
-            self.counters.pkg_in_items += len(b.items)
+        batches = self.outbox.take(now)
         self.counters.pkg_in += len(batches)
+        self.counters.pkg_in_items += sum(len(b.items) for b in batches)
         return batches
 
     def build_pkg_in(self, batch: Batch) -> pb.Envelope:
         """The PKG_IN for a taken batch. Touches no shared state but the noise RNG, so
         the I/O thread runs it outside the lock."""
-        info = self.models[batch.model_id]
-        items = batch.items
-        xs = np.stack([it.x for it in items]).astype(info.input_dtype, copy=False)
-        if info.privacy is not None:
-            xs = info.privacy.apply(xs, self._np_rng)
-        logits = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
-        body = pb.PkgIn(model_id=batch.model_id)
-        tensor.encode(xs, body.inputs)
-        tensor.encode(logits, body.logits)
-        offset = self.wall_offset_s
-        for it in items:
-            conf = it.confidence
-            body.items.add(
-                label=it.label,
-                confidence=conf if 0.0 <= conf <= 1.0 else 0.0,  # NaN would void the batch
-                source_id=it.source_id,
-                reason=it.reason,
-                rule_cookie=it.cookie,
-                fingerprint=it.fp,
-                budget_us=it.budget_us,
-                inferred_at_ns=max(0, int((it.started + offset) * 1e9)),
-            )
-        version = self.session.version if self.session is not None else 1
-        return envelope(body, xid=batch.xid, version=version)
+        version = self.session.version if self.session is not None else PROTOCOL_VERSION
+        return build_pkg_in(
+            batch,
+            self.models[batch.model_id],
+            self._np_rng,
+            version=version,
+            wall_offset_s=self.wall_offset_s,
+        )
 
     def flush(self, now: float) -> list[pb.Envelope]:
         """take_outbox + build_pkg_in in one go (tests, simple shells)."""
@@ -363,14 +326,9 @@ class AgentCore:
         if self.session is not None:
             self._xid_start = self.session.request_xid()  # xids never repeat across streams
         self.session = None
-        waiting = [*self._sent.values(), *self._outbox]
-        self._sent.clear()
-        self._outbox = []
-        self._open.clear()
         self._inflight.clear()
-        self._scheduled = False
         self.tables.ft.clear()
-        for batch in waiting:
+        for batch in self.outbox.clear():
             for item in batch.items:
                 for t in item.tickets:
                     if t.result is None:
@@ -411,7 +369,8 @@ class AgentCore:
                     out.errors.extend(tmp.errors)
             elif isinstance(ev, PeerHello):
                 self.controller_id = ev.peer_id
-                self.max_batch_items = min(self.max_batch_items, s.limits.max_batch_items)
+                ob = self.outbox
+                ob.max_batch_items = min(ob.max_batch_items, s.limits.max_batch_items)
             elif isinstance(ev, Established):
                 out.established = True
             elif isinstance(ev, Closed):
@@ -430,7 +389,7 @@ class AgentCore:
             agent_id=self.agent_id,
             models=[m.descriptor() for m in self.models.values()],
             capabilities=caps,
-            max_batch_items=self.max_batch_items,
+            max_batch_items=self.outbox.max_batch_items,
         )
         assert self.session is not None
         out.send.append(self.session.reply(env, body))
@@ -511,13 +470,13 @@ class AgentCore:
             err.offending_xid,
             err.text,
         )
-        batch = self._sent.pop(err.offending_xid or env.xid, None)
+        batch = self.outbox.answered(err.offending_xid or env.xid)
         if batch is not None:  # our PKG_IN was refused: its waiters get the fail mode
             self._answer(batch, None, now, out)
 
     def _on_pkg_out(self, env: pb.Envelope, now: float, out: AgentOutput) -> None:
         self.counters.pkg_out += 1
-        batch = self._sent.pop(env.xid, None)
+        batch = self.outbox.answered(env.xid)
         if batch is None:  # answered after the late window, or not ours
             self.counters.unmatched_pkg_out += 1
             return
@@ -631,12 +590,7 @@ class AgentCore:
             out.send.extend(s.notice(r) for r in removed)
         for key in self.tables.ft.expire(now, self.config.ft_max_age_s):
             self._inflight.pop(key, None)
-        late = self.config.late_window_s
-        while self._sent:  # oldest first: give up on answers past the late window
-            xid, batch = next(iter(self._sent.items()))
-            if now - batch.sent_at < late:
-                break
-            del self._sent[xid]
+        for batch in self.outbox.expire(now, self.config.late_window_s):
             for item in batch.items:
                 for t in item.tickets:
                     if t.result is None:
@@ -652,8 +606,8 @@ class AgentCore:
             times.append(t)
         if (t := self.tables.ft.oldest_since()) is not None:
             times.append(t + self.config.ft_max_age_s)
-        if self._sent:
-            times.append(next(iter(self._sent.values())).sent_at + self.config.late_window_s)
+        if (t := self.outbox.next_expiry(self.config.late_window_s)) is not None:
+            times.append(t)
         return min(times, default=None)
 
     # ---- introspection -------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""PKG_IN batches on their way: queued ones filling up, sent ones awaiting PKG_OUT.
+
+Part of the agent's sans-I/O core (no clock, no threads): the core adds items under the
+shell's lock, the shell's I/O thread takes the queued batches and builds their PKG_IN
+outside it (:func:`build_pkg_in` touches only the batch and the noise RNG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from agents.results import Batch, Item, ModelInfo
+from openexample import tensor
+from openexample.messages import envelope
+from openexample.v1 import openexample_pb2 as pb
+
+
+class Outbox:
+    def __init__(self, max_batch_items: int) -> None:
+        self.max_batch_items = max_batch_items
+        self._queued: list[Batch] = []
+        self._open: dict[str, Batch] = {}  # model id -> the batch still taking items
+        self._sent: dict[int, Batch] = {}  # xid -> batch awaiting PKG_OUT, oldest first
+        self._scheduled = False  # a flush is due (the shell was told)
+
+    def batch_for(self, model_id: str, new_xid: Callable[[], int]) -> Batch:
+        """The model's open batch, or a new one when there is none or it is full."""
+        batch = self._open.get(model_id)
+        if batch is None or len(batch.items) >= self.max_batch_items:
+            batch = self._open[model_id] = Batch(new_xid(), model_id)
+            self._queued.append(batch)
+        return batch
+
+    def add(self, batch: Batch, item: Item) -> bool:
+        """Queue ``item``; True when the shell must schedule a flush (first since one)."""
+        batch.items.append(item)
+        if self._scheduled:
+            return False
+        self._scheduled = True
+        return True
+
+    def take(self, now: float) -> list[Batch]:
+        """The queued batches, now marked sent at ``now``."""
+        self._scheduled = False
+        batches = [b for b in self._queued if b.items]
+        self._queued = []
+        self._open.clear()
+        for b in batches:
+            b.sent_at = now
+            self._sent[b.xid] = b
+        return batches
+
+    def answered(self, xid: int) -> Batch | None:
+        """The sent batch that PKG_OUT (or an ERROR) with ``xid`` answers, if any."""
+        return self._sent.pop(xid, None)
+
+    def expire(self, now: float, late_window_s: float) -> list[Batch]:
+        """Sent batches unanswered for ``late_window_s``: no answer will count any more."""
+        late: list[Batch] = []
+        while self._sent:  # oldest first
+            xid, batch = next(iter(self._sent.items()))
+            if now - batch.sent_at < late_window_s:
+                break
+            del self._sent[xid]
+            late.append(batch)
+        return late
+
+    def next_expiry(self, late_window_s: float) -> float | None:
+        for batch in self._sent.values():
+            return batch.sent_at + late_window_s
+        return None
+
+    def clear(self) -> list[Batch]:
+        """Every batch, sent or not (the stream is gone: their xids die with it)."""
+        waiting = [*self._sent.values(), *self._queued]
+        self._sent.clear()
+        self._queued = []
+        self._open.clear()
+        self._scheduled = False
+        return waiting
+
+
+def build_pkg_in(
+    batch: Batch,
+    info: ModelInfo,
+    rng: np.random.Generator,
+    *,
+    version: int,
+    wall_offset_s: float,
+) -> pb.Envelope:
+    """The PKG_IN of a taken batch: privacy noise, one inputs and one logits tensor, and
+    per item what the controller needs. ``inferred_at_ns`` is wall time (the core's
+    clock + ``wall_offset_s``)."""
+    items = batch.items
+    xs = np.stack([it.x for it in items]).astype(info.input_dtype, copy=False)
+    if info.privacy is not None:
+        xs = info.privacy.apply(xs, rng)
+    logits = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
+    body = pb.PkgIn(model_id=batch.model_id)
+    tensor.encode(xs, body.inputs)
+    tensor.encode(logits, body.logits)
+    for it in items:
+        conf = it.confidence
+        body.items.add(
+            label=it.label,
+            confidence=conf if 0.0 <= conf <= 1.0 else 0.0,  # NaN would void the batch
+            source_id=it.source_id,
+            reason=it.reason,
+            rule_cookie=it.cookie,
+            fingerprint=it.fp,
+            budget_us=it.budget_us,
+            inferred_at_ns=max(0, int((it.started + wall_offset_s) * 1e9)),
+        )
+    return envelope(body, xid=batch.xid, version=version)
