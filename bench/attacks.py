@@ -40,23 +40,32 @@ class AttackSpec:
         return hashlib.sha1(raw.encode()).hexdigest()[:10]
 
 
+# The L-inf 0.3 family and DeepFool of the design's targets, shared by the demo, the
+# detection bench and the probe (one spec, one cache key).
+FGSM = AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3)
+BIM = AttackSpec(
+    "BIM", "BasicIterativeMethod", {"eps": 0.3, "eps_step": 0.01, "max_iter": 40}, eps=0.3
+)
+PGD = AttackSpec(
+    "PGD",
+    "ProjectedGradientDescent",
+    {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
+    eps=0.3,
+)
+# nb_grads=3: only the closest classes; batch_size: ART defaults to one at a time.
+DEEPFOOL = AttackSpec("DeepFool", "DeepFool", {"max_iter": 50, "nb_grads": 3, "batch_size": 128})
+
+
 def standard_attacks(quick: bool = False) -> list[AttackSpec]:
     """The attacks of the issue: FGSM at three budgets, R+FGSM, BIM, PGD, DeepFool, C&W."""
     specs = [
         AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.1}, eps=0.1),
         AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.2}, eps=0.2),
-        AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3),
+        FGSM,
         AttackSpec("R+FGSM", "FastGradientMethod", {"eps": 0.15}, eps=0.3, random_step=0.15),
-        AttackSpec(
-            "BIM", "BasicIterativeMethod", {"eps": 0.3, "eps_step": 0.01, "max_iter": 40}, eps=0.3
-        ),
-        AttackSpec(
-            "PGD",
-            "ProjectedGradientDescent",
-            {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
-            eps=0.3,
-        ),
-        AttackSpec("DeepFool", "DeepFool", {"max_iter": 50, "nb_grads": 3, "batch_size": 128}),
+        BIM,
+        PGD,
+        DEEPFOOL,
         AttackSpec(
             "CW-L2",
             "CarliniL2Method",

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from agents import Guard, attach
-from bench.attacks import AttackSpec, adversarials, classifier
+from bench import attacks
+from bench.attacks import adversarials, classifier
 from bench.procs import ControllerProcess
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
@@ -30,19 +31,7 @@ from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 MODEL_ID = "mnist-cnn"
 DETECTORS = DEFAULT_DETECTORS
 ATTACKS = ("FGSM", "PGD", "DeepFool")
-ATTACK_SPECS = {
-    "FGSM": AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3),
-    "PGD": AttackSpec(
-        "PGD",
-        "ProjectedGradientDescent",
-        {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
-        eps=0.3,
-    ),
-    # nb_grads=3: only the closest classes; batch_size: ART defaults to one at a time.
-    "DeepFool": AttackSpec(
-        "DeepFool", "DeepFool", {"max_iter": 50, "nb_grads": 3, "batch_size": 128}
-    ),
-}
+ATTACK_SPECS = {"FGSM": attacks.FGSM, "PGD": attacks.PGD, "DeepFool": attacks.DEEPFOOL}
 _LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on (http://\S+/metrics)")
 
 

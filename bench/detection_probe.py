@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from bench import attacks
 from bench.attacks import AttackSpec, adversarials, classifier
 from controller import detectors
 from controller.detectors import hashing
@@ -42,17 +43,10 @@ from controller.training.train import DEFAULT_DETECTORS
 ATTACKS = ("fgsm", "pgd", "deepfool")  # the targets; --attacks adds bim, cw
 FPRS = (0.01, 0.05)
 PROBE_ATTACKS = {
-    "fgsm": AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3),
-    "pgd": AttackSpec(
-        "PGD",
-        "ProjectedGradientDescent",
-        {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 1},
-        eps=0.3,
-    ),
-    "bim": AttackSpec(
-        "BIM", "BasicIterativeMethod", {"eps": 0.3, "eps_step": 0.01, "max_iter": 40}, eps=0.3
-    ),
-    "deepfool": AttackSpec("DeepFool", "DeepFool", {"nb_grads": 3, "batch_size": 128}),
+    "fgsm": attacks.FGSM,
+    "pgd": attacks.PGD,
+    "bim": attacks.BIM,
+    "deepfool": attacks.DEEPFOOL,
     # ART's defaults, cut short as in the first measurements
     "cw": AttackSpec(
         "CW-L2", "CarliniL2Method", {"max_iter": 10, "binary_search_steps": 5, "batch_size": 128}
