@@ -4,7 +4,8 @@ from agents import attach
 guard = attach(model, controller="127.0.0.1:6653", model_id="mnist-cnn",
                input_shape=(1, 28, 28))   # AgentConfig fields as keywords, or
 guard = attach(model, AgentConfig(...), budget_us=500)   # a config plus overrides
-res = guard(x)          # res.output, .label, .verdict, .decided_by, .released, .latency_s
+res = guard(x)          # res.output, .label, .verdict, .decided_by, .released, .latency_s,
+                        # .stages (where the latency went, when the controller decided)
 res = await guard.acall(x)
 guard.close()
 """
@@ -25,6 +26,7 @@ from agents.results import (
     UNKNOWN,
     ModelInfo,
     Result,
+    Stages,
 )
 from openexample.errors import ConfigError
 
@@ -45,6 +47,7 @@ __all__ = [
     "ModelInfo",
     "PrivacyNoise",
     "Result",
+    "Stages",
     "attach",
     "wrap_model",
 ]

@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("attach", help="attach a model file to a controller and serve it")
     a.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) file")
-    a.add_argument("--controller", required=True, metavar="HOST:PORT")
+    a.add_argument(
+        "--controller",
+        required=True,
+        metavar="ADDRESS",
+        help="HOST:PORT (gRPC), or the native channel: tcp://HOST:PORT, unix:///PATH",
+    )
     a.add_argument("--serve", required=True, metavar="HOST:PORT", help="Predictor API address")
     a.add_argument("--model-id", help="model id declared to the controller (default: file stem)")
     a.add_argument("--agent-id", default=d.agent_id, help="agent id (default: host-pid-model)")

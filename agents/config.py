@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from agents.privacy import PrivacyNoise
+from openexample.addresses import parse_address
 from openexample.errors import ConfigError
 from openexample.limits import DEFAULT_LIMITS, MAX_ID_BYTES, MAX_TENSOR_DIMS, Limits
 from openexample.rules import MAX_BUDGET_US
@@ -30,7 +31,8 @@ FAIL_MODES = ("standalone", "secure")
 
 @dataclass(frozen=True)
 class AgentConfig:
-    # Where the controller is, and who we are to it.
+    # Where the controller is (HOST:PORT or grpc://HOST:PORT for gRPC; tcp://HOST:PORT or
+    # unix:///PATH for the native channel), and who we are to it.
     controller: str = "127.0.0.1:6653"
     model_id: str = "model"
     agent_id: str = ""  # "" = <host>-<pid>-<model_id>
@@ -176,7 +178,7 @@ def _str(cfg: AgentConfig, key: str, *, empty: bool) -> None:
 
 
 def _validate(cfg: AgentConfig) -> None:
-    split_host_port(cfg.controller, "controller")
+    parse_address(cfg.controller, "controller")  # grpc (HOST:PORT), tcp:// or unix://
     _str(cfg, "model_id", empty=False)
     _str(cfg, "agent_id", empty=True)
 

@@ -41,9 +41,11 @@ from agents.results import (
     UNKNOWN,
     VERDICT_NAMES,
     Batch,
+    ControllerTimings,
     Item,
     ModelInfo,
     Result,
+    Stages,
     Ticket,
     outcome,
 )
@@ -480,14 +482,16 @@ class AgentCore:
         if batch is None:  # answered after the late window, or not ours
             self.counters.unmatched_pkg_out += 1
             return
-        items = env.pkg_out.items
+        pkg = env.pkg_out
+        items = pkg.items
         if len(items) != len(batch.items):
             self._answer(batch, None, now, out)
             raise bad_request(
                 pb.BAD_REQUEST_CODE_BAD_BATCH,
                 f"PKG_OUT with {len(items)} items for a PKG_IN of {len(batch.items)}",
             )
-        self._answer(batch, items, now, out)
+        timings = ControllerTimings.from_pb(pkg.timings) if pkg.HasField("timings") else None
+        self._answer(batch, items, now, out, timings)
 
     _HANDLERS: ClassVar[dict[str, Callable[[AgentCore, pb.Envelope, float, AgentOutput], None]]] = {
         "features_request": _on_features_request,
@@ -507,9 +511,15 @@ class AgentCore:
         answers: Sequence[pb.PkgOutItem] | None,
         now: float,
         out: AgentOutput,
+        timings: ControllerTimings | None = None,
     ) -> None:
-        """Resolve a sent batch: with the PKG_OUT items, or None = UNKNOWN for all."""
+        """Resolve a sent batch: with the PKG_OUT items, or None = UNKNOWN for all.
+
+        A PKG_OUT (``answers`` given) arrived at ``now``: each result gets its
+        :class:`Stages` from the batch's ``sent_at`` and the controller's ``timings``.
+        """
         model_id = batch.model_id
+        sent_at = batch.sent_at
         rt, ttl = self.tables.rt, self.tables.rt.default_ttl_s
         for i, item in enumerate(batch.items):
             key = (model_id, item.fp, item.label)
@@ -532,7 +542,12 @@ class AgentCore:
                     if verdict == pb.VERDICT_ADVERSARIAL:
                         self._rt_adversarial.add((model_id, item.label))
             for t in item.tickets:
-                self._settle(t, verdict, action, corrected, CONTROLLER, now, out, score, reason)
+                stages = None
+                if answers is not None and t.started <= sent_at:  # not joined after sending
+                    stages = Stages(t.started, sent_at, now, timings)
+                self._settle(
+                    t, verdict, action, corrected, CONTROLLER, now, out, score, reason, stages
+                )
 
     def _settle(
         self,
@@ -545,6 +560,7 @@ class AgentCore:
         out: AgentOutput | None,
         score: float | None = None,
         reason: str = "",
+        stages: Stages | None = None,
     ) -> None:
         """Give ``t`` its result (its waiter goes in ``out.settled``), or, when the fail
         mode already decided and the verdict says otherwise, a retraction."""
@@ -562,6 +578,7 @@ class AgentCore:
             now - t.started,
             score,
             reason=reason,
+            stages=stages,
         )
         prev = t.result
         if prev is None:

@@ -30,7 +30,7 @@ from agents.core import AgentCore
 from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
 from agents.results import ModelInfo, Result, Ticket
-from agents.transport import Transport
+from agents.transport import Transport, channel_for
 from openexample.errors import ConfigError
 from openexample.v1 import openexample_pb2 as pb
 
@@ -121,7 +121,11 @@ class Guard:
             # PKG_IN carries wall-clock inference times; the core only knows ``now``.
             core.wall_offset_s = time.time() - perf_counter()
             self.transport = Transport(
-                core, self._lock, up=self.up, on_retraction=self._on_retraction
+                core,
+                self._lock,
+                channel=channel_for(self.config),  # gRPC, or native for tcp:// and unix://
+                up=self.up,
+                on_retraction=self._on_retraction,
             )
             self.input_shape = info.input_shape
             self.core = core
@@ -240,8 +244,11 @@ class Guard:
         return out
 
     def _finish(self, res: Result, t0: float) -> Result:
-        latency = perf_counter() - t0
+        now = perf_counter()
+        latency = now - t0
         res.latency_s = latency
+        if res.stages is not None:  # the controller decided: close its `after` stage
+            res.stages.finish(now)
         self._observe(latency)
         return res
 

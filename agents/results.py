@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,12 +53,158 @@ class ModelInfo:
         )
 
 
+class ControllerTimings(NamedTuple):
+    """A PKG_OUT's ``Timings`` (the controller's stages, microseconds), decoded once per
+    PKG_OUT and shared by the results it answers."""
+
+    queue_us: int
+    score_us: int
+    reply_us: int
+    controller_us: int
+    batch_items: int
+    detectors: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_pb(cls, t: pb.Timings) -> ControllerTimings:
+        return cls(
+            t.queue_us,
+            t.score_us,
+            t.reply_us,
+            t.controller_us,
+            t.batch_items,
+            tuple((d.detector, d.us) for d in t.detectors),
+        )
+
+
+_NO_TIMINGS = ControllerTimings(0, 0, 0, 0, 0, ())
+
+
+class Stages:
+    """Where the latency of one controller-decided inference went, in microseconds.
+
+    In the order the inference meets them:
+
+    - ``before_send``: decided to inspect -> its PKG_IN taken for sending
+      (``Ticket.started`` -> ``Batch.sent_at``): the kick, the I/O thread's turn and
+      ``batch_window_us``.
+    - ``wire``: the round trip (``sent_at`` -> PKG_OUT arrival) minus the controller's
+      own ``controller_us``. Out and back are one figure: telling them apart needs
+      synchronized clocks. It holds PKG_IN building and serializing, both transports,
+      decoding on both sides, and PKG_OUT serializing and writing.
+    - ``controller_queue``: PKG_IN received -> its batch's scoring started.
+    - ``detectors``: the scoring call (every detector, fusion, PKG_OUT items);
+      ``per_detector`` splits out each detector's share.
+    - ``controller_reply``: scoring done -> PKG_OUT built and handed on
+      (``controller_us - queue_us - score_us``).
+    - ``after``: PKG_OUT arrival -> the caller has its Result (waking the waiter);
+      None until the guard hands the result over (:meth:`finish`).
+
+    They add up exactly to ``total``, which is ``Result.latency_s`` in whole
+    microseconds: every boundary is rounded from the inference's start, not every
+    span. From a controller that sends no ``Timings`` (an older one, or an answer given
+    at once such as UNKNOWN/OVERLOADED) the controller stages are 0 and ``wire`` is the
+    whole round trip. An inference that joined an input already sent (FT) has no
+    stages: it waited for part of the trip only.
+    """
+
+    __slots__ = ("_arrived", "_ctl", "_done", "_sent", "_started")
+
+    def __init__(
+        self, started: float, sent_at: float, arrived: float, ctl: ControllerTimings | None
+    ) -> None:
+        self._started = started
+        self._sent = sent_at
+        self._arrived = arrived
+        self._ctl = ctl
+        self._done: float | None = None
+
+    def finish(self, now: float) -> None:
+        """The caller has the Result at ``now`` (the guard's clock = the core's)."""
+        self._done = now
+
+    def _at(self, t: float) -> int:
+        return round((t - self._started) * 1e6)
+
+    @property
+    def timings(self) -> ControllerTimings:
+        return self._ctl or _NO_TIMINGS
+
+    @property
+    def before_send(self) -> int:
+        return self._at(self._sent)
+
+    @property
+    def round_trip(self) -> int:
+        """PKG_IN taken for sending -> PKG_OUT arrival (wire + controller)."""
+        return self._at(self._arrived) - self._at(self._sent)
+
+    @property
+    def wire(self) -> int:
+        return self.round_trip - self.timings.controller_us
+
+    @property
+    def controller(self) -> int:
+        return self.timings.controller_us
+
+    @property
+    def controller_queue(self) -> int:
+        return self.timings.queue_us
+
+    @property
+    def detectors(self) -> int:
+        return self.timings.score_us
+
+    @property
+    def controller_reply(self) -> int:
+        t = self.timings
+        return t.controller_us - t.queue_us - t.score_us
+
+    @property
+    def per_detector(self) -> dict[str, int]:
+        return dict(self.timings.detectors)
+
+    @property
+    def batch_items(self) -> int:
+        """Items the controller scored together with this one (0: not reported)."""
+        return self.timings.batch_items
+
+    @property
+    def after(self) -> int | None:
+        return None if self._done is None else self._at(self._done) - self._at(self._arrived)
+
+    @property
+    def total(self) -> int | None:
+        """Decided -> the caller has the Result; None before :meth:`finish`."""
+        return None if self._done is None else self._at(self._done)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in STAGE_NAMES}
+
+    def __repr__(self) -> str:
+        return "Stages(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+# Stages fields, in order; the first six add up to ``total``.
+STAGE_NAMES = (
+    "before_send",
+    "wire",
+    "controller_queue",
+    "detectors",
+    "controller_reply",
+    "after",
+    "total",
+    "batch_items",
+)
+
+
 class Result:
     """What the caller gets for one inference.
 
     ``output`` is the logits row or None when withheld; ``label`` is the label handed
     out (the corrected one on CORRECT); ``model_label`` what the model said.
     ``retraction`` marks a late verdict that overrides an earlier timeout decision.
+    ``stages`` (:class:`Stages`) says where the latency went when the controller
+    decided; None otherwise.
     """
 
     __slots__ = (
@@ -74,6 +220,7 @@ class Result:
         "retraction",
         "score",
         "source_id",
+        "stages",
         "verdict",
     )
 
@@ -92,6 +239,7 @@ class Result:
         score: float | None = None,
         retraction: bool = False,
         reason: str = "",
+        stages: Stages | None = None,
     ) -> None:
         self.model_id = model_id
         self.source_id = source_id
@@ -107,6 +255,7 @@ class Result:
         self.retraction = retraction
         # Why the verdict is "unknown" when the controller said so ("overloaded", ...).
         self.reason = reason
+        self.stages = stages
 
     def __repr__(self) -> str:
         extra = ", retraction" if self.retraction else ""

@@ -1,10 +1,22 @@
-"""The I/O thread: one grpc.aio stream to the controller, reconnecting until closed.
+"""The I/O thread: one session with the controller over a channel, reconnecting until closed.
 
 A thin shell around :class:`agents.core.AgentCore`: bytes in -> ``core.receive`` ->
 bytes out, a ticker for ``core.tick``, and a flush of the PKG_IN outbox when a caller
 kicks it. The thread runs its own (uv)loop so synchronous callers never touch asyncio;
 they hand work over with ``loop.call_soon_threadsafe`` and wait on a plain lock.
 Every core call is made under the lock the callers share.
+
+The channel is pluggable (:class:`Channel`): it only moves messages. The reconnect
+loop, the ticker, the flush, carrying out :class:`~agents.core.AgentOutput` and the
+thread/lock model are :class:`Transport`'s, whatever the channel:
+
+- :class:`GrpcChannel`: one grpc.aio ``Connect`` stream (``HOST:PORT``, ``grpc://``),
+  with a writer task draining a queue and a reader task.
+- :class:`agents.native.FramedChannel`: the native channel (``tcp://``, ``unix://``),
+  an asyncio Protocol writing frames straight from the loop thread and feeding frames to
+  the core from ``data_received``.
+
+:func:`channel_for` picks one from the address scheme.
 """
 
 from __future__ import annotations
@@ -16,12 +28,21 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from ssl import SSLContext
 from time import perf_counter
+from typing import Protocol
 
 import grpc
 
+from agents.config import AgentConfig
 from agents.core import AgentCore, AgentOutput
+from agents.native import FramedChannel
 from agents.results import Result
+from openexample.addresses import parse_address
+from openexample.errors import ProtocolError
+from openexample.limits import Limits
+from openexample.messages import PROTOCOL_VERSION, error_envelope
+from openexample.session import State
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +57,62 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+class Channel(Protocol):
+    """One stream to the controller, driven by :class:`Transport` on its loop thread."""
+
+    async def open(self, owner: Transport) -> None:
+        """Connect. Call ``owner.connected(self)`` as soon as messages can be written
+        and before any is delivered, then ``owner.received(data)`` per message (and
+        ``owner.refuse(err)`` for one that cannot even be framed, ``owner.lost(self)``
+        once nothing can be written any more). Raise OSError (or TimeoutError) when the
+        controller cannot be reached."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Send one serialized Envelope (loop thread)."""
+        ...
+
+    def finish(self) -> None:
+        """End the stream after what was written."""
+        ...
+
+    def set_message_limit(self, max_message_bytes: int) -> None:
+        """The limit negotiated in HELLO, for channels that check sizes themselves."""
+        ...
+
+    async def wait_closed(self) -> str | None:
+        """Until the stream ends: how (an outage or the controller closing it, logged),
+        or None when this side ended it."""
+        ...
+
+    async def aclose(self) -> None:
+        """Tear the stream down (idempotent)."""
+        ...
+
+
+def channel_for(config: AgentConfig, *, ssl: SSLContext | None = None) -> Callable[[], Channel]:
+    """A maker of channels to ``config.controller``: gRPC for ``HOST:PORT`` and
+    ``grpc://``, the native channel for ``tcp://`` and ``unix://`` (TLS with ``ssl``,
+    ALPN openexample/1; the gRPC channel has no TLS yet)."""
+    address = parse_address(config.controller, "controller")
+    if address.native:
+        timeout_s = config.handshake_timeout_s
+        return lambda: FramedChannel(address, config.limits, connect_timeout_s=timeout_s, ssl=ssl)
+    if ssl is not None:
+        raise ValueError("ssl: only the native channel (tcp://, unix://) takes TLS so far")
+    target = address.host_port
+    return lambda: GrpcChannel(target, config.limits)
+
+
 class Transport:
-    """Owns the I/O thread and the session with one controller (``host:port``)."""
+    """Owns the I/O thread and the session with one controller (``config.controller``)."""
 
     def __init__(
         self,
         core: AgentCore,
         lock: threading.Lock,
         *,
+        channel: Callable[[], Channel] | None = None,
         tick_cap_s: float = 0.1,
         on_retraction: Callable[[Result], object] | None = None,
         up: threading.Event | None = None,
@@ -52,6 +121,7 @@ class Transport:
         self.core = core
         self.target = cfg.controller
         self._lock = lock
+        self._make_channel = channel if channel is not None else channel_for(cfg)
         self._window_s = cfg.batch_window_us * 1e-6
         self._backoff = (cfg.backoff_initial_s, cfg.backoff_cap_s)
         self._tick_cap_s = tick_cap_s
@@ -63,9 +133,9 @@ class Transport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
-        # Per session: serialized messages for the one writer task.
-        self._out: collections.deque[bytes | None] = collections.deque()
-        self._out_ready: asyncio.Event | None = None
+        self._channel: Channel | None = None  # the stream in use, between connected() and its end
+        self._limited = False  # the channel has the limit negotiated in HELLO
+        self._reached_main = False
         self._thread = threading.Thread(target=self._run, name="openexample-agent-io", daemon=True)
 
     # ---- caller side (any thread) --------------------------------------------------
@@ -136,84 +206,99 @@ class Transport:
     async def _session(self) -> bool:
         """One stream, from HELLO to its end. Returns whether it reached MAIN."""
         assert self._stop is not None
-        self._out = collections.deque()
-        self._out_ready = asyncio.Event()
         self._reached_main = False
-        channel = grpc.aio.insecure_channel(
-            self.target, options=self.core.config.limits.grpc_options()
-        )
-        call = channel.stream_stream(CONNECT_METHOD)()  # no serializers: raw bytes
-        with self._lock:
-            out = self.core.connected(perf_counter())
-        self._send(out.send)
-        tasks = [
-            asyncio.ensure_future(self._writer(call)),
-            asyncio.ensure_future(self._reader(call)),
-            asyncio.ensure_future(self._ticker()),
-            asyncio.ensure_future(self._stop.wait()),
-        ]
+        self._limited = False
+        channel = self._make_channel()
+        stopping = asyncio.ensure_future(self._stop.wait())
+        opening = asyncio.ensure_future(channel.open(self))
+        tasks = [stopping, opening]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = t.exception()
-                if isinstance(exc, grpc.aio.AioRpcError):
-                    # Once per outage at INFO; every retry after that at DEBUG.
-                    level = logging.INFO if self._was_up else logging.DEBUG
-                    log.log(level, "controller %s: %s", self.target, exc.code().name)
-                    self._was_up = False
-                elif exc is not None:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                return self._reached_main
+            exc = opening.exception()
+            if exc is not None:
+                if isinstance(exc, OSError | TimeoutError):
+                    self._outage(str(exc) or type(exc).__name__)
+                else:
                     log.error("agent session failed", exc_info=exc)
+                return False
+            closing = asyncio.ensure_future(channel.wait_closed())
+            running = [stopping, closing, asyncio.ensure_future(self._ticker())]
+            tasks += running[1:]
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is stopping:
+                    continue
+                exc = t.exception()
+                if exc is not None:
+                    log.error("agent session failed", exc_info=exc)
+                elif t is closing and (reason := t.result()):
+                    self._outage(reason)
         finally:
             for t in tasks:
                 t.cancel()
-            call.cancel()
+            self._channel = None
             with self._lock:
                 out = self.core.disconnected(perf_counter())
             self.up.clear()
             self._carry_out(out)
             with contextlib.suppress(Exception):
-                await channel.close(grace=None)
+                await channel.aclose()
             await asyncio.gather(*tasks, return_exceptions=True)
         return self._reached_main
 
-    def _send(self, envs: list) -> None:
-        if envs:
-            for env in envs:
-                self._out.append(env.SerializeToString())
-            assert self._out_ready is not None
-            self._out_ready.set()
+    def _outage(self, reason: str) -> None:
+        # Once per outage at INFO; every retry after that at DEBUG.
+        level = logging.INFO if self._was_up else logging.DEBUG
+        log.log(level, "controller %s: %s", self.target, reason)
+        self._was_up = False
 
-    async def _writer(self, call: grpc.aio.StreamStreamCall) -> None:
-        out, ready = self._out, self._out_ready
-        assert ready is not None
-        while True:
-            while not out:
-                ready.clear()
-                await ready.wait()
-            data = out.popleft()
-            if data is None:  # the core asked to close after what it sent
-                await call.done_writing()
-                return
-            await call.write(data)
+    # ---- what channels call (loop thread) ------------------------------------------
 
-    async def _reader(self, call: grpc.aio.StreamStreamCall) -> None:
+    def connected(self, channel: Channel) -> None:
+        """The stream can take messages: a fresh session, our HELLO goes first."""
+        self._channel = channel
+        with self._lock:
+            out = self.core.connected(perf_counter())
+        self._carry_out(out)
+
+    def lost(self, channel: Channel) -> None:
+        """The channel's stream is gone: write nothing more to it."""
+        if self._channel is channel:
+            self._channel = None
+
+    def received(self, data: bytes) -> None:
+        """One message from the controller."""
         core = self.core
-        while True:
-            data = await call.read()
-            if data is grpc.aio.EOF:
-                log.info("controller %s closed the stream", self.target)
-                return
-            with self._lock:
-                out = core.receive(data, perf_counter())
-            self._carry_out(out)
-            if out.established:
-                self._reached_main = self._was_up = True
-                self.up.set()
-                log.info("session with controller %s is up", self.target)
-            if out.close:
-                self._out.append(None)
-                assert self._out_ready is not None
-                self._out_ready.set()
+        limit = 0
+        with self._lock:
+            out = core.receive(data, perf_counter())
+            if not self._limited and (s := core.session) is not None and s.state is not State.HELLO:
+                self._limited = True
+                limit = s.limits.max_message_bytes
+        if limit and self._channel is not None:
+            self._channel.set_message_limit(limit)
+        self._carry_out(out)
+        if out.established:
+            self._reached_main = self._was_up = True
+            self.up.set()
+            log.info("session with controller %s is up", self.target)
+        if out.close and self._channel is not None:
+            self._channel.finish()
+
+    def refuse(self, err: ProtocolError) -> None:
+        """A message that cannot even be framed (oversize): a typed ERROR, then end."""
+        log.warning("controller %s: %s; closing the stream", self.target, err)
+        with self._lock:
+            s = self.core.session
+            version = s.version if s is not None else PROTOCOL_VERSION
+        channel = self._channel
+        if channel is not None:
+            channel.write(error_envelope(err, b"", version).SerializeToString())
+            channel.finish()
+
+    # ---- shared by every channel ---------------------------------------------------
 
     async def _ticker(self) -> None:
         core = self.core
@@ -245,15 +330,21 @@ class Transport:
             batches = core.take_outbox(perf_counter())
         if not batches:
             return
+        channel = self._channel
         size = 0
         for batch in batches:  # protobuf building happens here, off the callers' path
             data = core.build_pkg_in(batch).SerializeToString()
             size += len(data)
-            self._out.append(data)
-        assert self._out_ready is not None
-        self._out_ready.set()
+            if channel is not None:
+                channel.write(data)
         with self._lock:
             core.count_sent_bytes(size)
+
+    def _send(self, envs: list) -> None:
+        channel = self._channel
+        if channel is not None:
+            for env in envs:
+                channel.write(env.SerializeToString())
 
     def _carry_out(self, out: AgentOutput) -> None:
         """Do what a core call returned (outside the lock): send, wake, deliver."""
@@ -273,3 +364,81 @@ class Transport:
                 self._on_retraction(res)
             except Exception:
                 log.exception("on_retraction callback failed")
+
+
+class GrpcChannel:
+    """One grpc.aio ``Connect`` stream: a writer task drains a queue, a reader task
+    hands each message to the transport."""
+
+    def __init__(self, target: str, limits: Limits) -> None:
+        self.target = target
+        self.limits = limits
+        self._out: collections.deque[bytes | None] = collections.deque()
+        self._out_ready = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._tasks: list[asyncio.Future] = []
+
+    async def open(self, owner: Transport) -> None:
+        self._channel = grpc.aio.insecure_channel(self.target, options=self.limits.grpc_options())
+        self._call = self._channel.stream_stream(CONNECT_METHOD)()  # no serializers: raw bytes
+        owner.connected(self)  # HELLO is queued; the writer sends it once the stream is up
+        self._tasks = [
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._reader(owner.received)),
+        ]
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_ready.set()
+
+    def finish(self) -> None:
+        self._out.append(None)
+        self._out_ready.set()
+
+    def set_message_limit(self, max_message_bytes: int) -> None:
+        pass  # gRPC's own limits are set on the channel; the session checks the rest
+
+    async def wait_closed(self) -> str | None:
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            exc = t.exception()
+            if isinstance(exc, grpc.aio.AioRpcError):
+                return exc.code().name
+            if exc is not None:
+                raise exc
+            if t is self._tasks[1]:
+                return "closed the stream"
+        return None  # the writer finished: the core asked to close
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close(grace=None)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _writer(self) -> None:
+        out, ready, call = self._out, self._out_ready, self._call
+        assert call is not None
+        while True:
+            while not out:
+                ready.clear()
+                await ready.wait()
+            data = out.popleft()
+            if data is None:  # the core asked to close after what it sent
+                await call.done_writing()
+                return
+            await call.write(data)
+
+    async def _reader(self, received: Callable[[bytes], None]) -> None:
+        call = self._call
+        assert call is not None
+        while True:
+            data = await call.read()
+            if data is grpc.aio.EOF:
+                return
+            received(data)

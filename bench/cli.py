@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
+
+CACHE = Path("var/cache")  # what the benches train: example model, detectors, attacks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +41,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cached_model() -> bool:
+    folder = CACHE / "mnist5k"  # controller.training.example_model.ensure_example_model
+    return (folder / "model.pt").is_file() and (folder / "model.json").is_file()
+
+
+def _cached_detectors(names: tuple[str, ...]) -> bool:
+    folder = CACHE / "artifacts" / "mnist5k" / "+".join(names)  # train.ensure_artifacts
+    return all((folder / n / "manifest.json").is_file() for n in names)
+
+
+def first_run_notice(args: argparse.Namespace) -> str | None:
+    """One line saying what a latency or detection run must train before it measures
+    anything, and for about how long (2 cores); None when everything is cached."""
+    if args.command not in ("latency", "detection"):
+        return None
+    from controller.training.train import DEFAULT_DETECTORS
+
+    todo: list[str] = []
+    minutes = 0.0
+    if not _cached_model():
+        todo.append("the example model")
+        minutes += 0.25
+    sets = [tuple(DEFAULT_DETECTORS)]
+    if args.command == "detection":
+        from bench import detection
+
+        sets = [detection._names(args), ("feature_squeezing",)]
+    missing = [s for s in sets if not _cached_detectors(s)]
+    if missing:
+        todo.append("the detectors")
+        minutes += sum(1.0 if "desvig" in s else 0.1 for s in missing)  # its CGAN
+    if args.command == "detection":
+        attacks = detection.untrained_attacks(args, CACHE)
+        if attacks:
+            todo.append(f"{len(attacks)} attack set{'s' * (len(attacks) > 1)}")
+            minutes += (0.1 if args.quick else 0.5) * len(attacks)
+    if not todo:
+        return None
+    what = ", ".join(todo[:-1]) + " and " + todo[-1] if len(todo) > 1 else todo[0]
+    lo = max(1, round(minutes))  # measured on 2 shared cores; slower ones take longer
+    hi = max(lo + 1, math.ceil(minutes * 2.5))
+    return f"openexample-bench: first run: training {what} (~{lo}-{hi} min), cached under {CACHE}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bench.procs import exit_on_signals
+
+    exit_on_signals()  # SIGTERM/SIGHUP: finally blocks stop every process the bench started
+    notice = first_run_notice(args)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     if args.command == "demo":
         from bench.demo import run_demo
 

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,10 @@ def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) ->
     return out
 
 
-def start_controller(workdir: Path, artifacts: list[Path], budget_us: int) -> ControllerProcess:
+def start_controller(
+    workdir: Path, artifacts: list[Path], budget_us: int, native: Sequence[str] = ()
+) -> ControllerProcess:
+    """``native``: native-channel addresses to listen on too (tcp://..., unix://...)."""
     return ControllerProcess(
         workdir,
         {
@@ -67,6 +70,7 @@ def start_controller(workdir: Path, artifacts: list[Path], budget_us: int) -> Co
             "trace_threshold": 5,
             "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
         },
+        native=native,
     ).start()
 
 

@@ -12,6 +12,7 @@ and a real agent (accuracy without and with OpenExample, and the added delay).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -77,12 +78,32 @@ def _tpr(clean_cal: np.ndarray, adv: np.ndarray, fpr: float) -> float:
     return float(np.mean(adv >= thr)) if adv.size else float("nan")
 
 
+def _n_test(quick: bool) -> int:
+    return 200 if quick else 1000
+
+
+def untrained_attacks(args: argparse.Namespace, cache: Path) -> list[AttackSpec]:
+    """The attacks of this run whose adversarials are not cached yet (bench.attacks.generate
+    keys them by the model file, the inputs, the attack and the seed): all of them while
+    the example model is not trained."""
+    specs = standard_attacks(args.quick)
+    model = cache / "mnist5k" / "model.pt"
+    if not model.is_file():
+        return specs
+    x = datasets.load("mnist5k").split(seed=0).test.x[: _n_test(args.quick)]
+    digest = hashlib.sha1(model.read_bytes() + x.tobytes()).hexdigest()[:10]
+    folder = cache / "attacks"
+    return [
+        s for s in specs if not (folder / f"{s.name}-{s.key}-{digest}-{args.seed}.npy").is_file()
+    ]
+
+
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     torch.set_num_threads(1)
     cache = Path("var/cache")
     model = ensure_example_model(cache)
     splits = datasets.load("mnist5k").split(seed=0)
-    n = 200 if args.quick else 1000
+    n = _n_test(args.quick)
     x, y = splits.test.x[:n], splits.test.y[:n]
     predict = model_fn(model)
     dets = load_pipeline(model, cache, _names(args))

@@ -10,40 +10,200 @@ second with batching, and its CPU seconds per 1,000 inspections.
 
 Latencies are the time the vigilance loop adds to the model call (agents), or the
 round trip (floors), in microseconds, after a warm-up, in perf_analyzer's terms.
+
+For ``inspect`` the report also says where each microsecond goes, the way
+perf_analyzer splits queue and compute: every Result's ``stages`` (agents/results.py
+``Stages``: agent before send, wire out + back, controller queue, detectors, controller
+reply, agent after; the controller's part comes in PKG_OUT ``Timings``), as mean, p50
+and p99 beside the total and the gRPC and TCP echo floors at the same agent count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
 import platform
 import subprocess
-import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from agents.results import STAGE_NAMES
 from bench.demo import DETECTORS, start_controller
-from bench.latency_workers import run_agents
+from bench.latency_workers import serve
+from bench.procs import spawn, stop_group
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
 
 SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "grpc_echo", "tcp_echo")
+FLOORS = ("grpc_echo", "tcp_echo")
 PERCENTILES = {"p50_us": 50, "p90_us": 90, "p95_us": 95, "p99_us": 99, "p999_us": 99.9}
 MAX_PROCS = 4
 BUDGET_US = 350  # the paper's; inspect is run with a long budget and scored against it
 
 
+# Stages fields (agents.results.STAGE_NAMES) as the breakdown names them; the first
+# six add up to the total.
+STAGE_LABELS = {
+    "before_send": "agent: before send",
+    "wire": "wire: out + back",
+    "controller_queue": "controller: queue",
+    "detectors": "controller: detectors",
+    "controller_reply": "controller: reply",
+    "after": "agent: after",
+    "total": "total added",
+}
+
+
+def stage_summary(m: np.ndarray) -> dict:
+    """Mean, p50 and p99 per stage (means add up to the total's; percentiles do not)."""
+    out: dict[str, Any] = {"n": len(m)}
+    if not len(m):
+        return out
+    for i, k in enumerate(STAGE_NAMES):
+        col = m[:, i]
+        p50, p99 = np.percentile(col, [50, 99])
+        unit = "" if k == "batch_items" else "_us"
+        out[k] = {
+            f"mean{unit}": round(float(col.mean()), 1),
+            f"p50{unit}": round(float(p50), 1),
+            f"p99{unit}": round(float(p99), 1),
+        }
+    return out
+
+
+def breakdown_table(summary: dict, floors: dict[str, tuple[float, float]]) -> list[str]:
+    """A markdown table: each stage's mean/p50/p99, the total, then the floors
+    (name -> (p50, p99)) measured in the same run."""
+    lines = [
+        f"| {'stage':<24} | {'mean us':>9} | {'p50 us':>9} | {'p99 us':>9} |",
+        f"|{'-' * 26}|{'-' * 10}:|{'-' * 10}:|{'-' * 10}:|",
+    ]
+    if summary.get("n", 0):
+        for k, label in STAGE_LABELS.items():
+            st = summary[k]
+            name = f"**{label}**" if k == "total" else label
+            lines.append(
+                f"| {name:<24} | {st['mean_us']:>9.1f} | {st['p50_us']:>9.1f} |"
+                f" {st['p99_us']:>9.1f} |"
+            )
+    for name, (p50, p99) in floors.items():
+        lines.append(f"| {'floor: ' + name:<24} | {'':>9} | {p50:>9.1f} | {p99:>9.1f} |")
+    if summary.get("n", 0):
+        b = summary["batch_items"]
+        lines.append(
+            f"\n{summary['n']} results; items scored together: mean {b['mean']:.1f},"
+            f" p50 {b['p50']:.0f}, p99 {b['p99']:.0f}."
+        )
+    return lines
+
+
+def breakdowns(results: list[dict]) -> list[dict]:
+    """Per run with stages: its summary beside the floors of the same agent count."""
+    floors = {(r["scenario"], r["agents"]): r for r in results if r["scenario"] in FLOORS}
+    out = []
+    for r in results:
+        if "stages" not in r:
+            continue
+        fl = {}
+        for name in FLOORS:
+            f = floors.get((name, r["agents"]))
+            if f is not None and "p50_us" in f:
+                fl[name] = {"p50_us": f["p50_us"], "p99_us": f["p99_us"]}
+        total = {"p50_us": r.get("p50_us"), "p99_us": r.get("p99_us")}
+        out.append(
+            {"scenario": r["scenario"], "agents": r["agents"], "latency": total}
+            | {"stages": r["stages"], "floors": fl}
+        )
+    return out
+
+
 def _spread(agents: int, max_procs: int = MAX_PROCS) -> list[int]:
     procs = min(agents, max_procs)
     return [agents // procs + (i < agents % procs) for i in range(procs)]
+
+
+class WorkerPool:
+    """The client processes (bench.latency_workers.serve, spawn context), started once
+    and given one run after another over a pipe each. They watch this process and die
+    with it; :meth:`close` (or leaving the ``with`` block) stops them."""
+
+    def __init__(self, procs: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        try:
+            for _ in range(procs):
+                ours, theirs = ctx.Pipe()
+                p = ctx.Process(target=serve, args=(theirs, os.getpid()), daemon=True)
+                p.start()
+                theirs.close()
+                self.procs.append(p)
+                self.conns.append(ours)
+        except BaseException:
+            self.close(0)
+            raise
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.close(5.0 if kind is None else 0.0)  # mid-run: don't wait for the run
+
+    def run(self, task: tuple, agents: int, timeout_s: float = 900) -> list:
+        """run_agents' ``task`` (scenario .. batch, without proc index and threads) with
+        ``agents`` spread over the processes: each process's ``(index, results)``."""
+        per_proc = _spread(agents, len(self.procs))
+        conns = self.conns[: len(per_proc)]
+        scenario, address, model, requests, warmup, batch = task
+        for i, (c, k) in enumerate(zip(conns, per_proc, strict=True)):
+            c.send((scenario, address, model, i, k, requests, warmup, batch))
+        for c in conns:  # every agent connected and warmed up
+            self._reply(c, "ready", 300)
+        for c in conns:
+            c.send("go")
+        return [self._reply(c, "done", timeout_s) for c in conns]
+
+    @staticmethod
+    def _reply(conn: Any, kind: str, timeout_s: float) -> Any:
+        if not conn.poll(timeout_s):
+            raise TimeoutError(f"latency worker: no {kind!r} within {timeout_s:.0f} s")
+        got, value = conn.recv()  # EOFError if it died
+        if got == "error":
+            raise RuntimeError(f"latency worker failed:\n{value}")
+        if got != kind:
+            raise RuntimeError(f"latency worker: {got!r} instead of {kind!r}")
+        return value
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Ask them to exit (idle ones do at once), then SIGTERM, then SIGKILL."""
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.send(None)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(2)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+        for c in self.conns:
+            c.close()
+        self.procs, self.conns = [], []
 
 
 def run_scenario(
@@ -55,25 +215,12 @@ def run_scenario(
     warmup: int,
     batch: int = 1,
     max_procs: int = MAX_PROCS,
+    pool: WorkerPool | None = None,
 ) -> dict:
-    ctx = mp.get_context("spawn")
-    per_proc = _spread(agents, max_procs)
-    start = ctx.Barrier(agents + 1)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=run_agents,
-            args=(scenario, address, model, i, k, requests, warmup, batch, start, out),
-            daemon=True,
-        )
-        for i, k in enumerate(per_proc)
-    ]
-    for p in procs:
-        p.start()
-    start.wait(timeout=300)  # every agent connected and warmed up
-    results = [out.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join(30)
+    if pool is None:
+        with WorkerPool(len(_spread(agents, max_procs))) as own:
+            return run_scenario(scenario, address, model, agents, requests, warmup, batch, pool=own)
+    results = pool.run((scenario, address, model, requests, warmup, batch), agents)
     runs = [r for _, rs in results for r in rs]
     lat = np.concatenate([r[0] for r in runs]) if runs else np.empty(0)
     t0, t1 = min(r[1] for r in runs), max(r[2] for r in runs)
@@ -84,6 +231,9 @@ def run_scenario(
         row["mean_us"] = round(float(lat.mean()), 1)
         row["within_budget"] = round(float(np.mean(lat <= BUDGET_US)), 4)
     row["throughput_per_s"] = round(n / (t1 - t0), 1)
+    staged = [r[3] for r in runs if len(r) > 3 and r[3] is not None]
+    if staged:
+        row["stages"] = stage_summary(np.concatenate(staged))
     return row | {"_latencies": lat, "_window_s": t1 - t0}
 
 
@@ -103,9 +253,13 @@ def _verdicts(metrics_url: str) -> float:
     )
 
 
-def saturation(proc: object, model: str, agents: int, batch: int, samples: int) -> dict:
+def saturation(
+    proc: object, model: str, agents: int, batch: int, samples: int, pool: WorkerPool | None = None
+) -> dict:
     before_cpu, before_n = _cpu_seconds(proc.proc.pid), _verdicts(proc.metrics_url)
-    row = run_scenario("saturation", proc.address, model, agents, samples, 0, batch=batch)
+    row = run_scenario(
+        "saturation", proc.address, model, agents, samples, 0, batch=batch, pool=pool
+    )
     wall = row["_window_s"]  # from the common start to the last agent's end
     cpu = _cpu_seconds(proc.proc.pid) - before_cpu  # includes the agents' connect: small
     n = _verdicts(proc.metrics_url) - before_n
@@ -119,20 +273,30 @@ def saturation(proc: object, model: str, agents: int, batch: int, samples: int) 
 
 
 def _echo_server(kind: str) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo_servers", kind],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    """An echo server in its own process group (bench.procs.spawn): stop_group stops it."""
+    p = spawn("bench.echo_servers", kind, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        stop_group(p)
+        raise RuntimeError(f"the {kind} echo server did not start")
     return p, f"127.0.0.1:{line.split()[-1]}"
 
 
-def markdown(results: list[dict], sat: dict | None) -> str:
+def markdown(results: list[dict], sat: dict | None, breakdown: Sequence[dict] = ()) -> str:
     cols = ["scenario", "agents", "requests", *PERCENTILES, "throughput_per_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    for b in breakdown:
+        floors = {k: (v["p50_us"], v["p99_us"]) for k, v in b["floors"].items()}
+        lines += [
+            "",
+            f"Where the time goes: {b['scenario']}, {b['agents']} agent(s)"
+            " (wire = round trip - controller time; out and back need synchronized clocks"
+            " to tell apart):",
+            "",
+            *breakdown_table(b["stages"], floors),
+        ]
     if sat:
         lines += [
             "",
@@ -178,12 +342,20 @@ def run(args: argparse.Namespace) -> int:
     requests = args.requests or (200 if args.quick else 2000)
     warmup = max(20, requests // 10)
     scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
-    proc = start_controller(out / "controller", artifacts, 1_000_000)
-    grpc_echo, grpc_addr = _echo_server("grpc")
-    tcp_echo, tcp_addr = _echo_server("tcp")
-    address = {"grpc_echo": grpc_addr, "tcp_echo": tcp_addr}
     results = []
+    # Every process of the run, stopped in this order however it ends (SIGTERM and
+    # SIGHUP raise SystemExit: bench.procs.exit_on_signals). The client processes come
+    # first: their imports overlap the controller's start.
+    pool = WorkerPool(2 if args.quick else MAX_PROCS)
+    stops: list[Callable[[], object]] = [pool.close]
     try:
+        proc = start_controller(out / "controller", artifacts, 1_000_000)
+        stops.append(proc.stop)
+        grpc_echo, grpc_addr = _echo_server("grpc")
+        stops.append(lambda: stop_group(grpc_echo))
+        tcp_echo, tcp_addr = _echo_server("tcp")
+        stops.append(lambda: stop_group(tcp_echo))
+        address = {"grpc_echo": grpc_addr, "tcp_echo": tcp_addr}
         todo = [(s, n) for s in scenarios for n in agents]
         for s, n in tqdm(todo, desc="latency", unit="run"):
             per_agent = max(requests // n, 50)
@@ -194,24 +366,30 @@ def run(args: argparse.Namespace) -> int:
                 n,
                 per_agent,
                 warmup,
-                max_procs=2 if args.quick else MAX_PROCS,
+                pool=pool,
             )
             results.append(row)
             tqdm.write(
                 f"{s:<11} agents={n:<3} p50={row.get('p50_us', 0):9.1f} us"
                 f"  p99={row.get('p99_us', 0):9.1f} us  {row['throughput_per_s']:9.1f}/s"
             )
+            if row.get("stages", {}).get("n"):
+                tqdm.write(
+                    "            p50 by stage: "
+                    + "  ".join(f"{k}={row['stages'][k]['p50_us']:.0f}" for k in STAGE_LABELS)
+                )
         sat = None
         if not args.no_saturation:
             sat = saturation(
-                proc, str(model), 4 if args.quick else 16, 32, 256 if args.quick else 4096
+                proc, str(model), 4 if args.quick else 16, 32, 256 if args.quick else 4096, pool
             )
             tqdm.write(f"saturation: {sat}")
+    except BaseException:
+        pool.close(0.0)  # stopped mid-run: don't wait for the run to end
+        raise
     finally:
-        proc.stop()
-        for p in (grpc_echo, tcp_echo):
-            p.terminate()
-            p.wait(10)
+        for stop in stops:
+            stop()
     report = {
         "schema": "openexample.bench.latency/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -222,13 +400,17 @@ def run(args: argparse.Namespace) -> int:
         },
         "budget_us": BUDGET_US,
         "detectors": list(DETECTORS),
-        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+        "results": [
+            {k: v for k, v in r.items() if not k.startswith("_") and k != "stages"} for r in results
+        ],
+        "breakdown": breakdowns(results),
         "saturation": sat,
     }
     json_path = Path(args.json) if args.json else out / "latency.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    (out / "latency.md").write_text(markdown(report["results"], sat))
+    md = markdown(report["results"], sat, report["breakdown"])
+    (out / "latency.md").write_text(md)
     cdf_plot(results, out / "latency_cdf.png")
-    print(markdown(report["results"], sat))
+    print(md)
     print(f"wrote {json_path}, {out / 'latency.md'}, {out / 'latency_cdf.png'}")
     return 0 if all(math.isfinite(r["throughput_per_s"]) for r in results) else 1

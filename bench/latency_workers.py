@@ -1,19 +1,24 @@
 """Client processes of the latency bench: each runs several agents (threads).
 
-Module-level functions only: they are started with multiprocessing's spawn context.
-Every thread warms up, waits for the common start, then times ``requests`` calls and
-reports its latencies in microseconds with its start and end times.
+Module-level functions only: they are started with multiprocessing's spawn context,
+once per bench (``serve``: bench.latency.WorkerPool), and run one scenario after another
+as the bench sends them over a pipe. Every thread warms up, waits for the common start
+(all threads of all processes), then times ``requests`` calls and reports its latencies
+in microseconds with its start and end times. A client process stops when the bench
+tells it to, and by itself when the bench dies (bench.procs.watch_parent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,20 @@ def _inputs(seed: int, n: int) -> np.ndarray:
     return np.clip(x[idx] + rng.uniform(0, 1e-3, (n, *SHAPE)), 0, 1).astype(np.float32)
 
 
+def stage_matrix(stages: Iterable[Any]) -> np.ndarray:
+    """``[n, len(STAGE_NAMES)]`` from Result.stages, in microseconds (batch_items last).
+    None and unfinished ones are left out: decided locally, by timeout, or joined an
+    input already sent."""
+    from agents.results import STAGE_NAMES
+
+    rows = [
+        [getattr(s, k) for k in STAGE_NAMES]
+        for s in stages
+        if s is not None and s.total is not None
+    ]
+    return np.asarray(rows, np.float64).reshape(-1, len(STAGE_NAMES))
+
+
 @dataclass
 class Client:
     """One thread's way to make a timed call, and what to close afterwards."""
@@ -39,6 +58,7 @@ class Client:
     call: Callable[[np.ndarray], float]
     close: Callable[[], object] | None = None
     guard: Any = None  # the agent, for scenarios that drive it directly
+    stages: list | None = None  # inspect: each call's Result.stages, in order
 
 
 def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Client:
@@ -74,6 +94,15 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
         action = {"fast_path": rules.allow(), "mirror": rules.mirror()}.get(scenario)
         if action is not None:  # local rule, above the controller's table-miss rule
             g.local_mod(rules.vigilance_mod("add", priority=10, actions=[action]))
+        if scenario == "inspect":  # keep where the time went (read after the run)
+            stages: list = []
+
+            def inspect(x: np.ndarray) -> float:
+                res = g(x)
+                stages.append(res.stages)
+                return res.latency_s
+
+            return Client(inspect, g.close, g, stages)
         return Client(lambda x: g(x).latency_s, g.close, g)
     if scenario == "grpc_echo":
         return Client(*_grpc_echo_client(address))
@@ -151,18 +180,24 @@ def run_agents(
     clients = [
         _client(scenario, address, model_path, f"bench-{proc_index}-{t}") for t in range(threads)
     ]
-    results: list[tuple[np.ndarray, float, float]] = [None] * threads  # type: ignore[list-item]
+    # (latencies us, start, end, stage_matrix of the results or None)
+    results: list[tuple] = [None] * threads  # type: ignore[list-item]
 
-    def work(t: int, fn: Callable[[np.ndarray], float]) -> None:
+    def work(t: int, c: Client) -> None:
+        fn = c.call
         x = _inputs(proc_index * 1000 + t, warmup + requests)
         for i in range(warmup):
             fn(x[i])
         start.wait()
+        if c.stages is not None:
+            c.stages.clear()  # the warm-up's
         lat = np.empty(requests, np.float64)
         t0 = time.perf_counter()
         for i in range(requests):
             lat[i] = fn(x[warmup + i])
-        results[t] = (lat * 1e6, t0, time.perf_counter())
+        t1 = time.perf_counter()
+        stages = None if c.stages is None else stage_matrix(c.stages)
+        results[t] = (lat * 1e6, t0, t1, stages)
 
     def saturate(t: int, guard_call: Any) -> None:
         # Batches of `batch` inputs per call: the controller batches across agents too.
@@ -178,7 +213,7 @@ def run_agents(
         if scenario == "saturation":
             workers.append(threading.Thread(target=saturate, args=(t, c.guard.batch)))
         else:
-            workers.append(threading.Thread(target=work, args=(t, c.call)))
+            workers.append(threading.Thread(target=work, args=(t, c)))
     for w in workers:
         w.start()
     for w in workers:
@@ -187,3 +222,63 @@ def run_agents(
         if c.close is not None:
             c.close()
     out.put((proc_index, results))
+
+
+class _CommonStart:
+    """``start`` for run_agents in a served process: when all its threads are warm, tell
+    the bench (``ready``) and wait for its ``go``, which it sends once every process is."""
+
+    def __init__(self, threads: int, conn: Any, timeout_s: float = 300.0) -> None:
+        self._conn = conn
+        self._timeout_s = timeout_s
+        self._barrier = threading.Barrier(threads, action=self._sync)
+
+    def _sync(self) -> None:
+        self._conn.send(("ready", None))
+        if self._conn.recv() != "go":
+            raise RuntimeError("the bench called the run off")
+
+    def wait(self) -> None:
+        self._barrier.wait(self._timeout_s)
+
+
+class _Reply:
+    """``out`` for run_agents in a served process: the results go back over the pipe."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def put(self, item: tuple[int, list]) -> None:
+        if any(r is None for r in item[1]):
+            self._conn.send(("error", "a client thread failed (its traceback is above)"))
+        else:
+            self._conn.send(("done", item))
+
+
+def serve(conn: Any, parent_pid: int) -> None:
+    """A client process: run_agents for each task read from ``conn``, until None.
+
+    A task is run_agents' arguments up to ``batch``; the replies are ``("ready", None)``
+    (all its agents warm), then ``("done", (proc_index, results))``, or ``("error",
+    text)``. Ctrl-C is the bench's to handle (it stops us); we stop when it dies.
+    """
+    from bench.procs import watch_parent
+
+    watch_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    import agents  # noqa: F401  (imported once, while the bench starts the controller)
+
+    torch.set_num_threads(1)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the bench is gone
+            return
+        if task is None:
+            return
+        try:
+            run_agents(*task, _CommonStart(task[4], conn), _Reply(conn))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))

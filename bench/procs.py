@@ -1,32 +1,120 @@
 """The controller daemon as a real process on loopback, for the bench, the demo and
-the integration tests."""
+the integration tests; and how the bench starts and stops every child process.
+
+A child started with :func:`spawn` runs in a session of its own, so its whole process
+group can be stopped (:func:`stop_group`: SIGTERM, a short wait, SIGKILL); it watches
+its parent and stops when the parent dies, even by SIGKILL; and whatever is still
+running at interpreter exit is stopped. :func:`exit_on_signals` turns SIGTERM/SIGHUP
+into SystemExit in a bench, so its ``finally`` blocks run."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics")
+_NATIVE = re.compile(r"native listening on ((tcp|unix)://\S+)")
+
+
+# Processes started by spawn() and not stopped yet: stopped at interpreter exit.
+_LIVE: set[subprocess.Popen] = set()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(pgid, sig)
+
+
+def watch_parent(parent_pid: int, grace_s: float = 5.0, interval_s: float = 0.25) -> None:
+    """In a child: once ``parent_pid`` is no longer its parent (it died, even by SIGKILL),
+    SIGTERM itself (the clean shutdown path) and exit hard ``grace_s`` later."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def spawn(module: str, *args: str, **popen: Any) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` in a session of its own (its process group is ours to
+    stop: :func:`stop_group`), watching this process (it stops when we die, even by
+    SIGKILL), and stopped at our exit if nobody stopped it before."""
+    cmd = [sys.executable, "-m", "bench.procs", str(os.getpid()), module, *args]
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    _LIVE.add(proc)
+    return proc
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM to ``proc``'s process group, wait up to ``timeout_s`` for ``proc``, then
+    SIGKILL to whatever is left of the group. Returns ``proc``'s exit code."""
+    if proc.poll() is None:
+        _killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+    _killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    _LIVE.discard(proc)
+    return proc.returncode
+
+
+@atexit.register
+def _stop_all() -> None:
+    for proc in list(_LIVE):
+        stop_group(proc, 5.0)
+
+
+def exit_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> None:
+    """In the main thread of a bench: these signals raise SystemExit (as Ctrl-C raises
+    KeyboardInterrupt), so ``finally`` blocks and atexit stop what it started. Further
+    ones are ignored while they do."""
+
+    def handler(signum: int, frame: object) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for s in signals:
+        signal.signal(s, handler)
 
 
 class ControllerProcess:
-    """``openexample-controller serve`` in a subprocess, its log kept for assertions."""
+    """``openexample-controller serve`` in a subprocess, its log kept for assertions.
 
-    def __init__(self, workdir: Path, config: dict, port: int = 0) -> None:
+    It listens on gRPC at 127.0.0.1 (``port``, 0 = any) and on the ``native`` addresses
+    (e.g. ``tcp://127.0.0.1:0``, ``unix:///tmp/x.sock``); :meth:`address_for` gives the
+    bound address of a scheme once started.
+    """
+
+    def __init__(
+        self, workdir: Path, config: dict, port: int = 0, native: Sequence[str] = ()
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = {"journal": str(self.workdir / "journal.sqlite3"), **config}
         self.config.setdefault("metrics_port", 0)
-        self.config["listen"] = f"127.0.0.1:{port}"
+        self.native = list(native)
+        self.native_addresses: dict[str, str] = {}  # scheme -> bound address
+        self.config["listen"] = self._listen(port)
         self.config_path = self.workdir / "controller.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.port = 0
@@ -43,10 +131,20 @@ class ControllerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def address_for(self, scheme: str) -> str:
+        """The bound address of ``grpc``, ``tcp`` or ``unix`` (agents pick by scheme)."""
+        return self.address if scheme == "grpc" else self.native_addresses[scheme]
+
+    def _listen(self, port: int) -> str | list[str]:
+        grpc = f"127.0.0.1:{port}"
+        return [grpc, *self.native] if self.native else grpc
+
     def start(self, timeout_s: float = 60.0) -> ControllerProcess:
-        cmd = [sys.executable, "-m", "controller.cli", "serve", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(
-            cmd,
+        self.proc = spawn(
+            "controller.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -62,6 +160,9 @@ class ControllerProcess:
                     log.write(line)
                     log.flush()
                     self.log.append(line.rstrip())
+                    n = _NATIVE.search(line)
+                    if n:  # logged before the gRPC line
+                        self.native_addresses[n[2]] = n[1]
                     m = _LISTEN.search(line)
                     if m:
                         self.port, self.metrics_port = int(m[1]), int(m[2])
@@ -73,8 +174,9 @@ class ControllerProcess:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("controller did not start:\n" + "\n".join(self.log))
-        # Restart on the same port after a kill: keep it from now on.
-        self.config["listen"] = f"127.0.0.1:{self.port}"
+        # Restart on the same ports after a kill: keep them from now on.
+        self.native = list(self.native_addresses.values())
+        self.config["listen"] = self._listen(self.port)
         self.config_path.write_text(yaml.safe_dump(self.config))
         return self
 
@@ -82,25 +184,33 @@ class ControllerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: the controller vanishes mid-stream."""
+        """SIGKILL to its process group: the controller vanishes mid-stream."""
         if self.proc is not None:
-            self.proc.kill()
+            _killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            _LIVE.discard(self.proc)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM and wait: the clean shutdown path."""
+        """SIGTERM to its process group and wait (the clean shutdown path), then SIGKILL
+        to whatever is left of the group."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_group(self.proc, timeout_s)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """``openexample-controller ARGS --controller ADDRESS`` against this daemon."""
         cmd = [sys.executable, "-m", "controller.cli", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m bench.procs PARENT_PID MODULE ARGS``: run MODULE as ``python -m``
+    would, under :func:`watch_parent` (what :func:`spawn` starts)."""
+    parent, module, *args = argv
+    watch_parent(int(parent))
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -3,27 +3,35 @@ latency`` lands: one real controller process, one agent, the example MNIST model
 
 Measures, in the same run: the bare model call, the agent fast path (ALLOW rule and
 RT hit: added latency), the INSPECT round trip through the controller's detectors, and
-a bare ECHO round trip on the same gRPC stack as the floor.
+a bare ECHO round trip on the same gRPC stack as the floor; then INSPECT on the native
+channel (tcp://, unix://, same daemon) and a framed ECHO floor on tcp. Then where the INSPECT
+latency goes, stage by stage (agents/results.py ``Stages``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
+import uvloop
 
 from agents import attach
 from bench.demo import DETECTORS, MODEL_ID, start_controller
+from bench.latency import breakdown_table, stage_summary
+from bench.latency_workers import stage_matrix
 from controller.reference_model import load_model
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
 from openexample import messages, rules
+from openexample.addresses import parse_address
+from openexample.framing import FrameDecoder, frame
 from openexample.v1 import openexample_pb2 as pb
 
 
@@ -54,6 +62,60 @@ async def echo_floor(address: str, n: int) -> list[float]:
         return out
 
 
+async def native_echo_floor(address: str, n: int) -> list[float]:
+    """ECHO round trips on the native channel (HELLO first): a framed asyncio Protocol on
+    uvloop, TCP_NODELAY, the floor under INSPECT over tcp://."""
+    a = parse_address(address)
+    loop = asyncio.get_running_loop()
+
+    class Probe(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.decoder = FrameDecoder(1 << 25)
+            self.want = 0
+            self.waiter: asyncio.Future | None = None
+
+        def data_received(self, data: bytes) -> None:
+            for f in self.decoder.feed(data):
+                env = pb.Envelope.FromString(f)
+                if env.HasField("echo_reply") and env.xid == self.want and self.waiter:
+                    self.waiter.set_result(None)
+
+    tr, probe = await loop.create_connection(Probe, a.host, a.port)
+    tr.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tr.write(frame(messages.hello("probe").SerializeToString()))
+    out = []
+    for i in range(n):
+        env = messages.envelope(pb.EchoRequest(data=b""), xid=i + 1).SerializeToString()
+        probe.want, probe.waiter = i + 1, loop.create_future()
+        t0 = time.perf_counter()
+        tr.write(frame(env))
+        await probe.waiter
+        out.append((time.perf_counter() - t0) * 1e6)
+    tr.close()
+    return out
+
+
+def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: int) -> list[float]:
+    """INSPECT round trips of one agent on the native channel (``tcp://``, ``unix://``):
+    the same images as the gRPC run, their own jitter (no RT hit from an earlier run)."""
+    g = attach(
+        str(model_path),
+        controller=address,
+        model_id=MODEL_ID,
+        input_shape=(1, 28, 28),
+        connect_timeout_s=30,
+    )
+    try:
+        for i in range(200):  # warm-up
+            g(x[i])
+        rng = np.random.default_rng(seed)
+        fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
+        fresh = fresh.astype(np.float32)
+        return [g(fresh[i]).latency_s * 1e6 for i in range(n)]
+    finally:
+        g.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("-n", type=int, default=2000)
@@ -63,7 +125,9 @@ def main() -> int:
     art = ensure_artifacts(DETECTORS, cache=cache)
     workdir = Path("var/quick_latency")
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = start_controller(workdir, art, budget_us=1_000_000)
+    # gRPC and the native channel at once (tcp:// and unix://), one daemon.
+    native = ["tcp://127.0.0.1:0", f"unix://{workdir.resolve() / 'controller.sock'}"]
+    proc = start_controller(workdir, art, budget_us=1_000_000, native=native)
     address = proc.address
     x = datasets.load("mnist5k").split().test.x
     n = args.n
@@ -88,12 +152,17 @@ def main() -> int:
         rng = np.random.default_rng(0)
         fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
         fresh = fresh.astype(np.float32)
-        inspect = [g(fresh[i]).latency_s * 1e6 for i in range(n)]
+        inspected = [g(fresh[i]) for i in range(n)]
+        inspect = [r.latency_s * 1e6 for r in inspected]
+        stages = stage_summary(stage_matrix(r.stages for r in inspected))
         rt = [g(x[i % 200]).latency_s * 1e6 for i in range(n)]  # seen before: RT hits
         g.local_mod(rules.vigilance_mod("add", priority=10, actions=[rules.allow()]))
         allow = [g(x[i % len(x)]).latency_s * 1e6 for i in range(n)]
         g.close()
         echo = asyncio.run(echo_floor(address, n))
+        native_tcp = native_inspect(proc.address_for("tcp"), model_path, x, n, seed=1)
+        native_unix = native_inspect(proc.address_for("unix"), model_path, x, n, seed=2)
+        native_echo = uvloop.run(native_echo_floor(proc.address_for("tcp"), n))
     finally:
         proc.stop()
     print(f"bare model call           {pct(bare)}")
@@ -101,6 +170,12 @@ def main() -> int:
     print(f"fast path: RT hit         {pct(rt)}  (added)")
     print(f"INSPECT round trip        {pct(inspect)}  (added)")
     print(f"gRPC ECHO floor           {pct(echo)}")
+    print(f"INSPECT native tcp        {pct(native_tcp)}  (added)")
+    print(f"INSPECT native unix       {pct(native_unix)}  (added)")
+    print(f"native ECHO floor (tcp)   {pct(native_echo)}")
+    p50, p99 = np.percentile(echo, [50, 99])
+    print("\nINSPECT, where the added latency goes (Result.stages; wire = out + back):")
+    print("\n".join(breakdown_table(stages, {"gRPC ECHO": (p50, p99)})))
     return 0
 
 

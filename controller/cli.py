@@ -24,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", help="YAML or TOML file (see README)")
-    s.add_argument("--listen", help="HOST:PORT for agents (default 127.0.0.1:6653)")
+    s.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS",
+        help="where agents connect, repeatable or comma-separated: one gRPC HOST:PORT"
+        " (or grpc://HOST:PORT), plus native tcp://HOST:PORT and unix:///PATH"
+        " (default 127.0.0.1:6653; replaces the config file's list)",
+    )
     s.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464, 0 = free)")
     s.add_argument("--journal", help="SQLite incident journal path")
     s.add_argument("--budget-us", type=int, help="default INSPECT budget of the table-miss rule")
@@ -61,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _listen(flags: list[str] | None) -> str | tuple[str, ...] | None:
+    """``--listen`` given once, repeated, or with commas: one string or a tuple."""
+    if not flags:
+        return None
+    entries = tuple(e.strip() for flag in flags for e in flag.split(",") if e.strip())
+    if len(entries) == 1:
+        return entries[0]
+    return entries or ""  # nothing given: the config check says so
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controller import config as cfgmod
     from controller.pipeline import load_scorers
@@ -72,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = cfgmod.load(args.config)
         overrides = {
-            "listen": args.listen,
+            "listen": _listen(args.listen),
             "metrics_port": args.metrics_port,
             "journal": args.journal,
             "budget_us": args.budget_us,

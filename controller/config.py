@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from openexample.addresses import Address, parse_addresses
 from openexample.errors import ConfigError  # also importable from here
 
 
@@ -32,7 +33,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Config:
     controller_id: str = "controller-1"
-    listen: str = "127.0.0.1:6653"
+    # Where agents connect: one address, or a list (YAML list, or commas). Exactly one
+    # gRPC address (HOST:PORT or grpc://HOST:PORT; the admin API, health and reflection
+    # live there), plus any native ones: tcp://HOST:PORT, unix:///PATH.
+    listen: str | tuple[str, ...] = "127.0.0.1:6653"
     # 0 picks a free port (logged); -1 disables the metrics endpoint.
     metrics_port: int = 9464
     # Default table-miss rule installed on every agent.
@@ -65,6 +69,21 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def listeners(self) -> tuple[Address, ...]:
+        """``listen`` parsed (ConfigError naming the bad entry)."""
+        return parse_addresses(self.listen, "listen")
+
+    @property
+    def grpc_listen(self) -> Address:
+        """The one gRPC address."""
+        return next(a for a in self.listeners if not a.native)
+
+    @property
+    def native_listen(self) -> tuple[Address, ...]:
+        """The native channel's addresses (tcp://, unix://), maybe none."""
+        return tuple(a for a in self.listeners if a.native)
 
 
 _FAIL_MODES = ("standalone", "secure")
@@ -116,6 +135,15 @@ def from_mapping(raw: Any, base: Config | None = None) -> Config:
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(fields))})")
+        if key == "listen":
+            if isinstance(value, list):
+                for i, entry in enumerate(value):
+                    _check_type(f"listen[{i}]", entry, str)
+                value = tuple(value)
+            else:
+                _check_type(key, value, (str, list))
+            changes[key] = value
+            continue
         if key == "models":
             _check_type("models", value, dict)
             changes[key] = {str(mid): _model_config(f"models.{mid}", m) for mid, m in value.items()}
@@ -137,8 +165,15 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{key}: {what}, got {getattr(cfg, key)!r}")
 
-    host, sep, port = cfg.listen.rpartition(":")
-    need(bool(sep and host and port.isdigit() and int(port) < 65536), "listen", "want HOST:PORT")
+    if isinstance(cfg.listen, list):
+        cfg = dataclasses.replace(cfg, listen=tuple(cfg.listen))  # frozen: keep it hashable
+    listeners = parse_addresses(cfg.listen, "listen")
+    n_grpc = sum(not a.native for a in listeners)
+    if n_grpc != 1:
+        raise ConfigError(
+            f"listen: exactly one gRPC address (HOST:PORT or grpc://HOST:PORT: the admin API,"
+            f" health and reflection live there), got {n_grpc} in {cfg.listen!r}"
+        )
     need(-1 <= cfg.metrics_port < 65536, "metrics_port", "want 0..65535 or -1")
     need(0 < cfg.budget_us <= 60_000_000, "budget_us", "want 1..60000000")
     need(cfg.fail_mode in _FAIL_MODES, "fail_mode", f"want one of {_FAIL_MODES}")

@@ -50,6 +50,40 @@ class InspectJob:
         return len(self.pkg.items)
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreTimes:
+    """When the shell scored a job's batch, on the clock it passes as ``now``.
+
+    The shell measures; :meth:`ControllerCore.on_results` turns these into the
+    PKG_OUT's ``Timings`` (microseconds from the job's ``received_at``).
+    """
+
+    started: float  # the scoring call for the batch began
+    done: float  # it returned
+    batch_items: int  # items scored together (this job's and others')
+    detectors: tuple[tuple[str, float], ...] = ()  # (name, seconds) per detector
+
+
+def pkg_out_timings(job: InspectJob, times: ScoreTimes, now: float) -> pb.Timings:
+    """The stages of ``job`` in whole microseconds. The boundaries are rounded, not the
+    spans, so queue_us + score_us + reply_us == controller_us exactly."""
+    t0 = job.received_at
+    start = max(0, round((times.started - t0) * 1e6))
+    done = max(start, round((times.done - t0) * 1e6))
+    end = max(done, round((now - t0) * 1e6))
+    return pb.Timings(
+        queue_us=start,
+        batch_items=times.batch_items,
+        score_us=done - start,
+        detectors=[
+            pb.DetectorTiming(detector=name, us=max(0, round(s * 1e6)))
+            for name, s in times.detectors
+        ],
+        reply_us=end - done,
+        controller_us=end,
+    )
+
+
 @dataclass(slots=True)
 class Incident:
     """An ADVERSARIAL verdict, for the journal (never the raw input)."""
@@ -228,14 +262,25 @@ class ControllerCore:
 
     # --- detector results ---
 
-    def on_results(self, job: InspectJob, items: list[pb.PkgOutItem], now: float) -> Step:
-        """Answer a scored job: PKG_OUT, swift vigilance, source tracing, incidents."""
+    def on_results(
+        self,
+        job: InspectJob,
+        items: list[pb.PkgOutItem],
+        now: float,
+        timings: ScoreTimes | None = None,
+    ) -> Step:
+        """Answer a scored job: PKG_OUT, swift vigilance, source tracing, incidents.
+
+        With ``timings`` (what the shell measured while scoring), the PKG_OUT carries
+        the controller's stages (``pb.Timings``, see :func:`pkg_out_timings`).
+        """
         step = Step()
         self.workload -= job.size
         model_id = job.pkg.model_id
         s = self.sessions.get(job.sid)
         if s is not None and s.configured:
-            body = pb.PkgOut(model_id=model_id, items=items)
+            stages = None if timings is None else pkg_out_timings(job, timings, now)
+            body = pb.PkgOut(model_id=model_id, items=items, timings=stages)
             step.send.append((job.sid, s.reply_to(job.xid, body)))
         pushed: list[pb.LabelEntry] = []
         for item, out in zip(job.pkg.items, items, strict=True):

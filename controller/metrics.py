@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # only for annotations: metrics never drive the core
 
 VERDICTS = {0: "unspecified", 1: "benign", 2: "adversarial", 3: "unknown"}
 SESSION_EVENTS = ("opened", "closed", "errored")
+STAGES = ("queue", "score", "reply")  # stage_seconds, in the order a PKG_IN meets them
 # Normalised margin of one detector (controller/detectors/fusion.py): 0 on the
 # threshold, -1 a typical clean input, > 0 flagged.
 MARGIN_BUCKETS = (-4.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -99,6 +100,15 @@ class ControllerMetrics:
             "openexample_controller_verdict_latency_seconds",
             "PKG_IN received to PKG_OUT queued, per PKG_IN",
             ["model"],
+            buckets=buckets,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "openexample_controller_stage_seconds",
+            "Where one PKG_IN spent its controller time: queue (received to its batch's"
+            " scoring started), score (the scoring call, shared by the batch), reply"
+            " (scoring done to its PKG_OUT built); they add up to verdict_latency",
+            ["model", "stage"],
             buckets=buckets,
             registry=r,
         )
@@ -193,6 +203,7 @@ class ControllerMetrics:
         self._in: dict[str, tuple[Callable, Callable, Callable]] = {}
         self._out: dict[str, tuple[Callable, Callable]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
+        self._stages: dict[str, tuple[Callable[[float], None], ...]] = {}
         self._incident: dict[str, Callable] = {}
         self._detectors: dict[tuple[str, tuple[str, ...]], list[tuple[Callable, Callable]]] = {}
         for event in SESSION_EVENTS:
@@ -214,6 +225,7 @@ class ControllerMetrics:
         self._in_children(model)
         self._out_children(model)
         self.latency_observer(model)
+        self.stage_observers(model)
         self._incident_child(model)
 
     # --- hot path helpers (cached children) ---
@@ -276,6 +288,15 @@ class ControllerMetrics:
         obs = self._latency.get(model)
         if obs is None:
             obs = self._latency[model] = self.verdict_latency.labels(model).observe
+        return obs
+
+    def stage_observers(self, model: str) -> tuple[Callable[[float], None], ...]:
+        """(queue, score, reply) observers of ``stage_seconds`` for ``model``."""
+        obs = self._stages.get(model)
+        if obs is None:
+            obs = self._stages[model] = tuple(
+                self.stage_latency.labels(model, stage).observe for stage in STAGES
+            )
         return obs
 
     def record_incidents(self, incidents: Sequence[Incident]) -> None:

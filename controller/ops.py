@@ -10,6 +10,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from openexample import rules
+from openexample.addresses import parse_address
+from openexample.errors import ConfigError
 from openexample.v1 import admin_pb2, admin_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
 
@@ -102,7 +104,10 @@ def build_mod(args: argparse.Namespace, command: int) -> pb.VigilanceMod:
 
 
 def _stub(address: str) -> admin_pb2_grpc.ControllerAdminStub:
-    return admin_pb2_grpc.ControllerAdminStub(grpc.insecure_channel(address))
+    addr = parse_address(address, "--controller")
+    if addr.native:
+        raise ConfigError(f"--controller: the admin API is on the gRPC address, got {address!r}")
+    return admin_pb2_grpc.ControllerAdminStub(grpc.insecure_channel(addr.host_port))
 
 
 def mod_rules(args: argparse.Namespace, command: int) -> int:

@@ -32,13 +32,21 @@ class Scorer(Protocol):
         logits: np.ndarray | None,
         labels: np.ndarray,
         metrics: ControllerMetrics | None = None,
+        detector_s: list[tuple[str, float]] | None = None,
     ) -> list[pb.PkgOutItem]: ...
 
 
 def score_jobs(
-    scorer: Scorer, jobs: list[InspectJob], metrics: ControllerMetrics | None = None
+    scorer: Scorer,
+    jobs: list[InspectJob],
+    metrics: ControllerMetrics | None = None,
+    detector_s: list[tuple[str, float]] | None = None,
 ) -> list[list[pb.PkgOutItem]]:
-    """Score jobs of one model together; a detector failure answers UNKNOWN."""
+    """Score jobs of one model together; a detector failure answers UNKNOWN.
+
+    ``detector_s``, when given, gets (detector name, seconds) for each detector that
+    ran (PKG_OUT's ``Timings.detectors``).
+    """
     pkgs = [j.pkg for j in jobs]
     inputs = pkgs[0].inputs if len(pkgs) == 1 else np.concatenate([p.inputs for p in pkgs])
     logits = None
@@ -46,7 +54,7 @@ def score_jobs(
         logits = pkgs[0].logits if len(pkgs) == 1 else np.concatenate([p.logits for p in pkgs])
     labels = np.concatenate([p.labels for p in pkgs])
     try:
-        items = scorer.score(inputs, logits, labels, metrics)
+        items = scorer.score(inputs, logits, labels, metrics, detector_s)
     except Exception:
         log.exception("detector pipeline failed on %d items", len(labels))
         fail = pb.PkgOutItem(
@@ -77,17 +85,20 @@ class FusedScorer:
         logits: np.ndarray | None,
         labels: np.ndarray,
         metrics: ControllerMetrics | None = None,
+        detector_s: list[tuple[str, float]] | None = None,
     ) -> list[pb.PkgOutItem]:
-        if metrics is None:
+        if metrics is None and detector_s is None:
             fused = self.pipeline.evaluate(Batch(inputs, logits, labels))
         else:
             timings: list[float] = []
             t0 = time.perf_counter()
             fused = self.pipeline.evaluate(Batch(inputs, logits, labels), timings)
             timings.append(time.perf_counter() - t0)  # the whole pipeline, last
-            metrics.observe_detectors(
-                self.model_id, self.pipeline.names, timings, fused.margins, fused.flags
-            )
+            names = self.pipeline.names
+            if detector_s is not None:  # zip stops before the whole pipeline's time
+                detector_s.extend(zip(names, timings, strict=False))
+            if metrics is not None:
+                metrics.observe_detectors(self.model_id, names, timings, fused.margins, fused.flags)
         # Plain lists: indexing numpy scalars per item costs more than the conversion.
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()

@@ -1,8 +1,13 @@
 """The controller daemon's I/O shell: grpc.aio + uvloop around ControllerCore.
 
-Per agent stream: a reader feeds bytes to the core, a writer drains the session's
-queue. One scoring task batches waiting PKG_INs across agents and runs the detector
-pipeline. Health, reflection, the admin API and Prometheus ride along.
+Agents connect over gRPC or the native channel (framed Envelopes on TCP or a Unix
+socket, :mod:`controller.native`), both on the same loop and the same core. Every
+session has a sender (:class:`Sender`): for gRPC the queue its response generator
+drains, for the native channel the connection itself (``transport.write``). Inbound
+messages from either go to :meth:`ControllerServer.on_message`, outbound ones leave
+through :meth:`ControllerServer._dispatch`. One scoring pass batches waiting PKG_INs
+across agents and runs the detector pipeline. Health, reflection, the admin API and
+Prometheus ride along on gRPC.
 """
 
 from __future__ import annotations
@@ -10,20 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from controller import native
 from controller.config import Config
-from controller.core import ControllerCore, InspectJob, Step
+from controller.core import ControllerCore, InspectJob, ScoreTimes, Step
 from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs
+from controller.session import State
+from openexample import messages
+from openexample.addresses import Address
 from openexample.errors import ProtocolError
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
@@ -34,6 +45,27 @@ SERVICE = "openexample.v1.OpenExample"
 REPLY_TIMEOUT_S = 2.0
 
 
+class Sender(Protocol):
+    """A session's way out: ``send`` one serialized Envelope, ``close`` after the rest."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _QueueSender:
+    """gRPC: the queue the response generator of ``_connect`` drains (None ends it)."""
+
+    __slots__ = ("queue", "send")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.send = self.queue.put_nowait
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
 class ControllerServer:
     def __init__(
         self,
@@ -41,7 +73,9 @@ class ControllerServer:
         scorers: Mapping[str, Scorer],
         *,
         registry: CollectorRegistry | None = None,
+        native_ssl: ssl.SSLContext | None = None,
     ) -> None:
+        """``native_ssl``: TLS for the native listeners (ALPN openexample/1 is set on it)."""
         self.cfg = cfg
         self.scorers = dict(scorers)
         self.core = ControllerCore(cfg, set(self.scorers), time.monotonic())
@@ -56,7 +90,10 @@ class ControllerServer:
         self.journal = Journal(cfg.journal)
         self.port = 0
         self.metrics_port = 0
-        self._queues: dict[int, asyncio.Queue[bytes | None]] = {}
+        self.native_addresses: list[Address] = []  # as bound (tcp port 0 resolved)
+        self._native_ssl = native_ssl
+        self._native: list[native.NativeListener] = []
+        self._senders: dict[int, Sender] = {}
         # Admitted jobs wait here until the next loop iteration: everything that arrived
         # in the meantime, from any agent, is scored as one batch (no extra task hop).
         self._pending: list[InspectJob] = []
@@ -85,9 +122,22 @@ class ControllerServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(self.cfg.listen)
+        grpc_address = self.cfg.grpc_listen
+        self.port = server.add_insecure_port(grpc_address.host_port)
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.cfg.listen}")
+            raise OSError(f"cannot listen on {grpc_address}")
+        try:
+            for address in self.cfg.native_listen:
+                self._native.append(
+                    await native.listen(
+                        self, address, DEFAULT_LIMITS.max_message_bytes, ssl=self._native_ssl
+                    )
+                )
+        except BaseException:
+            for listener in self._native:
+                listener.close()
+            raise
+        self.native_addresses = [listener.address for listener in self._native]
         await server.start()
         self._server = server
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -99,7 +149,9 @@ class ControllerServer:
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._journal_loop(), name="journal"),
         ]
-        host = self.cfg.listen.rpartition(":")[0]
+        for address in self.native_addresses:
+            log.info("native listening on %s", address)
+        host = grpc_address.host_port.rpartition(":")[0]
         log.info(
             "controller %s listening on %s:%d, metrics on http://127.0.0.1:%d/metrics,"
             " journal %s, detectors for %s",
@@ -118,10 +170,12 @@ class ControllerServer:
             return
         self._draining = self.core.draining = True
         await self._health.enter_graceful_shutdown()
+        for listener in self._native:
+            listener.close()
         # Drain: what was admitted is scored and answered before the sessions close.
         while self._pending:
             self._score_pending()
-        for sid in list(self._queues):
+        for sid in list(self._senders):
             self._dispatch(
                 self.core.close_session(sid, "controller shutting down", time.monotonic())
             )
@@ -146,50 +200,88 @@ class ControllerServer:
     ) -> AsyncIterator[bytes]:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "controller shutting down")
-        sid, hello = self.core.open_session(time.monotonic())
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._queues[sid] = queue
-        self.metrics.sessions.labels("opened").inc()
-        for env in hello:
-            queue.put_nowait(env.SerializeToString())
-        reader = asyncio.create_task(self._read(sid, requests, queue))
+        sender = _QueueSender()
+        sid = self.open_stream(sender)
+        queue = sender.queue
+        reader = asyncio.create_task(self._read(sid, requests, sender))
         try:
             while (data := await queue.get()) is not None:
-                self.metrics.sent_bytes.inc(len(data))
                 yield data
         finally:
             reader.cancel()
-            self._queues.pop(sid, None)
-            self._dispatch(self.core.close_session(sid, "stream ended", time.monotonic()))
-            self.metrics.agents.set(len(self.core.sessions_of()))
+            self.end_stream(sid, "stream ended")
 
-    async def _read(
-        self, sid: int, requests: AsyncIterator[bytes], queue: asyncio.Queue[bytes | None]
-    ) -> None:
+    async def _read(self, sid: int, requests: AsyncIterator[bytes], sender: _QueueSender) -> None:
         try:
             async for data in requests:
-                self.metrics.received_bytes.inc(len(data))
-                step = self.core.on_bytes(sid, data, time.monotonic())
-                if step.jobs or step.verdicts:  # a PKG_IN: admitted, or answered at once
-                    model = step.jobs[0].pkg.model_id if step.jobs else step.verdicts[0][0]
-                    n = step.jobs[0].size if step.jobs else len(step.verdicts)
-                    self.metrics.pkg_in_received(model, n, len(data))
-                self._dispatch(step)
+                self.on_message(sid, data)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:  # the daemon never dies of what a peer sends
             log.exception("session %d: reader failed", sid)
             self.metrics.sessions.labels("errored").inc()
-        queue.put_nowait(None)
+        sender.close()
+
+    # --- what both shells call (gRPC above, controller/native.py) ---
+
+    @property
+    def accepting(self) -> bool:
+        return not self._draining
+
+    def open_stream(self, sender: Sender) -> int:
+        """A new session whose messages leave through ``sender``; its HELLO goes now."""
+        sid, hello = self.core.open_session(time.monotonic())
+        self._senders[sid] = sender
+        self.metrics.sessions.labels("opened").inc()
+        self._dispatch(Step(send=[(sid, env) for env in hello]))
+        return sid
+
+    def on_message(self, sid: int, data: bytes) -> None:
+        """One message from the session's peer."""
+        self.metrics.received_bytes.inc(len(data))
+        step = self.core.on_bytes(sid, data, time.monotonic())
+        if step.jobs or step.verdicts:  # a PKG_IN: admitted, or answered at once
+            model = step.jobs[0].pkg.model_id if step.jobs else step.verdicts[0][0]
+            n = step.jobs[0].size if step.jobs else len(step.verdicts)
+            self.metrics.pkg_in_received(model, n, len(data))
+        self._dispatch(step)
+
+    def end_stream(self, sid: int, reason: str, *, errored: bool = False) -> None:
+        """The stream is gone (or must go): close the session if the core has not."""
+        if errored:
+            self.metrics.sessions.labels("errored").inc()
+        if self._senders.pop(sid, None) is None:
+            return  # the core closed it already (step.closed)
+        self._dispatch(self.core.close_session(sid, reason, time.monotonic()))
+        self.metrics.agents.set(len(self.core.sessions_of()))
+
+    def refuse_stream(self, sid: int, err: ProtocolError, offending: bytes) -> None:
+        """A message the channel cannot even frame (oversize): a typed ERROR, then close."""
+        s = self.core.sessions.get(sid)
+        sender = self._senders.get(sid)
+        if s is not None and sender is not None:
+            env = messages.error_envelope(err, offending, s.session.version)
+            self._dispatch(Step(send=[(sid, env)], errors=[err.name]))
+        self.end_stream(sid, f"{err.name}: {err.text}")
+        if sender is not None:
+            sender.close()
+
+    def negotiated_limit(self, sid: int) -> int | None:
+        """The message limit in force once HELLO is done (None before, or if gone)."""
+        s = self.core.sessions.get(sid)
+        if s is None or s.state is State.HELLO:
+            return None
+        return s.session.limits.max_message_bytes
 
     def _dispatch(self, step: Step) -> None:
         for sid, env in step.send:
-            q = self._queues.get(sid)
-            if q is not None:
+            sender = self._senders.get(sid)
+            if sender is not None:
                 data = env.SerializeToString()
                 if env.HasField("pkg_out"):
                     self.metrics.pkg_out_sent(env.pkg_out.model_id, len(data))
-                q.put_nowait(data)
+                self.metrics.sent_bytes.inc(len(data))
+                sender.send(data)
         for job in step.jobs:
             self._pending.append(job)
         if step.jobs and not self._score_scheduled:
@@ -205,9 +297,9 @@ class ControllerServer:
         for sid, reason in step.closed:
             log.info("session %d closed: %s", sid, reason)
             self.metrics.sessions.labels("closed").inc()
-            q = self._queues.get(sid)
-            if q is not None:
-                q.put_nowait(None)
+            sender = self._senders.pop(sid, None)
+            if sender is not None:
+                sender.close()
         for name in step.errors:
             self.metrics.errors.labels(name).inc()
         if step.verdicts:
@@ -254,12 +346,23 @@ class ControllerServer:
         for job in jobs:
             by_model[job.pkg.model_id].append(job)
         for model_id, group in by_model.items():
-            results = score_jobs(self.scorers[model_id], group, self.metrics)
-            now = time.monotonic()
+            # Stage timings (PKG_OUT Timings, stage_seconds): measured here, put in
+            # PKG_OUT by the core. `now` is read per job: its reply stage includes
+            # answering the jobs before it.
+            detector_s: list[tuple[str, float]] = []
+            started = time.monotonic()
+            results = score_jobs(self.scorers[model_id], group, self.metrics, detector_s)
+            done = time.monotonic()
+            times = ScoreTimes(started, done, sum(j.size for j in group), tuple(detector_s))
             observe = self.metrics.latency_observer(model_id)
+            queue, score, reply = self.metrics.stage_observers(model_id)
             for job, items in zip(group, results, strict=True):
-                self._dispatch(self.core.on_results(job, items, now))
+                now = time.monotonic()
+                self._dispatch(self.core.on_results(job, items, now, times))
                 observe(now - job.received_at)
+                queue(started - job.received_at)
+                score(done - started)
+                reply(now - done)
 
     async def _journal_loop(self) -> None:
         while True:

@@ -34,6 +34,30 @@ def pkg_ins(draw, n_max=4, shape=(1, 4, 4), classes=3):
     )
 
 
+timings = st.builds(
+    pb.Timings,
+    queue_us=u32,
+    batch_items=u32,
+    score_us=u32,
+    detectors=st.lists(st.builds(pb.DetectorTiming, detector=ids, us=u32), max_size=3),
+    reply_us=u32,
+    controller_us=st.integers(0, 2**64 - 1),
+)
+
+
+@st.composite
+def pkg_outs(draw, n_max=4):
+    items = [
+        pb.PkgOutItem(
+            verdict=draw(st.sampled_from([1, 2, 3])),
+            action=draw(st.sampled_from([1, 2, 3])),
+            score=draw(st.floats(-9, 9, width=32)),
+        )
+        for _ in range(draw(st.integers(1, n_max)))
+    ]
+    return pb.PkgOut(model_id="m", items=items, timings=draw(st.none() | timings))
+
+
 def descriptor(shape=(1, 4, 4), classes=3, dtype=pb.DTYPE_FLOAT32, activations=()):
     return pb.ModelDescriptor(
         model_id="m",
@@ -59,5 +83,6 @@ bodies = st.one_of(
     st.builds(pb.Error, type=st.integers(1, 6), code=st.integers(0, 10), text=st.text()),
     st.builds(pb.StatsRequest, type=st.sampled_from([1, 2, 3])),
     pkg_ins(),
+    pkg_outs(),
 )
 envelopes = st.builds(lambda body, xid: messages.envelope(body, xid=xid), bodies, u32)

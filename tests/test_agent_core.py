@@ -397,6 +397,67 @@ def test_late_verdict_after_release_becomes_a_retraction():
     assert decide(core, x_of(0.1)).decided_by == RT
 
 
+def test_pkg_out_timings_give_stages_that_add_up_to_the_latency():
+    core = to_main(make_core())
+    # Fake clock, in microseconds from 1.0 s: decide at 0 and 10, PKG_IN taken at 25,
+    # PKG_OUT back at 125 (controller: 10 queued, 30 scoring, 5 replying), callers
+    # have their results at 130 and 140.
+    a = decide(core, x_of(0.1), now=1.0)
+    b = decide(core, x_of(0.2), now=1.000010)
+    (env,) = core.flush(1.000025)
+    joined = decide(core, x_of(0.1), now=1.000050)  # FT join after the PKG_IN left
+    timings = pb.Timings(
+        queue_us=10,
+        batch_items=4,
+        score_us=30,
+        detectors=[pb.DetectorTiming(detector="d1", us=20), pb.DetectorTiming(detector="d2", us=8)],
+        reply_us=5,
+        controller_us=45,
+    )
+    body = pb.PkgOut(
+        model_id="m", items=[verdict(pb.VERDICT_BENIGN, pb.VERDICT_ACTION_RELEASE)] * 2,
+        timings=timings,
+    )  # fmt: skip
+    deliver(core, body, env.xid, now=1.000125)
+    sa, sb = a.result.stages, b.result.stages
+    assert sa.after is None and sa.total is None  # the caller has not woken yet
+    sa.finish(1.000130)  # what Guard._finish does, with the guard's clock
+    sb.finish(1.000140)
+    assert sa.as_dict() == {
+        "before_send": 25,
+        "wire": 55,  # round trip 100 - controller 45: out and back together
+        "controller_queue": 10,
+        "detectors": 30,
+        "controller_reply": 5,
+        "after": 5,
+        "total": 130,
+        "batch_items": 4,
+    }
+    assert sa.per_detector == {"d1": 20, "d2": 8} and sa.round_trip == 100
+    for s, start in ((sa, 1.0), (sb, 1.000010)):
+        parts = [s.before_send, s.wire, s.controller_queue, s.detectors, s.controller_reply,
+                 s.after]  # fmt: skip
+        assert sum(parts) == s.total == round((s._done - start) * 1e6)
+    assert (sb.before_send, sb.wire, sb.after, sb.total) == (15, 55, 15, 130)
+    # It waited for part of the trip only: no breakdown.
+    assert joined.result.decided_by == CONTROLLER and joined.result.stages is None
+
+
+def test_stages_without_controller_timings_and_for_local_decisions():
+    core = to_main(make_core())
+    t = decide(core, x_of(0.3), now=2.0)
+    (env,) = core.flush(2.00002)
+    deliver(core, *pkg_out(env.xid, verdict(pb.VERDICT_BENIGN, 1)), now=2.0001)  # no Timings
+    s = t.result.stages
+    s.finish(2.0001)
+    assert (s.before_send, s.wire, s.controller, s.detectors, s.batch_items) == (20, 80, 0, 0, 0)
+    assert s.total == 100
+    assert decide(core, x_of(0.3), now=2.1).stages is None  # RT hit
+    u = decide(core, x_of(0.4), now=2.2)
+    core.flush(2.2)
+    assert core.expire_ticket(u, 2.3).stages is None  # the fail mode decided
+
+
 def test_controller_error_for_a_pkg_in_resolves_its_waiters():
     core = to_main(make_core(fail_mode=SECURE))
     t = decide(core)

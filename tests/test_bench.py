@@ -1,11 +1,18 @@
 """Smoke runs of the benchmarks (--quick): they run end to end and write what they
-promise. Figures are not asserted here (shared machines); the bench reports them."""
+promise. Figures are not asserted here (shared machines); the bench reports them.
+And a bench stopped mid-run (SIGTERM, or SIGKILL) leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +21,85 @@ from bench.latency import SCENARIOS
 pytestmark = pytest.mark.integration
 
 
+def _stop(bench: subprocess.Popen) -> None:
+    """SIGTERM (the bench stops what it started), then SIGKILL to its process group."""
+    if bench.poll() is None:
+        bench.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            bench.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(bench.pid, signal.SIGKILL)
+    bench.wait(10)
+
+
+def _run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``openexample-bench ARGS``; stopped, whatever it started with it, if it times out
+    or the test is interrupted."""
+    cmd = [sys.executable, "-m", "bench.cli", *args]
+    bench = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = bench.communicate(timeout=timeout)
+    finally:
+        _stop(bench)
+    return subprocess.CompletedProcess(cmd, bench.returncode, out, err)
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, start time, state), from /proc/PID/stat."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        table[int(d.name)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def _descendants(root: int) -> dict[tuple[int, str], str]:
+    """(pid, start time) -> command line, for every live descendant of ``root``."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, ())
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            out[(pid, table[pid][1])] = cmdline.decode(errors="replace").strip()
+    return out
+
+
+def _alive(seen: dict[tuple[int, str], str]) -> dict[tuple[int, str], str]:
+    """Those of ``seen`` still running (same pid and start time, not a zombie)."""
+    table = _processes()
+    return {
+        (pid, start): cmd
+        for (pid, start), cmd in seen.items()
+        if pid in table and table[pid][1] == start and table[pid][2] not in "ZX"
+    }
+
+
+def _kind(cmdline: str) -> str:
+    for needle, kind in (
+        ("controller.cli", "controller"),
+        ("bench.echo_servers", "echo server"),
+        ("spawn_main", "client process"),
+    ):
+        if needle in cmdline:
+            return kind
+    return "other"
+
+
 def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
     out = tmp_path / "latency"
-    cmd = [sys.executable, "-m", "bench.cli", "latency", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = _run_bench("latency", "--quick", "--out", str(out), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "latency.json").read_text())
     assert report["schema"] == "openexample.bench.latency/1"
@@ -29,12 +111,23 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
     assert report["saturation"]["inspected"] > 0
     assert (out / "latency_cdf.png").stat().st_size > 1000
     assert "| inspect | 1 |" in (out / "latency.md").read_text()
+    # Where the inspect latency goes, beside the floors of the same agent count.
+    assert [(b["scenario"], b["agents"]) for b in report["breakdown"]] == [
+        ("inspect", 1),
+        ("inspect", 4),
+    ]
+    for b in report["breakdown"]:
+        st = b["stages"]
+        assert st["n"] > 0 and set(b["floors"]) == {"grpc_echo", "tcp_echo"}
+        parts = ("before_send", "wire", "controller_queue", "detectors", "controller_reply")
+        mean = sum(st[k]["mean_us"] for k in (*parts, "after"))
+        assert abs(mean - st["total"]["mean_us"]) < 1.0  # means add up (each rounded)
+    assert "agent: before send" in (out / "latency.md").read_text()
 
 
 def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts):
     out = tmp_path / "detection"
-    cmd = [sys.executable, "-m", "bench.cli", "detection", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = _run_bench("detection", "--quick", "--out", str(out), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "detection.json").read_text())
     assert report["schema"] == "openexample.bench.detection/1"
@@ -52,3 +145,92 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
     for r in report["table_iv"]:
         assert r["n"] > 0 and 0 <= r["accuracy_with_openexample"] <= 1
     assert sorted(p.name for p in out.glob("roc_*.png"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_bench_stopped_mid_run_leaves_no_process_behind(tmp_path, artifacts, sig):
+    """SIGTERM: the bench stops every process it started. SIGKILL: each of them sees its
+    parent die and stops (bench.procs.watch_parent)."""
+    log = tmp_path / "bench.log"
+    cmd = [sys.executable, "-m", "bench.cli", "latency", "--quick", "--out", str(tmp_path)]
+    # One long inspect run: the agents are connected and busy when the signal comes.
+    cmd += ["--scenarios", "inspect", "--requests", "20000", "--no-saturation"]
+    with log.open("w") as f:
+        bench = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[tuple[int, str], str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            seen |= _descendants(bench.pid)
+            kinds = Counter(_kind(c) for c in _alive(seen).values())
+            want = {"controller": 1, "echo server": 2, "client process": 2}
+            if all(kinds[k] >= n for k, n in want.items()) and "latency:" in log.read_text():
+                break
+            assert bench.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{kinds}\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        time.sleep(2)  # the run under way
+        seen |= _descendants(bench.pid)
+        os.kill(bench.pid, sig)
+        bench.wait(30)
+        deadline = time.monotonic() + 15
+        while _alive(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {pid: cmd for (pid, _), cmd in _alive(seen).items()}
+        assert not left, f"still running after {sig.name}: {left}\n{log.read_text()[-3000:]}"
+        if sig == signal.SIGTERM:  # SystemExit from the handler, after the clean-up
+            assert bench.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        for pid, _ in _alive(seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _stop(bench)
+
+
+def test_a_controller_process_stops_when_its_parent_dies(tmp_path, artifacts):
+    """ControllerProcess, as the tests use it: SIGKILL its parent and it stops too."""
+    code = (
+        "import sys, time\n"
+        "from bench.procs import ControllerProcess\n"
+        "cfg = {'models': {'mnist-cnn': {'detectors': sys.argv[2:]}}}\n"
+        "p = ControllerProcess(sys.argv[1], cfg)\n"
+        "print(p.start().proc.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), *map(str, artifacts)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    seen: dict[tuple[int, str], str] = {}
+    try:
+        pid = int(parent.stdout.readline())  # type: ignore[union-attr]
+        seen = {k: c for k, c in _descendants(parent.pid).items() if k[0] == pid}
+        assert len(seen) == 1 and "controller.cli" in next(iter(seen.values()))
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(seen), (tmp_path / "controller.log").read_text()[-3000:]
+    finally:
+        for p, _ in _alive(seen):
+            os.kill(p, signal.SIGKILL)
+        _stop(parent)
+
+
+def test_first_run_notice_says_what_must_be_trained(tmp_path, monkeypatch, artifacts):
+    from bench import cli
+    from tests.conftest import CACHE
+
+    parse = cli.build_parser().parse_args
+    monkeypatch.setattr(cli, "CACHE", CACHE)
+    assert cli.first_run_notice(parse(["latency", "--quick"])) is None  # cached (fixture)
+    monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
+    for command in ("latency", "detection"):
+        notice = cli.first_run_notice(parse([command, "--quick"]))
+        assert notice.startswith("openexample-bench: first run: training the example model")
+        assert "the detectors" in notice and " min)" in notice
+    assert "attack sets" in cli.first_run_notice(parse(["detection", "--quick"]))
+    assert cli.first_run_notice(parse(["demo"])) is None

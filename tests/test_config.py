@@ -29,7 +29,7 @@ def test_yaml_and_toml_give_the_same_config(tmp_path):
         ("budget_us: true", "budget_us: expected int"),
         ("budget_us: 0", "budget_us: want 1..60000000"),
         ("fail_mode: lenient", "fail_mode: want one of"),
-        ("listen: localhost", "listen: want HOST:PORT"),
+        ("listen: localhost", "listen: HOST:PORT, got 'localhost' (no port"),
         ("echo_interval_s: -1", "echo_interval_s: must be > 0"),
         ("models: {m: {fpr: 2}}", "models.m.fpr: must be in (0, 1)"),
         ("models: {m: {detector: [a]}}", "models.m.detector: unknown key"),

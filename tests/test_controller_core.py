@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from controller.config import Config
-from controller.core import BLOCK_PRIORITY, ControllerCore
+from controller.core import BLOCK_PRIORITY, ControllerCore, ScoreTimes, pkg_out_timings
 from controller.session import AgentSession, Closed, PkgInReceived, Ready, State
 from openexample import messages, tensor
 from openexample.v1 import openexample_pb2 as pb
@@ -212,6 +212,31 @@ def test_adversarial_verdict_pushes_rt_to_other_agents_and_journals(core):
     # A later agent of the model gets the RT entry on connect.
     s4, st = connect(core, "a4")
     assert "table_mod" in kinds(e for s, e in st.send if s == s4)
+
+
+def test_on_results_puts_the_stage_timings_into_pkg_out(core):
+    sid, _ = connect(core, "a1")
+    (job,) = core.on_bytes(sid, raw(pkg_in(2), xid=5), 0.1).jobs
+    assert job.received_at == 0.1
+    times = ScoreTimes(0.1002, 0.1005, 7, (("desvig", 0.00025), ("margin", 0.00001)))
+    step = core.on_results(job, benign(2), 0.1006, timings=times)
+    ((_, env),) = step.send
+    t = env.pkg_out.timings
+    assert env.xid == 5 and env.pkg_out.HasField("timings")
+    assert (t.queue_us, t.score_us, t.reply_us, t.controller_us) == (200, 300, 100, 600)
+    assert t.batch_items == 7
+    assert [(d.detector, d.us) for d in t.detectors] == [("desvig", 250), ("margin", 10)]
+    # Boundaries are rounded, not spans: the stages always add up to controller_us.
+    t = pkg_out_timings(job, ScoreTimes(0.1000004, 0.1000009, 1), 0.1000014)
+    assert t.queue_us + t.score_us + t.reply_us == t.controller_us == 1
+    # No timings given (a shell that does not measure): no Timings on the wire.
+    (job,) = core.on_bytes(sid, raw(pkg_in(1), xid=6), 0.2).jobs
+    ((_, env),) = core.on_results(job, benign(1), 0.3).send
+    assert not env.pkg_out.HasField("timings")
+
+
+def benign(n):
+    return [pb.PkgOutItem(verdict=pb.VERDICT_BENIGN, action=pb.VERDICT_ACTION_RELEASE)] * n
 
 
 def test_source_tracing_blocks_a_repeat_offender_everywhere(core):

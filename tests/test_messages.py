@@ -128,3 +128,29 @@ def test_error_round_trips_to_the_same_exception():
         4,
         "BAD_TENSOR/NOT_FINITE",
     )
+
+
+def test_pkg_out_timings_round_trip_and_stay_optional():
+    timings = pb.Timings(
+        queue_us=12,
+        batch_items=5,
+        score_us=340,
+        detectors=[
+            pb.DetectorTiming(detector="desvig", us=200),
+            pb.DetectorTiming(detector="margin", us=9),
+        ],
+        reply_us=7,
+        controller_us=359,
+    )
+    body = pb.PkgOut(
+        model_id="m", items=[pb.PkgOutItem(verdict=pb.VERDICT_BENIGN)], timings=timings
+    )
+    env = messages.decode_envelope(messages.encode_envelope(messages.envelope(body, xid=3)))
+    got = env.pkg_out.timings
+    assert env.pkg_out.HasField("timings") and got == timings
+    assert [(d.detector, d.us) for d in got.detectors] == [("desvig", 200), ("margin", 9)]
+    # Additive: without timings the message is what an older controller sends, and
+    # the field is appended after the items, which an older agent skips as unknown.
+    old = pb.PkgOut(model_id="m", items=list(body.items))
+    assert not old.HasField("timings")
+    assert body.SerializeToString().startswith(old.SerializeToString())

@@ -90,6 +90,20 @@ def test_a_batch_is_one_pkg_in_answered_item_by_item():
     assert job.size == 3 and a.kinds_sent().count("pkg_in") == 1
 
 
+def test_stages_show_the_batch_window_and_the_time_a_job_was_held():
+    pair = TwoPlanes(budget_us=10_000)
+    a = pair.attach("a", batch_window_us=50)
+    pair.hold()
+    t = a.call(benign_input())
+    pair.advance(0.0002)  # flushed at 50 us, held by the controller until 200 us
+    pair.release()
+    s = t.result.stages
+    s.finish(pair.now)  # the caller wakes at once (Guard._finish)
+    assert (s.before_send, s.wire, s.controller_queue, s.detectors, s.after) == (50, 0, 150, 0, 0)
+    assert s.batch_items == 1 and s.per_detector == {"stub": 0}
+    assert s.total == 200 == round(t.result.latency_s * 1e6)
+
+
 # --- 2. swift vigilance ---------------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ waiting on a :class:`Ticket`):
   whose budget is over get ``expire_ticket`` at their ticket's deadline.
 
 Scoring stays out of ``controller.pipeline`` (no torch): a scorer is a function from an
-:class:`InspectJob` to one ``pb.PkgOutItem`` per item, like ``score_jobs`` returns.
+:class:`InspectJob` to one ``pb.PkgOutItem`` per item, like ``score_jobs`` returns. It
+takes no time on the fake clock; the PKG_OUT's ``Timings`` show the time a job was held.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from agents.config import AgentConfig
 from agents.core import AgentCore, AgentOutput
 from agents.results import ModelInfo, Result, Ticket
 from controller.config import Config
-from controller.core import ControllerCore, Incident, InspectJob, Step
+from controller.core import ControllerCore, Incident, InspectJob, ScoreTimes, Step
 from openexample.v1 import openexample_pb2 as pb
 
 MODEL_ID = "m"
@@ -402,7 +403,9 @@ class TwoPlanes:
         items = scorer(job)
         assert len(items) == job.size, f"scorer gave {len(items)} items for {job.size}"
         self.scored.append(job)
-        self._dispatch(self.core.on_results(job, items, self.now))
+        # As the server: scored in no time on the fake clock, one job per batch.
+        times = ScoreTimes(self.now, self.now, job.size, (("stub", 0.0),))
+        self._dispatch(self.core.on_results(job, items, self.now, times))
 
     # ---- a slow controller ----------------------------------------------------------
 

@@ -1160,25 +1160,117 @@ class PkgOut(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The PKG_IN's model id."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PkgOutItem]:
         """One per PKG_IN item, same order."""
 
+    @_builtins.property
+    def timings(self) -> Global___Timings:
+        """Where the controller spent its time on this PKG_IN (absent from older controllers
+        and in answers given at once, e.g. UNKNOWN/OVERLOADED). For the agent's latency
+        breakdown and the latency bench; never used to decide anything.
+        """
+
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         items: _abc.Iterable[Global___PkgOutItem] | None = ...,
+        timings: Global___Timings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "model_id", b"model_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PkgOut: _TypeAlias = PkgOut  # noqa: Y015
+
+@_typing.final
+class Timings(_message.Message):
+    """The controller's stages for one PKG_IN, in microseconds of the controller's
+    monotonic clock. queue_us + score_us + reply_us == controller_us. What happens on
+    the agent and on the wire is the agent's to measure (round trip - controller_us).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_US_FIELD_NUMBER: _builtins.int
+    BATCH_ITEMS_FIELD_NUMBER: _builtins.int
+    SCORE_US_FIELD_NUMBER: _builtins.int
+    DETECTORS_FIELD_NUMBER: _builtins.int
+    REPLY_US_FIELD_NUMBER: _builtins.int
+    CONTROLLER_US_FIELD_NUMBER: _builtins.int
+    queue_us: _builtins.int
+    """PKG_IN received (its bytes handed to the core) -> scoring of its batch started:
+    waiting for the scoring turn, behind other batches and models.
+    """
+    batch_items: _builtins.int
+    """Items scored together in that batch: this PKG_IN's and other PKG_INs' (from any
+    agent) of the same model.
+    """
+    score_us: _builtins.int
+    """The scoring call for that batch: concatenation, every detector, fusion and the
+    PKG_OUT items.
+    """
+    reply_us: _builtins.int
+    """Scoring done -> this PKG_OUT built (includes answering the other PKG_INs of the
+    batch that came before it).
+    """
+    controller_us: _builtins.int
+    """PKG_IN received -> PKG_OUT built and handed to the channel. Serializing and
+    writing the PKG_OUT happen after and count as wire time on the agent.
+    """
+    @_builtins.property
+    def detectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___DetectorTiming]:
+        """Each detector's share of score_us, in pipeline order."""
+
+    def __init__(
+        self,
+        *,
+        queue_us: _builtins.int = ...,
+        batch_items: _builtins.int = ...,
+        score_us: _builtins.int = ...,
+        detectors: _abc.Iterable[Global___DetectorTiming] | None = ...,
+        reply_us: _builtins.int = ...,
+        controller_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_items", b"batch_items", "controller_us", b"controller_us", "detectors", b"detectors", "queue_us", b"queue_us", "reply_us", b"reply_us", "score_us", b"score_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Timings: _TypeAlias = Timings  # noqa: Y015
+
+@_typing.final
+class DetectorTiming(_message.Message):
+    """One detector's time on one batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DETECTOR_FIELD_NUMBER: _builtins.int
+    US_FIELD_NUMBER: _builtins.int
+    detector: _builtins.str
+    """The detector's name in the pipeline (names repeated in a pipeline get "#2", ...)."""
+    us: _builtins.int
+    """Microseconds its score() took on the whole batch."""
+    def __init__(
+        self,
+        *,
+        detector: _builtins.str = ...,
+        us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detector", b"detector", "us", b"us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetectorTiming: _TypeAlias = DetectorTiming  # noqa: Y015
 
 @_typing.final
 class PkgOutItem(_message.Message):

@@ -1,0 +1,133 @@
+"""The agent's native channel: ``Envelope`` frames over TCP or a Unix socket.
+
+A :class:`agents.transport.Channel` for ``tcp://HOST:PORT`` and ``unix:///PATH``
+controller addresses: an asyncio :class:`asyncio.Protocol` on the transport's (uv)loop.
+Writes go straight to ``transport.write(frame(data))`` from the loop thread (the
+flush, the carry-out); every complete frame goes to the core from ``data_received``
+under the callers' lock, with no reader task in between. TCP_NODELAY is set on TCP.
+TLS: pass an :class:`ssl.SSLContext`; ALPN ``openexample/1`` is set on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from ssl import SSLContext
+from typing import TYPE_CHECKING
+
+from openexample.addresses import TCP, Address
+from openexample.errors import ProtocolError
+from openexample.framing import FrameDecoder, frame
+from openexample.limits import Limits
+
+if TYPE_CHECKING:
+    from agents.transport import Transport
+
+ALPN = "openexample/1"
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+class FramedChannel(asyncio.Protocol):
+    """One connection to the controller's native listener."""
+
+    def __init__(
+        self,
+        address: Address,
+        limits: Limits,
+        *,
+        connect_timeout_s: float,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.address = address
+        self.connect_timeout_s = connect_timeout_s
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self._decoder = FrameDecoder(limits.max_message_bytes)
+        self._owner: Transport | None = None
+        self._transport: asyncio.Transport | None = None
+        self._lost: asyncio.Future[str | None] | None = None
+        self._finishing = False  # this side ends the stream
+
+    # -- Channel --
+
+    async def open(self, owner: Transport) -> None:
+        self._owner = owner
+        loop = asyncio.get_running_loop()
+        self._lost = loop.create_future()
+        ssl = self.ssl
+        if ssl is not None:
+            ssl.set_alpn_protocols([ALPN])
+        a = self.address
+        if a.scheme == TCP:
+            connect = loop.create_connection(
+                lambda: self, a.host, a.port, ssl=ssl, server_hostname=self.server_hostname
+            )
+        else:
+            hostname = self.server_hostname if ssl is None else self.server_hostname or "localhost"
+            connect = loop.create_unix_connection(
+                lambda: self, a.path, ssl=ssl, server_hostname=hostname
+            )
+        await asyncio.wait_for(connect, self.connect_timeout_s)
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(frame(data))
+
+    def finish(self) -> None:
+        self._finishing = True
+        if self._transport is not None:
+            self._transport.close()  # what was written goes out first
+
+    def set_message_limit(self, max_message_bytes: int) -> None:
+        self._decoder.max_message_bytes = max_message_bytes
+
+    async def wait_closed(self) -> str | None:
+        assert self._lost is not None
+        return await asyncio.shield(self._lost)
+
+    async def aclose(self) -> None:
+        transport = self._transport
+        if transport is None or self._lost is None:
+            return
+        self._finishing = True
+        transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost), 1.0)
+        except TimeoutError:
+            transport.abort()  # the peer does not read: drop what is buffered
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), 1.0)
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in _TCP_FAMILIES:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._owner.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        owner = self._owner
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as err:
+            if not self._finishing:
+                owner.refuse(err)
+            return
+        for f in frames:
+            owner.received(f)
+
+    def eof_received(self) -> bool:
+        return False  # the controller finished: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.lost(self)
+        lost = self._lost
+        if lost is not None and not lost.done():
+            if self._finishing:
+                lost.set_result(None)
+            else:
+                lost.set_result(str(exc) if exc is not None else "closed the stream")

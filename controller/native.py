@@ -1,0 +1,212 @@
+"""The controller's native channel: ``Envelope`` frames over TCP or a Unix socket.
+
+An asyncio :class:`asyncio.Protocol` per connection, on the daemon's (uv)loop beside
+grpc.aio. A frame is a 4-byte big-endian length and one serialized Envelope
+(:mod:`openexample.framing`). Each connection is one session of the same
+:class:`controller.core.ControllerCore` the gRPC shell drives, through the same
+:class:`StreamHost` methods of :class:`controller.server.ControllerServer`:
+
+- ``connection_made``: ``open_stream(self)``; this connection is the session's sender
+  (``send`` = ``transport.write(frame(data))`` on the loop thread, ``close``).
+- ``data_received``: every complete frame goes straight to ``on_message`` (no task hop).
+  A length header above the message limit (ours, then the one negotiated in HELLO) is
+  answered with a typed ``BAD_REQUEST/BAD_LEN`` ERROR, then the connection is closed.
+- ``connection_lost``: ``end_stream``.
+
+TLS: pass an :class:`ssl.SSLContext` to :func:`listen`; ALPN ``openexample/1`` is set on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl as ssl_module
+import stat
+from typing import Protocol
+
+from openexample.addresses import TCP, Address
+from openexample.errors import ProtocolError
+from openexample.framing import FrameDecoder, frame
+
+log = logging.getLogger("openexample.controller")
+ALPN = "openexample/1"
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+class StreamHost(Protocol):
+    """What a connection calls on the daemon (:class:`controller.server.ControllerServer`)."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def open_stream(self, sender: NativeConnection) -> int: ...
+
+    def on_message(self, sid: int, data: bytes) -> None: ...
+
+    def refuse_stream(self, sid: int, err: ProtocolError, offending: bytes) -> None: ...
+
+    def end_stream(self, sid: int, reason: str, *, errored: bool = False) -> None: ...
+
+    def negotiated_limit(self, sid: int) -> int | None: ...
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a TCP transport (no-op for Unix sockets)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in _TCP_FAMILIES:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def with_alpn(context: ssl_module.SSLContext | None) -> ssl_module.SSLContext | None:
+    if context is not None:
+        context.set_alpn_protocols([ALPN])
+    return context
+
+
+class NativeConnection(asyncio.Protocol):
+    """One agent connection: a session's framed I/O and its sender."""
+
+    def __init__(self, host: StreamHost, max_message_bytes: int) -> None:
+        self.host = host
+        self.sid = 0
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(max_message_bytes)
+        self._limited = False  # the decoder has the limit negotiated in HELLO
+
+    # -- the session's sender (called by ControllerServer._dispatch) --
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(frame(data))
+
+    def close(self) -> None:
+        self.transport.close()  # what was written goes out first
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        set_nodelay(transport)
+        if not self.host.accepting:  # draining: as gRPC answers UNAVAILABLE
+            transport.close()
+            return
+        self.sid = self.host.open_stream(self)
+
+    def data_received(self, data: bytes) -> None:
+        sid = self.sid
+        if not sid:
+            return
+        host = self.host
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as err:
+            log.warning("session %d: %s; closing", sid, err)
+            host.refuse_stream(sid, err, b"")  # no body was read: nothing to quote
+            self.sid = 0
+            return
+        try:
+            for f in frames:
+                host.on_message(sid, f)
+            if not self._limited and (limit := host.negotiated_limit(sid)) is not None:
+                self.decoder.max_message_bytes = limit
+                self._limited = True
+        except Exception:  # the daemon never dies of what a peer sends
+            log.exception("session %d: reader failed", sid)
+            self.sid = 0
+            host.end_stream(sid, "reader failed", errored=True)
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the peer finished: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sid, self.sid = self.sid, 0
+        if sid:
+            self.host.end_stream(sid, f"connection lost: {exc}" if exc else "stream ended")
+
+
+class NativeListener:
+    """One listening address; :meth:`close` stops it (and removes a Unix socket file)."""
+
+    def __init__(self, address: Address, server: asyncio.AbstractServer, inode: int = 0) -> None:
+        self.address = address  # as bound: a tcp port 0 is resolved
+        self.server = server
+        self._inode = inode
+
+    def close(self) -> None:
+        self.server.close()
+        if self._inode:
+            with contextlib.suppress(OSError):
+                if os.stat(self.address.path).st_ino == self._inode:
+                    os.unlink(self.address.path)
+            self._inode = 0
+
+
+async def listen(
+    host: StreamHost,
+    address: Address,
+    max_message_bytes: int,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+) -> NativeListener:
+    """Listen on a tcp:// or unix:// address; raises OSError when it cannot."""
+    loop = asyncio.get_running_loop()
+    ssl = with_alpn(ssl)
+
+    def factory() -> NativeConnection:
+        return NativeConnection(host, max_message_bytes)
+
+    if address.scheme == TCP:
+        server = await loop.create_server(
+            factory, address.host, address.port, ssl=ssl, reuse_address=True
+        )
+        port = server.sockets[0].getsockname()[1]
+        return NativeListener(address.with_port(port), server)
+    sock = bind_unix(address.path)
+    try:
+        inode = os.stat(address.path).st_ino
+        server = await loop.create_unix_server(factory, sock=sock, ssl=ssl)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(address.path)
+        raise
+    return NativeListener(address, server, inode)
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A Unix stream socket bound at ``path`` with mode 0600, not listening yet.
+
+    The mode is set between bind() and listen(), so nobody can connect before it holds.
+    A stale socket file (nobody accepting) is replaced; a live one or any other file is
+    an OSError.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"cannot listen on unix://{path}: the path exists and is no socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: left by a process that died
+        else:
+            raise OSError(f"cannot listen on unix://{path}: another process listens there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
