@@ -45,7 +45,8 @@ from bench.procs import spawn, stop_group
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
 
-SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "grpc_echo", "tcp_echo")
+# inspect: over gRPC; inspect_tcp: the same over the native channel (tcp://).
+SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "inspect_tcp", "grpc_echo", "tcp_echo")
 FLOORS = ("grpc_echo", "tcp_echo")
 PERCENTILES = {"p50_us": 50, "p90_us": 90, "p95_us": 95, "p99_us": 99, "p999_us": 99.9}
 MAX_PROCS = 4
@@ -253,22 +254,42 @@ def _verdicts(metrics_url: str) -> float:
     )
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def saturation(
-    proc: object, model: str, agents: int, batch: int, samples: int, pool: WorkerPool | None = None
+    proc: object,
+    model: str,
+    agents: int,
+    batch: int,
+    samples: int,
+    pool: WorkerPool | None = None,
+    channel: str = "grpc",
 ) -> dict:
-    before_cpu, before_n = _cpu_seconds(proc.proc.pid), _verdicts(proc.metrics_url)
-    row = run_scenario(
-        "saturation", proc.address, model, agents, samples, 0, batch=batch, pool=pool
-    )
+    """Agents in other processes send batches as fast as they can: inspected samples/s
+    and controller CPU per 1,000, over ``channel`` (grpc, or tcp: the native channel)."""
+    pid = proc.proc.pid  # bench.procs runs the controller in the spawned process itself
+    before_cpu, before_n = _cpu_seconds(pid), _verdicts(proc.metrics_url)
+    rss_before = _rss_mb(pid)
+    scenario, address = ("saturation", proc.address)
+    if channel == "tcp":
+        scenario, address = ("saturation_tcp", proc.address_for("tcp"))
+    row = run_scenario(scenario, address, model, agents, samples, 0, batch=batch, pool=pool)
     wall = row["_window_s"]  # from the common start to the last agent's end
-    cpu = _cpu_seconds(proc.proc.pid) - before_cpu  # includes the agents' connect: small
+    cpu = _cpu_seconds(pid) - before_cpu  # includes the agents' connect: small
     n = _verdicts(proc.metrics_url) - before_n
     return {
+        "channel": channel,
         "agents": agents,
         "batch": batch,
         "inspected": int(n),
         "inspected_per_s": round(n / wall, 1),
         "controller_cpu_s_per_1000": round(1000 * cpu / max(n, 1), 4),
+        "controller_rss_mb": {"before": rss_before, "after": _rss_mb(pid)},
     }
 
 
@@ -282,7 +303,7 @@ def _echo_server(kind: str) -> tuple[subprocess.Popen, str]:
     return p, f"127.0.0.1:{line.split()[-1]}"
 
 
-def markdown(results: list[dict], sat: dict | None, breakdown: Sequence[dict] = ()) -> str:
+def markdown(results: list[dict], sats: Sequence[dict], breakdown: Sequence[dict] = ()) -> str:
     cols = ["scenario", "agents", "requests", *PERCENTILES, "throughput_per_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -297,12 +318,14 @@ def markdown(results: list[dict], sat: dict | None, breakdown: Sequence[dict] = 
             "",
             *breakdown_table(b["stages"], floors),
         ]
-    if sat:
+    for sat in sats:
+        rss = sat.get("controller_rss_mb", {})
         lines += [
             "",
-            f"Saturation ({sat['agents']} agents, batches of {sat['batch']}):"
-            f" {sat['inspected_per_s']:.0f} inspected samples/s,"
-            f" {sat['controller_cpu_s_per_1000']:.3f} controller CPU s per 1,000.",
+            f"Saturation over {sat.get('channel', 'grpc')} ({sat['agents']} agents, batches of"
+            f" {sat['batch']}): {sat['inspected_per_s']:.0f} inspected samples/s,"
+            f" {sat['controller_cpu_s_per_1000']:.3f} controller CPU s per 1,000; controller"
+            f" RSS {rss.get('before')} -> {rss.get('after')} MB.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -332,6 +355,37 @@ def cdf_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def load_plot(results: list[dict], path: Path) -> None:
+    """Throughput against p99 as agents are added, per INSPECT channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for scenario in ("inspect", "inspect_tcp"):
+        rows = sorted(
+            (r for r in results if r["scenario"] == scenario and "p99_us" in r),
+            key=lambda r: r["agents"],
+        )
+        if not rows:
+            continue
+        xs, ys = [r["throughput_per_s"] for r in rows], [r["p99_us"] for r in rows]
+        ax.plot(xs, ys, marker="o", label="gRPC" if scenario == "inspect" else "native tcp")
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(f"{r['agents']}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.axhline(BUDGET_US, color="grey", linestyle="--", label=f"budget {BUDGET_US} us")
+    ax.set_yscale("log")
+    ax.set_xlabel("inspected calls/s (all agents)")
+    ax.set_ylabel("p99 added latency (us, log)")
+    ax.set_title("INSPECT p99 as load rises (labels: agents)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,13 +403,19 @@ def run(args: argparse.Namespace) -> int:
     pool = WorkerPool(2 if args.quick else MAX_PROCS)
     stops: list[Callable[[], object]] = [pool.close]
     try:
-        proc = start_controller(out / "controller", artifacts, 1_000_000)
+        proc = start_controller(
+            out / "controller", artifacts, 1_000_000, native=["tcp://127.0.0.1:0"]
+        )
         stops.append(proc.stop)
         grpc_echo, grpc_addr = _echo_server("grpc")
         stops.append(lambda: stop_group(grpc_echo))
         tcp_echo, tcp_addr = _echo_server("tcp")
         stops.append(lambda: stop_group(tcp_echo))
-        address = {"grpc_echo": grpc_addr, "tcp_echo": tcp_addr}
+        address = {
+            "grpc_echo": grpc_addr,
+            "tcp_echo": tcp_addr,
+            "inspect_tcp": proc.address_for("tcp"),
+        }
         todo = [(s, n) for s in scenarios for n in agents]
         for s, n in tqdm(todo, desc="latency", unit="run"):
             per_agent = max(requests // n, 50)
@@ -378,12 +438,16 @@ def run(args: argparse.Namespace) -> int:
                     "            p50 by stage: "
                     + "  ".join(f"{k}={row['stages'][k]['p50_us']:.0f}" for k in STAGE_LABELS)
                 )
-        sat = None
+        sat = sat_native = None
         if not args.no_saturation:
-            sat = saturation(
-                proc, str(model), 4 if args.quick else 16, 32, 256 if args.quick else 4096, pool
-            )
+            sat_agents = 4 if args.quick else 16
+            sat_samples = 256 if args.quick else 4096
+            sat = saturation(proc, str(model), sat_agents, 32, sat_samples, pool)
             tqdm.write(f"saturation: {sat}")
+            sat_native = saturation(
+                proc, str(model), sat_agents, 32, sat_samples, pool, channel="tcp"
+            )
+            tqdm.write(f"saturation (native): {sat_native}")
     except BaseException:
         pool.close(0.0)  # stopped mid-run: don't wait for the run to end
         raise
@@ -405,12 +469,17 @@ def run(args: argparse.Namespace) -> int:
         ],
         "breakdown": breakdowns(results),
         "saturation": sat,
+        "saturation_native": sat_native,
     }
     json_path = Path(args.json) if args.json else out / "latency.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report["results"], sat, report["breakdown"])
+    md = markdown(report["results"], [x for x in (sat, sat_native) if x], report["breakdown"])
     (out / "latency.md").write_text(md)
     cdf_plot(results, out / "latency_cdf.png")
+    load_plot(results, out / "latency_load.png")
     print(md)
-    print(f"wrote {json_path}, {out / 'latency.md'}, {out / 'latency_cdf.png'}")
+    print(
+        f"wrote {json_path}, {out / 'latency.md'}, {out / 'latency_cdf.png'},"
+        f" {out / 'latency_load.png'}"
+    )
     return 0 if all(math.isfinite(r["throughput_per_s"]) for r in results) else 1

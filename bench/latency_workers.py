@@ -61,6 +61,11 @@ class Client:
     stages: list | None = None  # inspect: each call's Result.stages, in order
 
 
+# Scenarios run by a real agent (attach): the address's scheme picks the channel
+# (HOST:PORT gRPC, tcp:// the native channel).
+AGENT_SCENARIOS = ("fast_path", "mirror", "inspect", "inspect_tcp", "saturation", "saturation_tcp")
+
+
 def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Client:
     if scenario == "bare_model":
         import torch
@@ -76,7 +81,7 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
             return time.perf_counter() - t0
 
         return Client(bare)
-    if scenario in ("fast_path", "mirror", "inspect", "saturation"):
+    if scenario in AGENT_SCENARIOS:
         from agents import attach
         from openexample import rules
 
@@ -94,7 +99,7 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
         action = {"fast_path": rules.allow(), "mirror": rules.mirror()}.get(scenario)
         if action is not None:  # local rule, above the controller's table-miss rule
             g.local_mod(rules.vigilance_mod("add", priority=10, actions=[action]))
-        if scenario == "inspect":  # keep where the time went (read after the run)
+        if scenario.startswith("inspect"):  # keep where the time went (read after the run)
             stages: list = []
 
             def inspect(x: np.ndarray) -> float:
@@ -210,7 +215,7 @@ def run_agents(
 
     workers = []
     for t, c in enumerate(clients):
-        if scenario == "saturation":
+        if scenario.startswith("saturation"):
             workers.append(threading.Thread(target=saturate, args=(t, c.guard.batch)))
         else:
             workers.append(threading.Thread(target=work, args=(t, c)))

@@ -109,12 +109,19 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
         assert 0 < r["p50_us"] <= r["p90_us"] <= r["p95_us"] <= r["p99_us"] <= r["p999_us"]
         assert r["requests"] > 0 and r["throughput_per_s"] > 0
     assert report["saturation"]["inspected"] > 0
+    assert report["saturation_native"]["channel"] == "tcp"
+    assert report["saturation_native"]["inspected"] > 0
+    for sat in (report["saturation"], report["saturation_native"]):
+        assert sat["controller_rss_mb"]["after"] > 0
     assert (out / "latency_cdf.png").stat().st_size > 1000
+    assert (out / "latency_load.png").stat().st_size > 1000
     assert "| inspect | 1 |" in (out / "latency.md").read_text()
     # Where the inspect latency goes, beside the floors of the same agent count.
     assert [(b["scenario"], b["agents"]) for b in report["breakdown"]] == [
         ("inspect", 1),
         ("inspect", 4),
+        ("inspect_tcp", 1),
+        ("inspect_tcp", 4),
     ]
     for b in report["breakdown"]:
         st = b["stages"]
