@@ -5,7 +5,8 @@ comparison. Here the resize is PIL's own algorithm (``libImaging/Resample.c``) r
 whole batch with two matrix products: per axis a table of Lanczos weights, quantised to
 22-bit fixed point exactly as PIL does, then ``(sum + 2**21) >> 22`` clipped to uint8 after
 each pass, in the order PIL runs the passes. The products run in float64, which is exact
-here: every partial sum is an integer far below 2**53.
+here: every partial sum is an integer far below 2**53. The grey levels stay float64 from
+the conversion to the comparison (``_levels``, ``_resize_levels``): no uint8 round trip.
 
 Hashes are ``[N, 64]`` bool arrays in ``imagehash``'s row-major bit order; ``pack`` turns
 them into uint64 (first bit = most significant, so ``f"{h:016x}"`` equals ``str(imagehash)``)
@@ -36,26 +37,38 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == np.uint8:
         return x
-    # (x * 255).round() in the input's precision (float16 and integers go through float32)
+    return _levels(x).astype(np.uint8)
+
+
+def _levels(x: np.ndarray) -> np.ndarray:
+    """``to_uint8``'s grey levels as float64 (integers 0..255), for the resampling passes.
+
+    Float input is scaled and rounded in its own precision (float16 and integers go through
+    float32): ``(x * 255).round()`` (half to even, like ndarray.round()), clipped to 0..255
+    (NaN -> 0, as the uint8 cast gave it).
+    """
+    if x.dtype == np.uint8:
+        return x.astype(np.float64)
     dt = np.float64 if x.dtype == np.float64 else np.float32
     y = np.multiply(x, dt(255), dtype=dt)
-    np.rint(y, out=y)  # half to even, like ndarray.round()
-    np.maximum(y, 0, out=y)
-    return np.minimum(y, 255, out=y).astype(np.uint8)
+    np.rint(y, out=y)
+    np.fmax(y, 0, out=y)
+    # float64 out: a float32 @ float64 product would miss BLAS
+    return np.fmin(y, 255, out=np.empty(y.shape, np.float64))
 
 
-def _gray_batch(images: np.ndarray) -> np.ndarray:
-    """[N,H,W], [N,1,H,W] or one [H,W] image -> uint8 [N,H,W]."""
+def _gray(images: np.ndarray) -> np.ndarray:
+    """[N,H,W], [N,1,H,W] or one [H,W] image -> [N,H,W] (a view, not converted)."""
     a = np.asarray(images)
     if a.ndim == 4:
         if a.shape[1] != 1:
             raise ValueError(f"expected one grey channel, got shape {a.shape}")
-        a = a[:, 0]
-    elif a.ndim == 2:
-        a = a[None]
-    elif a.ndim != 3:
+        return a[:, 0]
+    if a.ndim == 2:
+        return a[None]
+    if a.ndim != 3:
         raise ValueError(f"expected [N,H,W] or [N,1,H,W] images, got shape {a.shape}")
-    return to_uint8(a)
+    return a
 
 
 def _pillow_major() -> int:
@@ -119,30 +132,53 @@ def _requantise(acc: np.ndarray) -> np.ndarray:
     return np.minimum(acc, 255, out=acc)
 
 
-def resize(images: np.ndarray, width: int, height: int) -> np.ndarray:
-    """PIL ``Image.resize((width, height), LANCZOS)`` on a batch of grey images -> uint8 [N,h,w]."""
-    a = _gray_batch(images)
-    n, h, w = a.shape
+@lru_cache(maxsize=64)
+def _passes(h: int, w: int, width: int, height: int) -> tuple[tuple[str, np.ndarray], ...]:
+    """PIL's LANCZOS resize of [h, w] images to [height, width] as float64 passes, in the
+    order PIL runs them: ("h", [w, width]) on rows of pixels, ("v", [height, h]) on columns."""
     if (h, w) == (height, width):
-        return a.copy()  # PIL returns a copy without resampling
-    out = a.astype(np.float64)
+        return ()  # PIL returns a copy without resampling
     # each pass rounds to uint8, so the order of the passes shows in the result
     vertical_first = _VERTICAL_FIRST_RULE and height < h and h - height > 2 * (w - width)
-    if vertical_first:
-        out = _requantise(np.matmul(_resample_matrix(h, height), out))
-    if w != width:
-        m, rows = _resample_matrix(w, width), out.shape[1]
-        out = _requantise((out.reshape(n * rows, w) @ m.T).reshape(n, rows, width))
-    if h != height and not vertical_first:
-        out = _requantise(np.matmul(_resample_matrix(h, height), out))
-    return out.astype(np.uint8)
+    horizontal = ("h", np.ascontiguousarray(_resample_matrix(w, width).T))
+    passes = [horizontal] if w != width else []
+    if h != height:
+        passes.insert(0 if vertical_first else len(passes), ("v", _resample_matrix(h, height)))
+    for _, m in passes:
+        m.setflags(write=False)
+    return tuple(passes)
+
+
+def _resize_levels(levels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``resize`` on float64 grey levels [N, h, w] (``_levels``): [N, height * width]
+    float64 levels (a new array), each pass requantised as PIL does."""
+    n, rows, cols = levels.shape
+    out = levels.reshape(n, rows * cols)
+    passes = _passes(rows, cols, width, height)
+    for kind, m in passes:
+        if kind == "h":
+            out = (out.reshape(n * rows, cols) @ m).reshape(n, rows * width)
+            cols = width
+        else:
+            out = np.matmul(m, out.reshape(n, rows, cols)).reshape(n, height * cols)
+            rows = height
+        _requantise(out)
+    return out if passes else out.copy()
+
+
+def resize(images: np.ndarray, width: int, height: int) -> np.ndarray:
+    """PIL ``Image.resize((width, height), LANCZOS)`` on a batch of grey images -> uint8 [N,h,w]."""
+    a = _gray(images)
+    if a.dtype == np.uint8 and a.shape[1:] == (height, width):
+        return a.copy()
+    return _resize_levels(_levels(a), width, height).astype(np.uint8).reshape(-1, height, width)
 
 
 def average_hash(images: np.ndarray) -> np.ndarray:
     """``imagehash.average_hash`` on a batch: [N, 64] bool."""
-    px = resize(images, HASH_SIZE, HASH_SIZE).reshape(-1, HASH_SIZE * HASH_SIZE).astype(np.int32)
-    # px > mean(px), kept in integers: px * n > sum(px) is the same test without rounding
-    return px * px.shape[1] > px.sum(axis=1, keepdims=True)
+    px = _resize_levels(_levels(_gray(images)), HASH_SIZE, HASH_SIZE)
+    # px > mean(px): exact in float64, the sum of 64 levels and its division by 64 both are
+    return px > px.sum(axis=1, keepdims=True) * (1.0 / px.shape[1])
 
 
 def dhash(images: np.ndarray) -> np.ndarray:

@@ -43,8 +43,9 @@ steadier than letting OpenBLAS spawn threads for these small products.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +62,35 @@ DISTANCES = ("hash", "hash+l1")
 CORRECT_ON = ("binarized", "raw")
 _SCALE_QUANTILE = 0.99
 _BLAS_SINGLE_FROM = 8  # batch size from which BLAS is limited to one thread
+_CHUNK = 32  # items scored together: what one product touches stays in cache
 
 try:
     from threadpoolctl import ThreadpoolController
 
-    _POOLS: Any = ThreadpoolController()
+    _BLAS: list[Any] = ThreadpoolController().select(user_api="blas").lib_controllers
 except Exception:  # optional: without it, BLAS keeps its own threads
-    _POOLS = None
+    _BLAS = []
 
 
-def _blas_limit(n: int) -> Any:
-    import contextlib
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    # the libraries' own get/set calls (~1 us), not threadpoolctl's limit() (~10 us)
+    saved = [(lib, lib.get_num_threads()) for lib in _BLAS]
+    for lib, threads in saved:
+        if threads != 1:
+            lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, threads in saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
 
-    if _POOLS is None or n < _BLAS_SINGLE_FROM:
+
+def _blas_limit(n: int) -> contextlib.AbstractContextManager[None]:
+    if not _BLAS or n < _BLAS_SINGLE_FROM:
         return contextlib.nullcontext()
-    return _POOLS.limit(limits=1, user_api="blas")
+    return _one_blas_thread()
 
 
 class DesvigDetector(Detector):
@@ -173,18 +188,31 @@ class DesvigDetector(Detector):
         return super().calibrate(clean, fpr)
 
     # -- scoring ----------------------------------------------------------------------------
-    def _hashes(self, images: np.ndarray) -> np.ndarray:
-        return hashing.pack(hashing.HASHES[self.hash](images))
-
     def distances(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Hamming distance [+ tie-break], L1 distance) between inputs and their copies."""
         if self.cgan is None:
             raise RuntimeError("desvig is not fitted")
         n = len(labels)
-        copies = self.cgan.copy(x, labels, self.refine_steps)
-        h = self._hashes(np.concatenate([x, copies]))  # one batched hash for both
-        ham = hashing.hamming(h[:n], h[n:]).astype(np.float64)
-        diff = (x - copies).reshape(n, -1)
+        if n <= _CHUNK:
+            return self._distances(x, labels)
+        # in chunks: the per-item cost grew past ~64 items, once the products' operands
+        # and the hash passes' arrays no longer stayed in cache
+        parts = [self._distances(x[i : i + _CHUNK], labels[i : i + _CHUNK]) for i in
+                 range(0, n, _CHUNK)]  # fmt: skip
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _distances(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cgan = self.cgan
+        assert cgan is not None
+        n = len(labels)
+        # inputs and copies in one array, so that one hash call covers both
+        both = np.empty((2 * n, cgan.pixels), np.float32)
+        both[:n] = x.reshape(n, cgan.pixels)
+        cgan.copy(x, labels, self.refine_steps, out=both[n:])
+        bits = hashing.HASHES[self.hash](both.reshape(2 * n, *cgan.shape))
+        # Hamming distance: the bits that differ
+        ham = np.add.reduce(bits[:n] != bits[n:], axis=1, dtype=np.float64)
+        diff = np.subtract(both[:n], both[n:], out=both[n:])
         if self.tie_break:
             mse = np.einsum("ij,ij->i", diff, diff).astype(np.float64) / diff.shape[1]
             ham += mse / (1.0 + mse)
@@ -210,19 +238,24 @@ class DesvigDetector(Detector):
         labels = np.asarray(batch.labels, dtype=np.int64)
         n, classes = len(labels), self.cgan.classes
         valid = (labels >= 0) & (labels < classes)
-        safe = np.where(valid, labels, 0)
+        all_valid = bool(valid.all())
         with _blas_limit(n):
-            ham, l1 = self.distances(x, safe)
+            ham, l1 = self.distances(x, labels if all_valid else np.where(valid, labels, 0))
             if self.distance == "hash":
                 scores = ham
             else:
                 scores = np.maximum(ham / self.scales[0], l1 / self.scales[1])
-            scores = np.where(valid, scores, _FAR)
+            if not all_valid:
+                scores = np.where(valid, scores, _FAR)
             if not self.correct:
                 return Scores(scores, None)
             corrected = labels.copy()
-            todo = np.ones(n, bool) if self.threshold is None else scores >= self.threshold
-            todo |= ~valid
+            if self.threshold is None:
+                todo = np.ones(n, bool)
+            else:
+                todo = scores >= self.threshold
+                if not all_valid:
+                    todo |= ~valid
             if todo.any():
                 corrected[todo] = self.class_distances(x[todo]).argmin(axis=1)
         return Scores(scores, corrected)

@@ -36,38 +36,62 @@ class CGAN:
         self._g_z, self._g_y = self.w["g_w1"][: self.latent], self.w["g_w1"][self.latent :]
         self._e_y = self._e_y + self.w["e_b1"]  # fold the biases into the label rows
         self._g_y = self._g_y + self.w["g_b1"]
+        # the output layer halved: sigmoid(v) = 0.5 * tanh(v / 2) + 0.5, and halving is
+        # exact in floating point, so (h @ w2 + b2) / 2 comes out of the product bit for bit
+        self._g_w2_half = self.w["g_w2"] * np.float32(0.5)
+        self._g_b2_half = self.w["g_b2"] * np.float32(0.5)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return dict(self.w)
 
     def encode(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """E(x, label): [N, *shape] images -> [N, latent] (posterior mean)."""
-        flat = pool(np.asarray(x, dtype=np.float32).reshape(len(labels), *self.shape), self.pool)
+        x = np.asarray(x, dtype=np.float32)
+        if self.pool == 1:
+            flat = x.reshape(len(labels), self.pixels)
+        else:
+            flat = pool(x.reshape(len(labels), *self.shape), self.pool)
         h = flat @ self._e_x
         h += self._e_y[labels]
         np.maximum(h, 0, out=h)
-        return h @ self.w["e_w2"] + self.w["e_b2"]
+        z = h @ self.w["e_w2"]
+        z += self.w["e_b2"]
+        return z
 
     def _hidden(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         pre = np.asarray(z, dtype=np.float32) @ self._g_z
         pre += self._g_y[labels]
         return pre
 
-    def generate(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """G(z | label): [N, latent] -> [N, *shape] images in [0, 1]."""
+    def generate(
+        self, z: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """G(z | label): [N, latent] -> [N, *shape] images in [0, 1]; ``out``, when given,
+        is a float32 [N, pixels] C-contiguous array the images are written to."""
         h = self._hidden(z, labels)
         np.maximum(h, 0, out=h)
-        out = h @ self.w["g_w2"]
-        out += self.w["g_b2"]
-        return sigmoid_(out).reshape(len(labels), *self.shape)
+        # sigmoid_ with its first halving folded into the weights (see __init__)
+        out = np.matmul(h, self._g_w2_half, out=out)
+        out += self._g_b2_half
+        np.tanh(out, out=out)
+        out *= np.float32(0.5)
+        out += np.float32(0.5)
+        return out.reshape(len(labels), *self.shape)
 
-    def copy(self, x: np.ndarray, labels: np.ndarray, refine_steps: int = 0) -> np.ndarray:
-        """The input copy of ``x`` for ``labels``: G(E(x, y), y), refined if asked."""
+    def copy(
+        self,
+        x: np.ndarray,
+        labels: np.ndarray,
+        refine_steps: int = 0,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The input copy of ``x`` for ``labels``: G(E(x, y), y), refined if asked
+        (``out``: see ``generate``)."""
         labels = np.asarray(labels, dtype=np.int64)
         z = self.encode(x, labels)
         if refine_steps > 0:
             z = self.invert(x, labels, z, steps=refine_steps)
-        return self.generate(z, labels)
+        return self.generate(z, labels, out)
 
     def copies_all(self, x: np.ndarray, refine_steps: int = 0) -> np.ndarray:
         """Copies of every input for every class: [N, classes, *shape]. The encoder's
