@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--scenarios", help="comma-separated subset of the scenarios")
     lat.add_argument("--requests", type=int, help="timed requests per run (split over agents)")
     lat.add_argument("--no-saturation", action="store_true", help="skip the saturation run")
+    lat.add_argument(
+        "--soak-s",
+        type=float,
+        help="agent memory run: INSPECT for this long, RSS sampled (default 5, --quick 2;"
+        " 600 for the 10-minute check); 0 skips it",
+    )
     d = sub.add_parser("demo", help="the main job on the embedded default (MNIST subset)")
     d.add_argument("--workdir", default="var/demo", help="journal, config and logs")
     d.add_argument("--agents", type=int, default=3)

@@ -355,6 +355,32 @@ def cdf_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def agent_memory(proc: object, model: str, seconds: float) -> dict:
+    """bench.agent_memory in its own process over the native channel: the RSS an agent
+    adds to the user's process, and the agent's and the controller's growth meanwhile."""
+    p = spawn(
+        "bench.agent_memory",
+        proc.address_for("tcp"),
+        model,
+        "--seconds",
+        str(seconds),
+        "--every",
+        str(max(seconds / 10, 0.5)),
+        "--controller-pid",
+        str(proc.proc.pid),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = p.communicate(timeout=seconds + 120)
+    finally:
+        stop_group(p)
+    lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"bench.agent_memory failed (exit {p.returncode})")
+    return json.loads(lines[-1])
+
+
 def load_plot(results: list[dict], path: Path) -> None:
     """Throughput against p99 as agents are added, per INSPECT channel."""
     import matplotlib
@@ -438,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
                     "            p50 by stage: "
                     + "  ".join(f"{k}={row['stages'][k]['p50_us']:.0f}" for k in STAGE_LABELS)
                 )
-        sat = sat_native = None
+        sat = sat_native = memory = None
         if not args.no_saturation:
             sat_agents = 4 if args.quick else 16
             sat_samples = 256 if args.quick else 4096
@@ -448,6 +474,10 @@ def run(args: argparse.Namespace) -> int:
                 proc, str(model), sat_agents, 32, sat_samples, pool, channel="tcp"
             )
             tqdm.write(f"saturation (native): {sat_native}")
+        soak = args.soak_s if args.soak_s is not None else (2.0 if args.quick else 5.0)
+        if soak > 0:
+            memory = agent_memory(proc, str(model), soak)
+            tqdm.write(f"memory: { ({k: v for k, v in memory.items() if k != 'samples_mb'}) }")
     except BaseException:
         pool.close(0.0)  # stopped mid-run: don't wait for the run to end
         raise
@@ -470,10 +500,18 @@ def run(args: argparse.Namespace) -> int:
         "breakdown": breakdowns(results),
         "saturation": sat,
         "saturation_native": sat_native,
+        "memory": memory,
     }
     json_path = Path(args.json) if args.json else out / "latency.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report["results"], [x for x in (sat, sat_native) if x], report["breakdown"])
+    if memory:
+        md += (
+            f"\nMemory: an attached agent adds {memory['agent_added_mb']} MB to the user's"
+            f" process; over {memory['seconds']:.0f} s of INSPECT ({memory['calls']} calls) the"
+            f" agent grew {memory['agent_growth_mb']} MB and the controller"
+            f" {memory['controller_growth_mb']} MB.\n"
+        )
     (out / "latency.md").write_text(md)
     cdf_plot(results, out / "latency_cdf.png")
     load_plot(results, out / "latency_load.png")

@@ -115,6 +115,8 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
         assert sat["controller_rss_mb"]["after"] > 0
     assert (out / "latency_cdf.png").stat().st_size > 1000
     assert (out / "latency_load.png").stat().st_size > 1000
+    mem = report["memory"]  # what an agent adds to the user's process, and growth
+    assert mem["calls"] > 0 and mem["agent_added_mb"] > 0 and len(mem["samples_mb"]) >= 2
     assert "| inspect | 1 |" in (out / "latency.md").read_text()
     # Where the inspect latency goes, beside the floors of the same agent count.
     assert [(b["scenario"], b["agents"]) for b in report["breakdown"]] == [
