@@ -103,30 +103,39 @@ class FusedScorer:
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()
         corrected = fused.corrected.tolist()
-        per = [np.asarray(s.scores, np.float64).tolist() for s in fused.per_detector]
+        per = np.asarray(fused.scores).tolist()
+        flags = fused.flags.tolist()
         per_fix = [
             None if s.corrected is None else s.corrected.tolist() for s in fused.per_detector
         ]
-        flags = fused.flags.tolist()
+        verdicts = (pb.VERDICT_BENIGN, pb.VERDICT_ADVERSARIAL)
+        actions = (pb.VERDICT_ACTION_RELEASE, pb.VERDICT_ACTION_DROP)
+        evidence = [
+            (name, threshold, per[j], flags[j], per_fix[j])
+            for j, (name, threshold) in enumerate(zip(self.names, self.thresholds, strict=True))
+        ]
         items = []
-        for i in range(len(flagged)):
+        for i, f in enumerate(flagged):
             item = pb.PkgOutItem(
-                verdict=pb.VERDICT_ADVERSARIAL if flagged[i] else pb.VERDICT_BENIGN,
-                action=pb.VERDICT_ACTION_DROP if flagged[i] else pb.VERDICT_ACTION_RELEASE,
+                verdict=verdicts[f],
+                action=actions[f],
                 score=score[i],
                 threshold=0.0,  # the fused score is a margin: >= 0 means flagged
             )
             if corrected[i] >= 0:
                 item.corrected_label = corrected[i]
-            for j, name in enumerate(self.names):
-                ev = item.evidence.add(
-                    detector=name,
-                    score=per[j][i],
-                    threshold=self.thresholds[j],
-                    flagged=flags[j][i],
-                )
-                if per_fix[j] is not None:
-                    ev.corrected_label = per_fix[j][i]
+            add = item.evidence.add
+            for name, threshold, det_score, det_flag, det_fix in evidence:
+                if det_fix is None:
+                    add(detector=name, score=det_score[i], threshold=threshold, flagged=det_flag[i])
+                else:
+                    add(
+                        detector=name,
+                        score=det_score[i],
+                        threshold=threshold,
+                        flagged=det_flag[i],
+                        corrected_label=det_fix[i],
+                    )
             items.append(item)
         return items
 

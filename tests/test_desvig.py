@@ -21,9 +21,13 @@ from sklearn.metrics import roc_auc_score
 from bench.procs import ROOT
 from controller import config, detectors
 from controller.detectors import Batch, Detector, hashing, make_batch
-from controller.detectors.desvig import DesvigDetector
+from controller.detectors.arrays import sigmoid_
+from controller.detectors.desvig import DesvigDetector, inversion
+from controller.detectors.desvig import detector as desvig_detector
 from controller.detectors.desvig import gan as cgan
-from controller.pipeline import load_scorers
+from controller.detectors.fusion import Pipeline
+from controller.detectors.margin import MarginDetector
+from controller.pipeline import FusedScorer, load_scorers
 from controller.reference_model import load_model, model_fn
 from controller.training.train import DEFAULT_DETECTORS, build_artifacts
 from openexample.v1 import openexample_pb2 as pb
@@ -104,6 +108,45 @@ def test_copies_for_every_class(gan, mnist):
     assert every.shape == (len(x), 10, *x.shape[1:])
     for c in (0, 7):
         np.testing.assert_allclose(every[:, c], gan.copy(x, np.full(len(x), c)), atol=1e-6)
+
+
+def test_sparse_encoder_product_is_the_dense_one(gan, mnist, monkeypatch):
+    # small batches skip the weight rows of pixels that are 0 in every input
+    x = mnist.test.x[:16]
+    dense = x.reshape(16, -1) @ gan.w["e_w1"][: gan.pixels]
+    for n in (1, 3, 16):
+        np.testing.assert_allclose(gan._image_product(x[:n]), dense[:n], rtol=1e-5, atol=1e-5)
+    noisy = np.random.default_rng(0).random((2, *gan.shape), dtype=np.float32)  # no zeros
+    np.testing.assert_array_equal(gan._image_product(noisy), noisy.reshape(2, -1) @ gan._e_x)
+    monkeypatch.setattr(inversion, "_SPARSE_MAX_INPUTS", 0)
+    np.testing.assert_array_equal(gan._image_product(x[:3]), x[:3].reshape(3, -1) @ gan._e_x)
+
+
+def test_generate_is_the_sigmoid_bit_for_bit(gan, mnist):
+    # the output layer's halving is folded into the weights: exact, so the same bits
+    x, y = mnist.test.x[:8], mnist.test.y[:8]
+    z = gan.encode(x, y)
+    h = np.maximum(z @ gan._g_z + gan._g_y[y], 0)
+    want = sigmoid_(h @ gan.w["g_w2"] + gan.w["g_b2"]).reshape(8, *gan.shape)
+    np.testing.assert_array_equal(gan.generate(z, y), want)
+    out = np.zeros((8, gan.pixels), np.float32)
+    got = gan.generate(z, y, out=out)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_blas_limit_is_one_thread_and_restores():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [
+            i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"
+        ]
+
+    before = blas_threads()
+    with desvig_detector._blas_limit():
+        assert set(blas_threads()) <= {1}
+    assert blas_threads() == before
 
 
 def test_pooled_encoder(mnist, tmp_path):
@@ -189,6 +232,32 @@ def test_wrong_claims_score_higher_and_get_corrected(fitted, mnist):
     kept = right.scores < fitted.threshold
     np.testing.assert_array_equal(right.corrected[kept], y[kept])
     assert np.mean(fitted.class_distances(x).argmin(1) == y) > 0.85
+
+
+def test_fused_scorer_items_carry_the_fused_arrays(fitted, mnist, predict):
+    margin = MarginDetector()
+    margin.calibrate(make_batch(mnist.calibration.x, predict), 0.05)
+    pipe = Pipeline([fitted, margin], fpr=0.1)
+    x = mnist.test.x[:64]
+    logits = predict(x)
+    labels = np.where(np.arange(64) % 3 == 0, _wrong(mnist.test.y[:64]), logits.argmax(1))
+    items = FusedScorer("m", pipe).score(x, logits, labels)
+    fused = pipe.evaluate(Batch(x, logits, labels))
+    assert 0 < fused.flagged.sum() < 64
+    f32 = np.float32
+    for i, item in enumerate(items):
+        flagged = bool(fused.flagged[i])
+        assert item.verdict == (pb.VERDICT_ADVERSARIAL if flagged else pb.VERDICT_BENIGN)
+        assert item.action == (pb.VERDICT_ACTION_DROP if flagged else pb.VERDICT_ACTION_RELEASE)
+        assert item.score == f32(fused.score[i]) and item.threshold == 0
+        assert item.HasField("corrected_label") == (fused.corrected[i] >= 0)
+        if fused.corrected[i] >= 0:
+            assert item.corrected_label == fused.corrected[i]
+        assert [e.detector for e in item.evidence] == ["desvig", "margin"]
+        for j, (e, d) in enumerate(zip(item.evidence, pipe.detectors, strict=True)):
+            assert e.score == f32(fused.scores[j, i]) and e.threshold == f32(d.threshold)
+            assert e.flagged == fused.flags[j, i]
+            assert e.corrected_label == fused.per_detector[j].corrected[i]
 
 
 def test_labels_outside_the_classes_score_highest(fitted, mnist):

@@ -224,6 +224,10 @@ def test_margin_scores_and_runner_up_by_hand():
     # a claimed label that is not the arg-max: corrected is still "the best other class"
     s2 = MarginDetector().score(Batch(np.zeros((1, 1, 2, 2)), logits[2:], np.array([2])))
     assert s2.corrected.tolist() == [1]
+    # a label that is not a class masks nothing: corrected is the arg-max
+    s3 = MarginDetector().score(Batch(np.zeros((3, 1, 2, 2)), logits, np.array([-1, 9, 1])))
+    assert s3.corrected.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(s3.scores, s.scores)
 
 
 def test_margin_uses_the_reference_model_without_logits(splits, model_fn, batches):
@@ -371,6 +375,29 @@ def test_pipeline_decisions(pipeline, batches):
             (e.corrected for e in d.evidence if e.flagged and e.corrected is not None), None
         )
         assert d.corrected == first
+
+
+def test_pipeline_evaluate_is_the_per_detector_arithmetic(pipeline, batches):
+    # the vectorised fusion against the module doc's definition, one detector at a time
+    batch = batches["fgsm"]
+    fused = pipeline.evaluate(batch)
+    corrected = np.full(len(batch), -1)
+    for j, (d, s) in enumerate(zip(pipeline.detectors, fused.per_detector, strict=True)):
+        np.testing.assert_array_equal(fused.scores[j], s.scores)
+        np.testing.assert_array_equal(fused.flags[j], d.flag(s.scores))
+        median = d.meta["calibration"]["median"]
+        np.testing.assert_array_equal(
+            fused.margins[j],
+            (np.asarray(s.scores, np.float64) - d.threshold) / (d.threshold - median),
+        )
+    for i in range(len(batch)):
+        flagged = [j for j in range(len(pipeline.detectors)) if fused.flags[j, i]]
+        fixes = [fused.per_detector[j].corrected for j in flagged]
+        corrected[i] = next((int(c[i]) for c in fixes if c is not None), -1)
+    np.testing.assert_array_equal(fused.corrected, corrected)
+    np.testing.assert_array_equal(fused.flagged, fused.flags.any(axis=0))
+    np.testing.assert_array_equal(fused.score, fused.margins.max(axis=0))
+    assert fused.flagged.any() and not fused.flagged.all()
 
 
 def test_pipeline_rejects_bad_configuration(fitted):

@@ -104,6 +104,14 @@ def test_to_uint8_rounds_and_clips():
     assert hashing.to_uint8(x).tolist() == [0, 0, 0, 2, 128, 255, 255]
 
 
+def test_non_finite_pixels_are_clipped_and_nan_is_zero():
+    x = np.array([[np.nan, np.inf, -np.inf, 0.5]], np.float32)
+    with np.errstate(invalid="raise"):  # no cast of NaN to uint8 anywhere
+        assert hashing.to_uint8(x).tolist() == [[0, 255, 0, 128]]
+        bits = hashing.average_hash(np.tile(x, (1, 4, 7)))
+    assert np.array_equal(bits, hashing.average_hash(hashing.to_uint8(np.tile(x, (1, 4, 7)))))
+
+
 @pytest.mark.parametrize("kind", sorted(REFERENCE))
 def test_hex_and_hamming_match_imagehash(kind, mnist_images):
     packed = hashing.pack(hashing.HASHES[kind](mnist_images[:40]))

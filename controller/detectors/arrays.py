@@ -20,8 +20,10 @@ def as_float(x: np.ndarray) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 (shifted by the row max, so large logits are safe)."""
     z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    # the ufuncs' reduce: what .max / .sum run, without their Python wrappers
+    z = np.exp(z - np.maximum.reduce(z, axis=1, keepdims=True))
+    z /= np.add.reduce(z, axis=1, keepdims=True)
+    return z
 
 
 def sigmoid_(v: np.ndarray) -> np.ndarray:

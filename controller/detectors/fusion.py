@@ -53,6 +53,7 @@ class Fused:
     per_detector: tuple[Scores, ...]
     flags: np.ndarray  # [D, N] bool
     margins: np.ndarray | None = None  # [D, N] normalised margins (see module doc)
+    scores: np.ndarray | None = None  # [D, N] float64: each detector's scores, stacked
 
 
 def _scale(det: Detector) -> float:
@@ -103,26 +104,29 @@ class Pipeline:
                 scored.append(d.score(batch))
                 timings.append(time.perf_counter() - t0)
             per = tuple(scored)
-        flags = np.stack([d.flag(s.scores) for d, s in zip(self.detectors, per, strict=True)])
-        margins = np.stack(
-            [
-                (np.asarray(s.scores, np.float64) - d.threshold) / _scale(d)
-                for d, s in zip(self.detectors, per, strict=True)
-            ]
-        )
+        dets = self.detectors
+        flags = np.array([d.flag(s.scores) for d, s in zip(dets, per, strict=True)], dtype=bool)
+        scores = np.array([s.scores for s in per], dtype=np.float64)
+        # [D, 1] columns: the same element-wise arithmetic as one row at a time
+        bounds = np.array([[d.threshold, _scale(d)] for d in dets], dtype=np.float64)
+        margins = (scores - bounds[:, :1]) / bounds[:, 1:]
+        flagged = np.logical_or.reduce(flags, axis=0)
         corrected = np.full(len(batch), -1, dtype=np.int64)
-        # fill from the last detector to the first, so the first flagged one wins
-        for s, f in zip(reversed(per), reversed(flags), strict=True):
-            if s.corrected is not None:
-                corrected = np.where(f, s.corrected, corrected)
-        return Fused(flags.any(axis=0), margins.max(axis=0), corrected, per, flags, margins)
+        if flagged.any():
+            # fill from the last detector to the first, so the first flagged one wins
+            for s, f in zip(reversed(per), reversed(flags), strict=True):
+                if s.corrected is not None:
+                    corrected = np.where(f, s.corrected, corrected)
+        fused_score = np.maximum.reduce(margins, axis=0)
+        return Fused(flagged, fused_score, corrected, per, flags, margins, scores)
 
     def decide(self, batch: Batch) -> list[Decision]:
         """One Decision per item, with every detector's evidence."""
         fused = self.evaluate(batch)
         names = self.names
         thresholds = [float(d.threshold or 0.0) for d in self.detectors]  # set: evaluate checked
-        scores = [np.asarray(s.scores, np.float64).tolist() for s in fused.per_detector]
+        assert fused.scores is not None  # evaluate sets it
+        scores = fused.scores.tolist()
         fixes = [None if s.corrected is None else s.corrected.tolist() for s in fused.per_detector]
         flags = fused.flags.tolist()
         out = []

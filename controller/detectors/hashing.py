@@ -178,7 +178,7 @@ def average_hash(images: np.ndarray) -> np.ndarray:
     """``imagehash.average_hash`` on a batch: [N, 64] bool."""
     px = _resize_levels(_levels(_gray(images)), HASH_SIZE, HASH_SIZE)
     # px > mean(px): exact in float64, the sum of 64 levels and its division by 64 both are
-    return px > px.sum(axis=1, keepdims=True) * (1.0 / px.shape[1])
+    return px > np.add.reduce(px, axis=1, keepdims=True) * (1.0 / px.shape[1])
 
 
 def dhash(images: np.ndarray) -> np.ndarray:

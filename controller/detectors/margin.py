@@ -26,11 +26,14 @@ class MarginDetector(Detector):
         p = softmax(logits)
         if p.shape[1] < 2:
             raise ValueError("margin needs at least two classes")
-        top2 = -np.partition(-p, 1, axis=1)[:, :2]  # [best, second best]
+        top2 = np.partition(p, -2, axis=1)  # [..., second best, best]
+        scores = -(top2[:, -1] - top2[:, -2])
         # corrected: the most likely class other than the one the model claimed
         labels = np.asarray(batch.labels, dtype=np.int64)
         rows = np.arange(len(p))
         valid = (labels >= 0) & (labels < p.shape[1])
-        others = p.copy()
-        others[rows[valid], labels[valid]] = -1.0
-        return Scores(-(top2[:, 0] - top2[:, 1]), others.argmax(axis=1).astype(np.int64))
+        if valid.all():
+            p[rows, labels] = -1.0  # p is ours: softmax made it
+        else:
+            p[rows[valid], labels[valid]] = -1.0
+        return Scores(scores, p.argmax(axis=1).astype(np.int64, copy=False))

@@ -37,15 +37,20 @@ one copy per class.
   "iteratively optimize") at a cost of about that many generator passes per input.
 
 Scoring is numpy only (the artifact holds the encoder and generator weights) and runs
-BLAS single-threaded for batches, which on a shared 2-core machine is both faster and
-steadier than letting OpenBLAS spawn threads for these small products.
+BLAS single-threaded, which on a shared 2-core machine is both faster and steadier than
+letting OpenBLAS spawn threads for these small products (at batch 1, threads bought ~5%
+of latency for twice the CPU). Scoring one input is call overhead and weight traffic:
+~100 numpy calls, and two weight matrices (~0.8 MB each for MNIST) that mostly come from
+memory, not cache; for small batches the encoder reads only the rows of the pixels that
+are not 0 (inversion.py ``CGAN._image_product``). Scores depend on the batch size at
+the level of float32 rounding only (BLAS sums in another order).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,36 +66,47 @@ _FAR = 1e6  # the score of an item whose label is not a class: above any distanc
 DISTANCES = ("hash", "hash+l1")
 CORRECT_ON = ("binarized", "raw")
 _SCALE_QUANTILE = 0.99
-_BLAS_SINGLE_FROM = 8  # batch size from which BLAS is limited to one thread
-_CHUNK = 32  # items scored together: what one product touches stays in cache
 
-try:
-    from threadpoolctl import ThreadpoolController
 
-    _BLAS: list[Any] = ThreadpoolController().select(user_api="blas").lib_controllers
-except Exception:  # optional: without it, BLAS keeps its own threads
-    _BLAS = []
+def _blas_switches() -> list[tuple[Callable[[], int], Callable[[int], Any]]]:
+    """(get, set) of the thread count of each BLAS library loaded, looked up once: the C
+    functions themselves where threadpoolctl can name them (its methods look them up on
+    every call: ~10 us a limit() for the two OpenBLAS copies numpy and scipy bring)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    except Exception:  # optional: without it, BLAS keeps its own threads
+        return []
+    switches = []
+    for lib in libs:
+        get, put = lib.get_num_threads, lib.set_num_threads
+        if lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") == "pthreads":
+            with contextlib.suppress(Exception):
+                c_get = lib._get_symbol("openblas_get_num_threads")
+                c_put = lib._get_symbol("openblas_set_num_threads")
+                if c_get is not None and c_put is not None:
+                    get, put = c_get, c_put
+        switches.append((get, put))
+    return switches
+
+
+_BLAS = _blas_switches()
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    # the libraries' own get/set calls (~1 us), not threadpoolctl's limit() (~10 us)
-    saved = [(lib, lib.get_num_threads()) for lib in _BLAS]
-    for lib, threads in saved:
+def _blas_limit() -> Iterator[None]:
+    """BLAS on one thread inside the block (where threadpoolctl is installed)."""
+    saved = [(put, get()) for get, put in _BLAS]
+    for put, threads in saved:
         if threads != 1:
-            lib.set_num_threads(1)
+            put(1)
     try:
         yield
     finally:
-        for lib, threads in saved:
+        for put, threads in saved:
             if threads != 1:
-                lib.set_num_threads(threads)
-
-
-def _blas_limit(n: int) -> contextlib.AbstractContextManager[None]:
-    if not _BLAS or n < _BLAS_SINGLE_FROM:
-        return contextlib.nullcontext()
-    return _one_blas_thread()
+                put(threads)
 
 
 class DesvigDetector(Detector):
@@ -169,7 +185,7 @@ class DesvigDetector(Detector):
         else:
             self.cgan, summary = train_cgan(x, y, classes, self.cgan_config, progress=self.progress)
         self.meta["cgan"] = {k: v for k, v in summary.items() if k != "settings"}
-        with _blas_limit(len(x)):
+        with _blas_limit():
             self._set_scales(*self.distances(x, y))  # until calibrate sees held-out data
 
     def _set_scales(self, ham: np.ndarray, l1: np.ndarray) -> None:
@@ -183,27 +199,16 @@ class DesvigDetector(Detector):
             raise RuntimeError("desvig is not fitted")
         labels = np.asarray(clean.labels, dtype=np.int64)
         valid = (labels >= 0) & (labels < self.cgan.classes)
-        with _blas_limit(len(labels)):
+        with _blas_limit():
             self._set_scales(*self.distances(as_float(clean.inputs)[valid], labels[valid]))
         return super().calibrate(clean, fpr)
 
     # -- scoring ----------------------------------------------------------------------------
     def distances(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Hamming distance [+ tie-break], L1 distance) between inputs and their copies."""
-        if self.cgan is None:
-            raise RuntimeError("desvig is not fitted")
-        n = len(labels)
-        if n <= _CHUNK:
-            return self._distances(x, labels)
-        # in chunks: the per-item cost grew past ~64 items, once the products' operands
-        # and the hash passes' arrays no longer stayed in cache
-        parts = [self._distances(x[i : i + _CHUNK], labels[i : i + _CHUNK]) for i in
-                 range(0, n, _CHUNK)]  # fmt: skip
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _distances(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cgan = self.cgan
-        assert cgan is not None
+        if cgan is None:
+            raise RuntimeError("desvig is not fitted")
         n = len(labels)
         # inputs and copies in one array, so that one hash call covers both
         both = np.empty((2 * n, cgan.pixels), np.float32)
@@ -214,10 +219,10 @@ class DesvigDetector(Detector):
         ham = np.add.reduce(bits[:n] != bits[n:], axis=1, dtype=np.float64)
         diff = np.subtract(both[:n], both[n:], out=both[n:])
         if self.tie_break:
-            mse = np.einsum("ij,ij->i", diff, diff).astype(np.float64) / diff.shape[1]
+            mse = np.divide(np.einsum("ij,ij->i", diff, diff), diff.shape[1], dtype=np.float64)
             ham += mse / (1.0 + mse)
         np.abs(diff, out=diff)
-        return ham, diff.sum(axis=1, dtype=np.float64)
+        return ham, np.add.reduce(diff, axis=1, dtype=np.float64)  # what .sum runs
 
     def class_distances(self, x: np.ndarray) -> np.ndarray:
         """[N, classes] pixel L2 distance between each input and its copy for every class
@@ -239,7 +244,7 @@ class DesvigDetector(Detector):
         n, classes = len(labels), self.cgan.classes
         valid = (labels >= 0) & (labels < classes)
         all_valid = bool(valid.all())
-        with _blas_limit(n):
+        with _blas_limit():
             ham, l1 = self.distances(x, labels if all_valid else np.where(valid, labels, 0))
             if self.distance == "hash":
                 scores = ham

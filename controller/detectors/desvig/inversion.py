@@ -11,6 +11,7 @@ import numpy as np
 
 from controller.detectors.arrays import pool, sigmoid_
 
+_SPARSE_MAX_INPUTS = 16  # up to this many inputs, the encoder may skip zero pixels
 _WEIGHTS = ("e_w1", "e_b1", "e_w2", "e_b2", "g_w1", "g_b1", "g_w2", "g_b2")
 
 
@@ -44,14 +45,29 @@ class CGAN:
     def arrays(self) -> dict[str, np.ndarray]:
         return dict(self.w)
 
-    def encode(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """E(x, label): [N, *shape] images -> [N, latent] (posterior mean)."""
+    def _image_product(self, x: np.ndarray) -> np.ndarray:
+        """The encoder's first layer on the image, [N, hidden], without the label rows.
+
+        For a few inputs the product reads every weight row once per call, and those
+        rows (~0.8 MB for MNIST) are mostly not in cache by then: it then skips the rows
+        of pixels that are 0 in every input, when they are at least half of them (MNIST:
+        ~80% at batch 1). The sum is the same, in another order (float32 rounding).
+        """
+        n = len(x)
         x = np.asarray(x, dtype=np.float32)
         if self.pool == 1:
-            flat = x.reshape(len(labels), self.pixels)
+            flat = x.reshape(n, self.pixels)
         else:
-            flat = pool(x.reshape(len(labels), *self.shape), self.pool)
-        h = flat @ self._e_x
+            flat = pool(x.reshape(n, *self.shape), self.pool)
+        if n <= _SPARSE_MAX_INPUTS:
+            (cols,) = (flat[0] if n == 1 else np.logical_or.reduce(flat != 0)).nonzero()
+            if 2 * len(cols) <= flat.shape[1]:
+                return flat[:, cols] @ self._e_x.take(cols, axis=0)
+        return flat @ self._e_x
+
+    def encode(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """E(x, label): [N, *shape] images -> [N, latent] (posterior mean)."""
+        h = self._image_product(x)
         h += self._e_y[labels]
         np.maximum(h, 0, out=h)
         z = h @ self.w["e_w2"]
@@ -98,7 +114,7 @@ class CGAN:
         image product is shared by all classes: only the label rows differ."""
         n, k = len(x), self.classes
         x = np.asarray(x, dtype=np.float32).reshape(n, *self.shape)
-        h = (pool(x, self.pool) @ self._e_x)[:, None, :] + self._e_y[None]  # [N, k, hidden]
+        h = self._image_product(x)[:, None, :] + self._e_y[None]  # [N, k, hidden]
         np.maximum(h, 0, out=h)
         z = h.reshape(n * k, -1) @ self.w["e_w2"] + self.w["e_b2"]
         labels = np.tile(np.arange(k), n)
