@@ -2,17 +2,24 @@
 
 A :class:`agents.transport.Channel` for ``tcp://HOST:PORT`` and ``unix:///PATH``
 controller addresses: an asyncio :class:`asyncio.Protocol` on the transport's (uv)loop.
-Writes go straight to ``transport.write(frame(data))`` from the loop thread (the
-flush, the carry-out); every complete frame goes to the core from ``data_received``
-under the callers' lock, with no reader task in between. TCP_NODELAY is set on TCP.
-TLS: pass an :class:`ssl.SSLContext`; ALPN ``openexample/1`` is set on it.
+Without TLS, a frame is written straight to the socket from whichever thread has it
+(``writes_from_any_thread``): a caller's PKG_IN goes out from the caller's own thread,
+with no handoff to the I/O thread (on a VM, waking a sleeping thread costs tens of
+microseconds). Writes hold a lock, so frames never interleave; if the kernel ever takes
+only part of one, the rest and every later frame go through the loop's transport, in
+order. Every complete frame goes to the core from ``data_received`` under the callers'
+lock, with no reader task in between. TCP_NODELAY is set on TCP. TLS: pass an
+:class:`ssl.SSLContext` (ALPN ``openexample/1`` is set on it); then the transport does
+every write, on the loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import threading
 from ssl import SSLContext
 from typing import TYPE_CHECKING
 
@@ -49,12 +56,20 @@ class FramedChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._lost: asyncio.Future[str | None] | None = None
         self._finishing = False  # this side ends the stream
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1  # the socket, for direct writes (-1: TLS, the transport writes)
+        self._wlock = threading.Lock()
+        self._queued = False  # a write was left to the transport: all later ones go there
+
+    @property
+    def writes_from_any_thread(self) -> bool:
+        return self._fd >= 0
 
     # -- Channel --
 
     async def open(self, owner: Transport) -> None:
         self._owner = owner
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._lost = loop.create_future()
         ssl = self.ssl
         if ssl is not None:
@@ -72,12 +87,40 @@ class FramedChannel(asyncio.Protocol):
         await asyncio.wait_for(connect, self.connect_timeout_s)
 
     def write(self, data: bytes) -> None:
-        self._transport.write(frame(data))
+        """One frame, from any thread when ``writes_from_any_thread`` (else the loop's)."""
+        buf = frame(data)
+        transport = self._transport
+        if transport is None:
+            return
+        if self._fd < 0:
+            transport.write(buf)
+            return
+        with self._wlock:
+            if not self._queued:
+                try:
+                    n = os.write(self._fd, buf)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    return  # the connection is gone: connection_lost says so
+                if n == len(buf):
+                    return
+                buf = buf[n:]
+                self._queued = True  # the socket is full: the transport queues from here
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to send
+                self._loop.call_soon_threadsafe(transport.write, buf)
 
     def finish(self) -> None:
         self._finishing = True
-        if self._transport is not None:
-            self._transport.close()  # what was written goes out first
+        transport = self._transport
+        if transport is not None:
+            with self._wlock:
+                if self._queued:  # after the writes still queued on the loop
+                    assert self._loop is not None
+                    self._loop.call_soon(transport.close)
+                    return
+            transport.close()  # what was written goes out first
 
     def set_message_limit(self, max_message_bytes: int) -> None:
         self._decoder.max_message_bytes = max_message_bytes
@@ -107,6 +150,8 @@ class FramedChannel(asyncio.Protocol):
         if sock is not None and sock.family in _TCP_FAMILIES:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and self.ssl is None:
+            self._fd = sock.fileno()
         self._owner.connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -124,6 +169,8 @@ class FramedChannel(asyncio.Protocol):
         return False  # the controller finished: close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        with self._wlock:
+            self._fd = -1  # the fd may be reused: never write to it again
         self._owner.lost(self)
         lost = self._lost
         if lost is not None and not lost.done():

@@ -145,7 +145,18 @@ class Transport:
         self._ready.wait()
 
     def kick(self) -> None:
-        """The core's outbox went non-empty: flush it on the I/O thread."""
+        """The core's outbox went non-empty: flush it now in the caller's thread when the
+        channel can write from any thread and there is no batch window, else on the I/O
+        thread."""
+        channel = self._channel
+        if (
+            self._window_s == 0
+            and channel is not None
+            and getattr(channel, "writes_from_any_thread", False)
+            and not self._closed
+        ):
+            self._flush()
+            return
         loop = self._loop
         if loop is not None and not self._closed:
             with contextlib.suppress(RuntimeError):  # loop closed under us

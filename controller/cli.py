@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -100,6 +101,11 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+        # numpy's BLAS too: the detectors then find one thread and skip their switch.
+        with contextlib.suppress(Exception):  # threadpoolctl is optional (scikit-learn's)
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(cfg.torch_threads, user_api="blas")
         scorers = load_scorers(cfg)
     except ConfigError as exc:
         print(f"openexample-controller: config error: {exc}", file=sys.stderr)

@@ -62,7 +62,7 @@ class Config:
     trace_window_s: float = 60.0
     block_hard_timeout_s: int = 600
     journal: str = "openexample-journal.sqlite3"
-    # Torch intra-op threads for detectors. 1: the event loop is one thread anyway, and
+    # Torch intra-op and numpy BLAS threads for detectors. 1: the event loop is one thread, and
     # spinning OpenMP workers on busy cores cost ~100x at small batches (measured).
     torch_threads: int = 1
     models: dict[str, ModelConfig] = field(default_factory=dict)
