@@ -43,7 +43,7 @@ class AgentConfig:
     class_names: tuple[str, ...] = ()  # () = "0", "1", ...
     input_range: tuple[float, float] = (0.0, 1.0)
     # The table-miss rule in force until the controller installs its own.
-    budget_us: int = 350
+    budget_us: int = 10_000  # as the controller's default (controller/config.py says why)
     fail_mode: str = "standalone"
     # Local differential-privacy noise on what is sent; None = off. A string
     # ("laplace:EPS", "gaussian:EPS[:DELTA]", "none") becomes a PrivacyNoise calibrated

@@ -20,9 +20,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from controller.config import Config
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "metrics.md"
-BUDGET_US = 350  # the default budget: its boundary shows in the histogram buckets
+BUDGET_US = Config().budget_us  # the default budget: its boundary shows in the buckets
 
 _TYPE_SUFFIX = {"counter": "_total"}
 

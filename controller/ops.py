@@ -9,6 +9,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from controller.config import Config
 from openexample import rules
 from openexample.addresses import parse_address
 from openexample.errors import ConfigError
@@ -50,7 +51,7 @@ def parse_action(text: str) -> pb.Action:
     ``sample:P``."""
     kind, *args = text.split(":")
     if kind == "inspect":
-        budget = int(args[0]) if args and args[0] else 350
+        budget = int(args[0]) if args and args[0] else Config().budget_us
         mode = args[1] if len(args) > 1 else "standalone"
         return rules.inspect(budget, mode)
     if kind in ("allow", "drop", "mirror") and not args:
