@@ -164,7 +164,7 @@ def test_ready_resyncs_the_agent(core):
     assert kinds(envs)[-1] == "barrier_request"
     adds = [e.vigilance_mod for e in envs if e.HasField("vigilance_mod")][1:]
     miss = [m for m in adds if m.priority == 0]
-    assert len(miss) == 1 and miss[0].actions[0].inspect.budget_us == 350
+    assert len(miss) == 1 and miss[0].actions[0].inspect.budget_us == Config().budget_us
 
 
 def test_no_detector_answers_unknown(core):
