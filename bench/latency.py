@@ -345,9 +345,15 @@ def cdf_plot(results: list[dict], path: Path) -> None:
         ax.plot(xs, np.arange(1, xs.size + 1) / xs.size, label=r["scenario"])
     ax.axvline(BUDGET_US, color="grey", linestyle="--", label=f"budget {BUDGET_US} us")
     ax.set_xscale("log")
-    ax.set_xlabel("latency (us, log)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("OpenExample latency CDF, 1 agent")
+    _save(fig, ax, path, "latency (us, log)", "fraction of requests", "latency CDF, 1 agent")
+
+
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"OpenExample {title}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -402,14 +408,8 @@ def load_plot(results: list[dict], path: Path) -> None:
             ax.annotate(f"{r['agents']}", (x, y), textcoords="offset points", xytext=(4, 4))
     ax.axhline(BUDGET_US, color="grey", linestyle="--", label=f"budget {BUDGET_US} us")
     ax.set_yscale("log")
-    ax.set_xlabel("inspected calls/s (all agents)")
-    ax.set_ylabel("p99 added latency (us, log)")
-    ax.set_title("INSPECT p99 as load rises (labels: agents)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    xlabel, ylabel = "inspected calls/s (all agents)", "p99 added latency (us, log)"
+    _save(fig, ax, path, xlabel, ylabel, "INSPECT p99 as load rises (labels: agents)")
 
 
 def run(args: argparse.Namespace) -> int:
