@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from controller.config import Config
+
 CACHE = Path("var/cache")  # what the benches train: example model, detectors, attacks
 
 
@@ -41,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--budget-us",
         type=int,
-        default=20_000,
-        help="INSPECT budget; the paper's 350 is below a Python gRPC round trip on 2 cores",
+        default=Config().budget_us,
+        help="INSPECT budget (default: the controller's; the paper's 350 is below a Python"
+        " round trip with DeSVig on 2 cores)",
     )
     return p
 
