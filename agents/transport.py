@@ -60,6 +60,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class Channel(Protocol):
     """One stream to the controller, driven by :class:`Transport` on its loop thread."""
 
+    # True when write() may be called from any thread (callers then send their own
+    # PKG_IN, with no handoff to the I/O thread); False: the loop thread only.
+    writes_from_any_thread: bool
+
     async def open(self, owner: Transport) -> None:
         """Connect. Call ``owner.connected(self)`` as soon as messages can be written
         and before any is delivered, then ``owner.received(data)`` per message (and
@@ -152,7 +156,7 @@ class Transport:
         if (
             self._window_s == 0
             and channel is not None
-            and getattr(channel, "writes_from_any_thread", False)
+            and channel.writes_from_any_thread
             and not self._closed
         ):
             self._flush()
@@ -380,6 +384,8 @@ class Transport:
 class GrpcChannel:
     """One grpc.aio ``Connect`` stream: a writer task drains a queue, a reader task
     hands each message to the transport."""
+
+    writes_from_any_thread = False  # grpc.aio calls belong to the loop thread
 
     def __init__(self, target: str, limits: Limits) -> None:
         self.target = target
