@@ -132,12 +132,17 @@ def adversarials(spec: AttackSpec, clf: Any, x: np.ndarray, seed: int = 0) -> np
     return attack.generate(x=start).astype(np.float32)
 
 
+def cache_path(spec: AttackSpec, model_path: Path, x: np.ndarray, cache: Path, seed: int) -> Path:
+    """Where ``generate`` keeps the adversarials of ``spec`` on ``x`` against the model file."""
+    digest = hashlib.sha1(Path(model_path).read_bytes() + x.tobytes()).hexdigest()[:10]
+    return cache / "attacks" / f"{spec.name}-{spec.key}-{digest}-{seed}.npy"
+
+
 def generate(
     spec: AttackSpec, clf: Any, model_path: Path, x: np.ndarray, cache: Path, seed: int = 0
 ) -> np.ndarray:
     """Adversarial versions of ``x`` (cached)."""
-    digest = hashlib.sha1(Path(model_path).read_bytes() + x.tobytes()).hexdigest()[:10]
-    path = cache / "attacks" / f"{spec.name}-{spec.key}-{digest}-{seed}.npy"
+    path = cache_path(spec, model_path, x, cache, seed)
     if path.is_file():
         return np.load(path)
     t0 = time.perf_counter()

@@ -12,7 +12,6 @@ and a real agent (accuracy without and with OpenExample, and the added delay).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from bench.attacks import (
     AttackSpec,
     adversarials,
     art_classifier,
+    cache_path,
     classifier,
     generate,
     standard_attacks,
@@ -91,11 +91,7 @@ def untrained_attacks(args: argparse.Namespace, cache: Path) -> list[AttackSpec]
     if not model.is_file():
         return specs
     x = datasets.load("mnist5k").split(seed=0).test.x[: _n_test(args.quick)]
-    digest = hashlib.sha1(model.read_bytes() + x.tobytes()).hexdigest()[:10]
-    folder = cache / "attacks"
-    return [
-        s for s in specs if not (folder / f"{s.name}-{s.key}-{digest}-{args.seed}.npy").is_file()
-    ]
+    return [s for s in specs if not cache_path(s, model, x, cache, args.seed).is_file()]
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
