@@ -15,6 +15,7 @@ import asyncio
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -95,9 +96,9 @@ async def native_echo_floor(address: str, n: int) -> list[float]:
     return out
 
 
-def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: int) -> list[float]:
-    """INSPECT round trips of one agent on the native channel (``tcp://``, ``unix://``):
-    the same images as the gRPC run, their own jitter (no RT hit from an earlier run)."""
+def _attach(address: str, model_path: Path, x: np.ndarray) -> Any:
+    """The example model behind the controller at ``address`` (its scheme picks the
+    channel), connected and warmed up."""
     g = attach(
         str(model_path),
         controller=address,
@@ -105,9 +106,16 @@ def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: 
         input_shape=(1, 28, 28),
         connect_timeout_s=30,
     )
+    for i in range(200):  # warm-up
+        g(x[i])
+    return g
+
+
+def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: int) -> list[float]:
+    """INSPECT round trips of one agent on the native channel (``tcp://``, ``unix://``):
+    the same images as the gRPC run, their own jitter (no RT hit from an earlier run)."""
+    g = _attach(address, model_path, x)
     try:
-        for i in range(200):  # warm-up
-            g(x[i])
         rng = np.random.default_rng(seed)
         fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
         fresh = fresh.astype(np.float32)
@@ -139,15 +147,7 @@ def main() -> int:
             with torch.inference_mode():
                 model(torch.from_numpy(x[i % len(x)][None]))
             bare.append((time.perf_counter() - t0) * 1e6)
-        g = attach(
-            str(model_path),
-            controller=address,
-            model_id=MODEL_ID,
-            input_shape=(1, 28, 28),
-            connect_timeout_s=30,
-        )
-        for i in range(200):  # warm-up
-            g(x[i])
+        g = _attach(address, model_path, x)
         # Distinct inputs (a tiny jitter), so none is an RT hit.
         rng = np.random.default_rng(0)
         fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
