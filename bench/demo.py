@@ -88,7 +88,16 @@ def run_demo(args: argparse.Namespace) -> int:
     attacks = make_attacks(model_path, splits.test.x[:n], splits.test.y[:n], cache)
 
     print("3/4 controller daemon and agents", flush=True)
-    proc = start_controller(workdir, artifacts, args.budget_us)
+    # One daemon on all three channels; the lines take turns (gRPC, native TCP, native
+    # Unix socket), so an attack seen on one channel is refused on the others (RT push).
+    sock = workdir.resolve() / "controller.sock"
+    proc = start_controller(
+        workdir, artifacts, args.budget_us, native=["tcp://127.0.0.1:0", f"unix://{sock}"]
+    )
+    addresses = [proc.address, proc.address_for("tcp"), proc.address_for("unix")]
+    channels = ("grpc", "tcp", "unix")
+    for i in range(args.agents):
+        print(f"  line-{i + 1}: {channels[i % 3]} {addresses[i % 3]}", flush=True)
     retracted: Counter = Counter()
 
     def on_retraction(name: str) -> Callable[[Any], None]:
@@ -97,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     guards = [
         attach(
             str(model_path),
-            controller=proc.address,
+            controller=addresses[i % 3],
             model_id=MODEL_ID,
             agent_id=f"line-{i + 1}",
             input_shape=(1, 28, 28),
