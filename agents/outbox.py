@@ -13,7 +13,6 @@ import numpy as np
 
 from agents.results import Batch, Item, ModelInfo
 from openexample import tensor
-from openexample.messages import envelope
 from openexample.v1 import openexample_pb2 as pb
 
 
@@ -98,7 +97,9 @@ def build_pkg_in(
     if info.privacy is not None:
         xs = info.privacy.apply(xs, rng)
     logits = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
-    body = pb.PkgIn(model_id=batch.model_id)
+    env = pb.Envelope(version=version, xid=batch.xid)
+    body = env.pkg_in  # filled in place: no copy of the tensors into the envelope
+    body.model_id = batch.model_id
     tensor.encode(xs, body.inputs)
     tensor.encode(logits, body.logits)
     for it in items:
@@ -113,4 +114,4 @@ def build_pkg_in(
             budget_us=it.budget_us,
             inferred_at_ns=max(0, int((it.started + wall_offset_s) * 1e9)),
         )
-    return envelope(body, xid=batch.xid, version=version)
+    return env
