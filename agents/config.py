@@ -113,14 +113,6 @@ def field_names() -> tuple[str, ...]:
     return _FIELD_NAMES
 
 
-def split_host_port(text: str, key: str = "controller") -> tuple[str, int]:
-    """``"host:port"`` (``"[::1]:port"`` too) -> (host, port); ConfigError naming ``key``."""
-    host, sep, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
-    if not (sep and host and port.isdigit() and int(port) < 65536):
-        raise ConfigError(f"{key}: HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def _recalibrated(privacy: PrivacyNoise, input_range: Any) -> PrivacyNoise | Any:
     try:
         lo, hi = (float(v) for v in input_range)

@@ -365,10 +365,7 @@ class AgentCore:
                     handler(self, env, now, out)
                 except ProtocolError as exc:
                     log.info("refused %s xid=%d: %s", kind, env.xid, exc)
-                    tmp = Output()
-                    s.refuse(tmp, exc.with_xid(exc.xid or env.xid), env)
-                    out.send.extend(tmp.send)
-                    out.errors.extend(tmp.errors)
+                    s.refuse(out, exc.with_xid(exc.xid or env.xid), env)
             elif isinstance(ev, PeerHello):
                 self.controller_id = ev.peer_id
                 ob = self.outbox
@@ -673,7 +670,7 @@ class AgentCore:
             agent_id=self.agent_id,
             models=tuple(self.models),
             up=self.up,
-            counters=AgentSnapshot.copy_counters(self.counters),
+            counters=self.counters.copy(),
             tables={
                 "rules": counts(self.rules, self.rules.max_rules + 1),  # + the table-miss
                 "rt": counts(self.tables.rt, self.tables.rt.max_entries),

@@ -7,7 +7,7 @@ Prometheus locking); :meth:`agents.core.AgentCore.snapshot` copies them into an
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 from agents.results import DISCONNECTED, TIMEOUT, UNKNOWN, VERDICT_NAMES, Result
@@ -59,6 +59,17 @@ class AgentCounters:
         self.retractions += 1
         _bump(self.retractions_by_model, model_id)
 
+    def copy(self) -> AgentCounters:
+        """A copy nothing else changes (the ints are immutable; the dicts are copied)."""
+        return dataclasses.replace(
+            self,
+            decisions=dict(self.decisions),
+            verdicts=dict(self.verdicts),
+            misses_by_model=dict(self.misses_by_model),
+            retractions_by_model=dict(self.retractions_by_model),
+            fail_mode_decisions=dict(self.fail_mode_decisions),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TableCounts:
@@ -77,7 +88,3 @@ class AgentSnapshot:
     counters: AgentCounters  # a copy
     tables: dict[str, TableCounts]  # "rules", "rt", "ft"
     echo_rtt_s: float | None = None
-
-    @staticmethod
-    def copy_counters(c: AgentCounters) -> AgentCounters:
-        return copy.deepcopy(c)

@@ -80,10 +80,8 @@ class Guard:
     ) -> None:
         self.adapter = adapter
         self.config = config
-        self.target = config.controller
         self._make_core = make_core
         self._on_retraction = on_retraction
-        self._budgets_us = (config.budget_us,)
         self._lock = threading.Lock()
         self._bind_lock = threading.Lock()
         self._predict = adapter.predict
@@ -116,7 +114,7 @@ class Guard:
             core = self._make_core(shape)
             (info,) = core.models.values()
             self.model_id = info.model_id
-            self.metrics = AgentMetrics(core, self._lock, self.registry, self._budgets_us)
+            self.metrics = AgentMetrics(core, self._lock, self.registry, (self.config.budget_us,))
             self._observe = self.metrics.observer(self.model_id)
             # PKG_IN carries wall-clock inference times; the core only knows ``now``.
             core.wall_offset_s = time.time() - perf_counter()

@@ -85,8 +85,8 @@ class Stages:
     In the order the inference meets them:
 
     - ``before_send``: decided to inspect -> its PKG_IN taken for sending
-      (``Ticket.started`` -> ``Batch.sent_at``): the kick, the I/O thread's turn and
-      ``batch_window_us``.
+      (``Ticket.started`` -> ``Batch.sent_at``): the handoff to the I/O thread (none on
+      the native channel without TLS: the caller sends) and ``batch_window_us``.
     - ``wire``: the round trip (``sent_at`` -> PKG_OUT arrival) minus the controller's
       own ``controller_us``. Out and back are one figure: telling them apart needs
       synchronized clocks. It holds PKG_IN building and serializing, both transports,

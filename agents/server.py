@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from agents.config import split_host_port
 from agents.guard import Guard
 from agents.results import Result
 from openexample import tensor
-from openexample.errors import ProtocolError
+from openexample.addresses import GRPC, parse_address
+from openexample.errors import ConfigError, ProtocolError
 from openexample.v1 import openexample_pb2 as pb
 from openexample.v1 import predict_pb2, predict_pb2_grpc
 
@@ -90,7 +90,9 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
 async def start_server(guard: Guard, address: str) -> tuple[grpc.aio.Server, int]:
     """Start serving Predict on ``address`` (``host:port``, port 0 = any); returns the
     server and the bound port. A malformed address is a ConfigError naming ``serve``."""
-    split_host_port(address, "serve")
+    where = parse_address(address, "serve")
+    if where.scheme != GRPC:
+        raise ConfigError(f"serve: HOST:PORT (the Predict API is gRPC), got {address!r}")
     server = grpc.aio.server(options=guard.config.limits.grpc_options())
     predict_pb2_grpc.add_PredictorServicer_to_server(PredictorService(guard), server)
     health = health_aio.HealthServicer()
@@ -101,7 +103,7 @@ async def start_server(guard: Guard, address: str) -> tuple[grpc.aio.Server, int
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(where.host_port)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()

@@ -159,7 +159,7 @@ class Transport:
             and channel.writes_from_any_thread
             and not self._closed
         ):
-            self._flush()
+            self._send_outbox()
             return
         loop = self._loop
         if loop is not None and not self._closed:
@@ -323,8 +323,7 @@ class Transport:
                 out = core.tick(now)
                 deadline = core.next_deadline()
             self._carry_out(out)
-            if out.close:  # echo liveness or the handshake deadline ended it
-                log.warning("controller %s: %s", self.target, out.close)
+            if out.close:  # echo liveness or the handshake deadline ended it (the core logs why)
                 return
             delay = self._tick_cap_s if deadline is None else deadline - now
             await asyncio.sleep(min(max(delay, 0.001), self._tick_cap_s))
@@ -340,6 +339,11 @@ class Transport:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        """Take the queued batches, build their PKG_INs outside the lock, write them (on
+        the I/O thread, or on a caller's own thread for channels that allow it)."""
         core = self.core
         with self._lock:
             batches = core.take_outbox(perf_counter())
@@ -347,7 +351,7 @@ class Transport:
             return
         channel = self._channel
         size = 0
-        for batch in batches:  # protobuf building happens here, off the callers' path
+        for batch in batches:
             data = core.build_pkg_in(batch).SerializeToString()
             size += len(data)
             if channel is not None:

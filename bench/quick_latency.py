@@ -30,7 +30,7 @@ from controller.reference_model import load_model
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
-from openexample import messages, rules
+from openexample import messages, rules, tables
 from openexample.addresses import parse_address
 from openexample.framing import FrameDecoder, frame
 from openexample.v1 import openexample_pb2 as pb
@@ -111,15 +111,45 @@ def _attach(address: str, model_path: Path, x: np.ndarray) -> Any:
     return g
 
 
-def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: int) -> list[float]:
-    """INSPECT round trips of one agent on the native channel (``tcp://``, ``unix://``):
+def _fresh(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` test images with a tiny jitter of their own: none is an RT hit."""
+    rng = np.random.default_rng(seed)
+    fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
+    return fresh.astype(np.float32)
+
+
+def native_inspect(address: str, model_path: Path, x: np.ndarray, n: int, seed: int) -> list:
+    """INSPECT results of one agent on the native channel (``tcp://``, ``unix://``):
     the same images as the gRPC run, their own jitter (no RT hit from an earlier run)."""
     g = _attach(address, model_path, x)
     try:
-        rng = np.random.default_rng(seed)
-        fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
-        fresh = fresh.astype(np.float32)
-        return [g(fresh[i]).latency_s * 1e6 for i in range(n)]
+        fresh = _fresh(x, n, seed)
+        return [g(fresh[i]) for i in range(n)]
+    finally:
+        g.close()
+
+
+def agent_only_fast_path(n: int) -> tuple[list[float], list[float]]:
+    """The agent's own cost on the fast path, without torch or a controller: a numpy
+    model, an ALLOW rule; then the same with a known attack on the label (the rule then
+    checks the RT: a fingerprint per call)."""
+    logits = np.arange(10, dtype=np.float32)
+    g = attach(
+        lambda xs: np.tile(logits, (len(xs), 1)),
+        controller="127.0.0.1:1",  # nobody there: the rule decides everything
+        model_id=MODEL_ID,
+        input_shape=(1, 28, 28),
+    )
+    try:
+        g.local_mod(rules.vigilance_mod("add", priority=10, actions=[rules.allow()]))
+        x = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
+        for _ in range(500):
+            g(x)
+        plain = [g(x).latency_s * 1e6 for _ in range(n)]
+        known = tables.label_entry(b"\x01" * 16, 9, pb.VERDICT_ADVERSARIAL)  # label 9 = argmax
+        g.local_mod(tables.rt_push(MODEL_ID, [known]))
+        checked = [g(x).latency_s * 1e6 for _ in range(n)]
+        return plain, checked
     finally:
         g.close()
 
@@ -148,10 +178,7 @@ def main() -> int:
                 model(torch.from_numpy(x[i % len(x)][None]))
             bare.append((time.perf_counter() - t0) * 1e6)
         g = _attach(address, model_path, x)
-        # Distinct inputs (a tiny jitter), so none is an RT hit.
-        rng = np.random.default_rng(0)
-        fresh = np.clip(x[np.arange(n) % len(x)] + rng.uniform(0, 1e-3, (n, *x.shape[1:])), 0, 1)
-        fresh = fresh.astype(np.float32)
+        fresh = _fresh(x, n, seed=0)
         inspected = [g(fresh[i]) for i in range(n)]
         inspect = [r.latency_s * 1e6 for r in inspected]
         stages = stage_summary(stage_matrix(r.stages for r in inspected))
@@ -160,22 +187,33 @@ def main() -> int:
         allow = [g(x[i % len(x)]).latency_s * 1e6 for i in range(n)]
         g.close()
         echo = asyncio.run(echo_floor(address, n))
-        native_tcp = native_inspect(proc.address_for("tcp"), model_path, x, n, seed=1)
-        native_unix = native_inspect(proc.address_for("unix"), model_path, x, n, seed=2)
+        tcp_results = native_inspect(proc.address_for("tcp"), model_path, x, n, seed=1)
+        native_tcp = [r.latency_s * 1e6 for r in tcp_results]
+        tcp_stages = stage_summary(stage_matrix(r.stages for r in tcp_results))
+        native_unix = [
+            r.latency_s * 1e6
+            for r in native_inspect(proc.address_for("unix"), model_path, x, n, seed=2)
+        ]
         native_echo = uvloop.run(native_echo_floor(proc.address_for("tcp"), n))
     finally:
         proc.stop()
+    agent_allow, agent_checked = agent_only_fast_path(n)
     print(f"bare model call           {pct(bare)}")
     print(f"fast path: ALLOW rule     {pct(allow)}  (added)")
     print(f"fast path: RT hit         {pct(rt)}  (added)")
+    print(f"agent only: ALLOW rule    {pct(agent_allow)}  (numpy model, no controller)")
+    print(f"agent only: ALLOW + RT    {pct(agent_checked)}  (a known attack on the label)")
     print(f"INSPECT round trip        {pct(inspect)}  (added)")
     print(f"gRPC ECHO floor           {pct(echo)}")
     print(f"INSPECT native tcp        {pct(native_tcp)}  (added)")
     print(f"INSPECT native unix       {pct(native_unix)}  (added)")
     print(f"native ECHO floor (tcp)   {pct(native_echo)}")
     p50, p99 = np.percentile(echo, [50, 99])
-    print("\nINSPECT, where the added latency goes (Result.stages; wire = out + back):")
+    print("\nINSPECT on gRPC, where the added latency goes (Result.stages; wire = out + back):")
     print("\n".join(breakdown_table(stages, {"gRPC ECHO": (p50, p99)})))
+    p50, p99 = np.percentile(native_echo, [50, 99])
+    print("\nINSPECT on the native channel (tcp), where the added latency goes:")
+    print("\n".join(breakdown_table(tcp_stages, {"native ECHO": (p50, p99)})))
     return 0
 
 

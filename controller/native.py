@@ -152,9 +152,20 @@ async def listen(
     *,
     ssl: ssl_module.SSLContext | None = None,
 ) -> NativeListener:
-    """Listen on a tcp:// or unix:// address; raises OSError when it cannot."""
+    """Listen on a tcp:// or unix:// address; an OSError naming it when it cannot."""
+    try:
+        return await _listen(host, address, max_message_bytes, with_alpn(ssl))
+    except OSError as exc:
+        raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+async def _listen(
+    host: StreamHost,
+    address: Address,
+    max_message_bytes: int,
+    ssl: ssl_module.SSLContext | None,
+) -> NativeListener:
     loop = asyncio.get_running_loop()
-    ssl = with_alpn(ssl)
 
     def factory() -> NativeConnection:
         return NativeConnection(host, max_message_bytes)
@@ -190,7 +201,7 @@ def bind_unix(path: str) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"cannot listen on unix://{path}: the path exists and is no socket")
+            raise OSError("the path exists and is no socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -198,7 +209,7 @@ def bind_unix(path: str) -> socket.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale: left by a process that died
         else:
-            raise OSError(f"cannot listen on unix://{path}: another process listens there")
+            raise OSError("another process listens there")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -103,7 +103,7 @@ class FusedScorer:
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()
         corrected = fused.corrected.tolist()
-        per = np.asarray(fused.scores).tolist()
+        per = fused.scores.tolist()
         flags = fused.flags.tolist()
         per_fix = [
             None if s.corrected is None else s.corrected.tolist() for s in fused.per_detector

@@ -128,15 +128,11 @@ class ControllerServer:
             raise OSError(f"cannot listen on {grpc_address}")
         try:
             for address in self.cfg.native_listen:
-                try:
-                    listener = await native.listen(
+                self._native.append(
+                    await native.listen(
                         self, address, DEFAULT_LIMITS.max_message_bytes, ssl=self._native_ssl
                     )
-                except OSError as exc:  # say which address, in one line
-                    if str(address) in str(exc):
-                        raise
-                    raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-                self._native.append(listener)
+                )
         except BaseException:
             for listener in self._native:
                 listener.close()

@@ -52,8 +52,8 @@ class Fused:
     corrected: np.ndarray  # [N] int64, -1 = none
     per_detector: tuple[Scores, ...]
     flags: np.ndarray  # [D, N] bool
-    margins: np.ndarray | None = None  # [D, N] normalised margins (see module doc)
-    scores: np.ndarray | None = None  # [D, N] float64: each detector's scores, stacked
+    margins: np.ndarray  # [D, N] normalised margins (see module doc)
+    scores: np.ndarray  # [D, N] float64: each detector's scores, stacked
 
 
 def _scale(det: Detector) -> float:
@@ -125,7 +125,6 @@ class Pipeline:
         fused = self.evaluate(batch)
         names = self.names
         thresholds = [float(d.threshold or 0.0) for d in self.detectors]  # set: evaluate checked
-        assert fused.scores is not None  # evaluate sets it
         scores = fused.scores.tolist()
         fixes = [None if s.corrected is None else s.corrected.tolist() for s in fused.per_detector]
         flags = fused.flags.tolist()
