@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf.message import Message
 
@@ -90,6 +91,14 @@ class Output:
     @property
     def closed(self) -> bool:
         return any(isinstance(e, Closed) for e in self.events)
+
+
+class Sink(Protocol):
+    """Where :meth:`Session.refuse` puts an ERROR: any output with these two lists
+    (:class:`Output`, the agent's ``AgentOutput``)."""
+
+    send: list[pb.Envelope]
+    errors: list[str]
 
 
 class Session:
@@ -158,7 +167,7 @@ class Session:
         """An unsolicited message nobody answers (xid 0), e.g. VIGILANCE_REMOVED."""
         return messages.envelope(body, xid=0, version=self.version)
 
-    def refuse(self, out: Output, err: ProtocolError, offending: bytes | pb.Envelope) -> None:
+    def refuse(self, out: Sink, err: ProtocolError, offending: bytes | pb.Envelope) -> None:
         """Answer a message with a typed ERROR (the role's refusals come here too)."""
         data = offending if isinstance(offending, bytes) else offending.SerializeToString()
         out.send.append(messages.error_envelope(err, data, self.version))
