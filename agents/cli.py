@@ -1,10 +1,18 @@
 """``openexample-agent``: put an existing model file behind a controller, with no code.
 
-    openexample-agent attach --model mnist.pt --controller 127.0.0.1:6653 \\
+    openexample-agent attach --model mnist.pt --controller ctl.example:6653 \\
+        --tls-ca pki/ca.crt --tls-cert pki/agent-plc-1.crt --tls-key pki/agent-plc-1.key \\
         --serve 0.0.0.0:7000 --input-shape 1,28,28 --budget-us 350
 
 Serves ``openexample.v1.Predictor/Predict`` to end users with the vigilance loop in
 between; SIGTERM / SIGINT stop it cleanly (in-flight calls finish, the session closes).
+
+Both sides are mTLS by default with the agent's one certificate (``agent/<id>``: the
+agent id is its name): to the controller, and for Predict, whose callers present
+``caller/<name>`` certificates from the same CA (the name is their source id; see
+:mod:`agents.server`). ``--plaintext`` (controller on loopback or unix:// only),
+``--serve-plaintext`` (Predict on loopback only) and ``--serve-no-client-auth`` turn
+parts of that off, each logged as a WARNING.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agents.config import FAIL_MODES, AgentConfig
+from openexample.addresses import parse_address
 from openexample.errors import ConfigError
+from openexample.tls import TlsFiles, check_plaintext
 
 _DEFAULTS = AgentConfig()  # every default of an agent setting comes from here
 
@@ -67,7 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--serve", required=True, metavar="HOST:PORT", help="Predictor API address")
     a.add_argument("--model-id", help="model id declared to the controller (default: file stem)")
-    a.add_argument("--agent-id", default=d.agent_id, help="agent id (default: host-pid-model)")
+    a.add_argument(
+        "--agent-id",
+        default=d.agent_id,
+        help="agent id (default: the name in --tls-cert; with --plaintext host-pid-model)",
+    )
+    t = a.add_argument_group("TLS (mTLS with the controller, and for Predict)")
+    t.add_argument("--tls-ca", default=d.tls_ca, metavar="PEM", help="CA that signs the peers")
+    t.add_argument(
+        "--tls-cert", default=d.tls_cert, metavar="PEM", help="this agent's certificate (agent/ID)"
+    )
+    t.add_argument("--tls-key", default=d.tls_key, metavar="PEM", help="this agent's key")
+    t.add_argument(
+        "--tls-server-name",
+        default=d.tls_server_name,
+        metavar="NAME",
+        help="name to verify in the controller's certificate (default: its host)",
+    )
+    t.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=d.plaintext,
+        help="no TLS to the controller: unauthenticated, loopback or unix:// only",
+    )
+    serve_mode = t.add_mutually_exclusive_group()
+    serve_mode.add_argument(
+        "--serve-plaintext",
+        action="store_true",
+        help="serve Predict without TLS: callers unauthenticated, loopback --serve only",
+    )
+    serve_mode.add_argument(
+        "--serve-no-client-auth",
+        action="store_true",
+        help="serve Predict over TLS without client certificates: callers unauthenticated",
+    )
     a.add_argument(
         "--input-shape",
         type=_ints,
@@ -129,6 +172,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         controller=args.controller,
         model_id=args.model_id or Path(args.model).stem,
         agent_id=args.agent_id,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        plaintext=args.plaintext,
+        tls_server_name=args.tls_server_name,
         input_shape=args.input_shape,
         class_names=args.classes,
         input_range=args.input_range,
@@ -144,12 +192,22 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
+def serve_tls(args: argparse.Namespace, config: AgentConfig) -> TlsFiles | None:
+    """The Predict listener's TLS files: the agent's own (None with --serve-plaintext,
+    which must then be on loopback)."""
+    if args.serve_plaintext:
+        check_plaintext(parse_address(args.serve, "serve"), "serve")
+        return None
+    return TlsFiles.from_settings(config.tls_ca, config.tls_cert, config.tls_key)
+
+
 async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     from agents.guard import attach
     from agents.server import start_server
 
     if args.model_threads < 1:
         raise ConfigError(f"model_threads: must be > 0, got {args.model_threads}")
+    tls = serve_tls(args, config)  # before anything starts
     executor = ThreadPoolExecutor(args.model_threads, thread_name_prefix="model")
     try:
         guard = attach(args.model, config, model_executor=executor)
@@ -157,7 +215,9 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     try:
-        server, port = await start_server(guard, args.serve)
+        server, port = await start_server(
+            guard, args.serve, tls=tls, client_auth=not args.serve_no_client_auth
+        )
         host = args.serve.rsplit(":", 1)[0]
         print(f"openexample-agent: serving {guard.model_id} on {host}:{port}", flush=True)
         stop = asyncio.Event()

@@ -7,7 +7,8 @@ defaults of their own. Every value is checked when the object is made (directly,
 raises :class:`~openexample.errors.ConfigError` naming the field and the value
 (``budget_us: must be > 0, got -5``). Sequences become tuples, ints given for floats
 become floats, and a ``privacy`` string is parsed against the same config's
-``input_range``.
+``input_range``. The ``tls_*`` files are only read when a channel is made
+(:meth:`AgentConfig.tls_files`, at attach), so ``AgentConfig()`` needs no files.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 from agents.privacy import PrivacyNoise
 from openexample.addresses import parse_address
 from openexample.errors import ConfigError
+from openexample.identity import Kind
 from openexample.limits import DEFAULT_LIMITS, MAX_ID_BYTES, MAX_TENSOR_DIMS, Limits
 from openexample.rules import MAX_BUDGET_US
+from openexample.tls import TlsFiles, check_plaintext
 
 FAIL_MODES = ("standalone", "secure")
 
@@ -35,7 +38,22 @@ class AgentConfig:
     # unix:///PATH for the native channel), and who we are to it.
     controller: str = "127.0.0.1:6653"
     model_id: str = "model"
-    agent_id: str = ""  # "" = <host>-<pid>-<model_id>
+    # "" = the name in tls_cert (agent/<name>) with TLS, else <host>-<pid>-<model_id>.
+    # With TLS a different agent_id is refused: the controller only takes the name the
+    # certificate proves.
+    agent_id: str = ""
+    # mTLS with the controller (PEM paths): the CA that signs the controller, and this
+    # agent's certificate and key (identity agent/<agent_id>). Read when the channel is
+    # made (attach), not here. `openexample-pki init DIR --agent NAME` makes a set.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Plain text instead: no encryption, no authentication. Only when asked for, and only
+    # to a loopback or unix:// controller.
+    plaintext: bool = False
+    # The name to verify in the controller's certificate ("" = the host of `controller`,
+    # "localhost" for unix://).
+    tls_server_name: str = ""
     # The model's input (one sample, no batch dimension); None = from the model file or
     # the first call.
     input_shape: tuple[int, ...] | None = None
@@ -97,6 +115,39 @@ class AgentConfig:
             # Noise calibrated to the old range (parsed from a string): recalibrate.
             changes["privacy"] = _recalibrated(privacy, changes["input_range"])
         return dataclasses.replace(self, **changes)
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files to reach the controller with (None with ``plaintext``);
+        ConfigError naming the first ``tls_*`` setting that is missing, unreadable or
+        expired."""
+        if self.plaintext:
+            return None
+        try:
+            return TlsFiles.from_settings(self.tls_ca, self.tls_cert, self.tls_key)
+        except ConfigError as exc:
+            if "required" not in str(exc):
+                raise
+            raise ConfigError(f"{exc} [agents: plaintext=True, or --plaintext]") from None
+
+    def certified_agent_id(self, files: TlsFiles) -> str:
+        """The agent id ``files`` prove (the name of ``agent/<name>`` in tls_cert);
+        ConfigError when the certificate is no agent's, or ``agent_id`` says another."""
+        try:
+            ident = files.identity()
+        except ValueError as exc:
+            raise ConfigError(f"tls_cert: {files.cert}: not a PEM certificate ({exc})") from None
+        if ident is None:
+            raise ConfigError(
+                f"tls_cert: {files.cert} carries no spiffe://openexample/agent/NAME identity"
+            )
+        if ident.kind is not Kind.AGENT:
+            raise ConfigError(f"tls_cert: identity {ident} is not an agent")
+        if self.agent_id and self.agent_id != ident.name:
+            raise ConfigError(
+                f"agent_id: {self.agent_id!r}, but tls_cert proves {ident}; the controller"
+                f" only accepts {ident.name!r} (leave agent_id empty)"
+            )
+        return ident.name
 
     @classmethod
     def from_overrides(cls, base: AgentConfig | None = None, **overrides: Any) -> AgentConfig:
@@ -169,10 +220,23 @@ def _str(cfg: AgentConfig, key: str, *, empty: bool) -> None:
         raise ConfigError(f"{key}: at most {MAX_ID_BYTES} bytes, got {len(value.encode())}")
 
 
+def _path(cfg: AgentConfig, key: str) -> None:
+    value = getattr(cfg, key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: a file path (str), got {value!r}")
+
+
 def _validate(cfg: AgentConfig) -> None:
-    parse_address(cfg.controller, "controller")  # grpc (HOST:PORT), tcp:// or unix://
+    controller = parse_address(cfg.controller, "controller")  # HOST:PORT, tcp://, unix://
     _str(cfg, "model_id", empty=False)
     _str(cfg, "agent_id", empty=True)
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        _path(cfg, key)
+    if not isinstance(cfg.plaintext, bool):
+        raise ConfigError(f"plaintext: True or False, got {cfg.plaintext!r}")
+    if cfg.plaintext:
+        check_plaintext(controller, "controller")
+    _str(cfg, "tls_server_name", empty=True)
 
     shape = cfg.input_shape
     if shape is not None:

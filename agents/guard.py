@@ -325,6 +325,27 @@ class Guard:
         self.close()
 
 
+def resolve_agent_id(config: AgentConfig) -> AgentConfig:
+    """``config`` with its agent id final, the one place it is decided.
+
+    With TLS: the name of the agent certificate (``tls_cert``), whose files are read and
+    checked here (ConfigError naming the ``tls_*`` setting, or an ``agent_id`` that
+    differs from the certificate). With ``plaintext``: ``agent_id``, or
+    ``<host>-<pid>-<model_id>`` when empty, and one WARNING that the session is
+    unauthenticated plain text.
+    """
+    files = config.tls_files()
+    if files is not None:
+        agent_id = config.certified_agent_id(files)
+    else:
+        log.warning(
+            "controller %s: plain text, unauthenticated and unencrypted (plaintext=True)",
+            config.controller,
+        )
+        agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{config.model_id}"
+    return config if agent_id == config.agent_id else config.replace(agent_id=agent_id)
+
+
 def attach(
     model: Any,
     config: AgentConfig | None = None,
@@ -346,7 +367,9 @@ def attach(
     neither it nor the model file gives it, the first call does, and the session starts
     then. ``budget_us`` and ``fail_mode`` make the table-miss rule in force until the
     controller installs its own. With ``connect_timeout_s`` wait that long for the
-    session (``guard.connected`` tells whether it came up).
+    session (``guard.connected`` tells whether it came up). The session uses mTLS with
+    ``tls_ca``/``tls_cert``/``tls_key`` (the agent id is the certificate's name), or
+    plain text with ``plaintext=True`` to a loopback or unix:// controller only.
 
     Not configuration: ``on_retraction`` (called with a Result the controller took
     back), ``registry`` (a Prometheus registry to fill, shared by several guards) and
@@ -357,9 +380,7 @@ def attach(
             f"config: an AgentConfig, got {config!r} (pass controller=..., model_id=... "
             "as keywords)"
         )
-    config = AgentConfig.from_overrides(config, **overrides)
-    if not config.agent_id:
-        config = config.replace(agent_id=f"{socket.gethostname()}-{os.getpid()}-{config.model_id}")
+    config = resolve_agent_id(AgentConfig.from_overrides(config, **overrides))
     adapter = wrap_model(model, input_shape=config.input_shape, input_dtype=config.input_dtype)
 
     def make_core(shape: tuple[int, ...]) -> AgentCore:

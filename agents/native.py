@@ -8,9 +8,15 @@ with no handoff to the I/O thread (on a VM, waking a sleeping thread costs tens 
 microseconds). Writes hold a lock, so frames never interleave; if the kernel ever takes
 only part of one, the rest and every later frame go through the loop's transport, in
 order. Every complete frame goes to the core from ``data_received`` under the callers'
-lock, with no reader task in between. TCP_NODELAY is set on TCP. TLS: pass an
-:class:`ssl.SSLContext` (ALPN ``openexample/1`` is set on it); then the transport does
-every write, on the loop thread.
+lock, with no reader task in between. TCP_NODELAY is set on TCP.
+
+TLS: pass an :class:`ssl.SSLContext` (:func:`openexample.tls.client_context`; ALPN
+``openexample/1`` is set on it); then the transport does every write, on the loop
+thread. After the handshake the controller's certificate must carry a
+``controller/<id>`` identity (an agent's certificate would verify too: same CA, same
+host names); otherwise the connection is dropped before HELLO and :meth:`open` raises.
+A TLS failure (certificate not verified, refused by the controller, not a TLS listener)
+comes out as an OSError / outage reason starting with ``TLS:``, one line, no traceback.
 """
 
 from __future__ import annotations
@@ -20,19 +26,39 @@ import contextlib
 import os
 import socket
 import threading
-from ssl import SSLContext
+from ssl import SSLCertVerificationError, SSLContext, SSLError
 from typing import TYPE_CHECKING
 
 from openexample.addresses import TCP, Address
 from openexample.errors import ProtocolError
 from openexample.framing import FrameDecoder, frame
+from openexample.identity import Kind
 from openexample.limits import Limits
+from openexample.tls import ssl_peer_identity
 
 if TYPE_CHECKING:
     from agents.transport import Transport
 
 ALPN = "openexample/1"
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line saying why a TLS connection failed (an outage reason)."""
+    if isinstance(exc, SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or str(exc)
+        return f"TLS: the controller's certificate does not verify ({why})"
+    if isinstance(exc, SSLError):
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason.upper():
+            return f"TLS: the controller refused the handshake or our certificate ({reason})"
+        if "WRONG_VERSION_NUMBER" in reason.upper() or "RECORD" in reason.upper():
+            return f"TLS: the controller does not speak TLS there ({reason})"
+        return f"TLS: handshake failed ({reason})"
+    return (
+        f"TLS: the controller closed the connection during the handshake"
+        f" ({type(exc).__name__}; not a TLS listener, or it refused our certificate)"
+    )
 
 
 class FramedChannel(asyncio.Protocol):
@@ -60,6 +86,7 @@ class FramedChannel(asyncio.Protocol):
         self._fd = -1  # the socket, for direct writes (-1: TLS, the transport writes)
         self._wlock = threading.Lock()
         self._queued = False  # a write was left to the transport: all later ones go there
+        self._refused: str | None = None  # why the peer was dropped after the handshake
 
     @property
     def writes_from_any_thread(self) -> bool:
@@ -84,7 +111,16 @@ class FramedChannel(asyncio.Protocol):
             connect = loop.create_unix_connection(
                 lambda: self, a.path, ssl=ssl, server_hostname=hostname
             )
-        await asyncio.wait_for(connect, self.connect_timeout_s)
+        try:
+            await asyncio.wait_for(connect, self.connect_timeout_s)
+        except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+            raise  # nobody listens (or answers): not a TLS matter
+        except (SSLError, ConnectionError, EOFError) as exc:
+            if ssl is None:
+                raise
+            raise OSError(tls_failure(exc)) from None
+        if self._refused is not None:
+            raise OSError(self._refused)
 
     def write(self, data: bytes) -> None:
         """One frame, from any thread when ``writes_from_any_thread`` (else the loop's)."""
@@ -146,6 +182,14 @@ class FramedChannel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        if self.ssl is not None:
+            peer = ssl_peer_identity(transport.get_extra_info("ssl_object"))
+            if peer is None or peer.kind is not Kind.CONTROLLER:
+                what = f"identity {peer}" if peer is not None else "no openexample identity"
+                self._refused = f"TLS: controller certificate carries {what}, not a controller"
+                self._finishing = True
+                transport.abort()
+                return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in _TCP_FAMILIES:
             with contextlib.suppress(OSError):
@@ -175,6 +219,10 @@ class FramedChannel(asyncio.Protocol):
         lost = self._lost
         if lost is not None and not lost.done():
             if self._finishing:
-                lost.set_result(None)
+                lost.set_result(self._refused)
+            elif exc is None:
+                lost.set_result("closed the stream")
+            elif self.ssl is not None and isinstance(exc, SSLError):
+                lost.set_result(tls_failure(exc))  # e.g. refused our certificate (TLS 1.3)
             else:
-                lost.set_result(str(exc) if exc is not None else "closed the stream")
+                lost.set_result(str(exc))

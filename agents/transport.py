@@ -28,7 +28,6 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from ssl import SSLContext
 from time import perf_counter
 from typing import Protocol
 
@@ -38,11 +37,12 @@ from agents.config import AgentConfig
 from agents.core import AgentCore, AgentOutput
 from agents.native import FramedChannel
 from agents.results import Result
-from openexample.addresses import parse_address
+from openexample.addresses import TCP, parse_address
 from openexample.errors import ProtocolError
 from openexample.limits import Limits
 from openexample.messages import PROTOCOL_VERSION, error_envelope
 from openexample.session import State
+from openexample.tls import client_context, grpc_channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,31 @@ class Channel(Protocol):
         ...
 
 
-def channel_for(config: AgentConfig, *, ssl: SSLContext | None = None) -> Callable[[], Channel]:
+def channel_for(config: AgentConfig) -> Callable[[], Channel]:
     """A maker of channels to ``config.controller``: gRPC for ``HOST:PORT`` and
-    ``grpc://``, the native channel for ``tcp://`` and ``unix://`` (TLS with ``ssl``,
-    ALPN openexample/1; the gRPC channel has no TLS yet)."""
+    ``grpc://``, the native channel for ``tcp://`` and ``unix://``.
+
+    Both use mTLS from the config's ``tls_*`` files (read here, once: a ConfigError names
+    a missing or expired one), verifying the controller's certificate for
+    ``tls_server_name`` (default: the address's host, ``localhost`` for unix://). Plain
+    text only with ``config.plaintext`` (which the config allows on loopback only)."""
     address = parse_address(config.controller, "controller")
+    files = config.tls_files()
+    server_name = config.tls_server_name
     if address.native:
         timeout_s = config.handshake_timeout_s
-        return lambda: FramedChannel(address, config.limits, connect_timeout_s=timeout_s, ssl=ssl)
-    if ssl is not None:
-        raise ValueError("ssl: only the native channel (tcp://, unix://) takes TLS so far")
+        if files is None:
+            return lambda: FramedChannel(address, config.limits, connect_timeout_s=timeout_s)
+        ctx = client_context(files)
+        hostname = server_name or (address.host if address.scheme == TCP else "localhost")
+        return lambda: FramedChannel(
+            address, config.limits, connect_timeout_s=timeout_s, ssl=ctx, server_hostname=hostname
+        )
     target = address.host_port
-    return lambda: GrpcChannel(target, config.limits)
+    if files is None:
+        return lambda: GrpcChannel(target, config.limits)
+    creds = grpc_channel_credentials(files)
+    return lambda: GrpcChannel(target, config.limits, credentials=creds, server_name=server_name)
 
 
 class Transport:
@@ -264,8 +277,10 @@ class Transport:
         return self._reached_main
 
     def _outage(self, reason: str) -> None:
-        # Once per outage at INFO; every retry after that at DEBUG.
-        level = logging.INFO if self._was_up else logging.DEBUG
+        # Once per outage at INFO (WARNING for TLS: a certificate or CA to fix, not an
+        # outage to wait out); every retry after that at DEBUG.
+        first = logging.WARNING if "TLS" in reason else logging.INFO
+        level = first if self._was_up else logging.DEBUG
         log.log(level, "controller %s: %s", self.target, reason)
         self._was_up = False
 
@@ -391,17 +406,33 @@ class GrpcChannel:
 
     writes_from_any_thread = False  # grpc.aio calls belong to the loop thread
 
-    def __init__(self, target: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        target: str,
+        limits: Limits,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
         self.target = target
         self.limits = limits
+        self.credentials = credentials  # None: plain text
+        self.server_name = server_name  # "" = the target's host
         self._out: collections.deque[bytes | None] = collections.deque()
         self._out_ready = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         self._tasks: list[asyncio.Future] = []
+        self._received = False  # a message came: the connection (and TLS) worked
 
     async def open(self, owner: Transport) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=self.limits.grpc_options())
+        options = self.limits.grpc_options()
+        if self.credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            if self.server_name:
+                options.append(("grpc.ssl_target_name_override", self.server_name))
+            self._channel = grpc.aio.secure_channel(self.target, self.credentials, options=options)
         self._call = self._channel.stream_stream(CONNECT_METHOD)()  # no serializers: raw bytes
         owner.connected(self)  # HELLO is queued; the writer sends it once the stream is up
         self._tasks = [
@@ -425,12 +456,31 @@ class GrpcChannel:
         for t in done:
             exc = t.exception()
             if isinstance(exc, grpc.aio.AioRpcError):
-                return exc.code().name
+                return self._reason(exc)
             if exc is not None:
                 raise exc
             if t is self._tasks[1]:
                 return "closed the stream"
         return None  # the writer finished: the core asked to close
+
+    def _reason(self, exc: grpc.aio.AioRpcError) -> str:
+        """One line for the outage log: the code, and for TLS what went wrong."""
+        code = exc.code().name
+        details = exc.details() or ""
+        if self.credentials is None:
+            return code
+        low = details.lower()
+        if "handshake failed" in low:
+            why = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
+            if "WRONG_VERSION_NUMBER" in why:
+                return f"TLS: the controller does not speak TLS there ({code}: {why})"
+            return f"TLS: handshake failed ({code}: {why})"
+        if not self._received and "socket closed" in low:
+            return (
+                f"{code}: the controller closed the connection before the session started"
+                " (TLS: does it accept tls_cert? is it signed by the controller's CA, unexpired?)"
+            )
+        return code
 
     async def aclose(self) -> None:
         for t in self._tasks:
@@ -462,4 +512,5 @@ class GrpcChannel:
             data = await call.read()
             if data is grpc.aio.EOF:
                 return
+            self._received = True
             received(data)

@@ -25,8 +25,12 @@ from typing import Any
 
 import yaml
 
+from openexample.pki import DevPki
+
 ROOT = Path(__file__).resolve().parent.parent
-_LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics")
+_LISTEN = re.compile(
+    r"listening on [^:]+:(\d+) \((?:mTLS|plaintext)\), metrics on \S+:(\d+)/metrics"
+)
 _NATIVE = re.compile(r"native listening on ((tcp|unix)://\S+)")
 
 
@@ -103,15 +107,33 @@ class ControllerProcess:
     It listens on gRPC at 127.0.0.1 (``port``, 0 = any) and on the ``native`` addresses
     (e.g. ``tcp://127.0.0.1:0``, ``unix:///tmp/x.sock``); :meth:`address_for` gives the
     bound address of a scheme once started.
+
+    TLS with mTLS, as deployed: certificates come from a development CA (``pki``, by
+    default one in ``workdir/pki``); :meth:`agent_tls` gives an agent its settings,
+    :meth:`admin_args` an operator's. ``config={"plaintext": True}`` turns TLS off.
     """
 
     def __init__(
-        self, workdir: Path, config: dict, port: int = 0, native: Sequence[str] = ()
+        self,
+        workdir: Path,
+        config: dict,
+        port: int = 0,
+        native: Sequence[str] = (),
+        *,
+        pki: DevPki | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = {"journal": str(self.workdir / "journal.sqlite3"), **config}
         self.config.setdefault("metrics_port", 0)
+        self.plaintext = bool(self.config.get("plaintext", False))
+        self.pki = pki or DevPki(self.workdir / "pki")
+        if not self.plaintext:
+            ident = f"controller/{self.config.get('controller_id', 'controller-1')}"
+            files = self.pki.ensure([ident]).files(ident)
+            self.config.setdefault("tls_ca", str(files.ca))
+            self.config.setdefault("tls_cert", str(files.cert))
+            self.config.setdefault("tls_key", str(files.key))
         self.native = list(native)
         self.native_addresses: dict[str, str] = {}  # scheme -> bound address
         self.config["listen"] = self._listen(port)
@@ -134,6 +156,39 @@ class ControllerProcess:
     def address_for(self, scheme: str) -> str:
         """The bound address of ``grpc``, ``tcp`` or ``unix`` (agents pick by scheme)."""
         return self.address if scheme == "grpc" else self.native_addresses[scheme]
+
+    def agent_tls(self, agent_id: str) -> dict[str, Any]:
+        """An agent's settings for this daemon: its certificate (made on first use), or
+        ``plaintext`` when the daemon has no TLS."""
+        if self.plaintext:
+            return {"plaintext": True}
+        files = self.pki.issue(f"agent/{agent_id}", overwrite=False)
+        return {"tls_ca": str(files.ca), "tls_cert": str(files.cert), "tls_key": str(files.key)}
+
+    def admin_args(self, identity: str = "operator/bench") -> list[str]:
+        """``openexample-controller rules|agents`` flags to authenticate as ``identity``."""
+        if self.plaintext:
+            return ["--plaintext"]
+        files = self.pki.issue(identity, overwrite=False)
+        return [
+            "--tls-ca",
+            str(files.ca),
+            "--tls-cert",
+            str(files.cert),
+            "--tls-key",
+            str(files.key),
+        ]
+
+    def admin_channel(self, identity: str = "operator/bench") -> Any:
+        """A gRPC channel to the admin API (and health) as ``identity``."""
+        import grpc
+
+        from openexample import tls
+
+        if self.plaintext:
+            return grpc.insecure_channel(self.address)
+        files = self.pki.issue(identity, overwrite=False)
+        return grpc.secure_channel(self.address, tls.grpc_channel_credentials(files))
 
     def _listen(self, port: int) -> str | list[str]:
         grpc = f"127.0.0.1:{port}"
@@ -197,9 +252,12 @@ class ControllerProcess:
             return None
         return stop_group(self.proc, timeout_s)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        """``openexample-controller ARGS --controller ADDRESS`` against this daemon."""
-        cmd = [sys.executable, "-m", "controller.cli", *args]
+    def cli(
+        self, command: str, *args: str, identity: str = "operator/bench"
+    ) -> subprocess.CompletedProcess:
+        """``openexample-controller COMMAND ARGS`` against this daemon, authenticated as
+        ``identity`` (its TLS flags go right after COMMAND)."""
+        cmd = [sys.executable, "-m", "controller.cli", command, *self.admin_args(identity), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 

@@ -38,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-us", type=int, help="default INSPECT budget of the table-miss rule")
     s.add_argument("--fail-mode", choices=("standalone", "secure"))
     s.add_argument("--max-workload", type=int, help="W0: items queued before OVERLOADED")
+    s.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="no TLS, no authentication (loopback or Unix sockets only; development)",
+    )
     s.add_argument("--log-level", default="INFO")
 
     r = sub.add_parser("rules", help="add, modify, delete and list vigilance rules")
     r.add_argument("--controller", default="127.0.0.1:6653", help="daemon HOST:PORT")
+    ops.add_tls_args(r)
     rsub = r.add_subparsers(dest="rules_command", required=True)
     add = rsub.add_parser("add", help="VIGILANCE_MOD ADD")
     ops.add_rule_args(add, with_actions=True)
@@ -57,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agents", help="list connected agents")
     a.add_argument("--controller", default="127.0.0.1:6653")
+    ops.add_tls_args(a)
 
     t = sub.add_parser("train", help="train and calibrate a detector artifact")
     t.add_argument("detector", help="detector name (margin, phash_prototype, ...)")
@@ -96,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
             "budget_us": args.budget_us,
             "fail_mode": args.fail_mode,
             "max_workload": args.max_workload,
+            "plaintext": True if args.plaintext else None,
         }
         cfg = cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
         import torch
@@ -134,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "agents":
-        return ops.list_agents(args)
+        try:
+            return ops.list_agents(args)
+        except ConfigError as exc:
+            print(f"openexample-controller agents: {exc}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as exc:
+            print(f"openexample-controller agents: {exc.details()}", file=sys.stderr)
+            return 1
     if args.command == "rules":
         try:
             if args.rules_command == "list":
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("del", True): rules.DELETE_STRICT,
             }[(args.rules_command, getattr(args, "strict", False))]
             return ops.mod_rules(args, command)
-        except ValueError as exc:
+        except ValueError as exc:  # ConfigError too
             print(f"openexample-controller rules: {exc}", file=sys.stderr)
             return 2
         except grpc.RpcError as exc:  # daemon down, or it refused the mod

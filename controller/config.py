@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
-from openexample.addresses import Address, parse_addresses
+from controller.tracing import TraceParams
+from openexample.addresses import Address, parse_address, parse_addresses
 from openexample.errors import ConfigError  # also importable from here
+from openexample.tls import TlsFiles, check_plaintext, is_loopback
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,22 @@ class Config:
     # gRPC address (HOST:PORT or grpc://HOST:PORT; the admin API, health and reflection
     # live there), plus any native ones: tcp://HOST:PORT, unix:///PATH.
     listen: str | tuple[str, ...] = "127.0.0.1:6653"
+    # TLS on every listener, peers authenticated by certificate (mTLS): the CA that signs
+    # agents and operators, and this controller's certificate and key (PEM; relative
+    # paths are read from the config file's folder). `openexample-pki init DIR` makes a
+    # development set.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Plain text instead, with no authentication: only when asked for, only on
+    # loopback or Unix sockets, and loudly logged.
+    plaintext: bool = False
     # 0 picks a free port (logged); -1 disables the metrics endpoint.
     metrics_port: int = 9464
+    metrics_addr: str = "127.0.0.1"
+    # Serve metrics over TLS with the controller's certificate, scrapers authenticated by
+    # the CA (required for any non-loopback metrics_addr).
+    metrics_tls: bool = False
     # Default table-miss rule installed on every agent.
     # 10 ms: what the default set-up (gRPC, DeSVig + margin, one to four agents) meets at
     # p99 on a 2-core machine (measured p99 2.7 ms with one agent, 7.3 ms with four; the
@@ -59,16 +75,27 @@ class Config:
     # of the model, valid this long (0 = until evicted).
     rt_push: bool = True
     rt_ttl_s: int = 3600
-    # Source tracing (Table III step 21): this many adversarial verdicts from one
-    # source within the window -> a DROP rule against it on every agent.
-    trace_threshold: int = 5
-    trace_window_s: float = 60.0
+    # The deployment's fingerprint key (hex, as the agents' fingerprint_key): the
+    # controller recomputes each flagged input's fingerprint before it enters an RT push.
+    fingerprint_key: str = ""
+    # Source tracing (Table III step 21, controller/tracing.py): a source (namespaced
+    # by its agent) is blocked on that agent when its adversarial rate is significantly
+    # above the model's calibrated FPR x trace_fpr_factor (one-sided binomial test at
+    # trace_alpha on counts decaying with trace_half_life_s), after at least
+    # trace_min_adversarial adversarial verdicts.
+    trace_half_life_s: float = 60.0
+    trace_alpha: float = 1e-6
+    trace_min_adversarial: float = 5.0
+    trace_fpr_factor: float = 2.0
+    trace_max_sources: int = 100_000
     block_hard_timeout_s: int = 600
     journal: str = "openexample-journal.sqlite3"
     # Torch intra-op and numpy BLAS threads for detectors. 1: the event loop is one thread, and
     # spinning OpenMP workers on busy cores cost ~100x at small batches (measured).
     torch_threads: int = 1
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    # The config file's folder (set by load): relative TLS paths are read from there.
+    base_dir: str = ""
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -87,6 +114,18 @@ class Config:
     def native_listen(self) -> tuple[Address, ...]:
         """The native channel's addresses (tcp://, unix://), maybe none."""
         return tuple(a for a in self.listeners if a.native)
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files (None with plaintext); ConfigError naming a missing, unreadable
+        or expired one."""
+        if self.plaintext:
+            return None
+        base = Path(self.base_dir) if self.base_dir else None
+        return TlsFiles.from_settings(self.tls_ca, self.tls_cert, self.tls_key, base=base)
+
+    @property
+    def fingerprint_key_bytes(self) -> bytes:
+        return bytes.fromhex(self.fingerprint_key)
 
 
 _FAIL_MODES = ("standalone", "secure")
@@ -133,7 +172,7 @@ def from_mapping(raw: Any, base: Config | None = None) -> Config:
     if raw is None:
         return base
     _check_type("config", raw, dict)
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "base_dir"}
     changes: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
@@ -186,12 +225,42 @@ def validate(cfg: Config) -> Config:
     need(cfg.max_workload >= 1, "max_workload", "must be >= 1")
     need(1 <= cfg.max_batch_items <= 1024, "max_batch_items", "want 1..1024")
     need(cfg.rt_ttl_s >= 0, "rt_ttl_s", "must be >= 0")
-    need(cfg.trace_threshold >= 1, "trace_threshold", "must be >= 1")
-    need(cfg.trace_window_s > 0, "trace_window_s", "must be > 0")
+    if cfg.plaintext:
+        for a in listeners:
+            check_plaintext(a, "listen")
+    host = cfg.metrics_addr
+    metrics = parse_address(f"[{host}]:0" if ":" in host else f"{host}:0", "metrics_addr")
+    if cfg.metrics_port >= 0 and not cfg.metrics_tls and not is_loopback(metrics):
+        raise ConfigError(
+            f"metrics_addr: {cfg.metrics_addr} is not loopback: set metrics_tls: true"
+            " (scrapers then need a certificate from the CA)"
+        )
+    need(not (cfg.metrics_tls and cfg.plaintext), "metrics_tls", "needs TLS (plaintext is on)")
+    try:
+        key = cfg.fingerprint_key_bytes
+    except ValueError:
+        raise ConfigError("fingerprint_key: hex digits, got a non-hex string") from None
+    need(len(key) <= 64, "fingerprint_key", "at most 64 bytes (128 hex digits)")
+    _trace_params(cfg)
     need(cfg.block_hard_timeout_s >= 0, "block_hard_timeout_s", "must be >= 0")
     need(bool(cfg.controller_id), "controller_id", "must not be empty")
     need(cfg.torch_threads >= 1, "torch_threads", "must be >= 1")
     return cfg
+
+
+def _trace_params(cfg: Config) -> TraceParams:
+    return TraceParams(
+        half_life_s=cfg.trace_half_life_s,
+        alpha=cfg.trace_alpha,
+        min_adversarial=cfg.trace_min_adversarial,
+        fpr_factor=cfg.trace_fpr_factor,
+        max_sources=cfg.trace_max_sources,
+    )
+
+
+def trace_params(cfg: Config) -> TraceParams:
+    """Source tracing's parameters (checked by :func:`validate`)."""
+    return _trace_params(cfg)
 
 
 def load(path: str | Path | None, base: Config | None = None) -> Config:
@@ -209,6 +278,7 @@ def load(path: str | Path | None, base: Config | None = None) -> Config:
         kind = "TOML" if p.suffix == ".toml" else "YAML"
         raise ConfigError(f"{p}: not valid {kind}: {exc}") from None
     try:
+        base = (base or Config()).replace(base_dir=str(p.resolve().parent))
         return from_mapping(raw, base)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None

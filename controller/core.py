@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from controller.config import Config
+from controller.config import Config, trace_params
 from controller.session import (
     AgentSession,
     Closed,
@@ -23,7 +22,9 @@ from controller.session import (
     Ready,
     ReplyReceived,
 )
+from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
+from openexample.identity import Identity
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn
 
@@ -122,7 +123,12 @@ class Step:
     ready: list[int] = field(default_factory=list)  # sessions whose FEATURES were accepted
     # Typed errors sent to agents, by name; sources blocked; overload answers.
     errors: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)
+    blocked: list[TraceDecision] = field(default_factory=list)  # sources blocked, and why
+    # Agents whose claimed fingerprint of a flagged input is not the controller's own
+    # (its entry is not pushed): (agent_id, model_id).
+    fingerprint_mismatches: list[tuple[str, str]] = field(default_factory=list)
+    # Sessions closed because the same agent connected again: (sid, agent_id).
+    replaced: list[tuple[int, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
     overloaded: int = 0
 
@@ -148,16 +154,25 @@ class ControllerCore:
         self.template = rules.RuleTable(self._miss, now=now)
         self.agent_rules: dict[str, rules.RuleTable] = {}
         self.rt = tables.ResultTable(max_entries=100_000)
-        self._strikes: dict[str, deque[float]] = defaultdict(deque)
-        self._blocked: dict[str, float] = {}  # source -> block expiry
+        self.tracer = SourceTracer(trace_params(cfg))
+        # (agent_id, source_id) -> block expiry (0: none). Sources are namespaced by the
+        # authenticated agent: one agent's claims never block another agent's users.
+        self._blocked: dict[tuple[str, str], float] = {}
         self._block_cookie = itertools.count(1)
+        self._fp_key = cfg.fingerprint_key_bytes
 
     # --- sessions ---
 
-    def open_session(self, now: float) -> tuple[int, list[pb.Envelope]]:
+    def open_session(
+        self, now: float, identity: Identity | None = None
+    ) -> tuple[int, list[pb.Envelope]]:
+        """A new session; ``identity`` is what the peer's verified certificate says
+        (with plaintext there is none, and the agent's claimed id stands)."""
         sid = next(self._sid)
         s = AgentSession(
             self.cfg.controller_id,
+            identity=identity,
+            authenticated=not self.cfg.plaintext,
             echo_interval_s=self.cfg.echo_interval_s,
             echo_unreplied_limit=self.cfg.echo_unreplied_limit,
             handshake_timeout_s=self.cfg.handshake_timeout_s,
@@ -217,6 +232,7 @@ class ControllerCore:
             if isinstance(ev, PkgInReceived):
                 self._admit(sid, s, ev, step, now)
             elif isinstance(ev, Ready):
+                self._replace_older(sid, s.agent_id, step, now)
                 step.ready.append(sid)
                 step.send.extend((sid, env) for env in self._resync(s, now))
             elif isinstance(ev, ReplyReceived):
@@ -224,6 +240,15 @@ class ControllerCore:
             elif isinstance(ev, Closed):
                 self.sessions.pop(sid, None)
                 step.closed.append((sid, ev.reason))
+
+    def _replace_older(self, sid: int, agent_id: str, step: Step, now: float) -> None:
+        """A new connection of an agent replaces the old one (as the proto says): one
+        agent id, one session, so the admin API and RT pushes never see two."""
+        for other_sid, other in list(self.sessions.items()):
+            if other_sid != sid and other.configured and other.agent_id == agent_id:
+                step.replaced.append((other_sid, agent_id))
+                reason = f"replaced by a new connection of agent {agent_id!r}"
+                self._absorb(other_sid, other.close(reason), step, now)
 
     def _resync(self, s: AgentSession, now: float) -> list[pb.Envelope]:
         """DELETE all, ADD the desired rules, push known RT entries, BARRIER."""
@@ -283,26 +308,36 @@ class ControllerCore:
             body = pb.PkgOut(model_id=model_id, items=items, timings=stages)
             step.send.append((job.sid, s.reply_to(job.xid, body)))
         pushed: list[pb.LabelEntry] = []
-        for item, out in zip(job.pkg.items, items, strict=True):
+        base_fpr = self._fpr(model_id)
+        for i, (item, out) in enumerate(zip(job.pkg.items, items, strict=True)):
             step.verdicts.append((model_id, out.verdict))
-            if out.verdict != pb.VERDICT_ADVERSARIAL:
+            adversarial = out.verdict == pb.VERDICT_ADVERSARIAL
+            if item.source_id and (job.agent_id, item.source_id) not in self._blocked:
+                key = (job.agent_id, item.source_id)
+                decision = self.tracer.observe(key, adversarial, base_fpr, now)
+                if decision is not None:
+                    self._block(decision, now, step)
+            if not adversarial:
                 continue
             corrected = out.corrected_label if out.HasField("corrected_label") else None
             if item.fingerprint and self.cfg.rt_push:
-                entry = tables.label_entry(
-                    item.fingerprint,
-                    item.label,
-                    pb.VERDICT_ADVERSARIAL,
-                    action=out.action,
-                    corrected_label=corrected,
-                    score=out.score,
-                    ttl_s=self.cfg.rt_ttl_s,
-                )
-                self.rt.put(
-                    (model_id, item.fingerprint, item.label),
-                    tables.ResultEntry.from_pb(entry, now),
-                )
-                pushed.append(entry)
+                # Trust boundary: the entry goes to every agent of the model, so its key
+                # is the controller's own fingerprint of what it scored, never the claim.
+                fp = tables.fingerprint(job.pkg.inputs[i], self._fp_key)
+                if fp != item.fingerprint:
+                    step.fingerprint_mismatches.append((job.agent_id, model_id))
+                else:
+                    entry = tables.label_entry(
+                        fp,
+                        item.label,
+                        pb.VERDICT_ADVERSARIAL,
+                        action=out.action,
+                        corrected_label=corrected,
+                        score=out.score,
+                        ttl_s=self.cfg.rt_ttl_s,
+                    )
+                    self.rt.put((model_id, fp, item.label), tables.ResultEntry.from_pb(entry, now))
+                    pushed.append(entry)
             step.incidents.append(
                 Incident(
                     at=now,
@@ -325,8 +360,6 @@ class ControllerCore:
                     ),
                 )
             )
-            if item.source_id:
-                self._strike(item.source_id, now, step)
         if pushed:  # swift vigilance: every other agent of the model refuses it at once
             mod = tables.rt_push(model_id, pushed)
             for sid in self.sessions_of(model_id=model_id):
@@ -334,18 +367,15 @@ class ControllerCore:
                     step.send.append((sid, self.sessions[sid].request(mod)))
         return step
 
-    def _strike(self, source: str, now: float, step: Step) -> None:
-        if source in self._blocked:
-            return
-        strikes = self._strikes[source]
-        strikes.append(now)
-        while strikes and strikes[0] <= now - self.cfg.trace_window_s:
-            strikes.popleft()
-        if len(strikes) < self.cfg.trace_threshold:
-            return
-        del self._strikes[source]
+    def _fpr(self, model_id: str) -> float:
+        model = self.cfg.models.get(model_id)
+        return model.fpr if model is not None else 0.01
+
+    def _block(self, d: TraceDecision, now: float, step: Step) -> None:
+        """Source tracing fired: DROP the source on its own agent (desired state too)."""
+        agent_id, source = d.key
         hard = self.cfg.block_hard_timeout_s
-        self._blocked[source] = now + hard if hard else 0.0
+        self._blocked[d.key] = now + hard if hard else 0.0
         mod = rules.vigilance_mod(
             rules.ADD,
             match=pb.Match(source_id=source),
@@ -355,8 +385,8 @@ class ControllerCore:
             hard_timeout_s=hard,
             flags=rules.SEND_REMOVED,
         )
-        step.blocked.append(source)
-        step.send.extend(self.mod_rules(mod, now)[0])
+        step.blocked.append(d)
+        step.send.extend(self.mod_rules(mod, now, agent_id=agent_id)[0])
 
     # --- introspection ---
 

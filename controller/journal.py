@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 CREATE INDEX IF NOT EXISTS incidents_at ON incidents(at);
 CREATE INDEX IF NOT EXISTS incidents_source ON incidents(source_id);
+CREATE TABLE IF NOT EXISTS admin_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,            -- unix seconds
+    who TEXT NOT NULL,           -- the operator's certificate identity, or "plaintext"
+    method TEXT NOT NULL,        -- ModRules, ...
+    request TEXT NOT NULL,       -- JSON of the request
+    outcome TEXT NOT NULL        -- "ok", "refused: ...", "denied: ..."
+);
 """
 
 
@@ -81,6 +89,25 @@ class Journal:
             cur = self._db.execute(
                 "SELECT at, agent_id, model_id, source_id, label, corrected_label, score,"
                 " evidence FROM incidents ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def record_admin(self, at: float, who: str, method: str, request: str, outcome: str) -> None:
+        """One admin call that changes (or tried to change) state: written at once."""
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO admin_changes (at, who, method, request, outcome)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (at, who, method, request, outcome),
+            )
+
+    def admin_changes(self, limit: int = 100) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT at, who, method, request, outcome FROM admin_changes"
+                " ORDER BY id DESC LIMIT ?",
                 (limit,),
             )
             names = [d[0] for d in cur.description]

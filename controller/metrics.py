@@ -175,7 +175,7 @@ class ControllerMetrics:
         )
         self.blocked = Counter(
             "openexample_controller_sources_blocked",
-            "Sources blocked by source tracing (DROP rule installed on every agent)",
+            "Sources blocked by source tracing (a DROP rule on the agent they came through)",
             registry=r,
         )
         self.top_sources = _TopSources(top_k)

@@ -13,7 +13,9 @@ grpc.aio. A frame is a 4-byte big-endian length and one serialized Envelope
   answered with a typed ``BAD_REQUEST/BAD_LEN`` ERROR, then the connection is closed.
 - ``connection_lost``: ``end_stream``.
 
-TLS: pass an :class:`ssl.SSLContext` to :func:`listen`; ALPN ``openexample/1`` is set on it.
+TLS: pass an :class:`ssl.SSLContext` to :func:`listen` (ALPN ``openexample/1`` is set on
+it); the peer's identity is read from its verified certificate when the connection is
+made. A failed handshake (no certificate, wrong CA, expired, plain text) is one log line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Protocol
 from openexample.addresses import TCP, Address
 from openexample.errors import ProtocolError
 from openexample.framing import FrameDecoder, frame
+from openexample.identity import Identity
+from openexample.tls import ssl_peer_identity
 
 log = logging.getLogger("openexample.controller")
 ALPN = "openexample/1"
@@ -42,7 +46,7 @@ class StreamHost(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    def open_stream(self, sender: NativeConnection) -> int: ...
+    def open_stream(self, sender: NativeConnection, identity: Identity | None = None) -> int: ...
 
     def on_message(self, sid: int, data: bytes) -> None: ...
 
@@ -76,6 +80,8 @@ class NativeConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(max_message_bytes)
         self._limited = False  # the decoder has the limit negotiated in HELLO
+        # TLS: bytes decrypted right after the handshake, before connection_made.
+        self._early: list[bytes] = []
 
     # -- the session's sender (called by ControllerServer._dispatch) --
 
@@ -93,11 +99,19 @@ class NativeConnection(asyncio.Protocol):
         if not self.host.accepting:  # draining: as gRPC answers UNAVAILABLE
             transport.close()
             return
-        self.sid = self.host.open_stream(self)
+        # With TLS the handshake is done (and the peer's certificate verified) by now.
+        ssl_object = transport.get_extra_info("ssl_object")
+        identity = ssl_peer_identity(ssl_object) if ssl_object is not None else None
+        self.sid = self.host.open_stream(self, identity)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         sid = self.sid
         if not sid:
+            if self.transport is None:  # TLS: the session opens in connection_made
+                self._early.append(data)
             return
         host = self.host
         try:
@@ -126,6 +140,52 @@ class NativeConnection(asyncio.Protocol):
         sid, self.sid = self.sid, 0
         if sid:
             self.host.end_stream(sid, f"connection lost: {exc}" if exc else "stream ended")
+
+
+class _TlsAcceptor(asyncio.Protocol):
+    """Accepts a TCP connection, runs the TLS handshake, then hands the connection to a
+    :class:`NativeConnection`. A handshake that fails (no or a bad certificate, wrong
+    CA, expired, plain text) is one log line naming the peer and the reason; asyncio's
+    own ``ssl=`` server would drop it silently."""
+
+    def __init__(
+        self, host: StreamHost, max_message_bytes: int, context: ssl_module.SSLContext
+    ) -> None:
+        self.conn = NativeConnection(host, max_message_bytes)
+        self.context = context
+        self._task: asyncio.Task | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername") or "a Unix socket peer"
+        try:
+            tls = await loop.start_tls(
+                transport, self.conn, self.context, server_side=True, ssl_handshake_timeout=10.0
+            )
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.warning("native: TLS handshake with %s refused: %s", _peer(peer), reason)
+            transport.abort()
+            return
+        if tls is None:  # the peer went away during the handshake
+            return
+        self.conn.connection_made(tls)
+
+    def data_received(self, data: bytes) -> None:  # never: start_tls reads from here on
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 class NativeListener:
@@ -167,19 +227,19 @@ async def _listen(
 ) -> NativeListener:
     loop = asyncio.get_running_loop()
 
-    def factory() -> NativeConnection:
+    def factory() -> asyncio.Protocol:
+        if ssl is not None:
+            return _TlsAcceptor(host, max_message_bytes, ssl)
         return NativeConnection(host, max_message_bytes)
 
     if address.scheme == TCP:
-        server = await loop.create_server(
-            factory, address.host, address.port, ssl=ssl, reuse_address=True
-        )
+        server = await loop.create_server(factory, address.host, address.port, reuse_address=True)
         port = server.sockets[0].getsockname()[1]
         return NativeListener(address.with_port(port), server)
     sock = bind_unix(address.path)
     try:
         inode = os.stat(address.path).st_ino
-        server = await loop.create_unix_server(factory, sock=sock, ssl=ssl)
+        server = await loop.create_unix_server(factory, sock=sock)
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from controller.config import Config
-from openexample import rules
+from openexample import rules, tls
 from openexample.addresses import parse_address
 from openexample.errors import ConfigError
 from openexample.v1 import admin_pb2, admin_pb2_grpc
@@ -104,17 +105,41 @@ def build_mod(args: argparse.Namespace, command: int) -> pb.VigilanceMod:
     )
 
 
-def _stub(address: str) -> admin_pb2_grpc.ControllerAdminStub:
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    """How an operator authenticates: a certificate of kind operator (changes) or reader
+    (lists). Defaults come from OPENEXAMPLE_TLS_CA / _CERT / _KEY."""
+    env = os.environ.get
+    p.add_argument("--tls-ca", default=env("OPENEXAMPLE_TLS_CA", ""), help="CA (PEM)")
+    p.add_argument("--tls-cert", default=env("OPENEXAMPLE_TLS_CERT", ""), help="your certificate")
+    p.add_argument("--tls-key", default=env("OPENEXAMPLE_TLS_KEY", ""), help="your key")
+    p.add_argument("--tls-server-name", default="", help="name in the controller's certificate")
+    p.add_argument(
+        "--plaintext", action="store_true", help="a plaintext daemon on loopback (development)"
+    )
+
+
+def _stub(args: argparse.Namespace) -> admin_pb2_grpc.ControllerAdminStub:
+    address = args.controller
     addr = parse_address(address, "--controller")
     if addr.native:
         raise ConfigError(f"--controller: the admin API is on the gRPC address, got {address!r}")
-    return admin_pb2_grpc.ControllerAdminStub(grpc.insecure_channel(addr.host_port))
+    if args.plaintext:
+        tls.check_plaintext(addr, "--controller")
+        return admin_pb2_grpc.ControllerAdminStub(grpc.insecure_channel(addr.host_port))
+    files = tls.TlsFiles.from_settings(args.tls_ca, args.tls_cert, args.tls_key, prefix="--tls-")
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    channel = grpc.secure_channel(
+        addr.host_port, tls.grpc_channel_credentials(files), options=options
+    )
+    return admin_pb2_grpc.ControllerAdminStub(channel)
 
 
 def mod_rules(args: argparse.Namespace, command: int) -> int:
     mod = build_mod(args, command)
     req = admin_pb2.ModRulesRequest(mod=mod, agent_id=args.agent, model_id=args.for_model)
-    resp = _stub(args.controller).ModRules(req, timeout=10)
+    resp = _stub(args).ModRules(req, timeout=10)
     failed = 0
     for r in resp.results:
         if r.HasField("error"):
@@ -135,7 +160,7 @@ def list_rules(args: argparse.Namespace) -> int:
         cookie_mask=args.cookie_mask,
     )
     req = admin_pb2.ListRulesRequest(agent_id=args.agent, model_id=args.for_model, filter=filt)
-    resp = _stub(args.controller).ListRules(req, timeout=10)
+    resp = _stub(args).ListRules(req, timeout=10)
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
         return 0
@@ -154,7 +179,7 @@ def list_rules(args: argparse.Namespace) -> int:
 
 
 def list_agents(args: argparse.Namespace) -> int:
-    resp = _stub(args.controller).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
+    resp = _stub(args).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
     for a in resp.agents:
         print(
             f"{a.agent_id}  models={','.join(a.model_ids)}  up={a.connected_s:.1f}s"

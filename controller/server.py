@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import ssl
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -33,9 +34,10 @@ from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs
 from controller.session import State
-from openexample import messages
+from openexample import messages, tls
 from openexample.addresses import Address
 from openexample.errors import ProtocolError
+from openexample.identity import Identity, Kind
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
@@ -73,10 +75,11 @@ class ControllerServer:
         scorers: Mapping[str, Scorer],
         *,
         registry: CollectorRegistry | None = None,
-        native_ssl: ssl.SSLContext | None = None,
     ) -> None:
-        """``native_ssl``: TLS for the native listeners (ALPN openexample/1 is set on it)."""
+        """TLS comes from ``cfg`` (ConfigError here when its files are missing, unreadable
+        or expired); ``cfg.plaintext`` turns it off, on loopback only."""
         self.cfg = cfg
+        self.tls = cfg.tls_files()
         self.scorers = dict(scorers)
         self.core = ControllerCore(cfg, set(self.scorers), time.monotonic())
         self.registry = registry or CollectorRegistry()
@@ -91,7 +94,6 @@ class ControllerServer:
         self.port = 0
         self.metrics_port = 0
         self.native_addresses: list[Address] = []  # as bound (tcp port 0 resolved)
-        self._native_ssl = native_ssl
         self._native: list[native.NativeListener] = []
         self._senders: dict[int, Sender] = {}
         # Admitted jobs wait here until the next loop iteration: everything that arrived
@@ -104,6 +106,7 @@ class ControllerServer:
         self._health = health.aio.HealthServicer()
         self._draining = False
         self._stopped = asyncio.Event()
+        self._mismatch_logged: set[tuple[str, str]] = set()
 
     # --- lifecycle ---
 
@@ -123,14 +126,25 @@ class ControllerServer:
         )
         reflection.enable_server_reflection(names, server)
         grpc_address = self.cfg.grpc_listen
-        self.port = server.add_insecure_port(grpc_address.host_port)
+        if self.tls is None:
+            log.warning(
+                "PLAINTEXT: no TLS and no authentication on %s: anyone who can reach these"
+                " addresses can connect as any agent and change rules (development only)",
+                ", ".join(str(a) for a in self.cfg.listeners),
+            )
+            self.port = server.add_insecure_port(grpc_address.host_port)
+            native_ssl = None
+        else:
+            creds = tls.grpc_server_credentials(self.tls)
+            self.port = server.add_secure_port(grpc_address.host_port, creds)
+            native_ssl = tls.server_context(self.tls)
         if self.port == 0:
             raise OSError(f"cannot listen on {grpc_address}")
         try:
             for address in self.cfg.native_listen:
                 self._native.append(
                     await native.listen(
-                        self, address, DEFAULT_LIMITS.max_message_bytes, ssl=self._native_ssl
+                        self, address, DEFAULT_LIMITS.max_message_bytes, ssl=native_ssl
                     )
                 )
         except BaseException:
@@ -142,9 +156,7 @@ class ControllerServer:
         self._server = server
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.metrics_port >= 0:
-            httpd, _ = start_http_server(self.cfg.metrics_port, "127.0.0.1", self.registry)
-            self._httpd = httpd
-            self.metrics_port = httpd.server_port
+            self._start_metrics()
         self._tasks = [
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._journal_loop(), name="journal"),
@@ -152,16 +164,38 @@ class ControllerServer:
         for address in self.native_addresses:
             log.info("native listening on %s", address)
         host = grpc_address.host_port.rpartition(":")[0]
+        scheme = "https" if self.cfg.metrics_tls else "http"
         log.info(
-            "controller %s listening on %s:%d, metrics on http://127.0.0.1:%d/metrics,"
+            "controller %s listening on %s:%d (%s), metrics on %s://%s:%d/metrics,"
             " journal %s, detectors for %s",
             self.cfg.controller_id,
             host,
             self.port,
+            "plaintext" if self.tls is None else "mTLS",
+            scheme,
+            self.cfg.metrics_addr,
             self.metrics_port,
             self.cfg.journal,
             sorted(self.scorers) or "no model",
         )
+
+    def _start_metrics(self) -> None:
+        cfg = self.cfg
+        files = {}
+        if cfg.metrics_tls and self.tls is not None:
+            files = {
+                "certfile": str(self.tls.cert),
+                "keyfile": str(self.tls.key),
+                "client_cafile": str(self.tls.ca),
+                "client_auth_required": True,
+            }
+        try:
+            httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_addr, self.registry, **files)
+        except OSError as exc:
+            where = f"{cfg.metrics_addr}:{cfg.metrics_port}"
+            raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+        self._httpd = httpd
+        self.metrics_port = httpd.server_port
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Drain: refuse new work, answer what is queued, close sessions, flush."""
@@ -201,7 +235,7 @@ class ControllerServer:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "controller shutting down")
         sender = _QueueSender()
-        sid = self.open_stream(sender)
+        sid = self.open_stream(sender, tls.grpc_peer_identity(context) if self.tls else None)
         queue = sender.queue
         reader = asyncio.create_task(self._read(sid, requests, sender))
         try:
@@ -228,9 +262,10 @@ class ControllerServer:
     def accepting(self) -> bool:
         return not self._draining
 
-    def open_stream(self, sender: Sender) -> int:
-        """A new session whose messages leave through ``sender``; its HELLO goes now."""
-        sid, hello = self.core.open_session(time.monotonic())
+    def open_stream(self, sender: Sender, identity: Identity | None = None) -> int:
+        """A new session whose messages leave through ``sender``; its HELLO goes now.
+        ``identity``: what the peer's verified certificate says (None: plaintext)."""
+        sid, hello = self.core.open_session(time.monotonic(), identity)
         self._senders[sid] = sender
         self.metrics.sessions.labels("opened").inc()
         self._dispatch(Step(send=[(sid, env) for env in hello]))
@@ -306,9 +341,33 @@ class ControllerServer:
             self.metrics.verdicts_seen(step.verdicts)
         if step.overloaded:
             self.metrics.overloaded.inc(step.overloaded)
-        if step.blocked:
-            log.warning("source tracing blocked %s", step.blocked)
-            self.metrics.blocked.inc(len(step.blocked))
+        for d in step.blocked:
+            log.warning(
+                "source tracing blocked source %r on agent %r: %.1f adversarial of %.1f"
+                " verdicts, p=%.2g against a clean rate of %.3g",
+                d.key[1],
+                d.key[0],
+                d.adversarial,
+                d.verdicts,
+                d.p_value,
+                d.base_rate,
+            )
+            self.metrics.blocked.inc()
+        for sid, agent_id in step.replaced:
+            log.warning(
+                "session %d: agent %r connected again; the old session is closed", sid, agent_id
+            )
+        for agent_id, model_id in step.fingerprint_mismatches:
+            self.metrics.errors.labels("FINGERPRINT_MISMATCH").inc()
+            if (agent_id, model_id) not in self._mismatch_logged:
+                self._mismatch_logged.add((agent_id, model_id))
+                log.warning(
+                    "agent %r, model %r: a flagged input's fingerprint is not the controller's"
+                    " own (different fingerprint_key, privacy noise, or a forged claim): its"
+                    " verdicts are not pushed to other agents",
+                    agent_id,
+                    model_id,
+                )
         self.metrics.workload.set(self.core.workload)
         if step.closed or step.ready:
             self.metrics.agents.set(len(self.core.sessions_of()))
@@ -370,14 +429,66 @@ class ControllerServer:
             await asyncio.to_thread(self.journal.flush)
 
 
+_READERS = (Kind.OPERATOR, Kind.READER)
+_WRITERS = (Kind.OPERATOR,)
+
+
 class _Admin(admin_pb2_grpc.ControllerAdminServicer):
-    """Operator API: rules add/list/del and the agents list."""
+    """Operator API: rules add/list/del and the agents list.
+
+    Who may call what comes from the caller's client certificate: ``operator``
+    identities read and change, ``reader`` identities read; anyone else (agents
+    included) gets PERMISSION_DENIED. Every change, and every refused attempt, goes to
+    the journal with who made it.
+    """
 
     def __init__(self, srv: ControllerServer) -> None:
         self.srv = srv
 
+    async def _caller(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        allowed: tuple[Kind, ...],
+        request: object = None,
+    ) -> str:
+        """Who calls (for the journal); aborts with PERMISSION_DENIED if not allowed."""
+        srv = self.srv
+        if srv.tls is None:
+            return "plaintext"
+        ident = tls.grpc_peer_identity(context)
+        if ident is not None and ident.kind in allowed:
+            return str(ident)
+        who = str(ident) if ident is not None else "a certificate with no identity"
+        need = " or ".join(k.value for k in allowed)
+        srv.metrics.errors.labels("ADMIN_DENIED").inc()
+        log.warning("admin %s denied to %s (needs %s)", method, who, need)
+        if request is not None:
+            await self._journal(who, method, request, f"denied: needs {need}")
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, f"{method}: {who} may not (needs {need})"
+        )
+        raise AssertionError("unreachable")  # abort raises
+
+    async def _journal(self, who: str, method: str, request: object, outcome: str) -> None:
+        text = json.dumps(MessageToDict(request, preserving_proto_field_name=True))
+        await asyncio.to_thread(
+            self.srv.journal.record_admin, time.time(), who, method, text, outcome
+        )
+
     async def ModRules(
         self, request: admin_pb2.ModRulesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModRulesResponse:
+        who = await self._caller(context, "ModRules", _WRITERS, request)
+        response = await self._mod_rules(request, context, who)
+        refused = [f"{r.agent_id}: {r.error.text}" for r in response.results if r.HasField("error")]
+        outcome = "ok" if not refused else "refused by " + "; ".join(refused)
+        await self._journal(who, "ModRules", request, outcome)
+        log.info("admin ModRules by %s: %s", who, outcome)
+        return response
+
+    async def _mod_rules(
+        self, request: admin_pb2.ModRulesRequest, context: grpc.aio.ServicerContext, who: str
     ) -> admin_pb2.ModRulesResponse:
         core = self.srv.core
         try:
@@ -388,6 +499,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
                 model_id=request.model_id,
             )
         except ProtocolError as err:
+            await self._journal(who, "ModRules", request, f"invalid: {err}")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         futures = []
         for sid, mod_xid, barrier_xid, agent_id in waits:
@@ -416,6 +528,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
     async def ListRules(
         self, request: admin_pb2.ListRulesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRulesResponse:
+        await self._caller(context, "ListRules", _READERS)
         filt = pb.StatsRequest()
         filt.CopyFrom(request.filter)
         filt.type = pb.STATS_TYPE_RULES
@@ -441,6 +554,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
     async def ListAgents(
         self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAgentsResponse:
+        await self._caller(context, "ListAgents", _READERS)
         now = time.monotonic()
         out = admin_pb2.ListAgentsResponse()
         for sid in self.srv.core.sessions_of():

@@ -15,7 +15,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from openexample.errors import ProtocolError, bad_request
+from openexample.errors import ProtocolError, bad_request, hello_failed
+from openexample.identity import Identity, Kind
 from openexample.session import Closed, Output, PeerHello, Received, Session, State
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn, validate_features, validate_pkg_in
@@ -66,9 +67,22 @@ _REPLIES = frozenset({"barrier_reply", "stats_reply", "role_reply"})
 class AgentSession:
     """One agent's stream as the controller sees it."""
 
-    def __init__(self, controller_id: str, *, now: float, **options: Any) -> None:
-        """``options``: :class:`openexample.session.Session`'s (limits, echo, handshake)."""
+    def __init__(
+        self,
+        controller_id: str,
+        *,
+        now: float,
+        identity: Identity | None = None,
+        authenticated: bool = True,
+        **options: Any,
+    ) -> None:
+        """``identity``: what the peer's verified certificate says (None: no TLS, or no
+        identity in it); ``authenticated``: the channel is mTLS, so an identity is
+        required and the agent may only speak for it. ``options``:
+        :class:`openexample.session.Session`'s (limits, echo, handshake)."""
         self.session = Session(controller_id, now=now, **options)
+        self.identity = identity
+        self.authenticated = authenticated
         self.agent_id = ""
         self.models: dict[str, pb.ModelDescriptor] = {}
         self.pkg_in_count = 0
@@ -128,6 +142,7 @@ class AgentSession:
             self.pkg_in_count += 1
             out.events.append(PkgInReceived(env.xid, decoded))
         elif kind == "features_reply":
+            self._check_identity(env.features_reply.agent_id)
             self.models = validate_features(env.features_reply, self.session.limits)
             self.agent_id = env.features_reply.agent_id
             out.events.append(Ready(self.agent_id, self.models))
@@ -138,8 +153,27 @@ class AgentSession:
             out.events.append(ReplyReceived(env.error.offending_xid or env.xid, env))
         elif kind == "vigilance_removed":
             out.events.append(RuleRemoved(env.vigilance_removed))
+        elif kind == "role_request":
+            raise bad_request(
+                pb.BAD_REQUEST_CODE_BAD_TYPE, "ROLE_REQUEST: only controller identities send it"
+            )
         else:
             raise bad_request(pb.BAD_REQUEST_CODE_BAD_TYPE, f"controller does not accept {kind}")
+
+    def _check_identity(self, claimed: str) -> None:
+        """An agent speaks only for the id its certificate proves (HELLO_FAILED/EPERM)."""
+        if not self.authenticated:
+            return  # plain text, asked for: the claim is all there is
+        ident = self.identity
+        eperm = pb.HELLO_FAILED_CODE_EPERM
+        if ident is None:
+            raise hello_failed(eperm, "the client certificate carries no openexample identity")
+        if ident.kind is not Kind.AGENT:
+            raise hello_failed(eperm, f"{ident} may not connect as an agent")
+        if claimed != ident.name:
+            raise hello_failed(
+                eperm, f"agent_id {claimed[:64]!r}: the client certificate says {ident}"
+            )
 
     # -- time --
 

@@ -104,3 +104,7 @@ def vigilance_mod_failed(code: int, text: str) -> ProtocolError:
 
 def table_mod_failed(code: int, text: str) -> ProtocolError:
     return ProtocolError(pb.ERROR_TYPE_TABLE_MOD_FAILED, code, text)
+
+
+def hello_failed(code: int, text: str) -> ProtocolError:
+    return ProtocolError(pb.ERROR_TYPE_HELLO_FAILED, code, text)

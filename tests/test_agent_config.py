@@ -4,6 +4,7 @@ import dataclasses
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,18 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"fingerprint_key": b"k" * 65}, "fingerprint_key: at most 64 bytes, got 65"),
         ({"limits": {}}, "limits: an openexample.limits.Limits"),
         ({"seed": -1}, "seed: must be >= 0, got -1"),
+        ({"tls_ca": None}, "tls_ca: a file path (str), got None"),
+        ({"tls_cert": 3}, "tls_cert: a file path (str), got 3"),
+        ({"plaintext": "yes"}, "plaintext: True or False, got 'yes'"),
+        (
+            {"plaintext": True, "controller": "10.0.0.1:6653"},
+            "controller: plaintext only on loopback or a Unix socket, got grpc://10.0.0.1:6653",
+        ),
+        (
+            {"plaintext": True, "controller": "tcp://ctl.example:6654"},
+            "controller: plaintext only on loopback",
+        ),
+        ({"tls_server_name": 1}, "tls_server_name: a string, got 1"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_field_and_the_value(change, message):
@@ -69,6 +82,22 @@ def test_a_bad_value_is_refused_naming_the_field_and_the_value(change, message):
         AgentConfig().replace(**change)
     with pytest.raises(ConfigError, match=message.split(":")[0]):
         AgentConfig.from_overrides(None, **change)
+
+
+def test_tls_settings_default_to_tls_and_are_read_only_for_a_channel(tmp_path):
+    cfg = AgentConfig()  # no files needed to make one
+    assert (cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name) == ("", "", "", "")
+    assert cfg.plaintext is False
+    with pytest.raises(ConfigError) as e:
+        cfg.tls_files()
+    assert str(e.value).startswith("tls_ca: required")
+    assert "plaintext" in str(e.value)  # the way out is named
+    # plaintext on loopback and unix sockets only; then no TLS files at all
+    for ok in ("127.0.0.1:1", "localhost:1", "[::1]:1", "tcp://127.0.0.2:1", "unix:///s"):
+        assert AgentConfig(controller=ok, plaintext=True).tls_files() is None
+    missing = AgentConfig(tls_ca=str(tmp_path / "ca.crt"), tls_cert="x", tls_key="y")
+    with pytest.raises(ConfigError, match=r"tls_ca: cannot read .*ca\.crt"):
+        missing.tls_files()
 
 
 def test_config_error_is_the_shared_local_error_class():
@@ -183,6 +212,50 @@ def test_cli_prints_one_line_and_exits_2_on_a_bad_value(tmp_path, flags, message
     assert "Traceback" not in p.stderr + p.stdout
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--controller", "10.0.0.1:6653", "--plaintext"],
+            "controller: plaintext only on loopback or a Unix socket, got grpc://10.0.0.1:6653",
+        ),
+        (["--controller", "127.0.0.1:6653"], "tls_ca: required"),
+        (
+            ["--controller", "127.0.0.1:6653", "--plaintext", "--serve-plaintext"],
+            "serve: plaintext only on loopback or a Unix socket, got grpc://0.0.0.0:0",
+        ),
+    ],
+)
+def test_cli_tls_mistakes_are_one_line_and_exit_2(tmp_path, flags, message):
+    p = _cli("attach", "--model", str(tmp_path / "m.pt"), "--serve", "0.0.0.0:0", *flags)
+    assert p.returncode == 2
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"openexample-agent: error: {message}")
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_cli_tls_flags_reach_the_config_and_the_predict_listener(tmp_path):
+    from agents.cli import build_parser, config_from_args, serve_tls
+    from openexample.pki import DevPki
+
+    files = DevPki(tmp_path).ensure(["agent/plc-1"]).files("agent/plc-1")
+    base = ["attach", "--model", "m.pt", "--controller", "h:1", "--serve", "127.0.0.1:0"]
+    tls = ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
+    args = build_parser().parse_args([*base, *tls, "--tls-server-name", "ctl.example"])
+    cfg = config_from_args(args)
+    assert (cfg.tls_ca, cfg.tls_cert, cfg.tls_key) == tuple(map(str, files.__dict__.values()))
+    assert cfg.tls_server_name == "ctl.example" and not cfg.plaintext
+    assert serve_tls(args, cfg) == files  # Predict is served with the agent's own files
+    args = build_parser().parse_args([*base, "--serve-plaintext"])
+    assert serve_tls(args, config_from_args(args)) is None
+    args = build_parser().parse_args(
+        [*base, "--controller", "unix:///s", "--plaintext", "--serve-plaintext"]
+    )
+    assert config_from_args(args).plaintext
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args([*base, "--serve-plaintext", "--serve-no-client-auth"])
+
+
 def test_cli_defaults_are_the_agent_config_defaults():
     from agents.cli import build_parser, config_from_args
 
@@ -221,7 +294,9 @@ def _logits(x: np.ndarray) -> np.ndarray:
 def test_attach_applies_overrides_on_a_config(unused_controller):
     from agents import attach
 
-    cfg = AgentConfig(controller=unused_controller, model_id="tiny", budget_us=500)
+    cfg = AgentConfig(
+        controller=unused_controller, model_id="tiny", budget_us=500, plaintext=True
+    )
     guard = attach(_logits, cfg, budget_us=1234, fail_mode="secure")
     try:
         assert guard.config.budget_us == 1234 and guard.config.fail_mode == "secure"
@@ -231,12 +306,15 @@ def test_attach_applies_overrides_on_a_config(unused_controller):
     finally:
         guard.close()
     # keywords only, the README way
-    guard = attach(_logits, controller=unused_controller, model_id="m", budget_us=777)
+    guard = attach(
+        _logits, controller=unused_controller, model_id="m", budget_us=777, plaintext=True
+    )
     try:
         assert guard.config == AgentConfig(
             controller=unused_controller,
             model_id="m",
             budget_us=777,
+            plaintext=True,
             agent_id=guard.config.agent_id,
         )
     finally:
@@ -252,6 +330,10 @@ def test_attach_refuses_bad_settings_before_anything_starts(unused_controller):
         attach(_logits, controller=unused_controller, budget_usec=5)
     with pytest.raises(ConfigError, match="config: an AgentConfig, got '127"):
         attach(_logits, unused_controller)  # the old positional controller
+    threads = {t.name for t in threading.enumerate()}
+    with pytest.raises(ConfigError, match="tls_ca: required"):
+        attach(_logits, controller=unused_controller, input_shape=(2,))  # TLS by default
+    assert {t.name for t in threading.enumerate()} == threads  # nothing started
 
 
 def test_attach_with_a_known_shape_builds_the_core_from_the_config(unused_controller):
@@ -260,6 +342,7 @@ def test_attach_with_a_known_shape_builds_the_core_from_the_config(unused_contro
     guard = attach(
         _logits,
         controller=unused_controller,
+        plaintext=True,
         model_id="tiny",
         input_shape=(2,),
         budget_us=4321,
@@ -271,4 +354,10 @@ def test_attach_with_a_known_shape_builds_the_core_from_the_config(unused_contro
     finally:
         guard.close()
     with pytest.raises(ConfigError, match="class_names: 2 names for 3 logits"):
-        attach(_logits, controller=unused_controller, input_shape=(2,), class_names=["a", "b"])
+        attach(
+            _logits,
+            controller=unused_controller,
+            plaintext=True,
+            input_shape=(2,),
+            class_names=["a", "b"],
+        )

@@ -51,7 +51,47 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_floats_accept_ints_and_defaults_hold(tmp_path):
-    cfg = load_text(tmp_path, "trace_window_s: 30\n")
-    assert cfg.trace_window_s == 30.0 and isinstance(cfg.trace_window_s, float)
+    cfg = load_text(tmp_path, "trace_half_life_s: 30\n")
+    assert cfg.trace_half_life_s == 30.0 and isinstance(cfg.trace_half_life_s, float)
     assert cfg.listen == "127.0.0.1:6653" and cfg.metrics_port == 9464
     assert config.load(None) == config.Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("plaintext: true\nlisten: 0.0.0.0:6653", "listen: plaintext only on loopback"),
+        ("plaintext: true\nlisten: [127.0.0.1:1, 'tcp://10.0.0.1:2']", "plaintext only"),
+        ("metrics_addr: 0.0.0.0", "metrics_addr: 0.0.0.0 is not loopback: set metrics_tls"),
+        ("fingerprint_key: xyz", "fingerprint_key: hex digits"),
+        ("trace_alpha: 2", "trace_alpha: must be in (0, 1)"),
+        ("trace_window_s: 60", "trace_window_s: unknown key"),
+    ],
+)
+def test_security_settings_are_checked(tmp_path, text, names):
+    with pytest.raises(ConfigError) as e:
+        load_text(tmp_path, text)
+    assert names in str(e.value)
+
+
+def test_tls_is_required_unless_plaintext_and_paths_are_from_the_config_folder(tmp_path):
+    import datetime as dt
+
+    from openexample.pki import DevPki
+
+    with pytest.raises(ConfigError, match="tls_ca: required"):
+        config.Config().tls_files()
+    assert config.Config(plaintext=True).tls_files() is None
+    pki = DevPki(tmp_path / "pki").ensure(["controller/c1"])
+    cfg = load_text(
+        tmp_path,
+        "tls_ca: pki/ca.crt\ntls_cert: pki/controller-c1.crt\ntls_key: pki/controller-c1.key\n",
+    )
+    files = cfg.tls_files()
+    assert files.ca == tmp_path / "pki" / "ca.crt" and str(files.identity()) == "controller/c1"
+    # An expired certificate is refused at start, naming the file and the date.
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    pki.issue("controller/old", not_before=old, days=1)
+    stale = cfg.replace(tls_cert="pki/controller-old.crt", tls_key="pki/controller-old.key")
+    with pytest.raises(ConfigError, match=r"tls_cert: .*controller-old.crt expired on"):
+        stale.tls_files()

@@ -39,6 +39,7 @@ from agents.core import AgentCore, AgentOutput
 from agents.results import ModelInfo, Result, Ticket
 from controller.config import Config
 from controller.core import ControllerCore, Incident, InspectJob, ScoreTimes, Step
+from openexample.identity import Identity, Kind
 from openexample.v1 import openexample_pb2 as pb
 
 MODEL_ID = "m"
@@ -279,7 +280,7 @@ class TwoPlanes:
         self.replies: dict[tuple[int, int], pb.Envelope] = {}
         self.closed: list[tuple[str, str]] = []  # (agent id, reason)
         self.errors: list[str] = []
-        self.blocked: list[str] = []
+        self.blocked: list[tuple[str, str]] = []  # (agent_id, source_id)
         self.verdicts: list[tuple[str, int]] = []
         self.overloaded = 0
 
@@ -310,7 +311,8 @@ class TwoPlanes:
     def connect(self, agent: AgentHandle) -> AgentHandle:
         """Open a stream: both HELLOs, then deliver until quiet."""
         assert agent.link is None, "already connected"
-        sid, hello = self.core.open_session(self.now)
+        # As the mTLS shell does: the identity its certificate proves.
+        sid, hello = self.core.open_session(self.now, Identity(Kind.AGENT, agent.agent_id))
         link = agent.link = self._links[sid] = Link(agent, sid)
         for env in hello:
             self._wire.append((link, TO_AGENT, env.SerializeToString()))
@@ -395,7 +397,7 @@ class TwoPlanes:
             if link is not None and link.alive:
                 self._wire.append((link, TO_AGENT, EOF))
         self.errors += step.errors
-        self.blocked += step.blocked
+        self.blocked += [d.key for d in step.blocked]
         self.verdicts += step.verdicts
         self.overloaded += step.overloaded
 
