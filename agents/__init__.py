@@ -1,8 +1,11 @@
 """OpenExample agents: put an existing model behind an OpenExample controller (data plane).
 
 from agents import attach
-guard = attach(model, controller="127.0.0.1:6653", model_id="mnist-cnn",
-               input_shape=(1, 28, 28))   # AgentConfig fields as keywords, or
+guard = attach(model, controller="ctl.example:6653", model_id="mnist-cnn",
+               input_shape=(1, 28, 28),   # AgentConfig fields as keywords;
+               tls_ca="pki/ca.crt",       # mTLS: the agent id is the certificate's
+               tls_cert="pki/agent-plc-1.crt", tls_key="pki/agent-plc-1.key")
+               # (or plaintext=True, to a loopback or unix:// controller only), or
 guard = attach(model, AgentConfig(...), budget_us=500)   # a config plus overrides
 res = guard(x)          # res.output, .label, .verdict, .decided_by, .released, .latency_s,
                         # .stages (where the latency went, when the controller decided)

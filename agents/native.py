@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 ALPN = "openexample/1"
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# A TLS 1.3 client finishes its handshake before the server checks the client
+# certificate: a refused one shows as a stream closed before any answer.
+REFUSED_HINT = "TLS: does the controller accept tls_cert? signed by its CA, unexpired?"
 
 
 def tls_failure(exc: BaseException) -> str:
@@ -87,6 +90,7 @@ class FramedChannel(asyncio.Protocol):
         self._wlock = threading.Lock()
         self._queued = False  # a write was left to the transport: all later ones go there
         self._refused: str | None = None  # why the peer was dropped after the handshake
+        self._answered = False  # the controller sent something (so it took our certificate)
 
     @property
     def writes_from_any_thread(self) -> bool:
@@ -188,7 +192,7 @@ class FramedChannel(asyncio.Protocol):
                 what = f"identity {peer}" if peer is not None else "no openexample identity"
                 self._refused = f"TLS: controller certificate carries {what}, not a controller"
                 self._finishing = True
-                transport.abort()
+                transport.close()  # nothing was written: only close_notify goes out
                 return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in _TCP_FAMILIES:
@@ -199,6 +203,9 @@ class FramedChannel(asyncio.Protocol):
         self._owner.connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            return  # not our controller: nothing it says reaches the core
+        self._answered = True
         owner = self._owner
         try:
             frames = self._decoder.feed(data)
@@ -220,9 +227,15 @@ class FramedChannel(asyncio.Protocol):
         if lost is not None and not lost.done():
             if self._finishing:
                 lost.set_result(self._refused)
+            elif self.ssl is not None and isinstance(exc, SSLError):
+                lost.set_result(tls_failure(exc))  # e.g. an alert: refused our certificate
+            elif self.ssl is not None and not self._answered:
+                # A refused certificate looks like this (asyncio's server sends no alert).
+                lost.set_result(
+                    f"{'closed the stream' if exc is None else exc} before answering HELLO"
+                    f" ({REFUSED_HINT})"
+                )
             elif exc is None:
                 lost.set_result("closed the stream")
-            elif self.ssl is not None and isinstance(exc, SSLError):
-                lost.set_result(tls_failure(exc))  # e.g. refused our certificate (TLS 1.3)
             else:
                 lost.set_result(str(exc))

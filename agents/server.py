@@ -37,9 +37,10 @@ from agents.results import Result
 from openexample import tensor
 from openexample.addresses import GRPC, parse_address
 from openexample.errors import ConfigError, ProtocolError
+from openexample.grpc_tls import grpc_server_credentials
 from openexample.identity import Kind
 from openexample.limits import MAX_ID_BYTES
-from openexample.tls import TlsFiles, check_plaintext, grpc_peer_identity, grpc_server_credentials
+from openexample.tls import TlsFiles, check_plaintext, grpc_peer_identity
 from openexample.v1 import openexample_pb2 as pb
 from openexample.v1 import predict_pb2, predict_pb2_grpc
 
@@ -94,6 +95,7 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
+        source = await self._source(request.source_id, context)  # who asks, before all else
         guard = self.guard
         if request.model_id and request.model_id != guard.model_id:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_id!r}")
@@ -112,7 +114,6 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"batch of {len(arr)} (1..{self.max_batch})"
             )
-        source = await self._source(request.source_id, context)
         results = await guard.abatch(arr, source_id=source)
         return predict_pb2.PredictResponse(results=[result_to_pb(r) for r in results])
 

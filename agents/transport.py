@@ -26,6 +26,7 @@ import collections
 import contextlib
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -35,18 +36,20 @@ import grpc
 
 from agents.config import AgentConfig
 from agents.core import AgentCore, AgentOutput
-from agents.native import FramedChannel
+from agents.native import REFUSED_HINT, FramedChannel
 from agents.results import Result
 from openexample.addresses import TCP, parse_address
 from openexample.errors import ProtocolError
+from openexample.grpc_tls import grpc_channel_credentials
 from openexample.limits import Limits
 from openexample.messages import PROTOCOL_VERSION, error_envelope
 from openexample.session import State
-from openexample.tls import client_context, grpc_channel_credentials
+from openexample.tls import client_context
 
 log = logging.getLogger(__name__)
 
 CONNECT_METHOD = "/openexample.v1.OpenExample/Connect"
+_GRPC_ADDRESS = re.compile(r"^[A-Z_]+: (?:ipv4|ipv6|unix|unix-abstract):\S*?:\d+: ")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -470,16 +473,15 @@ class GrpcChannel:
         if self.credentials is None:
             return code
         low = details.lower()
-        if "handshake failed" in low:
-            why = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
+        if any(w in low for w in ("handshake", "ssl", "tls", "certificate", "verification")):
+            # "failed to connect to all addresses; last error: UNKNOWN: ipv4:H:P: <why>"
+            why = _GRPC_ADDRESS.sub("", details.rsplit("last error: ", 1)[-1])
+            why = why.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK").strip()
             if "WRONG_VERSION_NUMBER" in why:
                 return f"TLS: the controller does not speak TLS there ({code}: {why})"
             return f"TLS: handshake failed ({code}: {why})"
         if not self._received and "socket closed" in low:
-            return (
-                f"{code}: the controller closed the connection before the session started"
-                " (TLS: does it accept tls_cert? is it signed by the controller's CA, unexpired?)"
-            )
+            return f"{code}: closed the connection before answering HELLO ({REFUSED_HINT})"
         return code
 
     async def aclose(self) -> None:

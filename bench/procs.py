@@ -179,16 +179,16 @@ class ControllerProcess:
             str(files.key),
         ]
 
-    def admin_channel(self, identity: str = "operator/bench") -> Any:
-        """A gRPC channel to the admin API (and health) as ``identity``."""
+    def channel_as(self, identity: str = "operator/bench") -> Any:
+        """A gRPC channel to the daemon (admin API, health, Connect) as ``identity``."""
         import grpc
 
-        from openexample import tls
+        from openexample import grpc_tls
 
         if self.plaintext:
             return grpc.insecure_channel(self.address)
         files = self.pki.issue(identity, overwrite=False)
-        return grpc.secure_channel(self.address, tls.grpc_channel_credentials(files))
+        return grpc.secure_channel(self.address, grpc_tls.grpc_channel_credentials(files))
 
     def _listen(self, port: int) -> str | list[str]:
         grpc = f"127.0.0.1:{port}"

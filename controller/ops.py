@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from controller.config import Config
-from openexample import rules, tls
+from openexample import grpc_tls, rules, tls
 from openexample.addresses import parse_address
 from openexample.errors import ConfigError
 from openexample.v1 import admin_pb2, admin_pb2_grpc
@@ -131,7 +131,7 @@ def _stub(args: argparse.Namespace) -> admin_pb2_grpc.ControllerAdminStub:
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
     channel = grpc.secure_channel(
-        addr.host_port, tls.grpc_channel_credentials(files), options=options
+        addr.host_port, grpc_tls.grpc_channel_credentials(files), options=options
     )
     return admin_pb2_grpc.ControllerAdminStub(channel)
 

@@ -34,7 +34,7 @@ from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs
 from controller.session import State
-from openexample import messages, tls
+from openexample import grpc_tls, messages, tls
 from openexample.addresses import Address
 from openexample.errors import ProtocolError
 from openexample.identity import Identity, Kind
@@ -135,7 +135,7 @@ class ControllerServer:
             self.port = server.add_insecure_port(grpc_address.host_port)
             native_ssl = None
         else:
-            creds = tls.grpc_server_credentials(self.tls)
+            creds = grpc_tls.grpc_server_credentials(self.tls)
             self.port = server.add_secure_port(grpc_address.host_port, creds)
             native_ssl = tls.server_context(self.tls)
         if self.port == 0:

@@ -104,24 +104,6 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-def grpc_server_credentials(files: TlsFiles, *, require_client_cert: bool = True) -> Any:
-    import grpc
-
-    ca, cert, key = files.read()
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=require_client_cert
-    )
-
-
-def grpc_channel_credentials(files: TlsFiles) -> Any:
-    import grpc
-
-    ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
-
-
 def grpc_peer_identity(context: Any) -> Identity | None:
     """The identity in a gRPC peer's verified client certificate (None: no TLS, no
     certificate, or no identity in it)."""

@@ -35,19 +35,45 @@ def mnist():
     return datasets.load("mnist5k").split()
 
 
+@pytest.fixture(scope="session")
+def fgsm(example_model, mnist):
+    """FGSM eps 0.3 (ART) on test images the example model gets right: (clean, adv)."""
+    import numpy as np
+    import torch
+    from art.attacks.evasion import FastGradientMethod
+    from art.estimators.classification import PyTorchClassifier
+
+    from controller.reference_model import load_model
+
+    model = load_model(example_model)
+    clf = PyTorchClassifier(
+        model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+    )
+    x, y = mnist.test.x[:300], mnist.test.y[:300]
+    adv = FastGradientMethod(clf, eps=0.3).generate(x).astype(np.float32)
+    fooled = clf.predict(adv).argmax(1) != y
+    return x[fooled], adv[fooled]
+
+
 @pytest.fixture
 def controller(tmp_path, artifacts):
-    """Factory: start a controller process with config overrides; all stopped at teardown."""
+    """Factory: start a controller process with config overrides (mTLS, certificates
+    from a development CA in its folder; ``native=[...]`` adds native listeners); all
+    stopped at teardown."""
     started: list[ControllerProcess] = []
 
-    def start(**config) -> ControllerProcess:
+    def start(native=(), **config) -> ControllerProcess:
         cfg = {
             "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
             # Generous budget: CI machines are shared; latency is measured by bench/.
             "budget_us": 3_000_000,
             **config,
         }
-        proc = ControllerProcess(tmp_path / f"controller{len(started)}", cfg)
+        proc = ControllerProcess(tmp_path / f"controller{len(started)}", cfg, native=native)
         started.append(proc)
         return proc.start()
 

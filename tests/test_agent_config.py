@@ -243,7 +243,11 @@ def test_cli_tls_flags_reach_the_config_and_the_predict_listener(tmp_path):
     tls = ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
     args = build_parser().parse_args([*base, *tls, "--tls-server-name", "ctl.example"])
     cfg = config_from_args(args)
-    assert (cfg.tls_ca, cfg.tls_cert, cfg.tls_key) == tuple(map(str, files.__dict__.values()))
+    assert (cfg.tls_ca, cfg.tls_cert, cfg.tls_key) == (
+        str(files.ca),
+        str(files.cert),
+        str(files.key),
+    )
     assert cfg.tls_server_name == "ctl.example" and not cfg.plaintext
     assert serve_tls(args, cfg) == files  # Predict is served with the agent's own files
     args = build_parser().parse_args([*base, "--serve-plaintext"])
@@ -294,9 +298,7 @@ def _logits(x: np.ndarray) -> np.ndarray:
 def test_attach_applies_overrides_on_a_config(unused_controller):
     from agents import attach
 
-    cfg = AgentConfig(
-        controller=unused_controller, model_id="tiny", budget_us=500, plaintext=True
-    )
+    cfg = AgentConfig(controller=unused_controller, model_id="tiny", budget_us=500, plaintext=True)
     guard = attach(_logits, cfg, budget_us=1234, fail_mode="secure")
     try:
         assert guard.config.budget_us == 1234 and guard.config.fail_mode == "secure"

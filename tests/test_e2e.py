@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import queue
+import itertools
 import sqlite3
 import time
 
@@ -13,39 +13,23 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agents import attach
-from openexample import messages, tensor
+from openexample import grpc_tls, messages, tensor
 from openexample.v1 import openexample_pb2 as pb
 from tests.conftest import MODEL_ID
+from tests.peers import GrpcPeer
 
 pytestmark = pytest.mark.integration
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(scope="module")
-def fgsm(example_model, mnist):
-    """FGSM eps 0.3 (ART) on test images the example model gets right."""
-    import torch
-    from art.attacks.evasion import FastGradientMethod
-    from art.estimators.classification import PyTorchClassifier
-
-    from controller.reference_model import load_model
-
-    model = load_model(example_model)
-    clf = PyTorchClassifier(
-        model,
-        loss=torch.nn.CrossEntropyLoss(),
-        input_shape=SHAPE,
-        nb_classes=10,
-        clip_values=(0.0, 1.0),
-    )
-    x, y = mnist.test.x[:300], mnist.test.y[:300]
-    adv = FastGradientMethod(clf, eps=0.3).generate(x).astype(np.float32)
-    fooled = clf.predict(adv).argmax(1) != y
-    return x[fooled], adv[fooled]
+_ids = itertools.count(1)
 
 
 def guard_for(proc, model, **kw):
+    """An agent with its own certificate (agent/<agent_id>, default e2e-N)."""
     kw.setdefault("connect_timeout_s", 20)
+    agent_id = kw.pop("agent_id", None) or f"e2e-{next(_ids)}"
+    kw.update(proc.agent_tls(agent_id))
     g = attach(model, controller=proc.address, model_id=MODEL_ID, input_shape=SHAPE, **kw)
     assert g.connected, "agent did not reach MAIN"
     return g
@@ -138,8 +122,9 @@ def test_rt_push_refuses_a_repeated_adversarial_input_on_another_agent(controlle
     assert (r.decided_by, r.verdict, r.released) == ("rt", "adversarial", False)
 
 
-def test_source_tracing_blocks_the_source_on_every_agent(controller, agent, fgsm, mnist):
-    proc = controller(trace_threshold=2, trace_window_s=60)
+def test_source_tracing_blocks_the_source_on_its_agent(controller, agent, fgsm, mnist):
+    # Two in a row: p = 0.02**2 = 4e-4 against the clean rate, below this alpha.
+    proc = controller(trace_min_adversarial=2, trace_alpha=1e-3)
     a, b = agent(proc, agent_id="a"), agent(proc, agent_id="b")
     _, adv = fgsm
     hits = 0
@@ -149,9 +134,11 @@ def test_source_tracing_blocks_the_source_on_every_agent(controller, agent, fgsm
             break
     assert hits == 2
     assert proc.cli("rules", "--controller", proc.address, "list").returncode == 0
-    r = b(mnist.test.x[0], source_id="mallory")
+    r = a(mnist.test.x[0], source_id="mallory")
     assert (r.decided_by, r.released) == ("rule", False)
-    assert b(mnist.test.x[0], source_id="alice").decided_by == "controller"
+    assert a(mnist.test.x[0], source_id="alice").decided_by == "controller"
+    # Sources are namespaced by agent: b's "mallory" is not a's.
+    assert b(mnist.test.x[0], source_id="mallory").decided_by == "controller"
     proc.stop()
     rows = (
         sqlite3.connect(proc.config["journal"])
@@ -213,42 +200,9 @@ def test_overload_answers_overloaded(controller, agent, mnist):
 # --- a raw peer: malformed and invalid messages ---
 
 
-class RawPeer:
-    def __init__(self, address):
-        self.channel = grpc.insecure_channel(address)
-        self._q: queue.Queue[bytes | None] = queue.Queue()
-        self._call = self.channel.stream_stream("/openexample.v1.OpenExample/Connect")(
-            iter(self._gen())
-        )
-
-    def _gen(self):
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            yield item
-
-    def send(self, data: bytes):
-        self._q.put(data)
-
-    def recv(self, kind=None, timeout=10) -> pb.Envelope:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            env = pb.Envelope.FromString(next(self._call))
-            if kind is None or env.WhichOneof("body") == kind:
-                return env
-            if env.HasField("echo_request"):
-                self.send(messages.reply(env, pb.EchoReply()).SerializeToString())
-        raise TimeoutError(kind)
-
-    def close(self):
-        self._q.put(None)
-        self.channel.close()
-
-
 def test_malformed_and_invalid_messages_get_typed_errors_and_the_daemon_lives(controller):
     proc = controller()
-    peer = RawPeer(proc.address)
+    peer = GrpcPeer(proc.channel_as("agent/raw"))
     assert peer.recv("hello")
     peer.send(b"\x0a\xff\xff\xff garbage")
     err = peer.recv("error").error
@@ -308,7 +262,7 @@ def test_malformed_and_invalid_messages_get_typed_errors_and_the_daemon_lives(co
     out = peer.recv("pkg_out")
     assert out.xid == 555 and len(out.pkg_out.items) == 1
     peer.close()
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(proc.address))
+    health = health_pb2_grpc.HealthStub(proc.channel_as("reader/health"))
     status = health.Check(health_pb2.HealthCheckRequest(service="openexample.v1.OpenExample"))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     assert proc.alive()
@@ -333,11 +287,18 @@ def test_agent_cli_serves_predict_with_the_vigilance_loop(controller, example_mo
     from openexample.v1 import predict_pb2, predict_pb2_grpc
 
     proc = controller()
+    tls_files = proc.agent_tls("cli-agent")
     cmd = [
         sys.executable,
         "-m",
         "agents.cli",
         "attach",
+        "--tls-ca",
+        tls_files["tls_ca"],
+        "--tls-cert",
+        tls_files["tls_cert"],
+        "--tls-key",
+        tls_files["tls_key"],
         "--model",
         str(example_model),
         "--controller",
@@ -362,7 +323,11 @@ def test_agent_cli_serves_predict_with_the_vigilance_loop(controller, example_mo
                 port = int(m[1])
                 break
         assert port, "agent CLI did not start serving"
-        stub = predict_pb2_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        caller = proc.pki.issue("caller/plc-7", overwrite=False)
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{port}", grpc_tls.grpc_channel_credentials(caller)
+        )
+        stub = predict_pb2_grpc.PredictorStub(channel)
         req = predict_pb2.PredictRequest(
             model_id=MODEL_ID, input=tensor.encode(mnist.test.x[:3]), source_id="plc-7"
         )

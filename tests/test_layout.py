@@ -86,7 +86,8 @@ SANS_IO = [
     *(
         p
         for p in sorted((ROOT / "openexample").rglob("*.py"))
-        if not p.name.endswith("_pb2_grpc.py")
+        # gRPC shells shared by both planes: generated stubs, TLS credentials
+        if not p.name.endswith("_pb2_grpc.py") and p.name != "grpc_tls.py"
     ),
     ROOT / "controller" / "core.py",
     ROOT / "controller" / "session.py",

@@ -372,7 +372,7 @@ def test_every_dashboard_query_returns_data_from_a_live_controller_and_agents(
     controller, example_model, mnist, tmp_path
 ):
     # budget generous enough for a shared CI box; a few agents, each with its endpoint
-    proc = controller(budget_us=200_000, trace_threshold=5)
+    proc = controller(budget_us=200_000)
     guards = [
         attach(
             str(example_model),
@@ -382,6 +382,7 @@ def test_every_dashboard_query_returns_data_from_a_live_controller_and_agents(
             input_shape=SHAPE,
             connect_timeout_s=20,
             metrics_port=0,
+            **proc.agent_tls(f"agent-{i}"),
         )
         for i in range(3)
     ]
@@ -396,7 +397,7 @@ def test_every_dashboard_query_returns_data_from_a_live_controller_and_agents(
         def load() -> None:
             # clean traffic from a few users; FGSM from attackers, repeated inputs
             # (RT hits after the controller pushes them) and sources that get blocked
-            # (their inferences are then dropped by a rule on every agent).
+            # (their inferences are then dropped by a rule on the agent they use).
             rng = np.random.default_rng(0)
             i = 0
             try:

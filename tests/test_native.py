@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import socket
+import ssl
 import stat
 import struct
 import threading
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from agents.config import AgentConfig
 from bench.procs import ControllerProcess
-from openexample import messages
+from openexample import messages, tls
 from openexample.addresses import Address, parse_address, parse_addresses
 from openexample.errors import ConfigError, ProtocolError
 from openexample.framing import FrameDecoder, frame
@@ -166,9 +167,13 @@ def test_agents_take_native_addresses_and_pick_the_channel_by_scheme():
 
     for addr in ("tcp://127.0.0.1:6654", "unix:///tmp/oe.sock", "grpc://127.0.0.1:6653"):
         assert AgentConfig(controller=addr).controller == addr
-    assert isinstance(channel_for(AgentConfig(controller="tcp://h:1"))(), FramedChannel)
-    assert isinstance(channel_for(AgentConfig(controller="unix:///s"))(), FramedChannel)
-    assert isinstance(channel_for(AgentConfig(controller="grpc://h:1"))(), GrpcChannel)
+
+    def plain(addr):
+        return AgentConfig(controller=addr, plaintext=True)
+
+    assert isinstance(channel_for(plain("tcp://127.0.0.1:1"))(), FramedChannel)
+    assert isinstance(channel_for(plain("unix:///s"))(), FramedChannel)
+    assert isinstance(channel_for(plain("grpc://127.0.0.1:1"))(), GrpcChannel)
     args = build_parser().parse_args(
         ["attach", "--model", "m.pt", "--controller", "unix:///run/oe.sock", "--serve", ":0"]
     )
@@ -259,6 +264,7 @@ def test_an_agent_answers_an_oversize_frame_with_bad_len_then_closes(tmp_path):
         input_shape=(2,),
         backoff_initial_s=5,
         backoff_cap_s=5,
+        plaintext=True,  # the fake controller speaks plain TCP
     )
     try:
         t.join(10)
@@ -300,13 +306,14 @@ def agent(daemon, example_model):
 
     made = []
 
-    def make(scheme: str, **kw):
+    def make(scheme: str, agent_id: str, **kw):
         g = attach(
             str(example_model),
             controller=daemon.address_for(scheme),
             model_id=MODEL_ID,
             input_shape=SHAPE,
             connect_timeout_s=20,
+            **daemon.agent_tls(agent_id),
             **kw,
         )
         made.append(g)
@@ -344,14 +351,17 @@ def fgsm(example_model, mnist):
 class RawClient:
     """A framed client on a socket, no agent code: for what a bad peer sends."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, context: ssl.SSLContext | None = None) -> None:
         a = parse_address(address)
         if a.scheme == "unix":
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.connect(a.path)
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(a.path)
         else:
-            self.sock = socket.create_connection((a.host, a.port))
-        self.sock.settimeout(10)
+            sock = socket.create_connection((a.host, a.port))
+        sock.settimeout(10)
+        if context is not None:  # mTLS, as every agent
+            sock = context.wrap_socket(sock, server_hostname=a.host or "localhost")
+        self.sock = sock
 
     def send(self, env: pb.Envelope) -> None:
         self.sock.sendall(frame(env.SerializeToString()))
@@ -379,8 +389,10 @@ class RawClient:
 def raw(daemon):
     made = []
 
+    files = daemon.pki.issue("agent/raw-client", overwrite=False)
+
     def make(scheme: str = "tcp") -> RawClient:
-        c = RawClient(daemon.address_for(scheme))
+        c = RawClient(daemon.address_for(scheme), tls.client_context(files))
         made.append(c)
         return c
 
