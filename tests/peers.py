@@ -28,13 +28,18 @@ def descriptor(model_id: str) -> pb.ModelDescriptor:
     )
 
 
-def pkg_in(x: np.ndarray, model_id: str, **item: object) -> pb.PkgIn:
+def pkg_in(
+    x: np.ndarray, model_id: str, logits: np.ndarray | None = None, **item: object
+) -> pb.PkgIn:
     """One PKG_IN item per row of ``x`` (fields of PkgInItem in ``item``)."""
     item.setdefault("label", 1)
     item.setdefault("confidence", 0.5)
     item.setdefault("reason", pb.PKG_IN_REASON_TABLE_MISS)
     items = [pb.PkgInItem(**item) for _ in range(len(x))]
-    return pb.PkgIn(model_id=model_id, inputs=tensor.encode(x.astype(np.float32)), items=items)
+    pkg = pb.PkgIn(model_id=model_id, inputs=tensor.encode(x.astype(np.float32)), items=items)
+    if logits is not None:
+        pkg.logits.CopyFrom(tensor.encode(logits.astype(np.float32)))
+    return pkg
 
 
 class _Peer:

@@ -13,6 +13,7 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from agents import attach
@@ -161,23 +162,31 @@ def test_a_new_connection_of_an_agent_replaces_the_old_one(controller):
     second.close()
 
 
-def _label(example_model, x):
+def _logits(example_model, xs):
+    """What the protected model says (what an honest agent reports)."""
     import torch
 
     from controller.reference_model import load_model
 
     with torch.no_grad():
-        return int(load_model(example_model)(torch.from_numpy(x[None])).argmax(1)[0])
+        return load_model(example_model)(torch.from_numpy(xs)).numpy()
 
 
-def _flag(peer, adv, xid0, **item):
-    """Send adversarial inputs one by one until the controller flags one; its index."""
-    for i, a in enumerate(adv[:40]):
-        peer.send_env(pkg_in(a[None], MODEL_ID, **item), xid=xid0 + i)
+def _labels(example_model, xs):
+    return _logits(example_model, xs).argmax(1)
+
+
+def _flag(peer, xs, labels, xid0, logits=None, **item):
+    """Send inputs one by one (under ``labels``, with ``logits`` rows if given) until
+    the controller flags one; its index."""
+    for i, (a, y) in enumerate(zip(xs[:40], labels[:40], strict=False)):
+        row = None if logits is None else logits[i if len(logits) > 1 else 0][None]
+        msg = pkg_in(a[None], MODEL_ID, logits=row, label=int(y), **item)
+        peer.send_env(msg, xid=xid0 + i)
         out = peer.recv("pkg_out")
         if out.pkg_out.items[0].verdict == pb.VERDICT_ADVERSARIAL:
             return i
-    pytest.fail("no FGSM input was flagged")
+    pytest.fail("no input was flagged")
 
 
 def test_rt_poisoning_with_a_forged_fingerprint_is_not_pushed(
@@ -186,20 +195,31 @@ def test_rt_poisoning_with_a_forged_fingerprint_is_not_pushed(
     proc = controller()
     victim = guards(proc, "victim")
     x = mnist.test.x[2]
-    y = _label(example_model, x)
+    y = int(_labels(example_model, x[None])[0])
     peer = GrpcPeer(proc.channel_as("agent/mallory"))
     assert peer.handshake("mallory", MODEL_ID).HasField("barrier_request")
-    _, adv = fgsm
-    # An adversarial input that claims the clean image's fingerprint and label.
-    forged = tables.fingerprint(x)
-    i = _flag(peer, adv, 100, fingerprint=forged, label=y)
+    # Inputs the detectors flag under the clean image's label (other digits, with a
+    # near-tie in the logits), each claiming the clean image's fingerprint: were it
+    # believed, the RT entry (x, y) would refuse the clean image on every agent.
+    others = mnist.test.x[:200][_labels(example_model, mnist.test.x[:200]) != y]
+    tie = np.zeros((1, 10), np.float32)
+    tie[0, [y, (y + 1) % 10]] = 5.0
+    _flag(peer, others, [y] * len(others), 100, fingerprint=tables.fingerprint(x), logits=tie)
     rule_keys(proc, "victim")  # a round trip to the victim: any push would be there now
     r = victim(x)
     assert (r.decided_by, r.verdict, r.released) == ("controller", "benign", True)
     assert any("fingerprint is not the controller's own" in line for line in proc.log)
-    # The honest claim of the same attack is pushed: swift vigilance still works.
+    # An honest claim is pushed: swift vigilance still works.
+    _, adv = fgsm
+    logits = _logits(example_model, adv[:40])
+    labels = logits.argmax(1)
+    i = _flag(peer, adv, labels, 200, logits=logits)  # one the detectors flag
     a = adv[i]
-    peer.send_env(pkg_in(a[None], MODEL_ID, fingerprint=tables.fingerprint(a), label=y), xid=7)
+    fp = tables.fingerprint(a)
+    peer.send_env(
+        pkg_in(a[None], MODEL_ID, logits=logits[i][None], label=int(labels[i]), fingerprint=fp),
+        xid=7,
+    )
     assert peer.recv("pkg_out").pkg_out.items[0].verdict == pb.VERDICT_ADVERSARIAL
     rule_keys(proc, "victim")
     r = victim(a)
@@ -207,14 +227,19 @@ def test_rt_poisoning_with_a_forged_fingerprint_is_not_pushed(
     peer.close()
 
 
-def test_an_agent_cannot_frame_another_agents_source(controller, guards, fgsm, mnist):
+def test_an_agent_cannot_frame_another_agents_source(
+    controller, guards, fgsm, mnist, example_model
+):
     proc = controller(trace_min_adversarial=2, trace_alpha=1e-3)
     victim = guards(proc, "victim")
     peer = GrpcPeer(proc.channel_as("agent/mallory"))
     assert peer.handshake("mallory", MODEL_ID).HasField("barrier_request")
     _, adv = fgsm
-    first = _flag(peer, adv, 100, source_id="plc-7")
-    _flag(peer, adv[first + 1 :], 200, source_id="plc-7")
+    logits = _logits(example_model, adv[:80])
+    labels = logits.argmax(1)
+    first = _flag(peer, adv, labels, 100, logits=logits, source_id="plc-7")
+    rest = slice(first + 1, None)
+    _flag(peer, adv[rest], labels[rest], 200, logits=logits[rest], source_id="plc-7")
     # The block lands on mallory, the agent the source came through ...
     mod = peer.recv("vigilance_mod").vigilance_mod
     assert mod.match.source_id == "plc-7" and mod.actions[0].HasField("drop")
@@ -238,7 +263,7 @@ def test_an_honest_busy_source_is_not_blocked(controller, guards, mnist):
         flagged += sum(r.verdict == "adversarial" for r in results)
     assert flagged >= 5  # enough false positives that a count rule would have fired
     assert not any("source tracing blocked" in line for line in proc.log)
-    assert g(mnist.test.x[0], source_id="line-7").decided_by == "controller"
+    assert g(mnist.train.x[0], source_id="line-7").decided_by == "controller"  # a new input
 
 
 def _native_context(files: TlsFiles) -> ssl.SSLContext:
