@@ -95,3 +95,18 @@ def test_tls_is_required_unless_plaintext_and_paths_are_from_the_config_folder(t
     stale = cfg.replace(tls_cert="pki/controller-old.crt", tls_key="pki/controller-old.key")
     with pytest.raises(ConfigError, match=r"tls_cert: .*controller-old.crt expired on"):
         stale.tls_files()
+
+
+def test_the_readme_config_loads(tmp_path):
+    """The README's controller.yaml, with its pki/ folder next to it, is a valid config."""
+    import re
+
+    from bench.procs import ROOT
+    from openexample.pki import DevPki
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(# controller\.yaml.*?)```", text, re.S)[1]
+    DevPki(tmp_path / "pki").ensure(["controller/controller-1"])
+    cfg = load_text(tmp_path, block)
+    assert cfg.tls_files().cert == tmp_path / "pki" / "controller-controller-1.crt"
+    assert cfg.trace_alpha == 1e-6 and not cfg.plaintext
