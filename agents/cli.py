@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-addr", default=d.metrics_addr, help="metrics address (default %(default)s)"
     )
     a.add_argument(
+        "--metrics-tls",
+        action="store_true",
+        help="metrics over TLS with the agent's certificate (needed off loopback)",
+    )
+    a.add_argument(
         "--privacy",
         default=d.privacy,
         metavar="laplace:EPS",
@@ -187,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_batch_items=args.max_batch_items,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        metrics_tls=args.metrics_tls,
         # 0 (the old way to say it) = do not wait
         connect_timeout_s=args.connect_timeout or None,
     )

@@ -27,7 +27,7 @@ from openexample.errors import ConfigError
 from openexample.identity import Kind
 from openexample.limits import DEFAULT_LIMITS, MAX_ID_BYTES, MAX_TENSOR_DIMS, Limits
 from openexample.rules import MAX_BUDGET_US
-from openexample.tls import TlsFiles, check_plaintext
+from openexample.tls import TlsFiles, check_plaintext, is_loopback
 
 FAIL_MODES = ("standalone", "secure")
 
@@ -89,6 +89,9 @@ class AgentConfig:
     # Prometheus: None = no HTTP endpoint (the registry is still filled).
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    # Serve metrics over TLS with the agent's certificate, scrapers authenticated by the
+    # CA (required for any non-loopback metrics_addr).
+    metrics_tls: bool = False
     # Keyed fingerprints for RT/FT (b"" = plain BLAKE2b).
     fingerprint_key: bytes = b""
     limits: Limits = DEFAULT_LIMITS
@@ -324,6 +327,15 @@ def _validate(cfg: AgentConfig) -> None:
     _float(cfg, "connect_timeout_s", positive=False, none=True)
     _int(cfg, "metrics_port", lo=0, hi=65535, none=True)
     _str(cfg, "metrics_addr", empty=False)
+    if not isinstance(cfg.metrics_tls, bool):
+        raise ConfigError(f"metrics_tls: True or False, got {cfg.metrics_tls!r}")
+    host = cfg.metrics_addr
+    where = parse_address(f"[{host}]:0" if ":" in host else f"{host}:0", "metrics_addr")
+    if cfg.metrics_port is not None and not cfg.metrics_tls and not is_loopback(where):
+        raise ConfigError(
+            f"metrics_addr: {host} is not loopback: set metrics_tls=True (scrapers then"
+            " need a certificate from the CA)"
+        )
 
     fkey = cfg.fingerprint_key
     if isinstance(fkey, bytearray | memoryview):

@@ -97,8 +97,21 @@ class Guard:
         self._metrics_server = None
         self.metrics_port: int | None = None  # the bound port (metrics_port 0 = any)
         if config.metrics_port is not None:
+            files = config.tls_files() if config.metrics_tls else None
+            if config.metrics_tls and files is None:
+                raise ConfigError("metrics_tls: needs the agent's TLS files (plaintext is on)")
+            tls = (
+                {}
+                if files is None
+                else {
+                    "certfile": str(files.cert),
+                    "keyfile": str(files.key),
+                    "client_cafile": str(files.ca),
+                    "client_auth_required": True,
+                }
+            )
             server, _thread = start_http_server(
-                config.metrics_port, config.metrics_addr, self.registry
+                config.metrics_port, config.metrics_addr, self.registry, **tls
             )
             self._metrics_server = server
             self.metrics_port = server.server_port

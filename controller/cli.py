@@ -106,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
             "plaintext": True if args.plaintext else None,
         }
         cfg = cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
+        cfg.tls_files()  # missing, unreadable or expired certificates: said here, in one line
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
