@@ -1,5 +1,6 @@
 """What an agent adds to the user's process, and whether it grows (``python -m
-bench.agent_memory ADDRESS MODEL [--seconds S]``; run by ``openexample-bench latency``).
+bench.agent_memory ADDRESS MODEL [--seconds S] [--tls-ca CA --tls-cert CERT --tls-key KEY
+| --plaintext]``; run by ``openexample-bench latency``).
 
 The user's process already holds torch and the model: RSS is read after loading them,
 after ``attach`` (the I/O thread, the session, the tables), and then while INSPECT calls
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--every", type=float, default=2.0)
     p.add_argument("--controller-pid", type=int, default=0)
+    p.add_argument("--tls-ca", default="", help="mTLS to the controller: its CA")
+    p.add_argument("--tls-cert", default="", help="the agent's certificate (agent/NAME)")
+    p.add_argument("--tls-key", default="")
+    p.add_argument("--plaintext", action="store_true", help="no TLS (loopback only)")
     args = p.parse_args(argv)
 
     import torch
@@ -53,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         input_shape=(1, 28, 28),
         budget_us=1_000_000,
         connect_timeout_s=60,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        plaintext=args.plaintext,
     )
     try:
         rng = np.random.default_rng(0)

@@ -32,7 +32,8 @@ MODEL_ID = "mnist-cnn"
 DETECTORS = DEFAULT_DETECTORS
 ATTACKS = ("FGSM", "PGD", "DeepFool")
 ATTACK_SPECS = {"FGSM": attacks.FGSM, "PGD": attacks.PGD, "DeepFool": attacks.DEEPFOOL}
-_LISTEN = re.compile(r"listening on [^:]+:(\d+), metrics on (http://\S+/metrics)")
+# controller/server.py: "source tracing blocked source 'S' on agent 'A': ..."
+_BLOCKED = re.compile(r"source tracing blocked source '([^']*)' on agent '([^']*)'")
 
 
 def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) -> dict:
@@ -60,18 +61,28 @@ def make_attacks(model_path: Path, x: np.ndarray, y: np.ndarray, cache: Path) ->
 
 
 def start_controller(
-    workdir: Path, artifacts: list[Path], budget_us: int, native: Sequence[str] = ()
+    workdir: Path,
+    artifacts: list[Path],
+    budget_us: int,
+    native: Sequence[str] = (),
+    *,
+    plaintext: bool = False,
+    **config: Any,
 ) -> ControllerProcess:
-    """``native``: native-channel addresses to listen on too (tcp://..., unix://...)."""
-    return ControllerProcess(
-        workdir,
-        {
-            "budget_us": budget_us,
-            "trace_threshold": 5,
-            "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
-        },
-        native=native,
-    ).start()
+    """The controller daemon with the default detectors and source tracing, on mTLS
+    (certificates from a development CA in ``workdir/pki``; agents take theirs from
+    :meth:`ControllerProcess.agent_tls`), or on plain text (loopback) with
+    ``plaintext``. ``native``: native-channel addresses to listen on too (tcp://...,
+    unix://...); ``config``: further controller settings."""
+    cfg = {
+        "budget_us": budget_us,
+        "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+        **config,
+    }
+    if plaintext:
+        cfg["plaintext"] = True
+    # Absolute: the config names its TLS files, read relative to the config's folder.
+    return ControllerProcess(Path(workdir).resolve(), cfg, native=native).start()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -96,6 +107,10 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     addresses = [proc.address, proc.address_for("tcp"), proc.address_for("unix")]
     channels = ("grpc", "tcp", "unix")
+    print(
+        f"  every channel is mTLS: certificates from a development CA in {proc.pki.folder}",
+        flush=True,
+    )
     for i in range(args.agents):
         print(f"  line-{i + 1}: {channels[i % 3]} {addresses[i % 3]}", flush=True)
     retracted: Counter = Counter()
@@ -113,6 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
             budget_us=args.budget_us,
             on_retraction=on_retraction(f"line-{i + 1}"),
             connect_timeout_s=30,
+            **proc.agent_tls(f"line-{i + 1}"),  # its certificate: agent/line-N
         )
         for i in range(args.agents)
     ]
@@ -175,12 +191,8 @@ def run_demo(args: argparse.Namespace) -> int:
         " ORDER BY 2 DESC",
         (wall0,),
     ).fetchall()
-    blocked = [
-        src
-        for line in proc.log
-        if "source tracing blocked" in line
-        for src in re.findall(r"'([^']*)'", line)
-    ]
+    # Sources are traced per agent: one attacker can be blocked on several lines.
+    blocked = [f"{m[1]}@{m[2]}" for line in proc.log if (m := _BLOCKED.search(line))]
     print_report(rows, lat, args.budget_us)
     print(f"late verdicts delivered as retractions: {dict(sorted(retracted.items())) or 'none'}")
     shown = ", ".join(blocked[:6]) + (f" and {len(blocked) - 6} more" if len(blocked) > 6 else "")

@@ -233,10 +233,10 @@ def table_iv(model: Path, data: dict, detectors: list[str], quick: bool) -> list
     from agents import attach
 
     proc = ControllerProcess(
-        Path("var/bench/detection/controller"),
+        Path("var/bench/detection/controller").resolve(),  # TLS file paths: absolute
         {
             "budget_us": 2_000_000,  # detection figures, not latency: every verdict counts
-            "trace_threshold": 10**9,  # no source blocking: each input judged on its own
+            "trace_min_adversarial": 10**9,  # no source blocking: each input judged alone
             "models": {"mnist-cnn": {"detectors": [str(p) for p in ensure_artifacts(detectors)]}},
         },
     ).start()
@@ -249,6 +249,7 @@ def table_iv(model: Path, data: dict, detectors: list[str], quick: bool) -> list
             input_shape=(1, 28, 28),
             budget_us=2_000_000,
             connect_timeout_s=60,
+            **proc.agent_tls("table-iv"),
         )
         sets = {"baseline": data["clean"], **data["adversarial"]}
         for name in TABLE_IV:

@@ -11,6 +11,12 @@ second with batching, and its CPU seconds per 1,000 inspections.
 Latencies are the time the vigilance loop adds to the model call (agents), or the
 round trip (floors), in microseconds, after a warm-up, in perf_analyzer's terms.
 
+Every channel is mTLS, as deployed (certificates from a development CA in the
+controller's folder, ``controller/pki``; the echo servers use the same CA). What TLS
+costs: ``inspect_plain``, ``inspect_tcp_plain``, ``grpc_echo_plain`` and
+``tcp_echo_plain`` are the same on plain text (a second controller with ``plaintext``,
+loopback; the echo servers' plain ports), and the report sets them side by side.
+
 For ``inspect`` the report also says where each microsecond goes, the way
 perf_analyzer splits queue and compute: every Result's ``stages`` (agents/results.py
 ``Stages``: agent before send, wire out + back, controller queue, detectors, controller
@@ -27,6 +33,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import subprocess
 import time
 import urllib.request
@@ -40,13 +47,17 @@ from tqdm import tqdm
 
 from agents.results import STAGE_NAMES
 from bench.demo import DETECTORS, start_controller
-from bench.latency_workers import serve
+from bench.latency_workers import PLAIN, agent_id, base_scenario, serve
 from bench.procs import spawn, stop_group
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
+from openexample.tls import TlsFiles
 
-# inspect: over gRPC; inspect_tcp: the same over the native channel (tcp://).
-SCENARIOS = ("bare_model", "fast_path", "mirror", "inspect", "inspect_tcp", "grpc_echo", "tcp_echo")
+# inspect: over gRPC; inspect_tcp: the same over the native channel (tcp://); all on
+# mTLS. *_plain: the same on plain text (what TLS costs).
+SPLIT = ("inspect", "inspect_tcp", "grpc_echo", "tcp_echo")  # measured both ways
+# Each of SPLIT right before its plain-text twin: both see the machine in the same state.
+SCENARIOS = ("bare_model", "fast_path", "mirror", *(x for s in SPLIT for x in (s, s + PLAIN)))
 FLOORS = ("grpc_echo", "tcp_echo")
 PERCENTILES = {"p50_us": 50, "p90_us": 90, "p95_us": 95, "p99_us": 99, "p999_us": 99.9}
 MAX_PROCS = 4
@@ -109,15 +120,23 @@ def breakdown_table(summary: dict, floors: dict[str, tuple[float, float]]) -> li
     return lines
 
 
+def plaintext(scenario: str) -> bool:
+    return scenario.endswith(PLAIN)
+
+
 def breakdowns(results: list[dict]) -> list[dict]:
-    """Per run with stages: its summary beside the floors of the same agent count."""
-    floors = {(r["scenario"], r["agents"]): r for r in results if r["scenario"] in FLOORS}
+    """Per run with stages: its summary beside the floors of the same agent count,
+    measured the same way (mTLS, or plain text for a ``_plain`` run)."""
+    floors = {
+        (r["scenario"], r["agents"]): r for r in results if base_scenario(r["scenario"]) in FLOORS
+    }
     out = []
     for r in results:
         if "stages" not in r:
             continue
         fl = {}
-        for name in FLOORS:
+        suffix = PLAIN if plaintext(r["scenario"]) else ""
+        for name in (f + suffix for f in FLOORS):
             f = floors.get((name, r["agents"]))
             if f is not None and "p50_us" in f:
                 fl[name] = {"p50_us": f["p50_us"], "p99_us": f["p99_us"]}
@@ -161,14 +180,23 @@ class WorkerPool:
     def __exit__(self, kind: object, *exc: object) -> None:
         self.close(5.0 if kind is None else 0.0)  # mid-run: don't wait for the run
 
-    def run(self, task: tuple, agents: int, timeout_s: float = 900) -> list:
+    def run(
+        self,
+        task: tuple,
+        agents: int,
+        tls: Callable[[str], dict[str, Any]],
+        timeout_s: float = 900,
+    ) -> list:
         """run_agents' ``task`` (scenario .. batch, without proc index and threads) with
-        ``agents`` spread over the processes: each process's ``(index, results)``."""
+        ``agents`` spread over the processes: each process's ``(index, results)``.
+        ``tls``: an agent id's TLS settings (ControllerProcess.agent_tls: its certificate
+        is made here, the client processes get the file paths)."""
         per_proc = _spread(agents, len(self.procs))
         conns = self.conns[: len(per_proc)]
         scenario, address, model, requests, warmup, batch = task
         for i, (c, k) in enumerate(zip(conns, per_proc, strict=True)):
-            c.send((scenario, address, model, i, k, requests, warmup, batch))
+            settings = {a: tls(a) for a in (agent_id(i, t) for t in range(k))}
+            c.send((scenario, address, model, i, k, requests, warmup, batch, settings))
         for c in conns:  # every agent connected and warmed up
             self._reply(c, "ready", 300)
         for c in conns:
@@ -207,6 +235,10 @@ class WorkerPool:
         self.procs, self.conns = [], []
 
 
+def _no_tls(agent_id: str) -> dict[str, Any]:
+    return {"plaintext": True}
+
+
 def run_scenario(
     scenario: str,
     address: str,
@@ -217,16 +249,20 @@ def run_scenario(
     batch: int = 1,
     max_procs: int = MAX_PROCS,
     pool: WorkerPool | None = None,
+    tls: Callable[[str], dict[str, Any]] = _no_tls,
 ) -> dict:
+    """``tls``: an agent id's TLS settings (ControllerProcess.agent_tls)."""
     if pool is None:
         with WorkerPool(len(_spread(agents, max_procs))) as own:
-            return run_scenario(scenario, address, model, agents, requests, warmup, batch, pool=own)
-    results = pool.run((scenario, address, model, requests, warmup, batch), agents)
+            return run_scenario(
+                scenario, address, model, agents, requests, warmup, batch, pool=own, tls=tls
+            )
+    results = pool.run((scenario, address, model, requests, warmup, batch), agents, tls)
     runs = [r for _, rs in results for r in rs]
     lat = np.concatenate([r[0] for r in runs]) if runs else np.empty(0)
     t0, t1 = min(r[1] for r in runs), max(r[2] for r in runs)
     n = len(runs) * requests
-    row = {"scenario": scenario, "agents": agents, "requests": n}
+    row = {"scenario": scenario, "agents": agents, "requests": n, "tls": not plaintext(scenario)}
     if lat.size:
         row |= {k: round(float(np.percentile(lat, q)), 1) for k, q in PERCENTILES.items()}
         row["mean_us"] = round(float(lat.mean()), 1)
@@ -278,12 +314,15 @@ def saturation(
     scenario, address = ("saturation", proc.address)
     if channel == "tcp":
         scenario, address = ("saturation_tcp", proc.address_for("tcp"))
-    row = run_scenario(scenario, address, model, agents, samples, 0, batch=batch, pool=pool)
+    row = run_scenario(
+        scenario, address, model, agents, samples, 0, batch=batch, pool=pool, tls=proc.agent_tls
+    )
     wall = row["_window_s"]  # from the common start to the last agent's end
     cpu = _cpu_seconds(pid) - before_cpu  # includes the agents' connect: small
     n = _verdicts(proc.metrics_url) - before_n
     return {
         "channel": channel,
+        "tls": not proc.plaintext,
         "agents": agents,
         "batch": batch,
         "inspected": int(n),
@@ -293,21 +332,67 @@ def saturation(
     }
 
 
-def _echo_server(kind: str) -> tuple[subprocess.Popen, str]:
-    """An echo server in its own process group (bench.procs.spawn): stop_group stops it."""
-    p = spawn("bench.echo_servers", kind, stdout=subprocess.PIPE, text=True)
+def _echo_server(kind: str, files: TlsFiles) -> tuple[subprocess.Popen, str, str]:
+    """An echo server in its own process group (bench.procs.spawn: stop_group stops it),
+    on a plain port and an mTLS one (``files``): the process and both addresses."""
+    tls = ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
+    p = spawn("bench.echo_servers", kind, *tls, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()  # type: ignore[union-attr]
-    if not line:
+    m = re.match(r"listening on (\d+) tls (\d+)", line)
+    if not m:
         stop_group(p)
-        raise RuntimeError(f"the {kind} echo server did not start")
-    return p, f"127.0.0.1:{line.split()[-1]}"
+        raise RuntimeError(f"the {kind} echo server did not start: {line!r}")
+    return p, f"127.0.0.1:{m[1]}", f"127.0.0.1:{m[2]}"
 
 
-def markdown(results: list[dict], sats: Sequence[dict], breakdown: Sequence[dict] = ()) -> str:
+def tls_cost(results: Sequence[dict]) -> list[dict]:
+    """Per scenario of SPLIT and agent count measured both ways: p50 and p99 on mTLS and
+    on plain text, and what TLS adds."""
+    rows = {(r["scenario"], r["agents"]): r for r in results if "p50_us" in r}
+    out = []
+    for s in SPLIT:
+        for (name, agents), tls in rows.items():
+            plain = rows.get((s + PLAIN, agents))
+            if name != s or plain is None:
+                continue
+            row: dict[str, Any] = {"scenario": s, "agents": agents}
+            for q in ("p50_us", "p99_us"):
+                added = round(tls[q] - plain[q], 1)
+                row[q] = {"tls": tls[q], "plaintext": plain[q], "added": added}
+            out.append(row)
+    return out
+
+
+def tls_cost_table(cost: Sequence[dict]) -> list[str]:
+    lines = [
+        "| scenario | agents | p50 mTLS | p50 plain | TLS adds | p99 mTLS | p99 plain | TLS adds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cost:
+        p50, p99 = c["p50_us"], c["p99_us"]
+        lines.append(
+            f"| {c['scenario']} | {c['agents']} | {p50['tls']} | {p50['plaintext']} |"
+            f" {p50['added']:+.1f} | {p99['tls']} | {p99['plaintext']} | {p99['added']:+.1f} |"
+        )
+    return lines
+
+
+def markdown(
+    results: list[dict],
+    sats: Sequence[dict],
+    breakdown: Sequence[dict] = (),
+    tls: str = "",
+    cost: Sequence[dict] = (),
+) -> str:
+    """``tls``: a line saying how the channels were secured; ``cost``: tls_cost()."""
     cols = ["scenario", "agents", "requests", *PERCENTILES, "throughput_per_s"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [tls, ""] if tls else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if cost:
+        lines += ["", "What TLS costs (us; mTLS minus plain text, same run):", ""]
+        lines += tls_cost_table(cost)
     for b in breakdown:
         floors = {k: (v["p50_us"], v["p99_us"]) for k, v in b["floors"].items()}
         lines += [
@@ -322,7 +407,8 @@ def markdown(results: list[dict], sats: Sequence[dict], breakdown: Sequence[dict
         rss = sat.get("controller_rss_mb", {})
         lines += [
             "",
-            f"Saturation over {sat.get('channel', 'grpc')} ({sat['agents']} agents, batches of"
+            f"Saturation over {sat.get('channel', 'grpc')}{' (mTLS)' if sat.get('tls') else ''}"
+            f" ({sat['agents']} agents, batches of"
             f" {sat['batch']}): {sat['inspected_per_s']:.0f} inspected samples/s,"
             f" {sat['controller_cpu_s_per_1000']:.3f} controller CPU s per 1,000; controller"
             f" RSS {rss.get('before')} -> {rss.get('after')} MB.",
@@ -363,11 +449,18 @@ def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -
 
 def agent_memory(proc: object, model: str, seconds: float) -> dict:
     """bench.agent_memory in its own process over the native channel: the RSS an agent
-    adds to the user's process, and the agent's and the controller's growth meanwhile."""
+    adds to the user's process, and the agent's and the controller's growth meanwhile
+    (with TLS as the controller has it: the certificate's paths are its arguments)."""
+    tls = proc.agent_tls("bench-memory")
+    tls_args = ["--plaintext"] if tls.get("plaintext") else []
+    for k in ("tls_ca", "tls_cert", "tls_key"):
+        if k in tls:
+            tls_args += ["--" + k.replace("_", "-"), tls[k]]
     p = spawn(
         "bench.agent_memory",
         proc.address_for("tcp"),
         model,
+        *tls_args,
         "--seconds",
         str(seconds),
         "--every",
@@ -395,7 +488,8 @@ def load_plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for scenario in ("inspect", "inspect_tcp"):
+    names = {"inspect": "gRPC", "inspect_tcp": "native tcp"}
+    for scenario in ("inspect", "inspect_tcp", "inspect" + PLAIN, "inspect_tcp" + PLAIN):
         rows = sorted(
             (r for r in results if r["scenario"] == scenario and "p99_us" in r),
             key=lambda r: r["agents"],
@@ -403,7 +497,9 @@ def load_plot(results: list[dict], path: Path) -> None:
         if not rows:
             continue
         xs, ys = [r["throughput_per_s"] for r in rows], [r["p99_us"] for r in rows]
-        ax.plot(xs, ys, marker="o", label="gRPC" if scenario == "inspect" else "native tcp")
+        label = names[base_scenario(scenario)] + (", plain" if plaintext(scenario) else ", mTLS")
+        style = "--" if plaintext(scenario) else "-"
+        ax.plot(xs, ys, marker="o", linestyle=style, label=label)
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(f"{r['agents']}", (x, y), textcoords="offset points", xytext=(4, 4))
     ax.axhline(BUDGET_US, color="grey", linestyle="--", label=f"budget {BUDGET_US} us")
@@ -429,19 +525,41 @@ def run(args: argparse.Namespace) -> int:
     pool = WorkerPool(2 if args.quick else MAX_PROCS)
     stops: list[Callable[[], object]] = [pool.close]
     try:
+        # mTLS, as deployed: certificates from a development CA in controller/pki.
         proc = start_controller(
             out / "controller", artifacts, 1_000_000, native=["tcp://127.0.0.1:0"]
         )
         stops.append(proc.stop)
-        grpc_echo, grpc_addr = _echo_server("grpc")
+        tls_note = (
+            f"Channels: mTLS (certificates from a development CA in {proc.pki.folder}); the"
+            f" `{PLAIN}` scenarios on plain text (a second controller, loopback)."
+        )
+        tqdm.write(tls_note)
+        echo_files = proc.pki.ensure(["controller/echo-floor"]).files("controller/echo-floor")
+        grpc_echo, grpc_addr, grpc_tls_addr = _echo_server("grpc", echo_files)
         stops.append(lambda: stop_group(grpc_echo))
-        tcp_echo, tcp_addr = _echo_server("tcp")
+        tcp_echo, tcp_addr, tcp_tls_addr = _echo_server("tcp", echo_files)
         stops.append(lambda: stop_group(tcp_echo))
+        plain = None  # the plain-text twin, only if a *_plain scenario is asked for
+        if any(plaintext(s) for s in scenarios):
+            plain = start_controller(
+                out / "controller-plaintext",
+                artifacts,
+                1_000_000,
+                native=["tcp://127.0.0.1:0"],
+                plaintext=True,
+            )
+            stops.append(plain.stop)
         address = {
-            "grpc_echo": grpc_addr,
-            "tcp_echo": tcp_addr,
+            "grpc_echo": grpc_tls_addr,
+            "tcp_echo": tcp_tls_addr,
+            "grpc_echo" + PLAIN: grpc_addr,
+            "tcp_echo" + PLAIN: tcp_addr,
             "inspect_tcp": proc.address_for("tcp"),
         }
+        if plain is not None:
+            address |= {"inspect" + PLAIN: plain.address}
+            address |= {"inspect_tcp" + PLAIN: plain.address_for("tcp")}
         todo = [(s, n) for s in scenarios for n in agents]
         for s, n in tqdm(todo, desc="latency", unit="run"):
             per_agent = max(requests // n, 50)
@@ -453,15 +571,16 @@ def run(args: argparse.Namespace) -> int:
                 per_agent,
                 warmup,
                 pool=pool,
+                tls=_no_tls if plaintext(s) else proc.agent_tls,  # echo: any agent's will do
             )
             results.append(row)
             tqdm.write(
-                f"{s:<11} agents={n:<3} p50={row.get('p50_us', 0):9.1f} us"
+                f"{s:<17} agents={n:<3} p50={row.get('p50_us', 0):9.1f} us"
                 f"  p99={row.get('p99_us', 0):9.1f} us  {row['throughput_per_s']:9.1f}/s"
             )
             if row.get("stages", {}).get("n"):
                 tqdm.write(
-                    "            p50 by stage: "
+                    "                  p50 by stage: "
                     + "  ".join(f"{k}={row['stages'][k]['p50_us']:.0f}" for k in STAGE_LABELS)
                 )
         sat = sat_native = memory = None
@@ -497,6 +616,12 @@ def run(args: argparse.Namespace) -> int:
         "results": [
             {k: v for k, v in r.items() if not k.startswith("_") and k != "stages"} for r in results
         ],
+        "tls": {
+            "channels": "mTLS",
+            "pki": str(proc.pki.folder),
+            "plaintext_scenarios": [s for s in scenarios if plaintext(s)],
+        },
+        "tls_cost": tls_cost(results),
         "breakdown": breakdowns(results),
         "saturation": sat,
         "saturation_native": sat_native,
@@ -504,7 +629,8 @@ def run(args: argparse.Namespace) -> int:
     }
     json_path = Path(args.json) if args.json else out / "latency.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report["results"], [x for x in (sat, sat_native) if x], report["breakdown"])
+    sats = [x for x in (sat, sat_native) if x]
+    md = markdown(report["results"], sats, report["breakdown"], tls_note, report["tls_cost"])
     if memory:
         md += (
             f"\nMemory: an attached agent adds {memory['agent_added_mb']} MB to the user's"

@@ -6,6 +6,11 @@ as the bench sends them over a pipe. Every thread warms up, waits for the common
 (all threads of all processes), then times ``requests`` calls and reports its latencies
 in microseconds with its start and end times. A client process stops when the bench
 tells it to, and by itself when the bench dies (bench.procs.watch_parent).
+
+TLS: each task carries, per agent id, the settings to reach the server with (AgentConfig
+overrides: ``tls_ca``/``tls_cert``/``tls_key``, file paths made by the bench, or
+``plaintext``); the echo floors use the same files. A scenario ending in ``_plain``
+(``inspect_plain``, ``grpc_echo_plain``, ...) is its namesake on plain text.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def stage_matrix(stages: Iterable[Any]) -> np.ndarray:
     return np.asarray(rows, np.float64).reshape(-1, len(STAGE_NAMES))
 
 
+def agent_id(proc_index: int, thread: int) -> str:
+    """The agent id (and certificate name, ``agent/<id>``) of a client thread."""
+    return f"bench-{proc_index}-{thread}"
+
+
 @dataclass
 class Client:
     """One thread's way to make a timed call, and what to close afterwards."""
@@ -64,9 +74,28 @@ class Client:
 # Scenarios run by a real agent (attach): the address's scheme picks the channel
 # (HOST:PORT gRPC, tcp:// the native channel).
 AGENT_SCENARIOS = ("fast_path", "mirror", "inspect", "inspect_tcp", "saturation", "saturation_tcp")
+PLAIN = "_plain"  # a scenario with this suffix: its namesake on plain text
 
 
-def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Client:
+def base_scenario(scenario: str) -> str:
+    """``inspect_plain`` -> ``inspect``: what the client does (the channel's security
+    comes with the task's TLS settings)."""
+    return scenario.removesuffix(PLAIN)
+
+
+def _tls_files(tls: dict[str, Any]) -> Any:
+    """TlsFiles from AgentConfig overrides; None for plain text."""
+    from openexample.tls import TlsFiles
+
+    if tls.get("plaintext"):
+        return None
+    return TlsFiles.from_settings(tls["tls_ca"], tls["tls_cert"], tls["tls_key"])
+
+
+def _client(
+    scenario: str, address: str, model_path: str, agent_id: str, tls: dict[str, Any]
+) -> Client:
+    scenario = base_scenario(scenario)
     if scenario == "bare_model":
         import torch
 
@@ -93,6 +122,7 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
             input_shape=SHAPE,
             budget_us=1_000_000,
             connect_timeout_s=60,
+            **tls,
         )
         if not g.connected:
             raise RuntimeError(f"{agent_id}: no session with {address}")
@@ -110,11 +140,16 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
             return Client(inspect, g.close, g, stages)
         return Client(lambda x: g(x).latency_s, g.close, g)
     if scenario == "grpc_echo":
-        return Client(*_grpc_echo_client(address))
+        return Client(*_grpc_echo_client(address, _tls_files(tls)))
     if scenario == "tcp_echo":
         host, port = address.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        files = _tls_files(tls)
+        if files is not None:  # mTLS, as the native channel: verify the server, show ours
+            from openexample.tls import client_context
+
+            sock = client_context(files).wrap_socket(sock, server_hostname=host)
 
         def tcp(x: np.ndarray) -> float:
             data = x.tobytes()
@@ -130,18 +165,23 @@ def _client(scenario: str, address: str, model_path: str, agent_id: str) -> Clie
     raise ValueError(scenario)
 
 
-def _grpc_echo_client(address: str) -> tuple[Callable, Callable]:
-    """A grpc.aio stream on its own loop thread, driven synchronously like an agent."""
+def _grpc_echo_client(address: str, files: Any = None) -> tuple[Callable, Callable]:
+    """A grpc.aio stream on its own loop thread, driven synchronously like an agent;
+    mTLS with ``files`` (TlsFiles), else plain text."""
     import grpc
 
     from openexample import messages, tensor
+    from openexample.grpc_tls import grpc_channel_credentials
     from openexample.v1 import openexample_pb2 as pb
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
 
     async def open_call() -> Any:
-        channel = grpc.aio.insecure_channel(address)
+        if files is None:
+            channel = grpc.aio.insecure_channel(address)
+        else:
+            channel = grpc.aio.secure_channel(address, grpc_channel_credentials(files))
         return channel, channel.stream_stream("/openexample.v1.OpenExample/Connect")()
 
     channel, call = asyncio.run_coroutine_threadsafe(open_call(), loop).result()
@@ -174,17 +214,18 @@ def run_agents(
     requests: int,
     warmup: int,
     batch: int,
+    tls: dict[str, dict[str, Any]],
     start: Any,
     out: Any,
 ) -> None:
-    """One client process: ``threads`` agents, results put on ``out``."""
+    """One client process: ``threads`` agents, results put on ``out``. ``tls``: per
+    agent id (``bench-PROC-THREAD``), its TLS settings (see the module's docstring)."""
     import torch
 
     torch.set_num_threads(1)  # many agents share 2 cores; intra-op threads only fight
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    clients = [
-        _client(scenario, address, model_path, f"bench-{proc_index}-{t}") for t in range(threads)
-    ]
+    ids = [agent_id(proc_index, t) for t in range(threads)]
+    clients = [_client(scenario, address, model_path, a, tls[a]) for a in ids]
     # (latencies us, start, end, stage_matrix of the results or None)
     results: list[tuple] = [None] * threads  # type: ignore[list-item]
 
@@ -215,7 +256,7 @@ def run_agents(
 
     workers = []
     for t, c in enumerate(clients):
-        if scenario.startswith("saturation"):
+        if base_scenario(scenario).startswith("saturation"):
             workers.append(threading.Thread(target=saturate, args=(t, c.guard.batch)))
         else:
             workers.append(threading.Thread(target=work, args=(t, c)))
@@ -263,7 +304,7 @@ class _Reply:
 def serve(conn: Any, parent_pid: int) -> None:
     """A client process: run_agents for each task read from ``conn``, until None.
 
-    A task is run_agents' arguments up to ``batch``; the replies are ``("ready", None)``
+    A task is run_agents' arguments up to ``tls``; the replies are ``("ready", None)``
     (all its agents warm), then ``("done", (proc_index, results))``, or ``("error",
     text)``. Ctrl-C is the bench's to handle (it stops us); we stop when it dies.
     """

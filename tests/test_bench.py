@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.latency import SCENARIOS
+from bench.latency import SCENARIOS, SPLIT
 
 pytestmark = pytest.mark.integration
 
@@ -117,21 +117,34 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
     assert (out / "latency_load.png").stat().st_size > 1000
     mem = report["memory"]  # what an agent adds to the user's process, and growth
     assert mem["calls"] > 0 and mem["agent_added_mb"] > 0 and len(mem["samples_mb"]) >= 2
-    assert "| inspect | 1 |" in (out / "latency.md").read_text()
-    # Where the inspect latency goes, beside the floors of the same agent count.
+    md = (out / "latency.md").read_text()
+    assert "| inspect | 1 |" in md and "| inspect_plain | 1 |" in md
+    # mTLS by default, and what it costs against the same on plain text.
+    assert report["tls"]["channels"] == "mTLS" and md.startswith("Channels: mTLS")
+    assert all(r["tls"] != r["scenario"].endswith("_plain") for r in report["results"])
+    assert {(c["scenario"], c["agents"]) for c in report["tls_cost"]} == {
+        (s, n) for s in SPLIT for n in (1, 4)
+    }
+    for c in report["tls_cost"]:
+        for q in ("p50_us", "p99_us"):
+            v = c[q]
+            assert abs(v["tls"] - v["plaintext"] - v["added"]) < 0.11
+    assert "What TLS costs" in md
+    # Where the inspect latency goes, beside the floors of the same agent count, measured
+    # the same way (mTLS, or plain text).
     assert [(b["scenario"], b["agents"]) for b in report["breakdown"]] == [
-        ("inspect", 1),
-        ("inspect", 4),
-        ("inspect_tcp", 1),
-        ("inspect_tcp", 4),
+        (s, n)
+        for s in ("inspect", "inspect_plain", "inspect_tcp", "inspect_tcp_plain")
+        for n in (1, 4)
     ]
     for b in report["breakdown"]:
         st = b["stages"]
-        assert st["n"] > 0 and set(b["floors"]) == {"grpc_echo", "tcp_echo"}
+        suffix = "_plain" if b["scenario"].endswith("_plain") else ""
+        assert st["n"] > 0 and set(b["floors"]) == {"grpc_echo" + suffix, "tcp_echo" + suffix}
         parts = ("before_send", "wire", "controller_queue", "detectors", "controller_reply")
         mean = sum(st[k]["mean_us"] for k in (*parts, "after"))
         assert abs(mean - st["total"]["mean_us"]) < 1.0  # means add up (each rounded)
-    assert "agent: before send" in (out / "latency.md").read_text()
+    assert "agent: before send" in md
 
 
 def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts):
@@ -243,3 +256,18 @@ def test_first_run_notice_says_what_must_be_trained(tmp_path, monkeypatch, artif
         assert "the detectors" in notice and " min)" in notice
     assert "attack sets" in cli.first_run_notice(parse(["detection", "--quick"]))
     assert cli.first_run_notice(parse(["demo"])) is None
+
+
+def test_quick_latency_takes_turns_between_mtls_and_plain_text():
+    """Each mode's calls come in blocks, in order, alternating who goes first."""
+    from bench import quick_latency as q
+
+    seen: list[tuple[str, int]] = []
+    calls = {m: (lambda i, m=m: seen.append((m, i)) or i) for m in q.MODES}
+    n = 2 * q.BLOCK + 7
+    out = q.alternate(calls, n)
+    assert out == {m: list(range(n)) for m in q.MODES}
+    blocks = [seen[k][0] for k in range(0, len(seen), q.BLOCK)]
+    assert blocks[:4] == ["mTLS", "plain", "plain", "mTLS"]
+    table = q.cost_table({"ECHO gRPC": {"mTLS": [30.0] * 10, "plain": [20.0] * 10}})
+    assert "|    +10.0 |" in table[-1]

@@ -186,10 +186,10 @@ def test_old_strikes_decay_and_do_not_block():
     " so a reconnect extends a block past the controller's own expiry",
 )
 def test_a_block_is_not_extended_by_a_reconnect():
-    pair = TwoPlanes(trace_threshold=1, block_hard_timeout_s=30)
+    pair = TwoPlanes(trace_min_adversarial=1, trace_alpha=0.05, block_hard_timeout_s=30)
     a = pair.attach("a")
     a.call(adversarial_input(), source="mallory")
-    assert pair.blocked == ["mallory"]
+    assert pair.blocked == [("a", "mallory")]
     pair.advance(20)
     pair.disconnect(a)
     pair.reconnect(a)
