@@ -15,9 +15,11 @@ from typing import Any
 import yaml
 
 from controller.tracing import TraceParams
+from openexample import rules as vrules
 from openexample.addresses import Address, parse_address, parse_addresses
-from openexample.errors import ConfigError  # also importable from here
+from openexample.errors import ConfigError, ProtocolError  # ConfigError: also from here
 from openexample.tls import TlsFiles, check_plaintext, is_loopback
+from openexample.v1 import openexample_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,60 @@ class ModelConfig:
     fpr: float = 0.01
     # Optional TorchScript / ONNX reference copy, for detectors that call the model.
     reference_model: str = ""
+
+
+_RULE_KEYS = ("match", "priority", "actions", "agent", "model", "send_removed")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """One rule as code (an entry of the config's ``rules``), in the CLI's syntax.
+
+    The controller keeps it as desired state from the start, for all agents, for one
+    ``agent``, or for the agents serving a ``model`` (as ``rules add --agent`` /
+    ``--for-model``), and a SIGHUP reloads the list. Config rules never time out.
+    """
+
+    index: int  # its place in the file's list: messages name it ``rules[index]``
+    actions: tuple[str, ...]  # ``drop``, ``inspect:400000:secure``, ...
+    match: str = ""  # ``model=mnist-cnn,source=plc-9`` ("" matches everything)
+    priority: int = vrules.DEFAULT_PRIORITY
+    agent: str = ""  # only this agent
+    model: str = ""  # only agents that serve this model
+    send_removed: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"rules[{self.index}]"
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        """("agent", ID), ("model", ID) or ("all", "")."""
+        if self.agent:
+            return ("agent", self.agent)
+        if self.model:
+            return ("model", self.model)
+        return ("all", "")
+
+    def describe(self) -> str:
+        """One line for logs: where, priority, match, actions and scope."""
+        kind, who = self.scope
+        scope = {"agent": f"agent {who}", "model": f"agents of model {who}"}.get(kind, "all")
+        return (
+            f"{self.where} prio={self.priority} match={self.match or '*'}"
+            f" actions={','.join(self.actions)} for {scope}"
+        )
+
+    def to_mod(self, default_budget_us: int, cookie: int = 0) -> pb.VigilanceMod:
+        """The ADD (ValueError or ProtocolError if the entry is bad: see :func:`validate`)."""
+        return vrules.vigilance_mod(
+            vrules.ADD,
+            match=vrules.parse_match(self.match),
+            priority=self.priority,
+            actions=[vrules.parse_action(a, default_budget_us) for a in self.actions],
+            cookie=cookie,
+            flags=vrules.SEND_REMOVED if self.send_removed else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +126,14 @@ class Config:
     # Workload W0 (seed 000, Table III): items queued or being scored; above it new
     # PKG_IN items are answered UNKNOWN/OVERLOADED at once.
     max_workload: int = 4096
+    # Per agent: items admitted and not answered, and a rate (items/s, 0 = no limit) with
+    # a burst; beyond either the PKG_IN is answered UNKNOWN/OVERLOADED at once.
+    max_in_flight_per_agent: int = 1024
+    max_rate_per_agent: float = 0.0
+    rate_burst: int = 1024
+    # Bytes waiting to be sent to one peer; a peer that lets more pile up (it does not
+    # read) gets ERROR BAD_REQUEST/NOT_READING and the stream closes.
+    max_outbox_bytes: int = 64 * 1024 * 1024
     max_batch_items: int = 256
     # Swift vigilance: ADVERSARIAL verdicts are pushed as RT entries to all agents
     # of the model, valid this long (0 = until evicted).
@@ -89,11 +153,15 @@ class Config:
     trace_fpr_factor: float = 2.0
     trace_max_sources: int = 100_000
     block_hard_timeout_s: int = 600
+    # Incidents and admin changes; the desired rules and blocked sources
+    # (controller/store.py) are kept in the same SQLite file.
     journal: str = "openexample-journal.sqlite3"
     # Torch intra-op and numpy BLAS threads for detectors. 1: the event loop is one thread, and
     # spinning OpenMP workers on busy cores cost ~100x at small batches (measured).
     torch_threads: int = 1
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    # Rules as code (RuleConfig): desired state from the start, reloaded on SIGHUP.
+    rules: tuple[RuleConfig, ...] = ()
     # The config file's folder (set by load): relative TLS paths are read from there.
     base_dir: str = ""
 
@@ -166,6 +234,84 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
     return ModelConfig(detectors=tuple(dets), fpr=fpr, reference_model=ref)
 
 
+def _rule_config(path: str, raw: Any, index: int) -> RuleConfig:
+    _check_type(path, raw, dict)
+    for key in raw:
+        if key in ("idle_timeout", "hard_timeout", "idle_timeout_s", "hard_timeout_s"):
+            raise ConfigError(
+                f"{path}.{key}: config rules do not time out"
+                " (add a temporary rule with `rules add --hard-timeout`)"
+            )
+        if key not in _RULE_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(_RULE_KEYS)})")
+    if "actions" not in raw:
+        raise ConfigError(f"{path}.actions: required (e.g. [drop] or [inspect:400000:secure])")
+    actions = raw["actions"]
+    if isinstance(actions, str):
+        actions = [actions]
+    _check_type(f"{path}.actions", actions, list)
+    if not actions:
+        raise ConfigError(f"{path}.actions: at least one action")
+    for i, a in enumerate(actions):
+        _check_type(f"{path}.actions[{i}]", a, str)
+    agent = _check_type(f"{path}.agent", raw.get("agent", ""), str)
+    model = _check_type(f"{path}.model", raw.get("model", ""), str)
+    if agent and model:
+        raise ConfigError(f"{path}: agent or model, not both")
+    return RuleConfig(
+        index=index,
+        actions=tuple(actions),
+        match=_check_type(f"{path}.match", raw.get("match", ""), str),
+        priority=_check_type(f"{path}.priority", raw.get("priority", vrules.DEFAULT_PRIORITY), int),
+        agent=agent,
+        model=model,
+        send_removed=_check_type(f"{path}.send_removed", raw.get("send_removed", False), bool),
+    )
+
+
+def _scopes_overlap(a: RuleConfig, b: RuleConfig) -> bool:
+    """Whether one agent can get both (two different agents never do)."""
+    return not (a.agent and b.agent and a.agent != b.agent)
+
+
+def _check_rules(cfg: Config) -> None:
+    """Each rule parses and would be accepted by an agent's table; no two rules are
+    the same table entry (priority and match) on one agent."""
+    seen: dict[tuple[int, vrules.RuleMatch], list[RuleConfig]] = {}
+    for r in cfg.rules:
+        where = r.where
+        try:
+            match = vrules.RuleMatch.from_pb(vrules.parse_match(r.match))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.match: {exc}") from None
+        except ProtocolError as exc:
+            raise ConfigError(f"{where}.match: {exc.text}") from None
+        if not 0 <= r.priority <= vrules.MAX_PRIORITY:
+            raise ConfigError(f"{where}.priority: want 0..{vrules.MAX_PRIORITY}, got {r.priority}")
+        actions = []
+        for i, text in enumerate(r.actions):
+            try:
+                actions.append(vrules.parse_action(text, cfg.budget_us))
+            except ValueError as exc:
+                raise ConfigError(f"{where}.actions[{i}]: {exc}") from None
+        try:
+            vrules.RuleActions.from_pb(actions)
+        except ProtocolError as exc:
+            raise ConfigError(f"{where}.actions: {exc.text}") from None
+        if r.priority == 0 and match.is_wildcard:
+            raise ConfigError(
+                f"{where}: priority 0 with an empty match is the table-miss rule"
+                " (set budget_us and fail_mode for it)"
+            )
+        for other in seen.get((r.priority, match), []):
+            if _scopes_overlap(r, other):
+                raise ConfigError(
+                    f"{where}: same priority and match as {other.where}, and one agent can"
+                    " get both (one table entry per priority and match)"
+                )
+        seen.setdefault((r.priority, match), []).append(r)
+
+
 def from_mapping(raw: Any, base: Config | None = None) -> Config:
     """A validated Config from a parsed file (dict)."""
     base = base or Config()
@@ -189,6 +335,10 @@ def from_mapping(raw: Any, base: Config | None = None) -> Config:
         if key == "models":
             _check_type("models", value, dict)
             changes[key] = {str(mid): _model_config(f"models.{mid}", m) for mid, m in value.items()}
+            continue
+        if key == "rules":
+            _check_type("rules", value, list)
+            changes[key] = tuple(_rule_config(f"rules[{i}]", r, i) for i, r in enumerate(value))
             continue
         default = getattr(base, key)
         want: type | tuple[type, ...] = (
@@ -224,6 +374,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.handshake_timeout_s > 0, "handshake_timeout_s", "must be > 0")
     need(cfg.max_workload >= 1, "max_workload", "must be >= 1")
     need(1 <= cfg.max_batch_items <= 1024, "max_batch_items", "want 1..1024")
+    need(cfg.max_in_flight_per_agent >= 1, "max_in_flight_per_agent", "must be >= 1")
+    need(cfg.max_rate_per_agent >= 0, "max_rate_per_agent", "must be >= 0 (0 = no limit)")
+    need(cfg.rate_burst >= 1, "rate_burst", "must be >= 1")
+    need(cfg.max_outbox_bytes >= 1024 * 1024, "max_outbox_bytes", "must be >= 1 MiB")
     need(cfg.rt_ttl_s >= 0, "rt_ttl_s", "must be >= 0")
     if cfg.plaintext:
         for a in listeners:
@@ -245,6 +399,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.block_hard_timeout_s >= 0, "block_hard_timeout_s", "must be >= 0")
     need(bool(cfg.controller_id), "controller_id", "must not be empty")
     need(cfg.torch_threads >= 1, "torch_threads", "must be >= 1")
+    _check_rules(cfg)
     return cfg
 
 

@@ -9,11 +9,13 @@ score and what to record. No sockets, no clocks, no threads.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from controller.config import Config, trace_params
+from controller.config import Config, RuleConfig, trace_params
 from controller.session import (
     AgentSession,
     Closed,
@@ -24,6 +26,7 @@ from controller.session import (
 )
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
+from openexample.errors import ProtocolError
 from openexample.identity import Identity
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn
@@ -33,7 +36,11 @@ from openexample.validate import DecodedPkgIn
 COOKIE_KIND_MASK = 0xFFFF_0000_0000_0000
 COOKIE_DEFAULT = 0x0E00_0000_0000_0000
 COOKIE_BLOCK = 0x0EB0_0000_0000_0000
+COOKIE_CONFIG = 0x0EC0_0000_0000_0000  # rules as code: the low 48 bits hash the entry
 BLOCK_PRIORITY = 0xFF00
+_ALL_COOKIE_BITS = 0xFFFF_FFFF_FFFF_FFFF
+# The template's scope in desired state (agent ids are never empty).
+TEMPLATE = ""
 
 
 @dataclass(slots=True)
@@ -112,6 +119,45 @@ class CoreSnapshot:
     agent_rules: int  # desired rules, summed over known agents
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRule:
+    """A desired rule as the store keeps it: the ADD as first given (its full hard
+    timeout) and when it was installed, in the core's time (the shell converts to and
+    from unix time). Its hard timeout runs from ``installed_at``, across restarts."""
+
+    mod: pb.VigilanceMod
+    installed_at: float
+
+
+@dataclass(slots=True)
+class DesiredState:
+    """The durable part of the core: the desired rules per scope (TEMPLATE or an agent
+    id, in install order) and the blocked sources (expiry in core time, 0: none)."""
+
+    tables: dict[str, list[StoredRule]] = field(default_factory=dict)
+    blocks: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RulesDiff:
+    """What a reload of the config's rules changed, entry by entry (an entry is its
+    scope, priority and match)."""
+
+    added: list[RuleConfig] = field(default_factory=list)
+    removed: list[RuleConfig] = field(default_factory=list)
+    changed: list[tuple[RuleConfig, RuleConfig]] = field(default_factory=list)  # (old, new)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def summary(self) -> str:
+        parts = [f"added {r.describe()}" for r in self.added]
+        parts += [f"removed {r.describe()}" for r in self.removed]
+        parts += [f"changed {o.describe()} -> {n.describe()}" for o, n in self.changed]
+        counts = f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
+        return counts + (": " + "; ".join(parts) if parts else "")
+
+
 @dataclass(slots=True)
 class Step:
     send: list[tuple[int, pb.Envelope]] = field(default_factory=list)
@@ -131,6 +177,23 @@ class Step:
     replaced: list[tuple[int, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
     overloaded: int = 0
+    # Desired state that changed and must be stored (controller/store.py) before the
+    # next step: rule scopes (TEMPLATE or an agent id; read them with
+    # ControllerCore.desired) and, when persist_blocks, the blocked sources
+    # (ControllerCore.blocks).
+    persist: set[str] = field(default_factory=set)
+    persist_blocks: bool = False
+    # Changes to desired state an operator should find in the log (config rules put
+    # back or removed, stored rules dropped at a restore).
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: Step) -> Step:
+        """``other``'s messages and what to store, added to this step."""
+        self.send.extend(other.send)
+        self.persist |= other.persist
+        self.persist_blocks = self.persist_blocks or other.persist_blocks
+        self.notes.extend(other.notes)
+        return self
 
 
 def _unknown_items(n: int, reason: int) -> list[pb.PkgOutItem]:
@@ -153,6 +216,16 @@ class ControllerCore:
         # id (kept across reconnects, so a reconnecting agent gets what it had).
         self.template = rules.RuleTable(self._miss, now=now)
         self.agent_rules: dict[str, rules.RuleTable] = {}
+        # What each known agent last declared (for model-scoped config rules and the
+        # desired-state listing; in memory only: unknown after a restart until it
+        # connects again).
+        self._agent_models: dict[str, frozenset[str]] = {}
+        # Rules as code (Config.rules) as last applied, by cookie; and per scope the
+        # cookies of those put in that table since the last start or SIGHUP. A rule the
+        # operator then deleted or changed is left so until the next SIGHUP or restart.
+        self.config_rules: tuple[RuleConfig, ...] = ()
+        self._config_mods: dict[int, tuple[RuleConfig, pb.VigilanceMod]] = {}
+        self._config_applied: dict[str, set[int]] = {}
         self.rt = tables.ResultTable(max_entries=100_000)
         self.tracer = SourceTracer(trace_params(cfg))
         # (agent_id, source_id) -> block expiry (0: none). Sources are namespaced by the
@@ -160,6 +233,7 @@ class ControllerCore:
         self._blocked: dict[tuple[str, str], float] = {}
         self._block_cookie = itertools.count(1)
         self._fp_key = cfg.fingerprint_key_bytes
+        self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
 
     # --- sessions ---
 
@@ -212,12 +286,15 @@ class ControllerCore:
         step = Step()
         for sid, s in list(self.sessions.items()):
             self._absorb(sid, s.tick(now), step, now)
-        self.template.expire(now)
-        for table in self.agent_rules.values():
+        for scope, table in self._tables():
+            n = len(table)
             table.expire(now)  # desired state follows the agents' own timeouts
+            if len(table) != n:
+                step.persist.add(scope)
         for src, until in list(self._blocked.items()):
             if until and now >= until:
                 del self._blocked[src]
+                step.persist_blocks = True
         return step
 
     def next_deadline(self) -> float | None:
@@ -234,7 +311,7 @@ class ControllerCore:
             elif isinstance(ev, Ready):
                 self._replace_older(sid, s.agent_id, step, now)
                 step.ready.append(sid)
-                step.send.extend((sid, env) for env in self._resync(s, now))
+                step.send.extend((sid, env) for env in self._resync(s, now, step))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))
             elif isinstance(ev, Closed):
@@ -250,22 +327,36 @@ class ControllerCore:
                 reason = f"replaced by a new connection of agent {agent_id!r}"
                 self._absorb(other_sid, other.close(reason), step, now)
 
-    def _resync(self, s: AgentSession, now: float) -> list[pb.Envelope]:
-        """DELETE all, ADD the desired rules, push known RT entries, BARRIER."""
-        table = self.agent_rules.get(s.agent_id)
-        if table is None:
-            table = rules.RuleTable(self._miss, now=now)
-            for mod in self.template.snapshot():
-                table.apply(mod, now)
-            self.agent_rules[s.agent_id] = table
+    def _resync(self, s: AgentSession, now: float, step: Step) -> list[pb.Envelope]:
+        """DELETE all, ADD the desired rules, push known RT entries, BARRIER.
+
+        The rules keep their hard deadlines: each carries what remains of its hard
+        timeout, and expired ones are left out (a reconnect never extends a block).
+        Idle timers restart on the agent.
+        """
+        self._agent_models[s.agent_id] = frozenset(s.models)
+        table = self._agent_table(s.agent_id, now, step)
+        self._reconcile(s.agent_id, table, now, step, readd=False)
         out = [s.request(rules.vigilance_mod(rules.DELETE))]
-        out += [s.request(mod) for mod in table.snapshot()]
+        out += [s.request(mod) for mod in table.snapshot(now)]
         for model_id in s.models:
             entries = self.rt.entries(model_id, now)
             if entries:
                 out.append(s.request(tables.rt_push(model_id, entries)))
         out.append(s.request(pb.BarrierRequest()))
         return out
+
+    def _take_tokens(self, s: AgentSession, n: int, now: float) -> bool:
+        """The agent's rate limit (a token bucket of ``max_rate_per_agent`` items/s and
+        ``rate_burst`` items); always true when the rate is 0 (off)."""
+        rate = self.cfg.max_rate_per_agent
+        if rate <= 0:
+            return True
+        tokens, at = self._buckets.get(s.agent_id, (float(self.cfg.rate_burst), now))
+        tokens = min(float(self.cfg.rate_burst), tokens + (now - at) * rate)
+        ok = tokens >= n
+        self._buckets[s.agent_id] = (tokens - n if ok else tokens, now)
+        return ok
 
     def _admit(self, sid: int, s: AgentSession, ev: PkgInReceived, step: Step, now: float) -> None:
         pkg, n = ev.pkg, len(ev.pkg.items)
@@ -274,12 +365,19 @@ class ControllerCore:
             reason = pb.UNKNOWN_REASON_SHUTTING_DOWN
         elif pkg.model_id not in self.detected_models:
             reason = pb.UNKNOWN_REASON_NO_DETECTOR
-        elif self.workload + n > self.cfg.max_workload:
+        elif (
+            self.workload + n > self.cfg.max_workload
+            or s.in_flight_items > self.cfg.max_in_flight_per_agent
+            or not self._take_tokens(s, n, now)
+        ):
+            # W0 for the controller; per agent an in-flight cap and a rate, so one busy
+            # agent cannot take the whole workload from the others.
             reason = pb.UNKNOWN_REASON_OVERLOADED
             step.overloaded += n
         if reason:
             body = pb.PkgOut(model_id=pkg.model_id, items=_unknown_items(n, reason))
             step.send.append((sid, s.reply_to(ev.xid, body)))
+            s.answered(ev.xid, n)
             step.verdicts.extend((pkg.model_id, pb.VERDICT_UNKNOWN) for _ in range(n))
             return
         self.workload += n
@@ -303,6 +401,8 @@ class ControllerCore:
         self.workload -= job.size
         model_id = job.pkg.model_id
         s = self.sessions.get(job.sid)
+        if s is not None:
+            s.answered(job.xid, job.size)
         if s is not None and s.configured:
             stages = None if timings is None else pkg_out_timings(job, timings, now)
             body = pb.PkgOut(model_id=model_id, items=items, timings=stages)
@@ -372,10 +472,12 @@ class ControllerCore:
         return model.fpr if model is not None else 0.01
 
     def _block(self, d: TraceDecision, now: float, step: Step) -> None:
-        """Source tracing fired: DROP the source on its own agent (desired state too)."""
+        """Source tracing fired: DROP the source on its own agent (desired state too,
+        stored with its absolute expiry: neither a reconnect nor a restart extends it)."""
         agent_id, source = d.key
         hard = self.cfg.block_hard_timeout_s
         self._blocked[d.key] = now + hard if hard else 0.0
+        step.persist_blocks = True
         mod = rules.vigilance_mod(
             rules.ADD,
             match=pb.Match(source_id=source),
@@ -386,7 +488,7 @@ class ControllerCore:
             flags=rules.SEND_REMOVED,
         )
         step.blocked.append(d)
-        step.send.extend(self.mod_rules(mod, now, agent_id=agent_id)[0])
+        step.merge(self.mod_rules(mod, now, agent_id=agent_id)[0])
 
     # --- introspection ---
 
@@ -407,13 +509,24 @@ class ControllerCore:
 
     def mod_rules(
         self, mod: pb.VigilanceMod, now: float, *, agent_id: str = "", model_id: str = ""
-    ) -> tuple[list[tuple[int, pb.Envelope]], list[tuple[int, int, int, str]]]:
+    ) -> tuple[Step, list[tuple[int, int, int, str]]]:
         """Apply an operator's VIGILANCE_MOD to the desired rules and the live agents.
 
-        Returns (messages to send, [(sid, mod xid, barrier xid, agent id)] to await). Raises
-        ProtocolError when the mod is invalid (checked on the desired tables first,
-        so a bad mod reaches no agent).
+        The scope: no filter changes the template and every agent's table; ``agent_id``
+        that agent's table (made now from the template if the agent was never seen, so
+        the mod waits for it); ``model_id`` the tables of the connected agents serving
+        that model.
+
+        Returns (a Step: messages to send and the scopes to store; [(sid, mod xid,
+        barrier xid, agent id)] to await). Raises ProtocolError when the mod is invalid
+        (checked on the desired tables first, so a bad mod reaches no agent).
         """
+        step = Step()
+        if agent_id and agent_id not in self.agent_rules and not model_id:
+            scratch = rules.RuleTable(self._miss, now=now)  # validate before making a table
+            self._copy_template(scratch, now)
+            scratch.apply(mod, now)
+            self._agent_table(agent_id, now, step)
         targets = [
             (aid, t)
             for aid, t in self.agent_rules.items()
@@ -422,17 +535,18 @@ class ControllerCore:
         ]
         if not agent_id and not model_id:
             self.template.apply(mod, now)
-        for _, table in targets:
+            step.persist.add(TEMPLATE)
+        for aid, table in targets:
             table.apply(mod, now)
-        send: list[tuple[int, pb.Envelope]] = []
+            step.persist.add(aid)
         waits: list[tuple[int, int, int, str]] = []
         for sid in self.sessions_of(agent_id, model_id):
             s = self.sessions[sid]
             env = s.request(mod)
             barrier = s.request(pb.BarrierRequest())
-            send += [(sid, env), (sid, barrier)]
+            step.send += [(sid, env), (sid, barrier)]
             waits.append((sid, env.xid, barrier.xid, s.agent_id))
-        return send, waits
+        return step, waits
 
     def _models_of(self, agent_id: str) -> set[str]:
         return {m for s in self.sessions.values() if s.agent_id == agent_id for m in s.models}

@@ -38,6 +38,7 @@ from openexample.tls import ssl_peer_identity
 log = logging.getLogger("openexample.controller")
 ALPN = "openexample/1"
 HANDSHAKE_TIMEOUT_S = 10.0
+DISCARD_GRACE_S = 10.0  # a peer that does not read: how long its last bytes wait
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -47,7 +48,9 @@ class StreamHost(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    def open_stream(self, sender: NativeConnection, identity: Identity | None = None) -> int: ...
+    def open_stream(
+        self, sender: NativeConnection, identity: Identity | None = None, *, peer: str = ""
+    ) -> int: ...
 
     def on_message(self, sid: int, data: bytes) -> None: ...
 
@@ -87,6 +90,30 @@ class NativeConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         self.transport.write(frame(data))
 
+    def backlog(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def discard(self, last: bytes) -> None:
+        """The peer does not read: nothing more is written but ``last`` (a typed ERROR);
+        what it sends is read and dropped (so its writes never block on us), and the
+        connection closes once the peer has read what is queued, or is aborted
+        (buffer dropped) after ``DISCARD_GRACE_S``."""
+        self.sid = 0
+        self.transport.write(frame(last))
+        self._close_when_drained(asyncio.get_running_loop().time() + DISCARD_GRACE_S)
+
+    def _close_when_drained(self, deadline: float) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        if transport.get_write_buffer_size() == 0:
+            transport.close()
+        elif loop.time() >= deadline:
+            transport.abort()
+        else:
+            loop.call_later(0.1, self._close_when_drained, deadline)
+
     def close(self) -> None:
         self.transport.close()  # what was written goes out first
 
@@ -101,7 +128,9 @@ class NativeConnection(asyncio.Protocol):
         # With TLS the handshake is done (and the peer's certificate verified) by now.
         ssl_object = transport.get_extra_info("ssl_object")
         identity = ssl_peer_identity(ssl_object) if ssl_object is not None else None
-        self.sid = self.host.open_stream(self, identity)
+        peer = transport.get_extra_info("peername")
+        where = f"tcp:{_peer(peer)}" if isinstance(peer, tuple) else "unix"
+        self.sid = self.host.open_stream(self, identity, peer=where)
 
     def data_received(self, data: bytes) -> None:
         sid = self.sid
@@ -249,6 +278,13 @@ class _TlsTransport:
     def abort(self) -> None:
         assert self._tls.transport is not None
         self._tls.transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        assert self._tls.transport is not None
+        return self._tls.transport.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self._tls.transport is None or self._tls.transport.is_closing()
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         if name == "ssl_object":

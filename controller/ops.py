@@ -17,51 +17,17 @@ from openexample.errors import ConfigError
 from openexample.v1 import admin_pb2, admin_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
 
-_MATCH_KEYS = ("model", "source", "label", "confidence")
-
 
 def parse_match(text: str) -> pb.Match:
-    """``model=mnist,source=user7,label=3,confidence=0:0.5`` -> pb.Match."""
-    m = pb.Match()
-    if not text:
-        return m
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in _MATCH_KEYS:
-            raise ValueError(f"match field {part!r}: want one of {', '.join(_MATCH_KEYS)}=VALUE")
-        if key == "model":
-            m.model_id = value
-        elif key == "source":
-            m.source_id = value
-        elif key == "label":
-            m.label = int(value)
-        else:
-            lo, sep, hi = value.partition(":")
-            if not sep:
-                raise ValueError(f"confidence={value!r}: want LO:HI (either may be empty)")
-            if lo:
-                m.confidence_min = float(lo)
-            if hi:
-                m.confidence_max = float(hi)
-    return m
+    """``model=mnist,source=user7,label=3,confidence=0:0.5`` -> pb.Match
+    (:func:`openexample.rules.parse_match`, shared with the config's ``rules``)."""
+    return rules.parse_match(text)
 
 
 def parse_action(text: str) -> pb.Action:
     """``inspect[:BUDGET_US[:standalone|secure]]``, ``allow``, ``drop``, ``mirror``,
-    ``sample:P``."""
-    kind, *args = text.split(":")
-    if kind == "inspect":
-        budget = int(args[0]) if args and args[0] else Config().budget_us
-        mode = args[1] if len(args) > 1 else "standalone"
-        return rules.inspect(budget, mode)
-    if kind in ("allow", "drop", "mirror") and not args:
-        return getattr(rules, kind)()
-    if kind == "sample" and len(args) == 1:
-        return rules.sample(float(args[0]))
-    raise ValueError(
-        f"action {text!r}: want inspect[:BUDGET_US[:MODE]], allow, drop, mirror or sample:P"
-    )
+    ``sample:P`` (an inspect without a budget gets the default ``budget_us``)."""
+    return rules.parse_action(text, Config().budget_us)
 
 
 def _int(text: str) -> int:
@@ -182,8 +148,8 @@ def list_agents(args: argparse.Namespace) -> int:
     resp = _stub(args).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
     for a in resp.agents:
         print(
-            f"{a.agent_id}  models={','.join(a.model_ids)}  up={a.connected_s:.1f}s"
-            f"  pkg_in={a.pkg_in}"
+            f"{a.agent_id}  peer={a.peer or '?'}  models={','.join(a.model_ids)}"
+            f"  up={a.connected_s:.1f}s  pkg_in={a.pkg_in}"
         )
     if not resp.agents:
         print("no agent connected")

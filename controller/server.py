@@ -36,7 +36,7 @@ from controller.pipeline import Scorer, score_jobs
 from controller.session import State
 from openexample import grpc_tls, messages, tls
 from openexample.addresses import Address
-from openexample.errors import ProtocolError
+from openexample.errors import ProtocolError, bad_request
 from openexample.identity import Identity, Kind
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
@@ -48,21 +48,44 @@ REPLY_TIMEOUT_S = 2.0
 
 
 class Sender(Protocol):
-    """A session's way out: ``send`` one serialized Envelope, ``close`` after the rest."""
+    """A session's way out: ``send`` one serialized Envelope, ``close`` after the rest;
+    ``backlog``: bytes written and not taken by the peer yet; ``discard``: drop them and
+    end the stream (after ``last``, when the peer does not read)."""
 
     def send(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
 
+    def backlog(self) -> int: ...
+
+    def discard(self, last: bytes) -> None: ...
+
 
 class _QueueSender:
     """gRPC: the queue the response generator of ``_connect`` drains (None ends it)."""
 
-    __slots__ = ("queue", "send")
+    __slots__ = ("pending", "queue")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.send = self.queue.put_nowait
+        self.pending = 0  # bytes in the queue
+
+    def send(self, data: bytes) -> None:
+        self.pending += len(data)
+        self.queue.put_nowait(data)
+
+    def taken(self, data: bytes) -> None:
+        self.pending -= len(data)
+
+    def backlog(self) -> int:
+        return self.pending
+
+    def discard(self, last: bytes) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.pending = 0
+        self.send(last)
+        self.close()
 
     def close(self) -> None:
         self.queue.put_nowait(None)
@@ -235,11 +258,13 @@ class ControllerServer:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "controller shutting down")
         sender = _QueueSender()
-        sid = self.open_stream(sender, tls.grpc_peer_identity(context) if self.tls else None)
+        identity = tls.grpc_peer_identity(context) if self.tls else None
+        sid = self.open_stream(sender, identity, peer=context.peer())
         queue = sender.queue
         reader = asyncio.create_task(self._read(sid, requests, sender))
         try:
             while (data := await queue.get()) is not None:
+                sender.taken(data)
                 yield data
         finally:
             reader.cancel()
@@ -262,10 +287,14 @@ class ControllerServer:
     def accepting(self) -> bool:
         return not self._draining
 
-    def open_stream(self, sender: Sender, identity: Identity | None = None) -> int:
+    def open_stream(
+        self, sender: Sender, identity: Identity | None = None, *, peer: str = ""
+    ) -> int:
         """A new session whose messages leave through ``sender``; its HELLO goes now.
-        ``identity``: what the peer's verified certificate says (None: plaintext)."""
+        ``identity``: what the peer's verified certificate says (None: plaintext);
+        ``peer``: its address, as the admin API's ListAgents shows it."""
         sid, hello = self.core.open_session(time.monotonic(), identity)
+        self.core.sessions[sid].peer = peer
         self._senders[sid] = sender
         self.metrics.sessions.labels("opened").inc()
         self._dispatch(Step(send=[(sid, env) for env in hello]))
@@ -317,6 +346,8 @@ class ControllerServer:
                     self.metrics.pkg_out_sent(env.pkg_out.model_id, len(data))
                 self.metrics.sent_bytes.inc(len(data))
                 sender.send(data)
+                if sender.backlog() > self.cfg.max_outbox_bytes:
+                    self._not_reading(sid, sender)
         for job in step.jobs:
             self._pending.append(job)
         if step.jobs and not self._score_scheduled:
@@ -371,6 +402,23 @@ class ControllerServer:
         self.metrics.workload.set(self.core.workload)
         if step.closed or step.ready:
             self.metrics.agents.set(len(self.core.sessions_of()))
+
+    def _not_reading(self, sid: int, sender: Sender) -> None:
+        """The peer lets more than max_outbox_bytes pile up: what waits is dropped, a
+        typed ERROR goes last, the stream ends (memory stays bounded whatever it does)."""
+        backlog = sender.backlog()
+        err = bad_request(
+            pb.BAD_REQUEST_CODE_NOT_READING,
+            f"{backlog} bytes wait to be sent and the peer does not read them"
+            f" (limit {self.cfg.max_outbox_bytes})",
+        )
+        log.warning("session %d: %s; closing", sid, err)
+        self.metrics.errors.labels(err.name).inc()
+        s = self.core.sessions.get(sid)
+        version = s.session.version if s is not None else messages.PROTOCOL_VERSION
+        self._senders.pop(sid, None)
+        sender.discard(messages.error_envelope(err, b"", version).SerializeToString())
+        self._dispatch(self.core.close_session(sid, f"{err.name}", time.monotonic()))
 
     def expect_reply(self, sid: int, xid: int) -> asyncio.Future[pb.Envelope]:
         fut = asyncio.get_running_loop().create_future()
@@ -561,6 +609,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
             s = self.srv.core.sessions[sid]
             out.agents.add(
                 agent_id=s.agent_id,
+                peer=s.peer,
                 model_ids=sorted(s.models),
                 connected_s=now - s.opened_at,
                 pkg_in=s.pkg_in_count,

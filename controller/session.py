@@ -60,6 +60,8 @@ class RuleRemoved:
     notice: pb.VigilanceRemoved
 
 
+_BAD_XID = pb.BAD_REQUEST_CODE_BAD_XID
+
 # Bodies an agent may send once configured, besides PKG_IN, ERROR and VIGILANCE_REMOVED.
 _REPLIES = frozenset({"barrier_reply", "stats_reply", "role_reply"})
 
@@ -83,7 +85,12 @@ class AgentSession:
         self.session = Session(controller_id, now=now, **options)
         self.identity = identity
         self.authenticated = authenticated
+        self.peer = ""  # the transport's view of the peer (for ListAgents), set by the shell
         self.agent_id = ""
+        # PKG_IN xids admitted and not answered yet: a request is answered once.
+        self.in_flight: set[int] = set()
+        self.in_flight_items = 0
+        self.declared_batch = 0  # FEATURES_REPLY.max_batch_items (0: the protocol limit)
         self.models: dict[str, pb.ModelDescriptor] = {}
         self.pkg_in_count = 0
 
@@ -112,6 +119,12 @@ class AgentSession:
     def reply_to(self, xid: int, body: Message) -> pb.Envelope:
         return self.session.reply_to(xid, body)
 
+    def answered(self, xid: int, items: int) -> None:
+        """A PKG_IN was answered (PKG_OUT sent): its xid may be used again."""
+        if xid in self.in_flight:
+            self.in_flight.discard(xid)
+            self.in_flight_items -= items
+
     # -- inbound --
 
     def receive(self, data: bytes, now: float) -> Output:
@@ -138,13 +151,26 @@ class AgentSession:
         if kind == "pkg_in":
             if self.session.state is not State.CONFIG and self.session.state is not State.MAIN:
                 raise bad_request(pb.BAD_REQUEST_CODE_UNEXPECTED, "PKG_IN before FEATURES")
+            if env.xid == 0:
+                raise bad_request(_BAD_XID, "PKG_IN with xid 0 (reserved for no-reply messages)")
+            if env.xid in self.in_flight:
+                raise bad_request(_BAD_XID, f"xid {env.xid} is already in flight")
+            n = len(env.pkg_in.items)
+            if self.declared_batch and n > self.declared_batch:
+                raise bad_request(
+                    pb.BAD_REQUEST_CODE_BAD_BATCH,
+                    f"{n} items, more than the {self.declared_batch} this agent declared",
+                )
             decoded = validate_pkg_in(env.pkg_in, self.models, self.session.limits)
             self.pkg_in_count += 1
+            self.in_flight.add(env.xid)
+            self.in_flight_items += n
             out.events.append(PkgInReceived(env.xid, decoded))
         elif kind == "features_reply":
             self._check_identity(env.features_reply.agent_id)
             self.models = validate_features(env.features_reply, self.session.limits)
             self.agent_id = env.features_reply.agent_id
+            self.declared_batch = env.features_reply.max_batch_items
             out.events.append(Ready(self.agent_id, self.models))
         elif kind in _REPLIES:
             out.events.append(ReplyReceived(env.xid, env))

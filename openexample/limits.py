@@ -47,9 +47,12 @@ class Limits:
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC channel/server options so the transport admits what the protocol does."""
-        # Headroom over the protocol limit so an oversize message reaches the
-        # protocol layer and gets a typed ERROR instead of a transport RESOURCE_EXHAUSTED.
-        size = self.max_message_bytes + 1024 * 1024
+        # Headroom over the protocol limit so an oversize message reaches the protocol
+        # layer and gets a typed ERROR (BAD_LEN, with its xid) instead of the transport's
+        # RESOURCE_EXHAUSTED: up to 4x the limit. Beyond, gRPC refuses it itself (it
+        # would have to buffer the whole message first; only authenticated peers get
+        # this far).
+        size = min(4 * self.max_message_bytes, 2**31 - 1)
         return [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),

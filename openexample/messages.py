@@ -60,13 +60,57 @@ def encode_envelope(env: pb.Envelope) -> bytes:
     return env.SerializeToString()
 
 
+def peek_xid(data: bytes) -> int:
+    """``Envelope.xid`` read from the wire format without parsing the message (for an
+    oversize one): the top-level fields are walked, length-delimited ones skipped by
+    their length. 0 when it is absent or the bytes are not an Envelope."""
+    i, n = 0, len(data)
+
+    def varint() -> int:
+        nonlocal i
+        shift = value = 0
+        while i < n and shift < 64:
+            b = data[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        for _ in range(64):  # an Envelope has a handful of top-level fields
+            if i >= n:
+                return 0
+            tag = varint()
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                value = varint()
+                if field == _XID_FIELD:
+                    return value & 0xFFFFFFFF
+            elif wire == 2:
+                i += varint()
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            else:
+                return 0
+    except ValueError:
+        return 0
+    return 0
+
+
+_XID_FIELD = pb.Envelope.DESCRIPTOR.fields_by_name["xid"].number
+
+
 def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> pb.Envelope:
     """Parse bytes from a peer. Raises BAD_REQUEST (BAD_LEN, MALFORMED, BAD_TYPE)."""
     if len(data) > limits.max_message_bytes:
         raise bad_request(
             pb.BAD_REQUEST_CODE_BAD_LEN,
             f"message of {len(data)} bytes > limit {limits.max_message_bytes}",
-        )
+        ).with_xid(peek_xid(data))
     env = pb.Envelope()
     try:
         env.ParseFromString(data)

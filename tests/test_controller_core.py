@@ -355,3 +355,55 @@ def test_draining_answers_new_work_shutting_down(core):
     step = core.on_bytes(sid, raw(pkg_in(1), xid=3), 0.1)
     assert not step.jobs
     assert step.send[0][1].pkg_out.items[0].unknown_reason == pb.UNKNOWN_REASON_SHUTTING_DOWN
+
+
+# --- conformance: xids, declared batch, per-agent caps ---
+
+
+def _error(step):
+    (env,) = [e for _, e in step.send if e.HasField("error")]
+    return env.error
+
+
+def test_pkg_in_xids_are_answered_once(core):
+    sid, _ = connect(core, "a1")
+    err = _error(core.on_bytes(sid, raw(pkg_in(1), xid=0), 0.1))
+    assert (err.type, err.code) == (pb.ERROR_TYPE_BAD_REQUEST, pb.BAD_REQUEST_CODE_BAD_XID)
+    (job,) = core.on_bytes(sid, raw(pkg_in(1), xid=5), 0.1).jobs
+    step = core.on_bytes(sid, raw(pkg_in(1), xid=5), 0.1)  # still in flight
+    assert not step.jobs and _error(step).offending_xid == 5
+    core.on_results(job, benign(1), 0.2)
+    assert core.on_bytes(sid, raw(pkg_in(1), xid=5), 0.3).jobs  # answered: free again
+
+
+def test_the_batch_an_agent_declares_is_enforced(core):
+    sid, _ = core.open_session(0.0, Identity(Kind.AGENT, "a1"))
+    step = core.on_bytes(sid, raw(pb.Hello(versions_bitmap=0b10)), 0.0)
+    (req,) = [e for _, e in step.send]
+    reply = features("a1")
+    reply.max_batch_items = 2
+    core.on_bytes(sid, raw(reply, xid=req.xid), 0.0)
+    err = _error(core.on_bytes(sid, raw(pkg_in(3), xid=1), 0.1))
+    assert err.code == pb.BAD_REQUEST_CODE_BAD_BATCH and "declared" in err.text
+    assert core.on_bytes(sid, raw(pkg_in(2), xid=2), 0.1).jobs
+
+
+def test_per_agent_in_flight_cap_and_rate_answer_overloaded():
+    cfg = Config(journal=":memory:", max_in_flight_per_agent=3)
+    core = ControllerCore(cfg, detected_models={"m"}, now=0.0)
+    a, _ = connect(core, "a")
+    b, _ = connect(core, "b")
+    assert core.on_bytes(a, raw(pkg_in(3), xid=1), 0.0).jobs
+    step = core.on_bytes(a, raw(pkg_in(1), xid=2), 0.0)  # 4 in flight > 3
+    assert not step.jobs and step.overloaded == 1
+    assert step.send[0][1].pkg_out.items[0].unknown_reason == pb.UNKNOWN_REASON_OVERLOADED
+    assert core.on_bytes(b, raw(pkg_in(3), xid=1), 0.0).jobs  # b has a cap of its own
+
+    cfg = Config(journal=":memory:", max_rate_per_agent=10, rate_burst=4)
+    core = ControllerCore(cfg, detected_models={"m"}, now=0.0)
+    c, _ = connect(core, "c")
+    assert core.on_bytes(c, raw(pkg_in(3), xid=1), 0.0).jobs  # burst 4: 1 token left
+    assert core.on_bytes(c, raw(pkg_in(2), xid=2), 0.0).overloaded == 2
+    assert core.on_bytes(c, raw(pkg_in(1), xid=3), 0.0).jobs
+    assert core.on_bytes(c, raw(pkg_in(1), xid=4), 0.0).overloaded == 1
+    assert core.on_bytes(c, raw(pkg_in(1), xid=5), 0.15).jobs  # 10/s: a token again

@@ -154,3 +154,31 @@ def test_pkg_out_timings_round_trip_and_stay_optional():
     old = pb.PkgOut(model_id="m", items=list(body.items))
     assert not old.HasField("timings")
     assert body.SerializeToString().startswith(old.SerializeToString())
+
+
+def test_peek_xid_reads_the_xid_of_an_oversize_message():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from openexample.errors import ProtocolError
+    from openexample.limits import Limits
+
+    env = messages.envelope(pb.EchoRequest(data=b"x" * 5000), xid=4242)
+    data = env.SerializeToString()
+    assert messages.peek_xid(data) == 4242
+    with pytest.raises(ProtocolError) as e:
+        messages.decode_envelope(data, Limits(max_message_bytes=1000))
+    assert e.value.name == "BAD_REQUEST/BAD_LEN" and e.value.xid == 4242
+
+    @given(st.integers(0, 2**32 - 1), st.binary(max_size=64))
+    def any_envelope(xid, payload):
+        env = messages.envelope(pb.EchoRequest(data=payload), xid=xid)
+        assert messages.peek_xid(env.SerializeToString()) == xid
+
+    any_envelope()
+
+    @given(st.binary(max_size=256))
+    def garbage(data):
+        assert 0 <= messages.peek_xid(data) < 2**32
+
+    garbage()

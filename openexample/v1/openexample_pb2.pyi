@@ -475,6 +475,14 @@ class _BadRequestCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BadReq
     """Not allowed for a SLAVE controller."""
     BAD_REQUEST_CODE_BAD_STAT: _BadRequestCode.ValueType  # 10
     """Unknown StatsType."""
+    BAD_REQUEST_CODE_BAD_XID: _BadRequestCode.ValueType  # 11
+    """An xid already in flight on this session (a request is answered once), or 0 on a
+    request (0 is reserved for messages that expect no reply).
+    """
+    BAD_REQUEST_CODE_NOT_READING: _BadRequestCode.ValueType  # 12
+    """The peer does not read: more than the session's outbox limit waits to be sent to
+    it. This ERROR is the last message; the stream closes.
+    """
 
 class BadRequestCode(_BadRequestCode, metaclass=_BadRequestCodeEnumTypeWrapper): ...
 
@@ -499,6 +507,14 @@ BAD_REQUEST_CODE_IS_SLAVE: BadRequestCode.ValueType  # 9
 """Not allowed for a SLAVE controller."""
 BAD_REQUEST_CODE_BAD_STAT: BadRequestCode.ValueType  # 10
 """Unknown StatsType."""
+BAD_REQUEST_CODE_BAD_XID: BadRequestCode.ValueType  # 11
+"""An xid already in flight on this session (a request is answered once), or 0 on a
+request (0 is reserved for messages that expect no reply).
+"""
+BAD_REQUEST_CODE_NOT_READING: BadRequestCode.ValueType  # 12
+"""The peer does not read: more than the session's outbox limit waits to be sent to
+it. This ERROR is the last message; the stream closes.
+"""
 Global___BadRequestCode: _TypeAlias = BadRequestCode  # noqa: Y015
 
 class _BadTensorCode:
