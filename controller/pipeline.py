@@ -2,7 +2,8 @@
 
 A ``Scorer`` is what the core needs per model id: a batch of decoded inferences in,
 one ``pb.PkgOutItem`` per item out. ``FusedScorer`` adapts the detector pipeline
-(controller/detectors) to it.
+(controller/detectors) to it. ``score_jobs`` batches the jobs of one model so that no
+job changes or fails another's verdicts (fault isolation: see its docstring).
 """
 
 from __future__ import annotations
@@ -36,38 +37,173 @@ class Scorer(Protocol):
     ) -> list[pb.PkgOutItem]: ...
 
 
+_FAILED = pb.PkgOutItem(
+    verdict=pb.VERDICT_UNKNOWN,
+    action=pb.VERDICT_ACTION_RELEASE,
+    unknown_reason=pb.UNKNOWN_REASON_DETECTOR_FAILED,
+)
+
+
 def score_jobs(
     scorer: Scorer,
     jobs: list[InspectJob],
     metrics: ControllerMetrics | None = None,
     detector_s: list[tuple[str, float]] | None = None,
 ) -> list[list[pb.PkgOutItem]]:
-    """Score jobs of one model together; a detector failure answers UNKNOWN.
+    """Score jobs of one model, batched where they can be; one list of items per job.
 
-    ``detector_s``, when given, gets (detector name, seconds) for each detector that
-    ran (PKG_OUT's ``Timings.detectors``).
+    Fault isolation: one agent's job never decides another's verdict.
+
+    - Each job is checked before it joins a batch (``_check``), and only jobs of the same
+      shape are concatenated (``_batch_key``: input dtype and shape, and whether logits
+      come, with how many classes). A job without logits is scored in its own batch, so
+      jobs with logits keep every detector (see ``FusedScorer.score`` for what a batch
+      without logits gets).
+    - When a batch of several jobs raises, each job is scored again alone: those that
+      succeed get their verdicts, and only the items of a job that fails alone get
+      UNKNOWN/DETECTOR_FAILED. One WARNING per failing job (agent, xid), with the
+      traceback the first time an error (type and place) is seen, at DEBUG after that.
+
+    ``detector_s``, when given, gets (detector name, seconds) once per detector that ran
+    (PKG_OUT's ``Timings.detectors``): its seconds summed over every scoring call made
+    here, i.e. each batch and, after a failure, the failed try (the detectors that
+    finished before the raise) and every retry. So the sum stays the time scoring took.
+    ``metrics`` sees each successful call once (``FusedScorer.score``): every item that got
+    a verdict is observed once, and the detector latency histogram gets one observation
+    per call, retries included.
     """
+    out: list[list[pb.PkgOutItem]] = [[] for _ in jobs]  # each filled below
+    batches: dict[tuple[object, ...], list[int]] = {}
+    for i, job in enumerate(jobs):
+        problem = _check(job)
+        if problem:
+            log.warning(
+                "model %s: PKG_IN xid %d from agent %s not scored (%s): answered"
+                " UNKNOWN/DETECTOR_FAILED",
+                job.pkg.model_id,
+                job.xid,
+                job.agent_id,
+                problem,
+            )
+            out[i] = [_FAILED] * job.size
+        else:
+            batches.setdefault(_batch_key(job), []).append(i)
+    spent: dict[str, float] = {}
+    for idx in batches.values():
+        batch = [jobs[i] for i in idx]
+        if len(batch) > 1:
+            try:
+                results = _score_together(scorer, batch, metrics, spent)
+            except Exception as exc:
+                log.info(
+                    "model %s: scoring %d jobs together failed (%s: %s); scoring each alone",
+                    batch[0].pkg.model_id,
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                for i, items in zip(idx, results, strict=True):
+                    out[i] = items
+                continue
+        # alone: outside the handler above, so a failure's traceback is its own
+        for i, job in zip(idx, batch, strict=True):
+            try:
+                (out[i],) = _score_together(scorer, [job], metrics, spent)
+            except Exception as exc:
+                _log_failure(job, exc)
+                out[i] = [_FAILED] * job.size
+    if detector_s is not None:
+        detector_s.extend(spent.items())
+    return out
+
+
+def _check(job: InspectJob) -> str | None:
+    """Why this job cannot join a batch (its tensors disagree with its items), or None.
+
+    ``validate_pkg_in`` already refuses such PKG_INs; this keeps a job built any other
+    way from shifting the items of the jobs batched after it."""
+    pkg, n = job.pkg, job.size
+    if n == 0:
+        return "no items"
+    if pkg.inputs.ndim == 0 or pkg.inputs.shape[0] != n:
+        return f"inputs shape {pkg.inputs.shape} for {n} items"
+    if pkg.logits is not None and (pkg.logits.ndim != 2 or pkg.logits.shape[0] != n):
+        return f"logits shape {pkg.logits.shape} for {n} items"
+    return None
+
+
+def _batch_key(job: InspectJob) -> tuple[object, ...]:
+    """Jobs with equal keys can be concatenated without changing what any of them gets:
+    each agent declares its own input dtype and shape, and logits may be absent."""
+    pkg = job.pkg
+    classes = None if pkg.logits is None else pkg.logits.shape[1]
+    return (pkg.inputs.dtype.str, pkg.inputs.shape[1:], pkg.logits is not None, classes)
+
+
+def _score_together(
+    scorer: Scorer,
+    jobs: list[InspectJob],
+    metrics: ControllerMetrics | None,
+    spent: dict[str, float],
+) -> list[list[pb.PkgOutItem]]:
+    """One scorer call for ``jobs`` (same ``_batch_key``), split back per job; raises
+    what the scorer raises, or ValueError on a wrong item count. Adds the detectors'
+    seconds to ``spent``, also when it raises."""
     pkgs = [j.pkg for j in jobs]
-    inputs = pkgs[0].inputs if len(pkgs) == 1 else np.concatenate([p.inputs for p in pkgs])
-    logits = None
-    if all(p.logits is not None for p in pkgs):
-        logits = pkgs[0].logits if len(pkgs) == 1 else np.concatenate([p.logits for p in pkgs])
+    if len(pkgs) == 1:
+        inputs, logits = pkgs[0].inputs, pkgs[0].logits
+    else:
+        inputs = np.concatenate([p.inputs for p in pkgs])
+        logits = None
+        if pkgs[0].logits is not None:  # the same for all: part of the batch key
+            logits = np.concatenate([p.logits for p in pkgs if p.logits is not None])
     labels = np.concatenate([p.labels for p in pkgs])
+    timings: list[tuple[str, float]] = []
     try:
-        items = scorer.score(inputs, logits, labels, metrics, detector_s)
-    except Exception:
-        log.exception("detector pipeline failed on %d items", len(labels))
-        fail = pb.PkgOutItem(
-            verdict=pb.VERDICT_UNKNOWN,
-            action=pb.VERDICT_ACTION_RELEASE,
-            unknown_reason=pb.UNKNOWN_REASON_DETECTOR_FAILED,
-        )
-        items = [fail] * len(labels)
+        items = scorer.score(inputs, logits, labels, metrics, timings)
+    finally:
+        for name, seconds in timings:
+            spent[name] = spent.get(name, 0.0) + seconds
+    if len(items) != len(labels):
+        raise ValueError(f"the scorer gave {len(items)} items for {len(labels)}")
     out, at = [], 0
     for p in pkgs:
         out.append(items[at : at + len(p.items)])
         at += len(p.items)
     return out
+
+
+_traced: set[tuple[str, str, int]] = set()  # errors whose traceback was logged
+
+
+def _log_failure(job: InspectJob, exc: BaseException) -> None:
+    """One line per failing job; the traceback once per distinct error (its type and
+    the line that raised), at DEBUG after that."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ("", 0) if tb is None else (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    key = (type(exc).__qualname__, *where)
+    first = key not in _traced
+    if first:
+        if len(_traced) >= 1024:  # bounded: forget, and show tracebacks again
+            _traced.clear()
+        _traced.add(key)
+    log.warning(
+        "model %s: detector pipeline failed on PKG_IN xid %d from agent %s (%d items):"
+        " %s: %s; answered UNKNOWN/DETECTOR_FAILED%s",
+        job.pkg.model_id,
+        job.xid,
+        job.agent_id,
+        job.size,
+        type(exc).__name__,
+        exc,
+        "" if first else " (traceback logged before; at DEBUG)",
+        exc_info=exc if first else None,
+    )
+    if not first:
+        log.debug("traceback of the failure above", exc_info=exc)
 
 
 class FusedScorer:
@@ -78,6 +214,52 @@ class FusedScorer:
         self.pipeline = pipeline
         self.names = [d.name for d in pipeline.detectors]
         self.thresholds = [float(d.threshold) for d in pipeline.detectors]  # type: ignore[arg-type]
+        self.metric_names = pipeline.names  # distinct (``#2`` on repeats): metrics, timings
+        # without logits: (pipeline, evidence names, metric names, thresholds), or None
+        # when no detector can score; built on first use (see ``_without_logits``)
+        self._no_logits: tuple[Pipeline, list[str], list[str], list[float]] | None = None
+        self._no_logits_built = False
+
+    def _without_logits(self) -> tuple[Pipeline, list[str], list[str], list[float]] | None:
+        """The detectors that can score a batch without logits.
+
+        The choice for a PKG_IN without logits (the proto allows it): a detector that
+        needs logits (``Detector.needs_logits``) computes them from the reference model
+        when the controller attached one (``models.<id>.reference_model``, see
+        ``load_scorers``); without one it is left out for these items and the others
+        decide. That stays honest: every detector keeps its calibrated threshold and
+        scale, each was calibrated at fpr / n, so by the same union bound an OR of k <= n
+        of them flags clean inputs at most at k * fpr / n <= fpr, and ``fused >= 0``
+        still means exactly "a detector that ran flagged it". What is lost is the left-out
+        detector's catch (for margin: the minimal attacks at the decision boundary); the
+        item's evidence lists only the detectors that ran, and a WARNING names the
+        left-out ones once. When no detector can score without logits, the items are
+        UNKNOWN/NO_DETECTOR: no configured detector can score this input.
+        """
+        if not self._no_logits_built:
+            self._no_logits_built = True
+            dets = self.pipeline.detectors
+            keep = [i for i, d in enumerate(dets) if not d.needs_logits or d.model is not None]
+            left_out = [self.metric_names[i] for i in range(len(dets)) if i not in keep]
+            if len(keep) == len(dets):
+                self._no_logits = (self.pipeline, self.names, self.metric_names, self.thresholds)
+            elif keep:
+                self._no_logits = (
+                    Pipeline([dets[i] for i in keep], self.pipeline.fpr),
+                    [self.names[i] for i in keep],
+                    [self.metric_names[i] for i in keep],
+                    [self.thresholds[i] for i in keep],
+                )
+            if left_out:
+                log.warning(
+                    "model %s: PKG_IN without logits: %s left out for its items (they need"
+                    " logits; set models.%s.reference_model to compute them)%s",
+                    self.model_id,
+                    ", ".join(left_out),
+                    self.model_id,
+                    "; answered UNKNOWN/NO_DETECTOR" if not keep else "",
+                )
+        return self._no_logits
 
     def score(
         self,
@@ -87,18 +269,35 @@ class FusedScorer:
         metrics: ControllerMetrics | None = None,
         detector_s: list[tuple[str, float]] | None = None,
     ) -> list[pb.PkgOutItem]:
+        pipeline, names, metric_names = self.pipeline, self.names, self.metric_names
+        thresholds = self.thresholds
+        if logits is None:
+            view = self._without_logits()
+            if view is None:
+                return [
+                    pb.PkgOutItem(
+                        verdict=pb.VERDICT_UNKNOWN,
+                        action=pb.VERDICT_ACTION_RELEASE,
+                        unknown_reason=pb.UNKNOWN_REASON_NO_DETECTOR,
+                    )
+                    for _ in range(len(labels))
+                ]
+            pipeline, names, metric_names, thresholds = view
         if metrics is None and detector_s is None:
-            fused = self.pipeline.evaluate(Batch(inputs, logits, labels))
+            fused = pipeline.evaluate(Batch(inputs, logits, labels))
         else:
             timings: list[float] = []
             t0 = time.perf_counter()
-            fused = self.pipeline.evaluate(Batch(inputs, logits, labels), timings)
+            try:
+                fused = pipeline.evaluate(Batch(inputs, logits, labels), timings)
+            finally:  # also on a raise: the detectors that finished (score_jobs sums)
+                if detector_s is not None:
+                    detector_s.extend(zip(metric_names, timings, strict=False))
             timings.append(time.perf_counter() - t0)  # the whole pipeline, last
-            names = self.pipeline.names
-            if detector_s is not None:  # zip stops before the whole pipeline's time
-                detector_s.extend(zip(names, timings, strict=False))
             if metrics is not None:
-                metrics.observe_detectors(self.model_id, names, timings, fused.margins, fused.flags)
+                metrics.observe_detectors(
+                    self.model_id, metric_names, timings, fused.margins, fused.flags
+                )
         # Plain lists: indexing numpy scalars per item costs more than the conversion.
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()
@@ -112,7 +311,7 @@ class FusedScorer:
         actions = (pb.VERDICT_ACTION_RELEASE, pb.VERDICT_ACTION_DROP)
         evidence = [
             (name, threshold, per[j], flags[j], per_fix[j])
-            for j, (name, threshold) in enumerate(zip(self.names, self.thresholds, strict=True))
+            for j, (name, threshold) in enumerate(zip(names, thresholds, strict=True))
         ]
         items = []
         for i, f in enumerate(flagged):

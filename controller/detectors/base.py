@@ -2,12 +2,12 @@
 
 Modelled on Alibi Detect's ``infer_threshold`` / ``predict`` pair, kept small so a new
 detector is one module (or one package): subclass ``Detector``, set ``name`` and the
-contract flags it needs (``needs_model``, ``needs_activations``, ``can_purify``), implement
-``score`` (and the ``_fit`` / ``config`` / ``arrays`` / ``_restore`` hooks if it learns
-anything), and declare it in the entry-point group ``openexample.detectors``
-(``name = package.module:Class``; see controller/detectors/__init__.py). Artifacts are
-folders with a JSON manifest and one ``.npz``: no pickle, so loading an artifact never
-runs code from it.
+contract flags it needs (``needs_model``, ``needs_logits``, ``needs_activations``,
+``can_purify``), implement ``score`` (and the ``_fit`` / ``config`` / ``arrays`` /
+``_restore`` hooks if it learns anything), and declare it in the entry-point group
+``openexample.detectors`` (``name = package.module:Class``; see
+controller/detectors/__init__.py). Artifacts are folders with a JSON manifest and one
+``.npz``: no pickle, so loading an artifact never runs code from it.
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ class Detector(ABC):
     """Scores need the controller's reference copy of the model (``self.model``): the
     controller attaches the configured ``reference_model``, or the model file recorded in
     the artifact's manifest, and refuses the artifact when there is neither."""
+
+    needs_logits: ClassVar[bool] = False
+    """Scores need the logits the agent sends (``Batch.logits``), unless ``self.model`` is
+    attached, from which the detector computes them. PKG_IN may come without logits: the
+    controller then leaves such a detector out for those items (controller/pipeline.py,
+    ``FusedScorer``)."""
 
     needs_activations: ClassVar[bool] = False
     """Scores need the intermediate activations the agent attaches to PKG_IN

@@ -16,6 +16,7 @@ from controller.detectors.base import Batch, Detector, Scores
 class MarginDetector(Detector):
     name = "margin"
     can_purify = True  # corrected: the runner-up class
+    needs_logits = True  # unless a reference model is attached (self.model)
 
     def score(self, batch: Batch) -> Scores:
         logits = batch.logits
