@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from controller import ops
-from controller.config import ConfigError
+from controller.config import Config, ConfigError
 from openexample import rules
+
+if TYPE_CHECKING:  # serve imports the server (and torch) only when it runs
+    from controller.server import ControllerServer
+
+log = logging.getLogger("openexample.controller")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--config", help="YAML or TOML file (see README)")
+    s.add_argument(
+        "--config",
+        help="YAML or TOML file (see README); SIGHUP reloads its `rules` (rules as code)",
+    )
     s.add_argument(
         "--listen",
         action="append",
@@ -57,9 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     dele = rsub.add_parser("del", help="VIGILANCE_MOD DELETE")
     ops.add_rule_args(dele, with_actions=False)
     dele.add_argument("--strict", action="store_true", help="exact match and priority only")
-    lst = rsub.add_parser("list", help="rules with counters, per agent")
+    lst = rsub.add_parser(
+        "list",
+        help="rules with counters, per agent (the desired rules for agents not connected)",
+    )
     ops.add_rule_args(lst, with_actions=False)
     lst.add_argument("--json", action="store_true")
+    lst.add_argument(
+        "--desired",
+        action="store_true",
+        help="the controller's desired rules (what it installs and keeps across restarts)"
+        " for every known agent and the template, without asking agents",
+    )
 
     a = sub.add_parser("agents", help="list connected agents")
     a.add_argument("--controller", default="127.0.0.1:6653")
@@ -94,18 +114,22 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
+    overrides = {
+        "listen": _listen(args.listen),
+        "metrics_port": args.metrics_port,
+        "journal": args.journal,
+        "budget_us": args.budget_us,
+        "fail_mode": args.fail_mode,
+        "max_workload": args.max_workload,
+        "plaintext": True if args.plaintext else None,
+    }
+
+    def load() -> cfgmod.Config:
         cfg = cfgmod.load(args.config)
-        overrides = {
-            "listen": _listen(args.listen),
-            "metrics_port": args.metrics_port,
-            "journal": args.journal,
-            "budget_us": args.budget_us,
-            "fail_mode": args.fail_mode,
-            "max_workload": args.max_workload,
-            "plaintext": True if args.plaintext else None,
-        }
-        cfg = cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
+        return cfgmod.validate(cfg.replace(**{k: v for k, v in overrides.items() if v is not None}))
+
+    try:
+        cfg = load()
         cfg.tls_files()  # missing, unreadable or expired certificates: said here, in one line
         import torch
 
@@ -126,6 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload_rules(server, cfg, load))
         await server.wait_stopped()
 
     try:
@@ -136,6 +161,28 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"openexample-controller: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _reload_rules(server: ControllerServer, running: Config, load: Callable[[], Config]) -> None:
+    """SIGHUP: read the config file again and apply its ``rules`` (added, removed and
+    changed rules logged); a file that does not load is one log line and changes
+    nothing. Other settings need a restart (said in the log when they differ)."""
+    if not server.accepting:
+        return
+    try:
+        new = load()
+    except ConfigError as exc:
+        server.reload_refused(str(exc))
+        return
+    server.reload_rules(new.rules)
+    skip = {"rules", "base_dir"}
+    differ = [
+        f.name
+        for f in dataclasses.fields(new)
+        if f.name not in skip and getattr(new, f.name) != getattr(running, f.name)
+    ]
+    if differ:
+        log.warning("SIGHUP reloads only `rules`; a restart applies: %s", ", ".join(differ))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,7 +154,8 @@ class RulesDiff:
         parts = [f"added {r.describe()}" for r in self.added]
         parts += [f"removed {r.describe()}" for r in self.removed]
         parts += [f"changed {o.describe()} -> {n.describe()}" for o, n in self.changed]
-        counts = f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
+        n = (len(self.added), len(self.removed), len(self.changed))
+        counts = "{} added, {} removed, {} changed".format(*n)
         return counts + (": " + "; ".join(parts) if parts else "")
 
 
@@ -194,6 +195,21 @@ class Step:
         self.persist_blocks = self.persist_blocks or other.persist_blocks
         self.notes.extend(other.notes)
         return self
+
+
+@dataclass(frozen=True, slots=True)
+class _ConfigRule:
+    """A config rule as applied: its ADD (with its COOKIE_CONFIG cookie), its entry key
+    (scope, priority, match) and its compiled actions."""
+
+    spec: RuleConfig
+    mod: pb.VigilanceMod
+    key: tuple[tuple[str, str], int, rules.RuleMatch]
+    actions: rules.RuleActions
+
+
+def _scope_name(scope: str) -> str:
+    return "the template" if scope == TEMPLATE else f"agent {scope!r}"
 
 
 def _unknown_items(n: int, reason: int) -> list[pb.PkgOutItem]:
@@ -489,6 +505,258 @@ class ControllerCore:
         )
         step.blocked.append(d)
         step.merge(self.mod_rules(mod, now, agent_id=agent_id)[0])
+
+    # --- desired state: durable (controller/store.py), and rules as code ---
+
+    def _tables(self) -> Iterator[tuple[str, rules.RuleTable]]:
+        yield TEMPLATE, self.template
+        yield from list(self.agent_rules.items())
+
+    def _copy_template(self, table: rules.RuleTable, now: float) -> None:
+        """The template's rules into ``table`` with their install times: a hard timeout
+        runs from when the rule was given, not from the copy."""
+        entries = list(self.template)
+        for rule in [entries[-1], *entries[:-1]]:
+            table.restore(rule.to_mod(), rule.installed_at, now)
+
+    def _agent_table(self, agent_id: str, now: float, step: Step) -> rules.RuleTable:
+        """The agent's desired table; a new one is a copy of the template."""
+        table = self.agent_rules.get(agent_id)
+        if table is None:
+            table = rules.RuleTable(self._miss, now=now)
+            self._copy_template(table, now)
+            self.agent_rules[agent_id] = table
+            # Config rules the template had count as given to this table too: one the
+            # operator deleted from all agents stays deleted for a new one.
+            self._config_applied[agent_id] = set(self._config_applied.get(TEMPLATE, ()))
+            step.persist.add(agent_id)
+        return table
+
+    def desired(self, scope: str) -> list[StoredRule] | None:
+        """What the store keeps of a scope (TEMPLATE or an agent id), in install order;
+        None if there is no such table. The default table-miss is left out: it comes
+        from the config (budget_us, fail_mode) at each start; an operator's change to it
+        is kept."""
+        table = self.template if scope == TEMPLATE else self.agent_rules.get(scope)
+        if table is None:
+            return None
+        *rest, miss = table
+        out = []
+        default = miss.actions == table.miss_actions and not (miss.cookie or miss.flags)
+        if not default:
+            out.append(StoredRule(miss.to_mod(), miss.installed_at))
+        out += [StoredRule(r.to_mod(), r.installed_at) for r in rest]
+        return out
+
+    def blocks(self) -> dict[tuple[str, str], float]:
+        """The blocked sources: (agent_id, source_id) -> expiry (0: none)."""
+        return dict(self._blocked)
+
+    def desired_state(self) -> DesiredState:
+        """Everything the store keeps (:meth:`restore` takes it back)."""
+        tables = {scope: self.desired(scope) or [] for scope, _ in self._tables()}
+        return DesiredState(tables, self.blocks())
+
+    def restore(self, state: DesiredState, now: float) -> Step:
+        """The desired state a previous run stored; call once, before any session and
+        before :meth:`reload_rules`.
+
+        Hard timeouts keep their deadlines: a rule (or block) whose deadline passed while
+        the controller was down is dropped, the others expire when they would have. Idle
+        timers restart now: the agents' idle time is not stored.
+        """
+        step = Step()
+        dropped = 0
+        for scope, stored in state.tables.items():
+            table = rules.RuleTable(self._miss, now=now)
+            for r in stored:
+                hard = r.mod.hard_timeout_s
+                if hard and now >= r.installed_at + hard:
+                    dropped += 1
+                    step.persist.add(scope)
+                    continue
+                try:
+                    table.restore(r.mod, r.installed_at, now)
+                except ProtocolError as exc:
+                    step.persist.add(scope)
+                    step.notes.append(
+                        f"stored rule prio={r.mod.priority} match={rules.match_text(r.mod.match)}"
+                        f" for {_scope_name(scope)} dropped: {exc}"
+                    )
+            if scope == TEMPLATE:
+                self.template = table
+            else:
+                self.agent_rules[scope] = table
+        for key, until in state.blocks.items():
+            if until and now >= until:
+                step.persist_blocks = True
+                continue
+            self._blocked[key] = until
+        # New blocks take cookies after the highest one in use.
+        in_use = [
+            r.cookie & ~COOKIE_KIND_MASK
+            for _, t in self._tables()
+            for r in t
+            if r.cookie & COOKIE_KIND_MASK == COOKIE_BLOCK
+        ]
+        self._block_cookie = itertools.count(max(in_use, default=0) + 1)
+        n_rules = sum(len(t) - 1 for _, t in self._tables())
+        step.notes.append(
+            f"desired state restored: {n_rules} rules for {len(self.agent_rules)} agents"
+            f" and the template, {len(self._blocked)} blocked sources"
+            + (f"; {dropped} rules expired while the controller was down" if dropped else "")
+        )
+        return step
+
+    def reload_rules(self, specs: Iterable[RuleConfig], now: float) -> tuple[Step, RulesDiff]:
+        """Rules as code: make the config's ``rules`` the config rules in force (at
+        start, after :meth:`restore`, and on SIGHUP).
+
+        Each table gets the config rules of its scope (all agents, one agent, or the
+        agents serving a model, once the agent has said which models it serves); rules
+        no longer in the config leave; a config rule an operator deleted or changed
+        through the admin API is put back (a note says so). Operator rules are never
+        touched: config rules are told apart by their cookie (COOKIE_CONFIG, the low bits
+        a hash of the entry). Live agents get the changes at once. Returns the Step and
+        the diff against the config rules in force before.
+        """
+        specs = tuple(specs)
+        entries: dict[int, _ConfigRule] = {}
+        for spec in specs:
+            mod = spec.to_mod(self.cfg.budget_us)
+            kind, who = spec.scope
+            digest = hashlib.blake2b(f"{kind}\0{who}\0".encode(), digest_size=6)
+            digest.update(mod.SerializeToString(deterministic=True))
+            mod.cookie = COOKIE_CONFIG | int.from_bytes(digest.digest(), "big")
+            key = (spec.scope, spec.priority, rules.RuleMatch.from_pb(mod.match))
+            actions = rules.RuleActions.from_pb(mod.actions)
+            entries[mod.cookie] = _ConfigRule(spec, mod, key, actions)
+        old = {e.key: e for e in self._config_mods.values()}
+        new = {e.key: e for e in entries.values()}
+        diff = RulesDiff(
+            added=[e.spec for k, e in new.items() if k not in old],
+            removed=[e.spec for k, e in old.items() if k not in new],
+            changed=[
+                (old[k].spec, e.spec)
+                for k, e in new.items()
+                if k in old and old[k].mod.cookie != e.mod.cookie
+            ],
+        )
+        self.config_rules = specs
+        self._config_mods = entries
+        step = Step()
+        for spec in specs:
+            if spec.agent:  # listed as desired state before the agent ever connects
+                self._agent_table(spec.agent, now, step)
+        for scope, table in self._tables():
+            mods = self._reconcile(scope, table, now, step, readd=True)
+            if scope != TEMPLATE and mods:
+                for sid in self.sessions_of(agent_id=scope):
+                    s = self.sessions[sid]
+                    step.send += [(sid, s.request(mod)) for mod in mods]
+        return step, diff
+
+    def _config_for(self, entry: _ConfigRule, scope: str) -> bool | None:
+        """Whether a config rule belongs in ``scope``'s table; None: not known yet (a
+        model-scoped rule and an agent whose models are not known since the start)."""
+        kind, who = entry.spec.scope
+        if scope == TEMPLATE:
+            return kind == "all"
+        if kind == "all":
+            return True
+        if kind == "agent":
+            return who == scope
+        models = self._agent_models.get(scope)
+        return None if models is None else who in models
+
+    def _reconcile(
+        self, scope: str, table: rules.RuleTable, now: float, step: Step, *, readd: bool
+    ) -> list[pb.VigilanceMod]:
+        """Bring ``table``'s config rules in line with the config: remove those no
+        longer in it (or not for this scope), add those missing. With ``readd`` (start,
+        SIGHUP) one an operator deleted or changed is put back; without (an agent's
+        resync) only rules this table never had are added. Returns the mods, applied to
+        ``table`` already (the caller sends them to a live agent)."""
+        applied = self._config_applied.setdefault(scope, set())
+        mods: list[pb.VigilanceMod] = []
+        for rule in list(table):
+            if rule.cookie & COOKIE_KIND_MASK != COOKIE_CONFIG:
+                continue
+            entry = self._config_mods.get(rule.cookie)
+            if entry is None or self._config_for(entry, scope) is False:
+                mods.append(
+                    rules.vigilance_mod(
+                        rules.DELETE_STRICT,
+                        match=rule.match,
+                        priority=rule.priority,
+                        cookie=rule.cookie,
+                        cookie_mask=_ALL_COOKIE_BITS,
+                    )
+                )
+                applied.discard(rule.cookie)
+        for cookie, entry in self._config_mods.items():
+            if not self._config_for(entry, scope):
+                continue
+            _, priority, match = entry.key
+            rule = table.get(priority, match)
+            if (
+                rule is not None
+                and rule.cookie == cookie
+                and rule.actions == entry.actions
+                and rule.flags == entry.mod.flags
+                and not (rule.idle_timeout_s or rule.hard_timeout_s)
+            ):
+                applied.add(cookie)
+                continue
+            if cookie in applied:
+                if not readd:
+                    continue  # the operator deleted or changed it: so until SIGHUP/restart
+                step.notes.append(
+                    f"config rule {entry.spec.describe()} put back for {_scope_name(scope)}"
+                    " (an operator had deleted or changed it)"
+                )
+            mods.append(entry.mod)
+            applied.add(cookie)
+        done = []
+        for mod in mods:
+            try:
+                table.apply(mod, now)
+            except ProtocolError as exc:  # e.g. the table is full
+                step.notes.append(
+                    f"config rule prio={mod.priority} match={rules.match_text(mod.match)}"
+                    f" not installed for {_scope_name(scope)}: {exc}"
+                )
+                continue
+            done.append(mod)
+        if done:
+            step.persist.add(scope)
+        return done
+
+    def desired_rules(
+        self,
+        filt: pb.StatsRequest,
+        now: float,
+        *,
+        agent_id: str = "",
+        model_id: str = "",
+        template: bool = True,
+    ) -> list[tuple[str, list[pb.RuleStats]]]:
+        """The desired rules as STATS RULES (match counts 0: agents count, not the
+        controller), per scope: the template (when ``template`` and neither filter is
+        set), then each known agent passing the filters (``model_id``: the agents known
+        to serve it since the start). Raises ProtocolError for a bad filter match."""
+        match = filt.match if filt.HasField("match") else None
+        out = []
+        if template and not agent_id and not model_id:
+            out.append((TEMPLATE, self.template.stats(match, filt.cookie, filt.cookie_mask, now)))
+        for aid in sorted(self.agent_rules):
+            if agent_id and aid != agent_id:
+                continue
+            if model_id and model_id not in self._agent_models.get(aid, ()):
+                continue
+            table = self.agent_rules[aid]
+            out.append((aid, table.stats(match, filt.cookie, filt.cookie_mask, now)))
+        return out
 
     # --- introspection ---
 

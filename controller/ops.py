@@ -114,7 +114,7 @@ def mod_rules(args: argparse.Namespace, command: int) -> int:
         else:
             print(f"{r.agent_id}: ok")
     if not resp.results:
-        print("no agent connected; kept for agents that connect later")
+        print("no agent connected; stored as desired state: agents get it when they connect")
     return 1 if failed else 0
 
 
@@ -125,22 +125,39 @@ def list_rules(args: argparse.Namespace) -> int:
         cookie=args.cookie,
         cookie_mask=args.cookie_mask,
     )
-    req = admin_pb2.ListRulesRequest(agent_id=args.agent, model_id=args.for_model, filter=filt)
+    req = admin_pb2.ListRulesRequest(
+        agent_id=args.agent,
+        model_id=args.for_model,
+        filter=filt,
+        desired=getattr(args, "desired", False),
+    )
     resp = _stub(args).ListRules(req, timeout=10)
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
         return 0
     if not resp.agents:
-        print("no agent connected")
+        print("no agent connected, and no desired rules for one")
     for a in resp.agents:
-        print(f"agent {a.agent_id}" + (f"  (error: {a.error.text})" if a.HasField("error") else ""))
+        if a.desired and not a.agent_id:
+            head = "template (desired: what agents not seen yet get)"
+        elif a.desired:
+            state = "connected" if a.connected else "not connected"
+            head = f"agent {a.agent_id} (desired; {state})"
+        else:
+            head = f"agent {a.agent_id}"
+        print(head + (f"  (error: {a.error.text})" if a.HasField("error") else ""))
         for r in a.rules:
             acts = rules.RuleActions.from_pb(r.actions)
-            print(
-                f"  prio={r.priority:<5} cookie={r.cookie:#x} match={_match_text(r.match)}"
-                f" actions={_actions_text(acts)} matched={r.match_count}"
-                f" age={r.duration_s:.1f}s idle={r.idle_timeout_s} hard={r.hard_timeout_s}"
+            line = (
+                f"  prio={r.priority:<5} cookie={r.cookie:#x} match={rules.match_text(r.match)}"
+                f" actions={rules.actions_text(acts)}"
             )
+            if not a.desired:  # the controller does not count matches: agents do
+                line += f" matched={r.match_count}"
+            line += f" age={r.duration_s:.1f}s idle={r.idle_timeout_s} hard={r.hard_timeout_s}"
+            if a.desired and r.hard_timeout_s:
+                line += f" ({max(0.0, r.hard_timeout_s - r.duration_s):.0f}s left)"
+            print(line)
     return 0
 
 
@@ -154,27 +171,3 @@ def list_agents(args: argparse.Namespace) -> int:
     if not resp.agents:
         print("no agent connected")
     return 0
-
-
-def _match_text(m: pb.Match) -> str:
-    parts = []
-    for f, name in (("model_id", "model"), ("source_id", "source"), ("label", "label")):
-        if m.HasField(f):
-            parts.append(f"{name}={getattr(m, f)}")
-    if m.HasField("confidence_min") or m.HasField("confidence_max"):
-        lo = f"{m.confidence_min:g}" if m.HasField("confidence_min") else ""
-        hi = f"{m.confidence_max:g}" if m.HasField("confidence_max") else ""
-        parts.append(f"confidence={lo}:{hi}")
-    return ",".join(parts) or "*"
-
-
-def _actions_text(a: rules.RuleActions) -> str:
-    text = a.verdict_source
-    if a.verdict_source == rules.INSPECT:
-        mode = "secure" if a.fail_mode == pb.FAIL_MODE_SECURE else "standalone"
-        text += f":{a.budget_us}:{mode}"
-    if a.mirror:
-        text += "+mirror"
-    if a.sample_p:
-        text += f"+sample:{a.sample_p:g}"
-    return text

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
@@ -28,12 +29,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from controller import native
-from controller.config import Config
-from controller.core import ControllerCore, InspectJob, ScoreTimes, Step
+from controller.config import Config, RuleConfig
+from controller.core import TEMPLATE, ControllerCore, InspectJob, RulesDiff, ScoreTimes, Step
 from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs
 from controller.session import State
+from controller.store import Store
 from openexample import grpc_tls, messages, tls
 from openexample.addresses import Address
 from openexample.errors import ProtocolError, bad_request
@@ -114,6 +116,9 @@ class ControllerServer:
             core=self.core,
         )
         self.journal = Journal(cfg.journal)
+        # Desired rules and blocks, in the journal's file (controller/store.py); read
+        # back in start(), before anything listens.
+        self.store = Store(cfg.journal)
         self.port = 0
         self.metrics_port = 0
         self.native_addresses: list[Address] = []  # as bound (tcp port 0 resolved)
@@ -134,6 +139,7 @@ class ControllerServer:
     # --- lifecycle ---
 
     async def start(self) -> None:
+        self._load_desired_state()
         server = grpc.aio.server(options=DEFAULT_LIMITS.grpc_options())
         handler = grpc.stream_stream_rpc_method_handler(self._connect)  # raw bytes both ways
         server.add_generic_rpc_handlers(
@@ -202,6 +208,48 @@ class ControllerServer:
             sorted(self.scorers) or "no model",
         )
 
+    def _load_desired_state(self) -> None:
+        """The stored desired rules and blocks, then the config's rules on top (what
+        changed in the config since is applied, and logged); before anything listens."""
+        now = time.monotonic()
+        step = self.core.restore(self.store.load(time.time() - now), now)
+        config_step, _ = self.core.reload_rules(self.cfg.rules, now)
+        self._dispatch(step.merge(config_step))
+        if self.cfg.rules:
+            log.info(
+                "config rules in force: %s",
+                "; ".join(r.describe() for r in self.cfg.rules),
+            )
+
+    def reload_rules(self, specs: tuple[RuleConfig, ...]) -> RulesDiff:
+        """SIGHUP: the config file's rules replace the config rules in force; the diff
+        is logged and journaled, and applied to desired state and live agents."""
+        step, diff = self.core.reload_rules(specs, time.monotonic())
+        self._dispatch(step)
+        log.info("SIGHUP: config rules reloaded: %s", diff.summary())
+        self._journal_reload(diff.summary(), "ok")
+        return diff
+
+    def reload_refused(self, reason: str) -> None:
+        """SIGHUP with a config that does not load: one log line, nothing changes."""
+        log.error("SIGHUP: config not reloaded, rules unchanged: %s", reason)
+        self._journal_reload(reason, "invalid")
+
+    def _journal_reload(self, text: str, outcome: str) -> None:
+        request = json.dumps({"config_rules": text})
+        asyncio.get_running_loop().run_in_executor(
+            None, self.journal.record_admin, time.time(), "config", "ReloadRules", request, outcome
+        )
+
+    def _persist(self, step: Step) -> None:
+        """Store what the step changed in desired state, before anything is sent."""
+        tables = {scope: self.core.desired(scope) for scope in step.persist}
+        blocks = self.core.blocks() if step.persist_blocks else None
+        try:
+            self.store.write(tables, blocks, time.time() - time.monotonic())
+        except sqlite3.Error as exc:  # the daemon goes on; a restart would lose this change
+            log.error("desired state not stored (%s): %s", ", ".join(sorted(tables)), exc)
+
     def _start_metrics(self) -> None:
         cfg = self.cfg
         files = {}
@@ -242,6 +290,7 @@ class ControllerServer:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.journal.close)
+        self.store.close()
         if getattr(self, "_httpd", None) is not None:
             self._httpd.shutdown()
         self._stopped.set()
@@ -338,6 +387,10 @@ class ControllerServer:
         return s.session.limits.max_message_bytes
 
     def _dispatch(self, step: Step) -> None:
+        if step.persist or step.persist_blocks:
+            self._persist(step)  # stored first: what agents get is never only in memory
+        for note in step.notes:
+            log.warning("desired state: %s", note)
         for sid, env in step.send:
             sender = self._senders.get(sid)
             if sender is not None:
@@ -540,7 +593,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
     ) -> admin_pb2.ModRulesResponse:
         core = self.srv.core
         try:
-            send, waits = core.mod_rules(
+            step, waits = core.mod_rules(
                 request.mod,
                 time.monotonic(),
                 agent_id=request.agent_id,
@@ -558,7 +611,7 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
                     self.srv.expect_reply(sid, barrier_xid),
                 )
             )
-        self.srv._dispatch(Step(send=send))
+        self.srv._dispatch(step)  # stored before the agents get it
         results = []
         for agent_id, mod_fut, barrier_fut in futures:
             res = admin_pb2.AgentResult(agent_id=agent_id)
@@ -576,18 +629,29 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
     async def ListRules(
         self, request: admin_pb2.ListRulesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRulesResponse:
+        """Connected agents answer with their live tables (STATS RULES); known agents
+        that are not connected, and the template when no agent is, are answered from
+        the controller's desired rules (marked ``desired``). With ``request.desired``,
+        desired rules only, for every known agent and the template."""
         await self._caller(context, "ListRules", _READERS)
+        core = self.srv.core
         filt = pb.StatsRequest()
         filt.CopyFrom(request.filter)
         filt.type = pb.STATS_TYPE_RULES
-        reqs = self.srv.core.stats_requests(
-            filt, agent_id=request.agent_id, model_id=request.model_id
-        )
+        aid_filter = {"agent_id": request.agent_id, "model_id": request.model_id}
+        reqs = [] if request.desired else core.stats_requests(filt, **aid_filter)
+        try:
+            desired = core.desired_rules(
+                filt, time.monotonic(), template=request.desired or not reqs, **aid_filter
+            )
+        except ProtocolError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        live = {core.sessions[sid].agent_id for sid in core.sessions_of()}
         futs = [(aid, self.srv.expect_reply(sid, env.xid)) for sid, env, aid in reqs]
         self.srv._dispatch(Step(send=[(sid, env) for sid, env, _ in reqs]))
         out = admin_pb2.ListRulesResponse()
         for aid, fut in futs:
-            entry = out.agents.add(agent_id=aid)
+            entry = out.agents.add(agent_id=aid, connected=True)
             try:
                 env = await asyncio.wait_for(fut, REPLY_TIMEOUT_S)
             except TimeoutError:
@@ -597,6 +661,11 @@ class _Admin(admin_pb2_grpc.ControllerAdminServicer):
                 entry.error.CopyFrom(env.error)
             else:
                 entry.rules.extend(env.stats_reply.rules)
+        asked = {aid for _, _, aid in reqs}
+        for scope, stats in desired:
+            if scope not in asked:
+                connected = scope != TEMPLATE and scope in live
+                out.agents.add(agent_id=scope, rules=stats, desired=True, connected=connected)
         return out
 
     async def ListAgents(

@@ -247,8 +247,29 @@ class Rule:
     def stats(self, now: float) -> pb.RuleStats:
         return pb.RuleStats(actions=self.actions.to_pb(), flags=self.flags, **self._report(now))
 
-    def to_mod(self) -> pb.VigilanceMod:
-        """The ADD that installs this entry (fresh counters and timers)."""
+    def remaining_hard_s(self, now: float) -> int:
+        """What is left of the hard timeout at ``now``, in whole seconds rounded up
+        (at least 1 while it has not passed; 0: no hard timeout, or it has passed)."""
+        if not self.hard_timeout_s:
+            return 0
+        left = self.installed_at + self.hard_timeout_s - now
+        if left <= 0:
+            return 0
+        # The epsilon keeps float noise (30 - 20 = 10.000000000001) from adding a second.
+        return max(1, math.ceil(left - 1e-6))
+
+    def to_mod(self, now: float | None = None) -> pb.VigilanceMod:
+        """The ADD that installs this entry (fresh counters and timers).
+
+        With ``now`` it is a replay of the entry as it stands: the hard timeout is what
+        remains of it (:meth:`remaining_hard_s`), so a replay never extends it. The idle
+        timeout is sent whole: the receiver's idle timer starts at the replay.
+        """
+        hard = self.hard_timeout_s
+        if now is not None and hard:
+            hard = self.remaining_hard_s(now)
+            if not hard:
+                raise ValueError(f"rule {self.match} at priority {self.priority} has expired")
         return vigilance_mod(
             ADD,
             match=self.match,
@@ -256,7 +277,7 @@ class Rule:
             actions=self.actions.to_pb(),
             cookie=self.cookie,
             idle_timeout_s=self.idle_timeout_s,
-            hard_timeout_s=self.hard_timeout_s,
+            hard_timeout_s=hard,
             flags=self.flags,
         )
 
@@ -414,6 +435,10 @@ class RuleTable:
 
     # -- introspection ----------------------------------------------------------------
 
+    def get(self, priority: int, match: RuleMatch) -> Rule | None:
+        """The entry at exactly (priority, match), if any (no counters change)."""
+        return self._by_key.get((priority, match))
+
     def stats(
         self,
         match: pb.Match | None = None,
@@ -438,14 +463,35 @@ class RuleTable:
             hit_count=self.hit_count,  # eviction_count stays 0: a full table refuses ADDs
         )
 
-    def snapshot(self) -> list[pb.VigilanceMod]:
+    def snapshot(self, now: float | None = None) -> list[pb.VigilanceMod]:
         """ADDs that rebuild this table in a fresh one (counters and timers restart).
+
+        With ``now`` the hard timeouts keep their deadlines: rules whose hard timeout
+        has passed are left out, the others carry what remains of it (rounded up to a
+        whole second, :meth:`Rule.to_mod`). Idle timers restart at the replay.
 
         The table-miss goes first: replayed last, a CHECK_OVERLAP on it would hit the
         priority-0 rules already replayed.
         """
         ordered = [self._entries[-1], *self._entries[:-1]]
-        return [rule.to_mod() for rule in ordered]
+        if now is None:
+            return [rule.to_mod() for rule in ordered]
+        live = [r for r in ordered if not r.hard_timeout_s or r.remaining_hard_s(now)]
+        return [rule.to_mod(now) for rule in live]
+
+    def restore(self, mod: pb.VigilanceMod, installed_at: float, now: float) -> Rule:
+        """Install the ADD ``mod`` as an entry first installed at ``installed_at`` (a
+        copy from another table, or a rule read back from storage): its hard timeout
+        counts from then, so it never extends. Its idle timer starts at ``now``: idle
+        time before a copy or a restart is not known here. Validated as :meth:`apply`.
+        """
+        if mod.command != ADD:
+            raise _fail("BAD_COMMAND", f"restore takes an ADD, got command {mod.command}")
+        self.apply(mod, now)
+        rule = self._by_key[(mod.priority, RuleMatch.from_pb(mod.match))]
+        rule.installed_at = installed_at
+        rule.last_matched_at = max(now, installed_at)
+        return rule
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -517,3 +563,94 @@ def vigilance_mod(
         match=match,
         actions=list(actions),
     )
+
+
+# -- text syntax (the operator CLI and the config's rules) ---------------------------
+
+MATCH_KEYS = ("model", "source", "label", "confidence")
+
+
+def parse_match(text: str) -> pb.Match:
+    """``model=mnist,source=user7,label=3,confidence=0:0.5`` -> pb.Match ("" matches all).
+
+    Raises ValueError naming the bad part.
+    """
+    m = pb.Match()
+    if not text:
+        return m
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in MATCH_KEYS:
+            raise ValueError(f"match field {part!r}: want one of {', '.join(MATCH_KEYS)}=VALUE")
+        if key == "model":
+            m.model_id = value
+        elif key == "source":
+            m.source_id = value
+        elif key == "label":
+            try:
+                m.label = int(value)
+            except ValueError:
+                raise ValueError(f"label={value!r}: want an integer") from None
+        else:
+            lo, sep, hi = value.partition(":")
+            if not sep:
+                raise ValueError(f"confidence={value!r}: want LO:HI (either may be empty)")
+            try:
+                if lo:
+                    m.confidence_min = float(lo)
+                if hi:
+                    m.confidence_max = float(hi)
+            except ValueError:
+                raise ValueError(f"confidence={value!r}: want numbers LO:HI") from None
+    return m
+
+
+def parse_action(text: str, default_budget_us: int) -> pb.Action:
+    """``inspect[:BUDGET_US[:standalone|secure]]``, ``allow``, ``drop``, ``mirror``,
+    ``sample:P`` -> pb.Action. An inspect without a budget gets ``default_budget_us``.
+
+    Raises ValueError naming the action (the action list itself is checked by
+    :meth:`RuleActions.from_pb`).
+    """
+    kind, *args = text.strip().split(":")
+    try:
+        if kind == "inspect" and len(args) <= 2:
+            budget = int(args[0]) if args and args[0] else default_budget_us
+            mode = args[1] if len(args) > 1 else "standalone"
+            return inspect(budget, mode)
+        if kind in ("allow", "drop", "mirror") and not args:
+            return {"allow": allow, "drop": drop, "mirror": mirror}[kind]()
+        if kind == "sample" and len(args) == 1:
+            return sample(float(args[0]))
+    except (ValueError, ProtocolError) as exc:
+        raise ValueError(f"action {text!r}: {getattr(exc, 'text', exc)}") from None
+    raise ValueError(
+        f"action {text!r}: want inspect[:BUDGET_US[:MODE]], allow, drop, mirror or sample:P"
+    )
+
+
+def match_text(m: pb.Match) -> str:
+    """The :func:`parse_match` syntax of ``m`` ("*" for the all-wildcard)."""
+    parts = []
+    for f, name in (("model_id", "model"), ("source_id", "source"), ("label", "label")):
+        if m.HasField(f):
+            parts.append(f"{name}={getattr(m, f)}")
+    if m.HasField("confidence_min") or m.HasField("confidence_max"):
+        lo = f"{m.confidence_min:g}" if m.HasField("confidence_min") else ""
+        hi = f"{m.confidence_max:g}" if m.HasField("confidence_max") else ""
+        parts.append(f"confidence={lo}:{hi}")
+    return ",".join(parts) or "*"
+
+
+def actions_text(a: RuleActions) -> str:
+    """``inspect:400000:secure``, ``drop+mirror``, ... (close to :func:`parse_action`)."""
+    text = a.verdict_source
+    if a.verdict_source == INSPECT:
+        mode = "secure" if a.fail_mode == pb.FAIL_MODE_SECURE else "standalone"
+        text += f":{a.budget_us}:{mode}"
+    if a.mirror:
+        text += "+mirror"
+    if a.sample_p:
+        text += f"+sample:{a.sample_p:g}"
+    return text

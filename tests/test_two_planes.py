@@ -180,11 +180,6 @@ def test_old_strikes_decay_and_do_not_block():
     assert pair.blocked == [("a", "mallory")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: resync replays rules with their full hard_timeout_s (Rule.to_mod),"
-    " so a reconnect extends a block past the controller's own expiry",
-)
 def test_a_block_is_not_extended_by_a_reconnect():
     pair = TwoPlanes(trace_min_adversarial=1, trace_alpha=0.05, block_hard_timeout_s=30)
     a = pair.attach("a")

@@ -477,8 +477,8 @@ class TwoPlanes:
     ) -> dict[str, pb.Error | None]:
         """ControllerCore.mod_rules, delivered; per agent: None, or the error (as the
         admin API's ModRules answers). Raises ProtocolError for an invalid mod."""
-        send, waits = self.core.mod_rules(mod, self.now, agent_id=agent_id, model_id=model_id)
-        self._dispatch(Step(send=send))
+        step, waits = self.core.mod_rules(mod, self.now, agent_id=agent_id, model_id=model_id)
+        self._dispatch(step)
         self.pump()
         out: dict[str, pb.Error | None] = {}
         for sid, mod_xid, barrier_xid, aid in waits:

@@ -101,8 +101,15 @@ class ListRulesRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     model_id: _builtins.str
+    desired: _builtins.bool
+    """Answer from the controller's desired rules (what it installs on each agent, kept
+    across restarts), for every known agent and the template, without asking agents.
+    Without it: connected agents answer with their live tables, and known agents that
+    are not connected are answered from desired state (marked `desired`).
+    """
     @_builtins.property
     def filter(self) -> _openexample_pb2.StatsRequest:
         """Filter as in STATS (match covers, cookie/mask)."""
@@ -113,10 +120,11 @@ class ListRulesRequest(_message.Message):
         agent_id: _builtins.str = ...,
         model_id: _builtins.str = ...,
         filter: _openexample_pb2.StatsRequest | None = ...,
+        desired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "filter", b"filter", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "desired", b"desired", "filter", b"filter", "model_id", b"model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,7 +157,16 @@ class AgentRules(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """Empty with `desired`: the template, what an agent not seen yet gets."""
+    desired: _builtins.bool
+    """The controller's desired rules, not read from the agent: match counts are 0, and
+    duration_s counts from when the controller first installed the rule.
+    """
+    connected: _builtins.bool
+    """Whether the agent is connected now."""
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[_openexample_pb2.RuleStats]: ...
     @_builtins.property
@@ -160,10 +177,12 @@ class AgentRules(_message.Message):
         agent_id: _builtins.str = ...,
         rules: _abc.Iterable[_openexample_pb2.RuleStats] | None = ...,
         error: _openexample_pb2.Error | None = ...,
+        desired: _builtins.bool = ...,
+        connected: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "error", b"error", "rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "connected", b"connected", "desired", b"desired", "error", b"error", "rules", b"rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

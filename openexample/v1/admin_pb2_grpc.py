@@ -63,7 +63,8 @@ class ControllerAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRules(self, request, context):
-        """Rules with counters, read from the agents (STATS RULES).
+        """Rules with counters, read from the agents (STATS RULES); for agents that are not
+        connected (or with `desired`), the controller's desired rules instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class ControllerAdminStub:
     set, so agents that (re)connect later get it too.
     """
     ListRules: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRulesRequest, _admin_pb2.ListRulesResponse]
-    """Rules with counters, read from the agents (STATS RULES)."""
+    """Rules with counters, read from the agents (STATS RULES); for agents that are not
+    connected (or with `desired`), the controller's desired rules instead.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
     """Connected agents and their models."""
 
@@ -50,7 +52,9 @@ class ControllerAdminAsyncStub(ControllerAdminStub):
     set, so agents that (re)connect later get it too.
     """
     ListRules: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRulesRequest, _admin_pb2.ListRulesResponse]  # type: ignore[assignment]
-    """Rules with counters, read from the agents (STATS RULES)."""
+    """Rules with counters, read from the agents (STATS RULES); for agents that are not
+    connected (or with `desired`), the controller's desired rules instead.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Connected agents and their models."""
 
@@ -71,7 +75,9 @@ class ControllerAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListRulesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListRulesResponse, _abc.Awaitable[_admin_pb2.ListRulesResponse]]:
-        """Rules with counters, read from the agents (STATS RULES)."""
+        """Rules with counters, read from the agents (STATS RULES); for agents that are not
+        connected (or with `desired`), the controller's desired rules instead.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(
