@@ -189,7 +189,8 @@ class Step:
     notes: list[str] = field(default_factory=list)
 
     def merge(self, other: Step) -> Step:
-        """``other``'s messages and what to store, added to this step."""
+        """``other``'s messages, what to store and notes, added to this step (the
+        parts an operator's or the config's rule changes produce)."""
         self.send.extend(other.send)
         self.persist |= other.persist
         self.persist_blocks = self.persist_blocks or other.persist_blocks
@@ -602,7 +603,7 @@ class ControllerCore:
         self._block_cookie = itertools.count(max(in_use, default=0) + 1)
         n_rules = sum(len(t) - 1 for _, t in self._tables())
         step.notes.append(
-            f"desired state restored: {n_rules} rules for {len(self.agent_rules)} agents"
+            f"restored {n_rules} rules for {len(self.agent_rules)} agents"
             f" and the template, {len(self._blocked)} blocked sources"
             + (f"; {dropped} rules expired while the controller was down" if dropped else "")
         )

@@ -212,7 +212,11 @@ class ControllerServer:
         """The stored desired rules and blocks, then the config's rules on top (what
         changed in the config since is applied, and logged); before anything listens."""
         now = time.monotonic()
-        step = self.core.restore(self.store.load(time.time() - now), now)
+        try:
+            stored = self.store.load(time.time() - now)
+        except (sqlite3.Error, ValueError) as exc:  # refuse to run without the operator's rules
+            raise OSError(f"cannot read the desired state in {self.cfg.journal}: {exc}") from None
+        step = self.core.restore(stored, now)
         config_step, _ = self.core.reload_rules(self.cfg.rules, now)
         self._dispatch(step.merge(config_step))
         if self.cfg.rules:
@@ -390,7 +394,7 @@ class ControllerServer:
         if step.persist or step.persist_blocks:
             self._persist(step)  # stored first: what agents get is never only in memory
         for note in step.notes:
-            log.warning("desired state: %s", note)
+            log.info("desired state: %s", note)
         for sid, env in step.send:
             sender = self._senders.get(sid)
             if sender is not None:

@@ -184,8 +184,8 @@ def test_controller_killed_mid_stream_then_back(controller, agent, mnist):
     proc.start()
     assert lenient.wait_connected(20) and strict.wait_connected(20)
     assert lenient(mnist.test.x[6]).decided_by == "controller"
-    # The operator's rule for "secure" was resynced from... the restarted controller
-    # has no memory of it, so the default table-miss rule applies again.
+    # The operator's rule for "secure" (INSPECT, so the controller decides) came back
+    # from the restarted controller's stored desired state: tests/test_durable_state.py.
     assert strict(mnist.test.x[7]).decided_by == "controller"
 
 

@@ -642,6 +642,83 @@ def test_snapshot_replays_into_an_equal_table():
     assert [r.cookie for r in fresh if r.priority == 9] == [2**64 - 1, 0, 5]
 
 
+def test_a_replay_at_now_keeps_hard_deadlines_and_drops_expired_rules():
+    t = table()
+    add(t, now=0.0, match=m(label=1), hard_timeout_s=30, cookie=1)
+    add(t, now=0.0, match=m(label=2), hard_timeout_s=5, cookie=2)
+    add(t, now=0.0, match=m(label=3), idle_timeout_s=7, cookie=3)
+    rule = t.get(R.DEFAULT_PRIORITY, R.RuleMatch(label=1))
+    assert [rule.remaining_hard_s(x) for x in (0.0, 20.0, 29.5, 30.0, 31.0)] == [30, 10, 1, 0, 0]
+    assert rule.to_mod().hard_timeout_s == 30  # without now: as given
+    replay = t.snapshot(now=20.0)  # label=2 has expired (not yet removed by expire)
+    assert [(x.cookie, x.hard_timeout_s, x.idle_timeout_s) for x in replay] == [
+        (0, 0, 0),
+        (1, 10, 0),
+        (3, 0, 7),  # idle timers restart where the replay lands
+    ]
+    with pytest.raises(ValueError, match="expired"):
+        t.get(R.DEFAULT_PRIORITY, R.RuleMatch(label=2)).to_mod(20.0)
+
+
+def test_restore_keeps_the_install_time_and_restarts_the_idle_timer():
+    t = table()
+    x = mod("add", match=m(label=1), hard_timeout_s=30, idle_timeout_s=10, cookie=1)
+    rule = t.restore(x, installed_at=-20.0, now=5.0)
+    assert (rule.installed_at, rule.last_matched_at) == (-20.0, 5.0)
+    assert rule.deadlines() == (10.0, 15.0)
+    assert t.expire(9.9) == [] and len(t) == 2
+    t.expire(10.0)
+    assert len(t) == 1
+    with pytest.raises(ProtocolError) as err:
+        t.restore(mod("delete"), 0.0, 0.0)
+    assert err.value.code == C.VIGILANCE_MOD_FAILED_CODE_BAD_COMMAND
+    with pytest.raises(ProtocolError):  # validated as apply() validates
+        t.restore(mod("add", priority=MAX_PRIORITY + 1), 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("", pb.Match()),
+        ("model=m,source=s", pb.Match(model_id="m", source_id="s")),
+        ("label=3,confidence=0:0.5", pb.Match(label=3, confidence_min=0.0, confidence_max=0.5)),
+        ("confidence=:0.25", pb.Match(confidence_max=0.25)),
+    ],
+)
+def test_match_text_round_trips(text, want):
+    assert R.parse_match(text) == want
+    assert R.match_text(want) == (text or "*")
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("drop", R.drop()),
+        ("allow", R.allow()),
+        ("mirror", R.mirror()),
+        ("sample:0.5", R.sample(0.5)),
+        ("inspect", R.inspect(777)),
+        ("inspect:400000:secure", R.inspect(400_000, "secure")),
+    ],
+)
+def test_action_text(text, want):
+    assert R.parse_action(text, default_budget_us=777) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["dorp", "drop:1", "inspect:x", "inspect:1:weird", "inspect:1:secure:2", "sample"]
+)
+def test_bad_action_text_is_a_value_error_naming_it(text):
+    with pytest.raises(ValueError, match=f"action {text!r}"):
+        R.parse_action(text, 350)
+
+
+@pytest.mark.parametrize("text", ["colour=red", "label=x", "confidence=1", "confidence=a:b"])
+def test_bad_match_text_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        R.parse_match(text)
+
+
 # --- a naive reference model -----------------------------------------------------------
 #
 # A plain list of dicts, brute force everywhere, written from the spec rather than from
