@@ -52,6 +52,17 @@ def guards(example_model):
         g.close()
 
 
+def logged(proc, text, timeout_s=10.0):
+    """Whether the daemon logs ``text`` within the timeout (its log is read by a thread,
+    which may lag behind what a test has already seen on the wire)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(text in line for line in proc.log):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def admin(proc, identity="operator/bench", files: TlsFiles | None = None):
     if files is None:
         return admin_pb2_grpc.ControllerAdminStub(proc.channel_as(identity))
@@ -157,7 +168,7 @@ def test_a_new_connection_of_an_agent_replaces_the_old_one(controller):
         first.recv("pkg_out", timeout=10)  # its stream is closed by the controller
     agents = admin(proc).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10).agents
     assert [a.agent_id for a in agents] == ["dup"]
-    assert any("connected again; the old session is closed" in line for line in proc.log)
+    assert logged(proc, "connected again; the old session is closed")
     first.close()
     second.close()
 
@@ -208,7 +219,7 @@ def test_rt_poisoning_with_a_forged_fingerprint_is_not_pushed(
     rule_keys(proc, "victim")  # a round trip to the victim: any push would be there now
     r = victim(x)
     assert (r.decided_by, r.verdict, r.released) == ("controller", "benign", True)
-    assert any("fingerprint is not the controller's own" in line for line in proc.log)
+    assert logged(proc, "fingerprint is not the controller's own")
     # An honest claim is pushed: swift vigilance still works.
     _, adv = fgsm
     logits = _logits(example_model, adv[:40])
@@ -243,7 +254,7 @@ def test_an_agent_cannot_frame_another_agents_source(
     # The block lands on mallory, the agent the source came through ...
     mod = peer.recv("vigilance_mod").vigilance_mod
     assert mod.match.source_id == "plc-7" and mod.actions[0].HasField("drop")
-    assert any("blocked source 'plc-7' on agent 'mallory'" in line for line in proc.log)
+    assert logged(proc, "blocked source 'plc-7' on agent 'mallory'")
     # ... and never on the victim, whose plc-7 is somebody else.
     assert not [k for k in rule_keys(proc, "victim") if b"plc-7" in k[2]]
     r = victim(mnist.test.x[3], source_id="plc-7")
@@ -393,4 +404,4 @@ def test_predict_callers_cannot_spoof_a_source(controller, example_model, fgsm, 
     finally:
         agent.terminate()
         assert agent.wait(20) == 0
-    assert any("blocked source 'eve' on agent 'line-1'" in line for line in proc.log)
+    assert logged(proc, "blocked source 'eve' on agent 'line-1'")
