@@ -13,7 +13,6 @@ Prometheus ride along on gRPC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
@@ -23,14 +22,14 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from controller import native
+from controller.admin import AdminService
 from controller.config import Config, RuleConfig
-from controller.core import TEMPLATE, ControllerCore, InspectJob, RulesDiff, ScoreTimes, Step
+from controller.core import ControllerCore, InspectJob, RulesDiff, ScoreTimes, Step
 from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs
@@ -39,14 +38,13 @@ from controller.store import Store
 from openexample import grpc_tls, messages, tls
 from openexample.addresses import Address
 from openexample.errors import ProtocolError, bad_request
-from openexample.identity import Identity, Kind
+from openexample.identity import Identity
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
 SERVICE = "openexample.v1.OpenExample"
-REPLY_TIMEOUT_S = 2.0
 
 
 class Sender(Protocol):
@@ -145,7 +143,7 @@ class ControllerServer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler}),)
         )
-        admin_pb2_grpc.add_ControllerAdminServicer_to_server(_Admin(self), server)
+        admin_pb2_grpc.add_ControllerAdminServicer_to_server(AdminService(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (
             SERVICE,
@@ -477,6 +475,10 @@ class ControllerServer:
         sender.discard(messages.error_envelope(err, b"", version).SerializeToString())
         self._dispatch(self.core.close_session(sid, f"{err.name}", time.monotonic()))
 
+    def dispatch(self, step: Step) -> None:
+        """Carry out a step the admin API made (store, send, record)."""
+        self._dispatch(step)
+
     def expect_reply(self, sid: int, xid: int) -> asyncio.Future[pb.Envelope]:
         fut = asyncio.get_running_loop().create_future()
         self._waiters[(sid, xid)] = fut
@@ -532,159 +534,3 @@ class ControllerServer:
         while True:
             await asyncio.sleep(0.2)
             await asyncio.to_thread(self.journal.flush)
-
-
-_READERS = (Kind.OPERATOR, Kind.READER)
-_WRITERS = (Kind.OPERATOR,)
-
-
-class _Admin(admin_pb2_grpc.ControllerAdminServicer):
-    """Operator API: rules add/list/del and the agents list.
-
-    Who may call what comes from the caller's client certificate: ``operator``
-    identities read and change, ``reader`` identities read; anyone else (agents
-    included) gets PERMISSION_DENIED. Every change, and every refused attempt, goes to
-    the journal with who made it.
-    """
-
-    def __init__(self, srv: ControllerServer) -> None:
-        self.srv = srv
-
-    async def _caller(
-        self,
-        context: grpc.aio.ServicerContext,
-        method: str,
-        allowed: tuple[Kind, ...],
-        request: object = None,
-    ) -> str:
-        """Who calls (for the journal); aborts with PERMISSION_DENIED if not allowed."""
-        srv = self.srv
-        if srv.tls is None:
-            return "plaintext"
-        ident = tls.grpc_peer_identity(context)
-        if ident is not None and ident.kind in allowed:
-            return str(ident)
-        who = str(ident) if ident is not None else "a certificate with no identity"
-        need = " or ".join(k.value for k in allowed)
-        srv.metrics.errors.labels("ADMIN_DENIED").inc()
-        log.warning("admin %s denied to %s (needs %s)", method, who, need)
-        if request is not None:
-            await self._journal(who, method, request, f"denied: needs {need}")
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED, f"{method}: {who} may not (needs {need})"
-        )
-        raise AssertionError("unreachable")  # abort raises
-
-    async def _journal(self, who: str, method: str, request: object, outcome: str) -> None:
-        text = json.dumps(MessageToDict(request, preserving_proto_field_name=True))
-        await asyncio.to_thread(
-            self.srv.journal.record_admin, time.time(), who, method, text, outcome
-        )
-
-    async def ModRules(
-        self, request: admin_pb2.ModRulesRequest, context: grpc.aio.ServicerContext
-    ) -> admin_pb2.ModRulesResponse:
-        who = await self._caller(context, "ModRules", _WRITERS, request)
-        response = await self._mod_rules(request, context, who)
-        refused = [f"{r.agent_id}: {r.error.text}" for r in response.results if r.HasField("error")]
-        outcome = "ok" if not refused else "refused by " + "; ".join(refused)
-        await self._journal(who, "ModRules", request, outcome)
-        log.info("admin ModRules by %s: %s", who, outcome)
-        return response
-
-    async def _mod_rules(
-        self, request: admin_pb2.ModRulesRequest, context: grpc.aio.ServicerContext, who: str
-    ) -> admin_pb2.ModRulesResponse:
-        core = self.srv.core
-        try:
-            step, waits = core.mod_rules(
-                request.mod,
-                time.monotonic(),
-                agent_id=request.agent_id,
-                model_id=request.model_id,
-            )
-        except ProtocolError as err:
-            await self._journal(who, "ModRules", request, f"invalid: {err}")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        futures = []
-        for sid, mod_xid, barrier_xid, agent_id in waits:
-            futures.append(
-                (
-                    agent_id,
-                    self.srv.expect_reply(sid, mod_xid),
-                    self.srv.expect_reply(sid, barrier_xid),
-                )
-            )
-        self.srv._dispatch(step)  # stored before the agents get it
-        results = []
-        for agent_id, mod_fut, barrier_fut in futures:
-            res = admin_pb2.AgentResult(agent_id=agent_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(barrier_fut), REPLY_TIMEOUT_S)
-            if mod_fut.done() and mod_fut.result().HasField("error"):
-                res.error.CopyFrom(mod_fut.result().error)
-            elif not barrier_fut.done():
-                res.error.CopyFrom(pb.Error(text="no BARRIER_REPLY in time"))
-            mod_fut.cancel()
-            barrier_fut.cancel()
-            results.append(res)
-        return admin_pb2.ModRulesResponse(results=results)
-
-    async def ListRules(
-        self, request: admin_pb2.ListRulesRequest, context: grpc.aio.ServicerContext
-    ) -> admin_pb2.ListRulesResponse:
-        """Connected agents answer with their live tables (STATS RULES); known agents
-        that are not connected, and the template when no agent is, are answered from
-        the controller's desired rules (marked ``desired``). With ``request.desired``,
-        desired rules only, for every known agent and the template."""
-        await self._caller(context, "ListRules", _READERS)
-        core = self.srv.core
-        filt = pb.StatsRequest()
-        filt.CopyFrom(request.filter)
-        filt.type = pb.STATS_TYPE_RULES
-        aid_filter = {"agent_id": request.agent_id, "model_id": request.model_id}
-        reqs = [] if request.desired else core.stats_requests(filt, **aid_filter)
-        try:
-            desired = core.desired_rules(
-                filt, time.monotonic(), template=request.desired or not reqs, **aid_filter
-            )
-        except ProtocolError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        live = {core.sessions[sid].agent_id for sid in core.sessions_of()}
-        futs = [(aid, self.srv.expect_reply(sid, env.xid)) for sid, env, aid in reqs]
-        self.srv._dispatch(Step(send=[(sid, env) for sid, env, _ in reqs]))
-        out = admin_pb2.ListRulesResponse()
-        for aid, fut in futs:
-            entry = out.agents.add(agent_id=aid, connected=True)
-            try:
-                env = await asyncio.wait_for(fut, REPLY_TIMEOUT_S)
-            except TimeoutError:
-                entry.error.text = "no STATS_REPLY in time"
-                continue
-            if env.HasField("error"):
-                entry.error.CopyFrom(env.error)
-            else:
-                entry.rules.extend(env.stats_reply.rules)
-        asked = {aid for _, _, aid in reqs}
-        for scope, stats in desired:
-            if scope not in asked:
-                connected = scope != TEMPLATE and scope in live
-                out.agents.add(agent_id=scope, rules=stats, desired=True, connected=connected)
-        return out
-
-    async def ListAgents(
-        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
-    ) -> admin_pb2.ListAgentsResponse:
-        await self._caller(context, "ListAgents", _READERS)
-        now = time.monotonic()
-        out = admin_pb2.ListAgentsResponse()
-        for sid in self.srv.core.sessions_of():
-            s = self.srv.core.sessions[sid]
-            out.agents.add(
-                agent_id=s.agent_id,
-                peer=s.peer,
-                model_ids=sorted(s.models),
-                connected_s=now - s.opened_at,
-                pkg_in=s.pkg_in_count,
-            )
-        return out
