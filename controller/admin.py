@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from controller.core import TEMPLATE, Step
+from controller.core import Step
+from controller.desired import TEMPLATE
 from openexample import tls
 from openexample.errors import ProtocolError
 from openexample.identity import Kind

@@ -29,7 +29,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from controller import native
 from controller.admin import AdminService
 from controller.config import Config, RuleConfig
-from controller.core import ControllerCore, InspectJob, RulesDiff, ScoreTimes, Step
+from controller.core import ControllerCore, InspectJob, ScoreTimes, Step
+from controller.desired import RulesDiff
 from controller.journal import Journal
 from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, score_jobs

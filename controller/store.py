@@ -31,7 +31,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from controller.core import DesiredState, StoredRule
+from controller.desired import DesiredState, StoredRule
 from openexample.v1 import openexample_pb2 as pb
 
 _SCHEMA = """

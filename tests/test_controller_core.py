@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from controller.config import Config
-from controller.core import BLOCK_PRIORITY, ControllerCore, ScoreTimes, pkg_out_timings
+from controller.core import ControllerCore, ScoreTimes, pkg_out_timings
+from controller.desired import BLOCK_PRIORITY
 from controller.session import AgentSession, Closed, PkgInReceived, Ready, State
 from openexample import messages, tables, tensor
 from openexample.identity import Identity, Kind

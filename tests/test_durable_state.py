@@ -16,14 +16,13 @@ import yaml
 from agents import attach
 from agents.results import Result, Ticket
 from controller import config as cfgmod
-from controller.core import (
+from controller.core import ControllerCore, Step
+from controller.desired import (
     COOKIE_BLOCK,
     COOKIE_CONFIG,
     COOKIE_KIND_MASK,
     TEMPLATE,
-    ControllerCore,
     DesiredState,
-    Step,
     StoredRule,
 )
 from controller.journal import Journal

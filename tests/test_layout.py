@@ -90,6 +90,7 @@ SANS_IO = [
         if not p.name.endswith("_pb2_grpc.py") and p.name != "grpc_tls.py"
     ),
     ROOT / "controller" / "core.py",
+    ROOT / "controller" / "desired.py",
     ROOT / "controller" / "session.py",
     ROOT / "agents" / "core.py",
     ROOT / "agents" / "counters.py",
