@@ -261,6 +261,93 @@ class ControllerProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+# --- what is still running: the process tree from /proc (tests, benches) ---
+
+# Helpers multiprocessing starts for the process itself, which end when it does.
+_OWN_HELPERS = re.compile(r"from multiprocessing\.(resource_tracker|forkserver) import main")
+
+
+def process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, start time, state), from /proc/PID/stat (threads are not listed)."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        table[int(d.name)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def descendants(root: int) -> dict[tuple[int, str], str]:
+    """(pid, start time) -> command line, for every descendant of ``root`` (zombies
+    too: :func:`alive` leaves them out)."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, ())
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            out[(pid, table[pid][1])] = cmdline.decode(errors="replace").strip()
+    return out
+
+
+def alive(seen: dict[tuple[int, str], str]) -> dict[tuple[int, str], str]:
+    """Those of ``seen`` still running (same pid and start time, not a zombie)."""
+    table = process_table()
+    return {
+        (pid, start): cmd
+        for (pid, start), cmd in seen.items()
+        if pid in table and table[pid][1] == start and table[pid][2] not in "ZX"
+    }
+
+
+def become_subreaper() -> bool:
+    """Make this process the one orphans of its descendants are re-parented to (Linux
+    ``PR_SET_CHILD_SUBREAPER``), so a grandchild whose parent exited is still ours to
+    find; False where that is not possible."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def leftovers(
+    root: int, exclude: Sequence[tuple[int, str]] | set = (), grace_s: float = 5.0
+) -> dict[tuple[int, str], str]:
+    """``root``'s descendants still running after up to ``grace_s`` (those stopping get
+    the time to finish), but for ``exclude`` and multiprocessing's own helpers."""
+    skip = set(exclude)
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = {
+            k: cmd
+            for k, cmd in alive(descendants(root)).items()
+            if k not in skip and not _OWN_HELPERS.search(cmd)
+        }
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+def kill_leftovers(found: dict[tuple[int, str], str]) -> None:
+    """SIGKILL each of ``found`` still running (its process group too when it leads one)."""
+    for pid, _ in alive(found):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+
+
 def _main(argv: list[str]) -> None:
     """``python -m bench.procs PARENT_PID MODULE ARGS``: run MODULE as ``python -m``
     would, under :func:`watch_parent` (what :func:`spawn` starts)."""

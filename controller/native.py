@@ -221,7 +221,8 @@ class _TlsConnection(asyncio.Protocol):
                 log.warning("native: TLS error from %s: %s", self._peer(), exc.reason or exc)
                 self.transport.abort()
                 return
-            if not chunk:
+            if not chunk:  # close_notify read as end of data: the peer is done
+                self.close()
                 break
             chunks.append(chunk)
         self._flush()

@@ -62,9 +62,12 @@ def encode_envelope(env: pb.Envelope) -> bytes:
 
 def peek_xid(data: bytes) -> int:
     """``Envelope.xid`` read from the wire format without parsing the message (for an
-    oversize one): the top-level fields are walked, length-delimited ones skipped by
-    their length. 0 when it is absent or the bytes are not an Envelope."""
+    oversize one): the top-level fields are walked (at most ``_PEEK_MAX_FIELDS``),
+    length-delimited ones skipped by their length, groups skipped whole; as in the
+    parser, the last xid wins. 0 when it is absent; when the bytes stop being an
+    Envelope, the xid read so far."""
     i, n = 0, len(data)
+    xid = depth = 0  # depth: inside groups (their fields are not the envelope's)
 
     def varint() -> int:
         nonlocal i
@@ -79,29 +82,37 @@ def peek_xid(data: bytes) -> int:
         raise ValueError("truncated varint")
 
     try:
-        for _ in range(64):  # an Envelope has a handful of top-level fields
+        for _ in range(_PEEK_MAX_FIELDS):
             if i >= n:
-                return 0
+                break
             tag = varint()
             field, wire = tag >> 3, tag & 7
             if wire == 0:
                 value = varint()
-                if field == _XID_FIELD:
-                    return value & 0xFFFFFFFF
+                if field == _XID_FIELD and depth == 0:
+                    xid = value & 0xFFFFFFFF
             elif wire == 2:
-                i += varint()
+                size = varint()  # (not ``i += varint()``: that adds to i as it was before)
+                i += size
             elif wire == 1:
                 i += 8
             elif wire == 5:
                 i += 4
+            elif wire == 3:
+                depth += 1
+            elif wire == 4 and depth > 0:
+                depth -= 1
             else:
-                return 0
+                break
     except ValueError:
-        return 0
-    return 0
+        pass
+    return xid
 
 
 _XID_FIELD = pb.Envelope.DESCRIPTOR.fields_by_name["xid"].number
+# An Envelope has a handful of top-level fields; the bound keeps a hostile message of
+# many tiny fields from costing more than a few milliseconds.
+_PEEK_MAX_FIELDS = 4096
 
 
 def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> pb.Envelope:

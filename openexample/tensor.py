@@ -64,8 +64,12 @@ def decode(
     if any(d < 0 for d in shape):
         raise bad_tensor(pb.BAD_TENSOR_CODE_BAD_SHAPE, f"negative dimension in {shape}")
     n = math.prod(shape)
-    if n > max_elements:
-        raise bad_tensor(pb.BAD_TENSOR_CODE_TOO_LARGE, f"{n} elements > {max_elements}")
+    # The product of the non-zero dimensions: an empty tensor of shape (0, 2**62) holds no
+    # element, but numpy still refuses to shape an array that wide (ValueError).
+    span = math.prod(d or 1 for d in shape)
+    if span > max_elements:
+        empty = "" if n else f" (shape {shape}, counting its zero dimensions as 1)"
+        raise bad_tensor(pb.BAD_TENSOR_CODE_TOO_LARGE, f"{span} elements > {max_elements}{empty}")
     if len(t.data) != n * dt.itemsize:
         raise bad_tensor(
             pb.BAD_TENSOR_CODE_SIZE_MISMATCH,

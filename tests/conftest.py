@@ -1,5 +1,6 @@
 """Shared fixtures: the example model and detector artifacts (trained once, cached),
-and a factory for real controller processes on loopback."""
+a factory for real controller processes on loopback, and the session-wide check that no
+process a test started is still running when the suite ends."""
 
 from __future__ import annotations
 
@@ -8,10 +9,34 @@ from pathlib import Path
 
 import pytest
 
+from bench import procs
 from bench.procs import ROOT, ControllerProcess
 
 CACHE = Path(os.environ.get("OPENEXAMPLE_CACHE", ROOT / "var" / "cache"))
 MODEL_ID = "mnist-cnn"
+# How long processes still stopping at the end of the session get before they count.
+LEFTOVER_GRACE_S = float(os.environ.get("OPENEXAMPLE_LEFTOVER_GRACE_S", "5"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The suite fails if a process a test (or fixture) started outlives it: at the end of
+    the session every descendant of pytest still running after a short grace is named,
+    then killed. Orphaned grandchildren count too (pytest is their subreaper); what ran
+    before the session and multiprocessing's own helpers do not."""
+    me = os.getpid()
+    procs.become_subreaper()
+    before = set(procs.alive(procs.descendants(me)))
+    yield
+    left = procs.leftovers(me, exclude=before, grace_s=LEFTOVER_GRACE_S)
+    if left:
+        procs.kill_leftovers(left)
+        names = "\n".join(f"  pid {pid}: {cmd or '?'}" for (pid, _), cmd in sorted(left.items()))
+        pytest.fail(
+            f"{len(left)} process(es) started by the tests still running at the end of the"
+            f" session (now killed):\n{names}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from bench.latency import SCENARIOS, SPLIT
+from bench.procs import alive as _alive
+from bench.procs import descendants as _descendants
 
 pytestmark = pytest.mark.integration
 
@@ -44,46 +45,6 @@ def _run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
     finally:
         _stop(bench)
     return subprocess.CompletedProcess(cmd, bench.returncode, out, err)
-
-
-def _processes() -> dict[int, tuple[int, str, str]]:
-    """pid -> (ppid, start time, state), from /proc/PID/stat."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        table[int(d.name)] = (int(fields[1]), fields[19], fields[0])
-    return table
-
-
-def _descendants(root: int) -> dict[tuple[int, str], str]:
-    """(pid, start time) -> command line, for every live descendant of ``root``."""
-    table = _processes()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, ())
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            out[(pid, table[pid][1])] = cmdline.decode(errors="replace").strip()
-    return out
-
-
-def _alive(seen: dict[tuple[int, str], str]) -> dict[tuple[int, str], str]:
-    """Those of ``seen`` still running (same pid and start time, not a zombie)."""
-    table = _processes()
-    return {
-        (pid, start): cmd
-        for (pid, start), cmd in seen.items()
-        if pid in table and table[pid][1] == start and table[pid][2] not in "ZX"
-    }
 
 
 def _kind(cmdline: str) -> str:

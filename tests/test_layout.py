@@ -11,9 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {
-    "openexample": {"controller", "agents", "bench"},
-    "controller": {"agents", "bench"},
-    "agents": {"controller", "bench"},
+    "openexample": {"controller", "agents", "bench", "fuzz"},
+    "controller": {"agents", "bench", "fuzz"},
+    "agents": {"controller", "bench", "fuzz"},
 }
 
 
