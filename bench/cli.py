@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="INSPECT budget (default: the controller's; the paper's 350 is below a Python"
         " round trip with DeSVig on 2 cores)",
     )
+    from bench.soak import add_arguments as soak_arguments
+
+    soak_arguments(
+        sub.add_parser("soak", help="N agents for T minutes: every call accounted for, RSS")
+    )
     return p
 
 
@@ -114,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.latency import run
 
         return run(args)
+    if args.command == "soak":
+        import json
+
+        from bench.soak import run as run_soak
+
+        report = run_soak(args)
+        print(json.dumps(report, indent=2))
+        return 0 if report["lost"] == 0 else 1
     print(f"openexample-bench {args.command}: not yet available", file=sys.stderr)
     return 2
 

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from bench.latency import SCENARIOS, SPLIT
+from bench.procs import ROOT
 from bench.procs import alive as _alive
 from bench.procs import descendants as _descendants
 
@@ -232,3 +233,25 @@ def test_quick_latency_takes_turns_between_mtls_and_plain_text():
     assert blocks[:4] == ["mTLS", "plain", "plain", "mTLS"]
     table = q.cost_table({"ECHO gRPC": {"mTLS": [30.0] * 10, "plain": [20.0] * 10}})
     assert "|    +10.0 |" in table[-1]
+
+
+@pytest.mark.integration
+def test_soak_accounts_for_every_call(tmp_path, artifacts):
+    """``openexample-bench soak``, short: two agents in processes of their own."""
+    from tests.conftest import CACHE
+
+    out = tmp_path / "soak"
+    cmd = [sys.executable, "-m", "bench.cli", "soak", "--agents", "2", "--minutes", "0.15"]
+    res = subprocess.run(
+        [*cmd, "--out", str(out), "--cache", str(CACHE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "soak.json").read_text())
+    assert report["workers_reported"] == 2 and report["lost"] == 0
+    assert report["sent"] == report["answered"] > 0
+    assert sum(report["by_decider"].values()) == report["answered"]
+    assert report["controller_rss_mb"]["end"] > 0 and (out / "soak_rss.png").is_file()
