@@ -122,7 +122,7 @@ class ControllerProcess:
         *,
         pki: DevPki | None = None,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the config names files by absolute path
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = {"journal": str(self.workdir / "journal.sqlite3"), **config}
         self.config.setdefault("metrics_port", 0)
