@@ -154,6 +154,7 @@ def test_an_impostor_cannot_speak_for_another_agent(controller, guards, mnist):
     peer.close()
     agents = admin(proc).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10).agents
     assert [a.agent_id for a in agents] == ["victim"]
+    assert agents[0].peer.startswith("ipv4:127.0.0.1:")  # gRPC's name for the peer
     assert rule_keys(proc, "victim") == before
     assert victim(mnist.test.x[1]).decided_by == "controller"
 
@@ -322,6 +323,7 @@ def test_bad_certificates_and_plain_text_are_refused_on_both_channels(
     # The legitimate agent never noticed.
     agents = admin(proc).ListAgents(admin_pb2.ListAgentsRequest(), timeout=10).agents
     assert [a.agent_id for a in agents] == ["line-1"]
+    assert agents[0].peer.startswith("tcp:127.0.0.1:")  # where it connected from
     assert legit(mnist.test.x[4]).decided_by == "controller"
 
 
