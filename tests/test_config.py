@@ -110,3 +110,4 @@ def test_the_readme_config_loads(tmp_path):
     cfg = load_text(tmp_path, block)
     assert cfg.tls_files().cert == tmp_path / "pki" / "controller-controller-1.crt"
     assert cfg.trace_alpha == 1e-6 and not cfg.plaintext
+    assert [r.actions for r in cfg.rules] == [("drop",), ("inspect:400000:secure",)]
