@@ -280,10 +280,9 @@ class Transport:
         return self._reached_main
 
     def _outage(self, reason: str) -> None:
-        # Once per outage at INFO (WARNING for TLS: a certificate or CA to fix, not an
-        # outage to wait out); every retry after that at DEBUG.
-        first = logging.WARNING if "TLS" in reason else logging.INFO
-        level = first if self._was_up else logging.DEBUG
+        # Once per outage at WARNING (calls are decided by the fail mode meanwhile; a
+        # TLS reason is a certificate or CA to fix); every retry after that at DEBUG.
+        level = logging.WARNING if self._was_up else logging.DEBUG
         log.log(level, "controller %s: %s", self.target, reason)
         self._was_up = False
 

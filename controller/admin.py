@@ -139,7 +139,7 @@ class AdminService(admin_pb2_grpc.ControllerAdminServicer):
         aid_filter = {"agent_id": request.agent_id, "model_id": request.model_id}
         reqs = [] if request.desired else core.stats_requests(filt, **aid_filter)
         try:
-            desired = core.desired_rules(
+            desired = core.durable.desired_rules(
                 filt, time.monotonic(), template=request.desired or not reqs, **aid_filter
             )
         except ProtocolError as err:

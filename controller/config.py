@@ -395,7 +395,7 @@ def validate(cfg: Config) -> Config:
     except ValueError:
         raise ConfigError("fingerprint_key: hex digits, got a non-hex string") from None
     need(len(key) <= 64, "fingerprint_key", "at most 64 bytes (128 hex digits)")
-    _trace_params(cfg)
+    trace_params(cfg)
     need(cfg.block_hard_timeout_s >= 0, "block_hard_timeout_s", "must be >= 0")
     need(bool(cfg.controller_id), "controller_id", "must not be empty")
     need(cfg.torch_threads >= 1, "torch_threads", "must be >= 1")
@@ -403,7 +403,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _trace_params(cfg: Config) -> TraceParams:
+def trace_params(cfg: Config) -> TraceParams:
+    """Source tracing's parameters (TraceParams checks them; :func:`validate` calls this)."""
     return TraceParams(
         half_life_s=cfg.trace_half_life_s,
         alpha=cfg.trace_alpha,
@@ -411,11 +412,6 @@ def _trace_params(cfg: Config) -> TraceParams:
         fpr_factor=cfg.trace_fpr_factor,
         max_sources=cfg.trace_max_sources,
     )
-
-
-def trace_params(cfg: Config) -> TraceParams:
-    """Source tracing's parameters (checked by :func:`validate`)."""
-    return _trace_params(cfg)
 
 
 def load(path: str | Path | None, base: Config | None = None) -> Config:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from controller.config import Config, RuleConfig, trace_params
-from controller.desired import Changes, DesiredRules, DesiredState, RulesDiff, StoredRule
+from controller.desired import Changes, DesiredRules, DesiredState, RulesDiff
 from controller.session import (
     AgentSession,
     Closed,
@@ -331,8 +331,8 @@ class ControllerCore:
         for i, (item, out) in enumerate(zip(job.pkg.items, items, strict=True)):
             step.verdicts.append((model_id, out.verdict))
             adversarial = out.verdict == pb.VERDICT_ADVERSARIAL
-            if item.source_id and (job.agent_id, item.source_id) not in self.durable.blocked:
-                key = (job.agent_id, item.source_id)
+            key = (job.agent_id, item.source_id)
+            if item.source_id and key not in self.durable.blocked:
                 decision = self.tracer.observe(key, adversarial, base_fpr, now)
                 if decision is not None:
                     self._block(decision, now, step)
@@ -400,42 +400,6 @@ class ControllerCore:
 
     # --- desired state (controller/desired.py): durable, and rules as code ---
 
-    @property
-    def template(self) -> rules.RuleTable:
-        """The desired rules for agents not seen yet."""
-        return self.durable.template
-
-    @property
-    def agent_rules(self) -> dict[str, rules.RuleTable]:
-        """The desired rules per known agent id."""
-        return self.durable.agent_rules
-
-    def desired(self, scope: str) -> list[StoredRule] | None:
-        """What the store keeps of a scope (see :meth:`DesiredRules.desired`)."""
-        return self.durable.desired(scope)
-
-    def blocks(self) -> dict[tuple[str, str], float]:
-        """The blocked sources: (agent_id, source_id) -> expiry (0: none)."""
-        return self.durable.blocks()
-
-    def desired_state(self) -> DesiredState:
-        """Everything the store keeps (:meth:`restore` takes it back)."""
-        return self.durable.desired_state()
-
-    def desired_rules(
-        self,
-        filt: pb.StatsRequest,
-        now: float,
-        *,
-        agent_id: str = "",
-        model_id: str = "",
-        template: bool = True,
-    ) -> list[tuple[str, list[pb.RuleStats]]]:
-        """The desired rules as STATS RULES per scope (:meth:`DesiredRules.desired_rules`)."""
-        return self.durable.desired_rules(
-            filt, now, agent_id=agent_id, model_id=model_id, template=template
-        )
-
     def restore(self, state: DesiredState, now: float) -> Step:
         """The desired state a previous run stored (:meth:`DesiredRules.restore`); call
         once, before any session and before :meth:`reload_rules`."""
@@ -467,7 +431,7 @@ class ControllerCore:
             workload=self.workload,
             rt_entries=len(self.rt),
             blocked_sources=len(self.durable.blocked),
-            template_rules=len(self.template),
+            template_rules=len(self.durable.template),
             agent_rules=sum(len(t) for t in list(self.durable.agent_rules.values())),
         )
 

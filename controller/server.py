@@ -246,8 +246,8 @@ class ControllerServer:
 
     def _persist(self, step: Step) -> None:
         """Store what the step changed in desired state, before anything is sent."""
-        tables = {scope: self.core.desired(scope) for scope in step.persist}
-        blocks = self.core.blocks() if step.persist_blocks else None
+        tables = {scope: self.core.durable.desired(scope) for scope in step.persist}
+        blocks = self.core.durable.blocks() if step.persist_blocks else None
         try:
             self.store.write(tables, blocks, time.time() - time.monotonic())
         except sqlite3.Error as exc:  # the daemon goes on; a restart would lose this change

@@ -23,8 +23,8 @@ With the defaults (alpha 1e-6, min_adversarial 5, fpr_factor 2) and FPR 1% (p0 =
 - an honest source flagged at 1.3% is not blocked over 10,000 verdicts at 1000/s (its
   smallest p over 5 seeded runs: 0.46, far from alpha);
 - an attacker hiding 1 adversarial input in every 10 (at 100/s) is blocked after about
-  130 verdicts (median of 200 seeded random runs: 131, all by 374; strictly every 10th:
-  at the 150th).
+  130 verdicts (median of 200 seeded random runs; all by 374; strictly every 10th: at
+  the 150th). ``python -m bench.tracing_sim`` measures these.
 """
 
 from __future__ import annotations

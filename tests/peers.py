@@ -127,3 +127,31 @@ class NativePeer(_Peer):
 
     def close(self) -> None:
         self.sock.close()
+
+
+def serve_agent_cli(proc, model: str, agent_id: str, model_id: str) -> tuple:
+    """``openexample-agent attach --serve 127.0.0.1:0`` for ``proc`` as ``agent_id`` (its
+    certificate); returns the process and the Predict port once it serves. The caller
+    terminates the process."""
+    import re
+    import subprocess
+    import sys
+
+    from bench.procs import ROOT
+
+    files = proc.agent_tls(agent_id)
+    cmd = [sys.executable, "-m", "agents.cli", "attach", "--model", model]
+    cmd += ["--controller", proc.address, "--serve", "127.0.0.1:0", "--model-id", model_id]
+    cmd += ["--input-shape", ",".join(map(str, SHAPE)), "--connect-timeout", "20"]
+    cmd += ["--tls-ca", files["tls_ca"], "--tls-cert", files["tls_cert"]]
+    cmd += ["--tls-key", files["tls_key"]]
+    agent = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in agent.stdout:
+        m = re.search(r"serving \S+ on [^:]+:(\d+)", line)
+        if m:
+            return agent, int(m[1])
+    agent.terminate()
+    agent.wait(20)
+    raise AssertionError("agent CLI did not start serving")

@@ -97,7 +97,7 @@ class DurablePlanes(TwoPlanes):
 
     def _dispatch(self, step: Step) -> None:
         for scope in step.persist:
-            kept = self.core.desired(scope)
+            kept = self.core.durable.desired(scope)
             if kept is None:
                 self.stored.tables.pop(scope, None)
             else:  # a copy through the wire format, as the store keeps it
@@ -106,7 +106,7 @@ class DurablePlanes(TwoPlanes):
                     StoredRule(copy(r.mod.SerializeToString()), r.installed_at) for r in kept
                 ]
         if step.persist_blocks:
-            self.stored.blocks = self.core.blocks()
+            self.stored.blocks = self.core.durable.blocks()
         self.notes += step.notes
         super()._dispatch(step)
 
@@ -137,7 +137,7 @@ def test_an_operator_rule_survives_a_restart_and_the_agent_gets_it_on_resync():
     assert pair.stored.tables["secure"][0].mod.cookie == 0x5EC
 
     pair.kill_and_restart(down_s=5)
-    (kept,) = pair.core.desired("secure")
+    (kept,) = pair.core.durable.desired("secure")
     assert (kept.mod.priority, kept.mod.cookie, list(kept.mod.actions)) == (1, 0x5EC, [SECURE])
     assert a.up and (1, 0x5EC) in table(a)
     assert (1, 0x5EC) not in table(b)
@@ -170,7 +170,9 @@ def test_a_block_keeps_its_deadline_across_a_restart():
     assert outcome(a.call(benign_input(), source="mallory"))[0] == "controller"
     # A new block takes a cookie after the restored ones.
     a.call(adversarial_input(0.95), source="eve")  # another input: not an RT hit
-    cookies = [r.cookie for r in pair.core.agent_rules["a"] if kind(r.cookie) == COOKIE_BLOCK]
+    cookies = [
+        r.cookie for r in pair.core.durable.agent_rules["a"] if kind(r.cookie) == COOKIE_BLOCK
+    ]
     assert cookies and cookies[0] > block.mod.cookie
 
 
@@ -181,7 +183,7 @@ def test_what_expired_while_the_controller_was_down_is_dropped():
     pair.admin_mod(drop_rule(source_id="x", hard=20), agent_id="a")
     pair.kill_and_restart(down_s=40)
     assert pair.core.snapshot().blocked_sources == 0 and pair.stored.blocks == {}
-    assert [r.priority for r in pair.core.agent_rules["a"]] == [0]
+    assert [r.priority for r in pair.core.durable.agent_rules["a"]] == [0]
     assert [r.mod.cookie for r in pair.stored.tables["a"]] == []  # cleaned up in the store
     assert any("2 rules expired while the controller was down" in n for n in pair.notes)
     assert outcome(a.call(benign_input(), source="mallory"))[0] == "controller"
@@ -196,7 +198,7 @@ def test_a_template_rule_keeps_its_deadline_for_an_agent_seen_later():
     assert mod.hard_timeout_s == 10
     pair.advance(11)
     assert (100, 0x42) not in table(b)
-    assert [r.priority for r in pair.core.agent_rules["b"]] == [0]
+    assert [r.priority for r in pair.core.durable.agent_rules["b"]] == [0]
 
 
 def test_idle_timeouts_restart_at_a_restart():
@@ -206,9 +208,9 @@ def test_idle_timeouts_restart_at_a_restart():
     pair.advance(20)
     pair.kill_and_restart(down_s=5)  # t = 25; idle time is not stored: it restarts
     pair.advance(25)  # t = 50 > 30, < 25 + 30
-    assert (100, 0x42) in table(a) and len(pair.core.agent_rules["a"]) == 2
+    assert (100, 0x42) in table(a) and len(pair.core.durable.agent_rules["a"]) == 2
     pair.advance(6)
-    assert (100, 0x42) not in table(a) and len(pair.core.agent_rules["a"]) == 1
+    assert (100, 0x42) not in table(a) and len(pair.core.durable.agent_rules["a"]) == 1
 
 
 # --- scopes and order ------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_scopes_and_order_survive_a_restart():
 def test_the_default_table_miss_comes_from_the_config_and_an_operator_change_is_kept():
     pair = DurablePlanes()
     a = pair.attach("a")
-    assert pair.core.desired(TEMPLATE) == [] and pair.core.desired("a") == []
+    assert pair.core.durable.desired(TEMPLATE) == [] and pair.core.durable.desired("a") == []
     pair.kill_and_restart(fail_mode="secure")
     (miss,) = list(a.core.rules)
     assert miss.actions.fail_mode == pb.FAIL_MODE_SECURE  # the new config's default
@@ -264,7 +266,7 @@ def test_each_step_says_what_to_store():
     assert core.on_tick(5.0).persist == {TEMPLATE, "a"}  # the idle timeouts
     with pytest.raises(Exception, match="PRIORITY"):
         core.mod_rules(drop_rule(priority=70000), 6.0, agent_id="new")
-    assert "new" not in core.agent_rules  # a bad mod makes no table either
+    assert "new" not in core.durable.agent_rules  # a bad mod makes no table either
 
 
 def test_desired_rules_are_listed_per_scope():
@@ -273,13 +275,16 @@ def test_desired_rules_are_listed_per_scope():
     pair.attach("b", model_id="m2")
     pair.admin_mod(drop_rule(cookie=7, source_id="x"), agent_id="b")
     filt = pb.StatsRequest(type=pb.STATS_TYPE_RULES)
-    listed = pair.core.desired_rules(filt, pair.now)
+    listed = pair.core.durable.desired_rules(filt, pair.now)
     assert [scope for scope, _ in listed] == [TEMPLATE, "a", "b"]
     assert [r.cookie for r in listed[2][1]] == [7, 0]
-    assert [s for s, _ in pair.core.desired_rules(filt, pair.now, model_id="m2")] == ["b"]
-    assert [s for s, _ in pair.core.desired_rules(filt, pair.now, template=False)] == ["a", "b"]
+    assert [s for s, _ in pair.core.durable.desired_rules(filt, pair.now, model_id="m2")] == ["b"]
+    assert [s for s, _ in pair.core.durable.desired_rules(filt, pair.now, template=False)] == [
+        "a",
+        "b",
+    ]
     only7 = pb.StatsRequest(cookie=7, cookie_mask=0xFF)
-    assert [len(r) for _, r in pair.core.desired_rules(only7, pair.now)] == [0, 0, 1]
+    assert [len(r) for _, r in pair.core.durable.desired_rules(only7, pair.now)] == [0, 0, 1]
 
 
 # --- rules as code ---------------------------------------------------------------------
@@ -292,11 +297,11 @@ M2 = {"model": "m2", "match": "label=2", "priority": 50, "actions": "drop"}
 def test_config_rules_are_desired_state_by_scope():
     pair = DurablePlanes(models=(MODEL_ID, "m2"), rules=config_rules(PLC, LINE1, M2))
     # Before any agent: the template has the rule for all; line-1 has a table already.
-    assert [(r.priority, kind(r.cookie)) for r in pair.core.template] == [
+    assert [(r.priority, kind(r.cookie)) for r in pair.core.durable.template] == [
         (300, COOKIE_CONFIG),
         (0, 0),
     ]
-    assert [r.priority for r in pair.core.agent_rules["line-1"]] == [300, 1, 0]
+    assert [r.priority for r in pair.core.durable.agent_rules["line-1"]] == [300, 1, 0]
     one, two = pair.attach("line-1"), pair.attach("line-2", model_id="m2")
     assert [p for p, _ in table(one)] == [300, 1, 0]
     assert [p for p, _ in table(two)] == [300, 50, 0]
@@ -374,7 +379,7 @@ def test_model_scoped_config_rules_follow_what_the_agent_serves():
     pair.disconnect(b)
     pair.kill_and_restart()
     # Which models b serves is not known until it connects again: its rule stays.
-    assert [r.priority for r in pair.core.agent_rules["b"]] == [50, 0]
+    assert [r.priority for r in pair.core.durable.agent_rules["b"]] == [50, 0]
     b2 = pair.attach("b", model_id=MODEL_ID)  # b restarted, serving another model
     assert table(b2) == [(0, 0)]
     assert [r.mod.priority for r in pair.stored.tables["b"]] == []

@@ -16,7 +16,7 @@ from agents import attach
 from openexample import grpc_tls, messages, tensor
 from openexample.v1 import openexample_pb2 as pb
 from tests.conftest import MODEL_ID
-from tests.peers import GrpcPeer
+from tests.peers import GrpcPeer, serve_agent_cli
 
 pytestmark = pytest.mark.integration
 SHAPE = (1, 28, 28)
@@ -279,50 +279,11 @@ def test_bad_config_is_refused_naming_the_key(tmp_path):
 
 
 def test_agent_cli_serves_predict_with_the_vigilance_loop(controller, example_model, mnist):
-    import re
-    import subprocess
-    import sys
-
-    from bench.procs import ROOT
     from openexample.v1 import predict_pb2, predict_pb2_grpc
 
     proc = controller()
-    tls_files = proc.agent_tls("cli-agent")
-    cmd = [
-        sys.executable,
-        "-m",
-        "agents.cli",
-        "attach",
-        "--tls-ca",
-        tls_files["tls_ca"],
-        "--tls-cert",
-        tls_files["tls_cert"],
-        "--tls-key",
-        tls_files["tls_key"],
-        "--model",
-        str(example_model),
-        "--controller",
-        proc.address,
-        "--serve",
-        "127.0.0.1:0",
-        "--model-id",
-        MODEL_ID,
-        "--input-shape",
-        "1,28,28",
-        "--connect-timeout",
-        "20",
-    ]
-    agent = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    agent, port = serve_agent_cli(proc, str(example_model), "cli-agent", MODEL_ID)
     try:
-        port = None
-        for line in agent.stdout:
-            m = re.search(r"serving \S+ on [^:]+:(\d+)", line)
-            if m:
-                port = int(m[1])
-                break
-        assert port, "agent CLI did not start serving"
         caller = proc.pki.issue("caller/plc-7", overwrite=False)
         channel = grpc.secure_channel(
             f"127.0.0.1:{port}", grpc_tls.grpc_channel_credentials(caller)

@@ -5,11 +5,8 @@ legitimate agents hold changes."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 import sqlite3
 import ssl
-import subprocess
-import sys
 import time
 
 import grpc
@@ -17,14 +14,13 @@ import numpy as np
 import pytest
 
 from agents import attach
-from bench.procs import ROOT
 from openexample import grpc_tls, rules, tables, tensor, tls
 from openexample.pki import DevPki
 from openexample.tls import TlsFiles
 from openexample.v1 import admin_pb2, admin_pb2_grpc, predict_pb2, predict_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
 from tests.conftest import MODEL_ID
-from tests.peers import SHAPE, GrpcPeer, NativePeer, pkg_in
+from tests.peers import SHAPE, GrpcPeer, NativePeer, pkg_in, serve_agent_cli
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +103,8 @@ def test_the_admin_api_refuses_everyone_but_operators(tmp_path, controller, guar
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, who
             assert f"{who} may not (needs operator)" in e.value.details()
     # A reader reads; an agent or a caller does not.
-    assert admin(proc, "reader/eve").ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
+    listed = admin(proc, "reader/eve").ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
+    assert [a.agent_id for a in listed.agents] == ["line-1"]
     with pytest.raises(grpc.RpcError) as e:
         admin(proc, "agent/line-1").ListAgents(admin_pb2.ListAgentsRequest(), timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -332,42 +329,8 @@ def test_predict_callers_cannot_spoof_a_source(controller, example_model, fgsm, 
     certificate; a claimed source_id that differs is refused; a blocked caller does not
     block anyone else."""
     proc = controller(trace_min_adversarial=2, trace_alpha=1e-3)
-    agent_tls = proc.agent_tls("line-1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "agents.cli",
-        "attach",
-        "--model",
-        str(example_model),
-        "--controller",
-        proc.address,
-        "--serve",
-        "127.0.0.1:0",
-        "--model-id",
-        MODEL_ID,
-        "--input-shape",
-        "1,28,28",
-        "--connect-timeout",
-        "20",
-        "--tls-ca",
-        agent_tls["tls_ca"],
-        "--tls-cert",
-        agent_tls["tls_cert"],
-        "--tls-key",
-        agent_tls["tls_key"],
-    ]
-    agent = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    agent, port = serve_agent_cli(proc, str(example_model), "line-1", MODEL_ID)
     try:
-        port = None
-        for line in agent.stdout:
-            m = re.search(r"serving \S+ on [^:]+:(\d+)", line)
-            if m:
-                port = int(m[1])
-                break
-        assert port, "agent CLI did not start serving"
         address = f"127.0.0.1:{port}"
 
         def stub(identity):
