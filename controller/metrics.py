@@ -7,8 +7,8 @@ kinds, session events, error names). Raw end-user source ids never become a labe
 except in the top-k gauge whose series count is capped at ``top_k``.
 
 Hot path: per-model children are created once and cached in dicts (``.labels()`` costs
-a lock and a tuple hash per call); per-detector margins are counted with numpy per
-batch, not per item. The catalogue in docs/metrics.md is generated from this registry
+a lock and a tuple hash per call); histograms keep observations as plain values and
+count them with numpy at scrape time (controller/histograms.py). The catalogue in docs/metrics.md is generated from this registry
 by ``python -m bench.metrics_catalogue``.
 """
 
@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller.histograms import BatchHistograms, DeferredHistograms
 from openexample.buckets import latency_buckets
 
 if TYPE_CHECKING:  # only for annotations: metrics never drive the core
@@ -96,28 +97,25 @@ class ControllerMetrics:
             ["model", "verdict"],
             registry=r,
         )
-        self.verdict_latency = Histogram(
+        self.verdict_latency = DeferredHistograms(
             "openexample_controller_verdict_latency_seconds",
             "PKG_IN received to PKG_OUT queued, per PKG_IN",
             ["model"],
-            buckets=buckets,
-            registry=r,
+            buckets,
         )
-        self.stage_latency = Histogram(
+        self.stage_latency = DeferredHistograms(
             "openexample_controller_stage_seconds",
             "Where one PKG_IN spent its controller time: queue (received to its batch's"
             " scoring started), score (the scoring call, shared by the batch), reply"
             " (scoring done to its PKG_OUT built); they add up to verdict_latency",
             ["model", "stage"],
-            buckets=buckets,
-            registry=r,
+            buckets,
         )
-        self.detector_latency = Histogram(
+        self.detector_latency = DeferredHistograms(
             "openexample_controller_detector_latency_seconds",
             "Time one detector took on one batch (detector=pipeline: the whole fusion)",
             ["model", "detector"],
-            buckets=buckets,
-            registry=r,
+            buckets,
         )
         self.detector_flagged = Counter(
             "openexample_controller_detector_flagged_items",
@@ -125,7 +123,7 @@ class ControllerMetrics:
             ["model", "detector"],
             registry=r,
         )
-        self.detector_margin = _BatchHistograms(
+        self.detector_margin = BatchHistograms(
             "openexample_controller_detector_margin",
             "Normalised detector score per inference: (score - threshold) / (threshold -"
             " median clean score); 0 on the threshold, -1 a typical clean input (negative"
@@ -133,13 +131,21 @@ class ControllerMetrics:
             ("model", "detector"),
             MARGIN_BUCKETS,
         )
-        r.register(self.detector_margin)
-        self.batch_items = Histogram(
+        self.batch_items = DeferredHistograms(
             "openexample_controller_batch_items",
             "Inferences scored together",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-            registry=r,
+            [],
+            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
         )
+        self.observe_batch_items = self.batch_items.observer()
+        for h in (
+            self.verdict_latency,
+            self.stage_latency,
+            self.detector_latency,
+            self.detector_margin,
+            self.batch_items,
+        ):
+            r.register(h)
         self.workload = Gauge(
             "openexample_controller_workload", "Workload W: items queued or scoring", registry=r
         )
@@ -287,7 +293,7 @@ class ControllerMetrics:
     def latency_observer(self, model: str) -> Callable[[float], None]:
         obs = self._latency.get(model)
         if obs is None:
-            obs = self._latency[model] = self.verdict_latency.labels(model).observe
+            obs = self._latency[model] = self.verdict_latency.observer(model)
         return obs
 
     def stage_observers(self, model: str) -> tuple[Callable[[float], None], ...]:
@@ -295,7 +301,7 @@ class ControllerMetrics:
         obs = self._stages.get(model)
         if obs is None:
             obs = self._stages[model] = tuple(
-                self.stage_latency.labels(model, stage).observe for stage in STAGES
+                self.stage_latency.observer(model, stage) for stage in STAGES
             )
         return obs
 
@@ -322,63 +328,20 @@ class ControllerMetrics:
         if children is None:
             children = self._detectors[key] = [
                 (
-                    self.detector_latency.labels(model, n).observe,
+                    self.detector_latency.observer(model, n),
                     self.detector_flagged.labels(model, n).inc,
                 )
                 for n in (*names, "pipeline")
             ]
         for (observe, _), s in zip(children, seconds, strict=False):
             observe(s)
-        counts = [*flags.sum(axis=1).tolist(), int(flags.any(axis=0).sum())]
-        for (_, flagged), c in zip(children, counts, strict=False):
-            flagged(c)
+        if flags.any():  # most batches are clean: then no count moves
+            counts = [*flags.sum(axis=1).tolist(), int(flags.any(axis=0).sum())]
+            for (_, flagged), c in zip(children, counts, strict=False):
+                if c:
+                    flagged(c)
         if margins is not None:
             self.detector_margin.observe_batch(model, names, margins)
-
-
-class _BatchHistograms(Collector):
-    """Histograms filled a whole ``[D, N]`` array at a time (numpy), one per (model, name).
-
-    prometheus-client has no batch observe; per-item ``observe`` would cost ~1 us per
-    item and detector on the scoring path.
-    """
-
-    def __init__(
-        self, name: str, doc: str, labels: tuple[str, str], buckets: Sequence[float]
-    ) -> None:
-        self.name, self.doc, self.labels = name, doc, labels
-        self.bounds = np.asarray(buckets, np.float64)
-        self._lock = threading.Lock()
-        self._data: dict[tuple[str, str], list] = {}  # -> [bucket counts, sum]
-
-    def observe_batch(self, model: str, names: Sequence[str], values: np.ndarray) -> None:
-        values = np.asarray(values, np.float64)
-        # bucket i counts values <= bounds[i]; the last slot is +Inf
-        idx = np.searchsorted(self.bounds, values, side="left")
-        nb = len(self.bounds) + 1
-        with self._lock:
-            for j, name in enumerate(names):
-                row = values[j]
-                finite = np.isfinite(row)
-                counts = np.bincount(idx[j], minlength=nb)
-                d = self._data.get((model, name))
-                if d is None:
-                    d = self._data[(model, name)] = [np.zeros(nb, np.int64), 0.0]
-                d[0] += counts
-                d[1] += float(row[finite].sum())
-
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
-
-    def collect(self) -> Iterator[Metric]:
-        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
-        with self._lock:
-            snap = [(k, d[0].copy(), d[1]) for k, d in sorted(self._data.items())]
-        bounds = [*(repr(float(b)) for b in self.bounds), "+Inf"]
-        for key, counts, total in snap:
-            cum = np.cumsum(counts).tolist()
-            fam.add_metric(list(key), list(zip(bounds, cum, strict=True)), total)
-        yield fam
 
 
 class _TopSources(Collector):

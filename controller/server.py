@@ -508,7 +508,7 @@ class ControllerServer:
             asyncio.get_running_loop().call_soon(self._score_pending)
         if not jobs:
             return
-        self.metrics.batch_items.observe(n)
+        self.metrics.observe_batch_items(n)
         by_model: dict[str, list[InspectJob]] = defaultdict(list)
         for job in jobs:
             by_model[job.pkg.model_id].append(job)

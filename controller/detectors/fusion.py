@@ -56,9 +56,13 @@ class Fused:
     scores: np.ndarray  # [D, N] float64: each detector's scores, stacked
 
 
+def _median(det: Detector) -> float | None:
+    return det.meta.get("calibration", {}).get("median")
+
+
 def _scale(det: Detector) -> float:
     """threshold - median of clean scores; 1.0 when calibration did not record a spread."""
-    median = det.meta.get("calibration", {}).get("median")
+    median = _median(det)
     if det.threshold is None or median is None or not det.threshold > median:
         return 1.0
     return float(det.threshold - median)
@@ -72,6 +76,8 @@ class Pipeline:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         self.detectors = list(detectors)
         self.fpr = fpr
+        self._bounds_key: tuple[object, ...] | None = None
+        self._bounds_cache = np.empty((0, 2))
 
     @property
     def names(self) -> list[str]:
@@ -82,6 +88,17 @@ class Pipeline:
             seen[d.name] = seen.get(d.name, 0) + 1
             out.append(d.name if seen[d.name] == 1 else f"{d.name}#{seen[d.name]}")
         return out
+
+    def _bounds(self) -> np.ndarray:
+        """[D, 2] (threshold, scale) per detector; rebuilt only when a calibration changed
+        (threshold or median), not per scored batch."""
+        key = tuple((d.threshold, _median(d)) for d in self.detectors)
+        if key != self._bounds_key:
+            self._bounds_cache = np.array(
+                [[d.threshold, _scale(d)] for d in self.detectors], dtype=np.float64
+            )
+            self._bounds_key = key
+        return self._bounds_cache
 
     @property
     def per_detector_fpr(self) -> float:
@@ -105,13 +122,18 @@ class Pipeline:
                 timings.append(time.perf_counter() - t0)
             per = tuple(scored)
         dets = self.detectors
-        flags = np.array([d.flag(s.scores) for d, s in zip(dets, per, strict=True)], dtype=bool)
-        scores = np.array([s.scores for s in per], dtype=np.float64)
+        n, k = len(batch), len(dets)
+        scores = np.empty((k, n), np.float64)
+        flags = np.empty((k, n), bool)
+        for j, (d, s) in enumerate(zip(dets, per, strict=True)):
+            scores[j] = s.scores
+            flags[j] = d.flag(s.scores)
         # [D, 1] columns: the same element-wise arithmetic as one row at a time
-        bounds = np.array([[d.threshold, _scale(d)] for d in dets], dtype=np.float64)
-        margins = (scores - bounds[:, :1]) / bounds[:, 1:]
+        bounds = self._bounds()
+        margins = np.subtract(scores, bounds[:, :1])
+        margins /= bounds[:, 1:]
         flagged = np.logical_or.reduce(flags, axis=0)
-        corrected = np.full(len(batch), -1, dtype=np.int64)
+        corrected = np.full(n, -1, dtype=np.int64)
         if flagged.any():
             # fill from the last detector to the first, so the first flagged one wins
             for s, f in zip(reversed(per), reversed(flags), strict=True):
