@@ -8,8 +8,8 @@ except in the top-k gauge whose series count is capped at ``top_k``.
 
 Hot path: per-model children are created once and cached in dicts (``.labels()`` costs
 a lock and a tuple hash per call); histograms keep observations as plain values and
-count them with numpy at scrape time (controller/histograms.py). The catalogue in docs/metrics.md is generated from this registry
-by ``python -m bench.metrics_catalogue``.
+count them with numpy at scrape time (controller/histograms.py). The catalogue in
+docs/metrics.md is generated from this registry by ``python -m bench.metrics_catalogue``.
 """
 
 from __future__ import annotations

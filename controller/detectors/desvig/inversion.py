@@ -15,6 +15,15 @@ _SPARSE_MAX_INPUTS = 16  # up to this many inputs, the encoder may skip zero pix
 _WEIGHTS = ("e_w1", "e_b1", "e_w2", "e_b2", "g_w1", "g_b1", "g_w2", "g_b2")
 
 
+def squash_halved(v: np.ndarray) -> np.ndarray:
+    """The output layer's sigmoid from halved logits, in place: tanh(v) * 0.5 + 0.5 (see
+    ``CGAN.__init__``); one definition for the numpy path and the compiled one (kernel.py)."""
+    np.tanh(v, out=v)
+    v *= np.float32(0.5)
+    v += np.float32(0.5)
+    return v
+
+
 class CGAN:
     """Encoder + generator weights (float32 numpy) and the copy operations on batches.
 
@@ -89,10 +98,7 @@ class CGAN:
         # sigmoid_ with its first halving folded into the weights (see __init__)
         out = np.matmul(h, self._g_w2_half, out=out)
         out += self._g_b2_half
-        np.tanh(out, out=out)
-        out *= np.float32(0.5)
-        out += np.float32(0.5)
-        return out.reshape(len(labels), *self.shape)
+        return squash_halved(out).reshape(len(labels), *self.shape)
 
     def copy(
         self,
