@@ -427,3 +427,22 @@ def test_report_score_latency(fitted, batches, capsys):
             lines.append(f"{name:16s} batch {n:2d}: {best / n * 1e6:7.2f} us/sample")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_margin_small_batches_agree_with_the_numpy_path() -> None:
+    """Up to margin.SMALL items the rows are scored in Python floats: same scores (to the
+    last bits) and the same corrected labels as the vectorised path, ties included."""
+    from controller.detectors import margin
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 4, (300, 10)).astype(np.float32)
+    logits[::7, 3] = logits[::7, 5]  # tied classes
+    logits[::11] = 0.0  # all tied
+    labels = rng.integers(-1, 11, 300)  # some not a class
+    assert margin.SMALL >= 3  # the parts below take the small path
+    det = MarginDetector()
+    whole = det.score(Batch(np.zeros((300, 1)), logits, labels))  # > SMALL: numpy
+    for i in range(0, 300, 3):
+        part = det.score(Batch(np.zeros((3, 1)), logits[i : i + 3], labels[i : i + 3]))
+        np.testing.assert_allclose(part.scores, whole.scores[i : i + 3], rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(part.corrected, whole.corrected[i : i + 3])
