@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         " for every known agent and the template, without asking agents",
     )
 
+    c = sub.add_parser(
+        "check",
+        help="validate a config: load every artifact and reference model, check that they"
+        " agree, print a summary (exit 0: serve would start with it)",
+    )
+    c.add_argument("--config", required=True, help="the YAML or TOML file serve would read")
+
     a = sub.add_parser("agents", help="list connected agents")
     a.add_argument("--controller", default="127.0.0.1:6653")
     ops.add_tls_args(a)
@@ -189,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "check":
+        from controller import check
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return check.run(args.config)
     if args.command == "agents":
         try:
             return ops.list_agents(args)

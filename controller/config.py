@@ -414,6 +414,15 @@ def trace_params(cfg: Config) -> TraceParams:
     )
 
 
+def _one_line(exc: Exception) -> str:
+    """A parser's error in one line: YAML's own spans several (the line, a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def load(path: str | Path | None, base: Config | None = None) -> Config:
     """Read a .yaml/.yml/.toml file (None -> defaults)."""
     if path is None:
@@ -427,7 +436,7 @@ def load(path: str | Path | None, base: Config | None = None) -> Config:
         raw = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         kind = "TOML" if p.suffix == ".toml" else "YAML"
-        raise ConfigError(f"{p}: not valid {kind}: {exc}") from None
+        raise ConfigError(f"{p}: not valid {kind}: {_one_line(exc)}") from None
     try:
         base = (base or Config()).replace(base_dir=str(p.resolve().parent))
         return from_mapping(raw, base)

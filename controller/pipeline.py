@@ -339,6 +339,41 @@ class FusedScorer:
         return items
 
 
+def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]) -> None:
+    """The detectors of one model were trained for the same inputs and classes (their
+    manifests' ``input_shape`` and ``classes``), and a reference model attached to them
+    gives one logit per class for such an input. Raises ConfigError naming both sides:
+    a detector scoring inputs of another shape would give verdicts, not errors."""
+    first: tuple[str, object, object] | None = None
+    for det, path in zip(dets, paths, strict=True):
+        shape, classes = det.meta.get("input_shape"), det.meta.get("classes")
+        if shape is None or classes is None:
+            continue  # an artifact that does not record them: nothing to compare
+        shape = tuple(int(d) for d in shape)
+        if first is None:
+            first = (path, shape, list(classes))
+        elif (shape, list(classes)) != first[1:]:
+            raise ConfigError(
+                f"models.{model_id}: detector artifacts disagree: {first[0]!r} was trained for"
+                f" inputs {first[1]} and {len(first[2])} classes, {path!r} for {shape} and"
+                f" {len(classes)} classes (train them together for this model)"
+            )
+        if det.model is not None:
+            try:
+                logits = np.asarray(det.model(np.zeros((1, *shape), np.float32)))
+            except Exception as exc:  # the model's own error, in one line
+                first_line = next(iter(str(exc).splitlines()), "")
+                raise ConfigError(
+                    f"models.{model_id}: the reference model of {path!r} refuses an input"
+                    f" of shape {shape}: {type(exc).__name__}: {first_line}"
+                ) from None
+            if logits.shape != (1, len(classes)):
+                raise ConfigError(
+                    f"models.{model_id}: the reference model of {path!r} gives logits of"
+                    f" shape {logits.shape[1:]} for {len(classes)} classes"
+                )
+
+
 def load_scorers(cfg: Config) -> dict[str, Scorer]:
     """One FusedScorer per configured model id, from artifact folders.
 
@@ -374,6 +409,7 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                 except (OSError, RuntimeError, ValueError) as exc:
                     raise ConfigError(f"{where}: cannot load model {ref!r}: {exc}") from None
             dets.append(det)
+        check_compatible(model_id, dets, mcfg.detectors)
         want = mcfg.fpr / len(dets)
         for d in dets:
             if d.fpr is not None and abs(d.fpr - want) > 1e-9:

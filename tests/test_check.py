@@ -1,0 +1,105 @@
+"""``openexample-controller check``, and the compatibility check ``serve`` runs too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.procs import ROOT
+from controller.cli import main
+
+
+def _config(tmp_path: Path, detectors: list[Path], **model: object) -> Path:
+    path = tmp_path / "controller.yaml"
+    spec = {"detectors": [str(p) for p in detectors], "fpr": 0.01, **model}
+    path.write_text(yaml.safe_dump({"plaintext": True, "models": {"m": spec}}))
+    return path
+
+
+def _edited(tmp_path: Path, artifact: Path, **manifest: object) -> Path:
+    """A copy of ``artifact`` whose manifest says something else."""
+    out = Path(tempfile.mkdtemp(dir=tmp_path)) / artifact.name
+    shutil.copytree(artifact, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(manifest)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(["check", "--config", str(path)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_good_config_passes_with_a_summary(tmp_path, artifacts, capsys) -> None:
+    rc, out, err = _check(_config(tmp_path, artifacts), capsys)
+    assert rc == 0, err
+    assert "model m: 2 detectors, fused fpr 0.01, inputs (1, 28, 28), 10 classes" in out
+    assert "desvig: threshold" in out and "margin: threshold" in out
+    assert out.strip().endswith(": OK")
+
+
+def test_detectors_trained_for_other_inputs_are_refused(tmp_path, artifacts, capsys) -> None:
+    desvig, margin = artifacts
+    small = _edited(tmp_path, margin, input_shape=[1, 8, 8])
+    rc, out, err = _check(_config(tmp_path, [desvig, small]), capsys)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert "detector artifacts disagree" in err and "(1, 8, 8)" in err and str(small) in err
+    fewer = _edited(tmp_path, margin, classes=[str(i) for i in range(5)])
+    rc, _, err = _check(_config(tmp_path, [desvig, fewer]), capsys)
+    assert rc == 2 and "5 classes" in err and "Traceback" not in err
+
+
+def test_a_reference_model_that_disagrees_is_refused(
+    tmp_path, artifacts, example_model, capsys
+) -> None:
+    margin = artifacts[1]
+    five = _edited(tmp_path, margin, classes=[str(i) for i in range(5)])
+    cfg = _config(tmp_path, [five], reference_model=str(example_model))
+    rc, _, err = _check(cfg, capsys)
+    assert rc == 2
+    assert "reference model" in err and "(10,) for 5 classes" in err
+    wide = _edited(tmp_path, margin, input_shape=[3, 32, 32])
+    rc, _, err = _check(_config(tmp_path, [wide], reference_model=str(example_model)), capsys)
+    assert rc == 2 and "refuses an input of shape (3, 32, 32)" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("models: [", "openexample-controller check"),
+        ("plaintext: true\nmodels: {m: {detectors: [/nowhere/at/all]}}", "/nowhere/at/all"),
+        ("plaintext: true\nbudget_us: -3", "budget_us"),
+    ],
+)
+def test_bad_configs_are_one_line(tmp_path, capsys, text: str, expect: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    rc, out, err = _check(path, capsys)
+    assert rc == 2 and out == ""
+    assert expect in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_refuses_what_check_refuses(tmp_path, artifacts) -> None:
+    desvig, margin = artifacts
+    cfg = _config(tmp_path, [desvig, _edited(tmp_path, margin, input_shape=[1, 8, 8])])
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "detector artifacts disagree" in proc.stderr
+    assert "Traceback" not in proc.stderr
