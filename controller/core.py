@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controller.config import Config, RuleConfig, trace_params
@@ -21,6 +21,8 @@ from controller.desired import Changes, DesiredRules, DesiredState, RulesDiff
 from controller.session import (
     AgentSession,
     Closed,
+    Expected,
+    HandshakeRefused,
     Output,
     PkgInReceived,
     Ready,
@@ -129,6 +131,8 @@ class Step(Changes):
     fingerprint_mismatches: list[tuple[str, str]] = field(default_factory=list)
     # Sessions closed because the same agent connected again: (sid, agent_id).
     replaced: list[tuple[int, str]] = field(default_factory=list)
+    # FEATURES refused with HELLO_FAILED (sid, claimed agent id, reason): the shell warns.
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
     overloaded: int = 0
 
@@ -150,9 +154,18 @@ def _unknown_items(n: int, reason: int) -> list[pb.PkgOutItem]:
 
 
 class ControllerCore:
-    def __init__(self, cfg: Config, detected_models: set[str], now: float) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        detected_models: set[str],
+        now: float,
+        expected: Mapping[str, Expected] | None = None,
+    ) -> None:
+        """``expected``: per model id, the input shape and classes its detectors were
+        trained for; agents that declare otherwise are refused at FEATURES."""
         self.cfg = cfg
         self.detected_models = detected_models  # model ids with a detector pipeline
+        self.expected = dict(expected or {})
         self.sessions: dict[int, AgentSession] = {}
         self.workload = 0  # W: items admitted and not answered yet
         self.draining = False  # shutting down: new PKG_INs are answered at once
@@ -176,6 +189,7 @@ class ControllerCore:
             self.cfg.controller_id,
             identity=identity,
             authenticated=not self.cfg.plaintext,
+            expected=self.expected,
             echo_interval_s=self.cfg.echo_interval_s,
             echo_unreplied_limit=self.cfg.echo_unreplied_limit,
             handshake_timeout_s=self.cfg.handshake_timeout_s,
@@ -235,6 +249,8 @@ class ControllerCore:
                 step.send.extend((sid, env) for env in self._resync(s, now, step))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))
+            elif isinstance(ev, HandshakeRefused):
+                step.refused.append((sid, ev.claimed_agent_id, ev.reason))
             elif isinstance(ev, Closed):
                 self.sessions.pop(sid, None)
                 step.closed.append((sid, ev.reason))

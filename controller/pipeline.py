@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
 from controller.reference_model import model_fn
+from controller.session import Expected
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
@@ -372,6 +374,21 @@ def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]
                     f"models.{model_id}: the reference model of {path!r} gives logits of"
                     f" shape {logits.shape[1:]} for {len(classes)} classes"
                 )
+
+
+def expectations(scorers: Mapping[str, Scorer]) -> dict[str, Expected]:
+    """Per model id, the input shape and class count its detectors were trained for (as
+    their manifests say; ``check_compatible`` made them agree): what agents must declare."""
+    out = {}
+    for model_id, scorer in scorers.items():
+        pipeline = getattr(scorer, "pipeline", None)
+        if pipeline is None:
+            continue
+        meta = pipeline.detectors[0].meta
+        shape, classes = meta.get("input_shape"), meta.get("classes")
+        if shape is not None and classes is not None:
+            out[model_id] = Expected(tuple(int(d) for d in shape), len(classes))
+    return out
 
 
 def load_scorers(cfg: Config) -> dict[str, Scorer]:

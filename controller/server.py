@@ -33,7 +33,7 @@ from controller.core import ControllerCore, InspectJob, ScoreTimes, Step
 from controller.desired import RulesDiff
 from controller.journal import Journal
 from controller.metrics import ControllerMetrics
-from controller.pipeline import Scorer, score_jobs
+from controller.pipeline import Scorer, expectations, score_jobs
 from controller.session import State
 from controller.store import Store
 from openexample import grpc_tls, messages, tls
@@ -105,7 +105,9 @@ class ControllerServer:
         self.cfg = cfg
         self.tls = cfg.tls_files()
         self.scorers = dict(scorers)
-        self.core = ControllerCore(cfg, set(self.scorers), time.monotonic())
+        self.core = ControllerCore(
+            cfg, set(self.scorers), time.monotonic(), expected=expectations(self.scorers)
+        )
         self.registry = registry or CollectorRegistry()
         self.metrics = ControllerMetrics(
             self.registry,
@@ -440,6 +442,8 @@ class ControllerServer:
                 d.base_rate,
             )
             self.metrics.blocked.inc()
+        for sid, claimed, reason in step.refused:
+            log.warning("session %d: agent %r refused at FEATURES: %s", sid, claimed, reason)
         for sid, agent_id in step.replaced:
             log.warning(
                 "session %d: agent %r connected again; the old session is closed", sid, agent_id

@@ -10,6 +10,7 @@ left comes out as the events below, for :class:`controller.core.ControllerCore`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from openexample.validate import DecodedPkgIn, validate_features, validate_pkg_i
 __all__ = [
     "AgentSession",
     "Closed",
+    "Expected",
+    "HandshakeRefused",
     "Output",
     "PkgInReceived",
     "Ready",
@@ -39,6 +42,23 @@ class Ready:
 
     agent_id: str
     models: dict[str, pb.ModelDescriptor]
+
+
+@dataclass(slots=True)
+class HandshakeRefused:
+    """FEATURES_REPLY refused (HELLO_FAILED sent; the session closes next): the agent
+    speaks for another identity, or declares a model its detectors do not fit."""
+
+    claimed_agent_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the controller's detectors for a model were trained for."""
+
+    input_shape: tuple[int, ...]
+    classes: int
 
 
 @dataclass(slots=True)
@@ -76,15 +96,19 @@ class AgentSession:
         now: float,
         identity: Identity | None = None,
         authenticated: bool = True,
+        expected: Mapping[str, Expected] | None = None,
         **options: Any,
     ) -> None:
         """``identity``: what the peer's verified certificate says (None: no TLS, or no
         identity in it); ``authenticated``: the channel is mTLS, so an identity is
-        required and the agent may only speak for it. ``options``:
-        :class:`openexample.session.Session`'s (limits, echo, handshake)."""
+        required and the agent may only speak for it; ``expected``: per model id, what
+        its detectors were trained for (a FEATURES_REPLY that declares otherwise is
+        refused). ``options``: :class:`openexample.session.Session`'s (limits, echo,
+        handshake)."""
         self.session = Session(controller_id, now=now, **options)
         self.identity = identity
         self.authenticated = authenticated
+        self.expected = dict(expected or {})
         self.peer = ""  # the transport's view of the peer (for ListAgents), set by the shell
         self.agent_id = ""
         # PKG_IN xids admitted and not answered yet: a request is answered once.
@@ -139,7 +163,10 @@ class AgentSession:
                 except ProtocolError as err:
                     self.session.refuse(out, err.with_xid(err.xid or ev.env.xid), ev.env)
                     if ev.env.HasField("features_reply"):  # nothing to go on with
-                        out.events.extend(self.session.close(f"{err.name}: {err.text}").events)
+                        reason = f"{err.name}: {err.text}"
+                        claimed = ev.env.features_reply.agent_id[:64]
+                        out.events.append(HandshakeRefused(claimed, reason))
+                        out.events.extend(self.session.close(reason).events)
             elif isinstance(ev, PeerHello):
                 out.send.append(self.session.request(pb.FeaturesRequest()))
             else:  # Established, Closed
@@ -168,7 +195,9 @@ class AgentSession:
             out.events.append(PkgInReceived(env.xid, decoded))
         elif kind == "features_reply":
             self._check_identity(env.features_reply.agent_id)
-            self.models = validate_features(env.features_reply, self.session.limits)
+            models = validate_features(env.features_reply, self.session.limits)
+            self._check_models(models)
+            self.models = models
             self.agent_id = env.features_reply.agent_id
             self.declared_batch = env.features_reply.max_batch_items
             out.events.append(Ready(self.agent_id, self.models))
@@ -200,6 +229,23 @@ class AgentSession:
             raise hello_failed(
                 eperm, f"agent_id {claimed[:64]!r}: the client certificate says {ident}"
             )
+
+    def _check_models(self, models: Mapping[str, pb.ModelDescriptor]) -> None:
+        """Each declared model that has detectors here has their input shape and class
+        count (HELLO_FAILED/INCOMPATIBLE): otherwise they would score inputs they were
+        not trained for and give verdicts, not errors."""
+        for model_id, m in models.items():
+            want = self.expected.get(model_id)
+            if want is None:
+                continue
+            shape, classes = tuple(m.input_shape), len(m.class_names)
+            if (shape, classes) != (want.input_shape, want.classes):
+                raise hello_failed(
+                    pb.HELLO_FAILED_CODE_INCOMPATIBLE,
+                    f"model {model_id!r}: the agent declares inputs {shape} and {classes}"
+                    f" classes; the controller's detectors for it were trained for"
+                    f" {want.input_shape} and {want.classes}",
+                )
 
     # -- time --
 

@@ -103,3 +103,33 @@ def test_serve_refuses_what_check_refuses(tmp_path, artifacts) -> None:
     assert proc.returncode == 2
     assert "detector artifacts disagree" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_agent_whose_model_does_not_fit_the_detectors_is_refused(controller) -> None:
+    """A live daemon: FEATURES declaring the model id with 8x8 inputs, against detectors
+    trained on 28x28: HELLO_FAILED/INCOMPATIBLE to the agent, a WARNING in the log."""
+    from openexample import messages
+    from openexample.v1 import openexample_pb2 as pb
+    from tests.conftest import MODEL_ID
+    from tests.peers import GrpcPeer, descriptor
+    from tests.test_security import logged
+
+    proc = controller()
+    peer = GrpcPeer(proc.channel_as("agent/eight"))
+    try:
+        peer.recv("hello")
+        peer.send(messages.hello("eight").SerializeToString())
+        req = peer.recv("features_request")
+        model = descriptor(MODEL_ID)
+        model.input_shape[:] = [1, 8, 8]
+        reply = pb.FeaturesReply(agent_id="eight", models=[model])
+        peer.send(messages.reply(req, reply).SerializeToString())
+        err = peer.recv("error").error
+        assert (err.type, err.code) == (
+            pb.ERROR_TYPE_HELLO_FAILED,
+            pb.HELLO_FAILED_CODE_INCOMPATIBLE,
+        )
+        assert "(1, 8, 8)" in err.text and "(1, 28, 28)" in err.text
+        assert logged(proc, "agent 'eight' refused at FEATURES: HELLO_FAILED/INCOMPATIBLE")
+    finally:
+        peer.close()

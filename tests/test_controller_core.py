@@ -322,7 +322,50 @@ def test_an_agent_speaks_only_for_its_certificate(core):
         (err,) = [e.error for _, e in step.send]
         assert (err.type, err.code) == (pb.ERROR_TYPE_HELLO_FAILED, pb.HELLO_FAILED_CODE_EPERM)
         assert step.closed and not step.ready
+        assert [(s, claimed) for s, claimed, _ in step.refused] == [(sid, "victim")]
     assert core.sessions_of(agent_id="victim") == [victim]
+
+
+def _handshake_as(core, agent_id, descriptor_):
+    """HELLO, then a FEATURES_REPLY declaring ``descriptor_``: the core's last step."""
+    sid, _ = core.open_session(0.0, Identity(Kind.AGENT, agent_id))
+    step = core.on_bytes(sid, raw(pb.Hello(versions_bitmap=0b10)), 0.0)
+    (req,) = [e for _, e in step.send]
+    reply = pb.FeaturesReply(agent_id=agent_id, models=[descriptor_])
+    return sid, core.on_bytes(sid, raw(reply, xid=req.xid), 0.0)
+
+
+def test_features_that_do_not_fit_the_detectors_are_refused():
+    """A model declared with another input shape or class count than its detectors were
+    trained for: HELLO_FAILED/INCOMPATIBLE naming both, the session closes, and the
+    shell gets the refusal to log; a fitting one, or a model without detectors, passes."""
+    from controller.session import Expected
+
+    cfg = Config(journal=":memory:")
+    core = ControllerCore(cfg, {"m"}, 0.0, expected={"m": Expected((1, 4, 4), 3)})
+    d = descriptor()
+    d.model_id, d.input_shape[:], d.class_names[:] = "m", [1, 4, 4], ["a", "b", "c"]
+    _, step = _handshake_as(core, "fits", d)
+    assert step.ready and not step.refused
+    for shape, classes, said in (([1, 8, 8], 3, "(1, 8, 8) and 3"), ([1, 4, 4], 10, "10 classes")):
+        bad = pb.ModelDescriptor()
+        bad.CopyFrom(d)
+        bad.input_shape[:], bad.class_names[:] = shape, [str(i) for i in range(classes)]
+        sid, step = _handshake_as(core, "misfit", bad)
+        (err,) = [e.error for _, e in step.send]
+        assert (err.type, err.code) == (
+            pb.ERROR_TYPE_HELLO_FAILED,
+            pb.HELLO_FAILED_CODE_INCOMPATIBLE,
+        )
+        assert said in err.text and "(1, 4, 4) and 3" in err.text
+        assert step.closed and not step.ready
+        assert step.refused == [(sid, "misfit", f"HELLO_FAILED/INCOMPATIBLE: {err.text}")]
+    other = pb.ModelDescriptor()
+    other.CopyFrom(d)
+    other.model_id, other.input_shape[:] = "no-detectors", [1, 8, 8]
+    _, step = _handshake_as(core, "other", other)
+    assert step.ready
+    assert core.sessions_of(agent_id="misfit") == []
 
 
 def test_a_new_connection_of_an_agent_replaces_the_old_one(core):
