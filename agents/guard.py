@@ -338,6 +338,15 @@ class Guard:
         self.close()
 
 
+def _gist(exc: BaseException) -> str:
+    """An error in one line: TorchScript puts the cause on its last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    return line.removeprefix(f"{type(exc).__name__}: ")[:200]
+
+
 def resolve_agent_id(config: AgentConfig) -> AgentConfig:
     """``config`` with its agent id final, the one place it is decided.
 
@@ -397,7 +406,18 @@ def attach(
     adapter = wrap_model(model, input_shape=config.input_shape, input_dtype=config.input_dtype)
 
     def make_core(shape: tuple[int, ...]) -> AgentCore:
-        probe = adapter.predict(np.zeros((1, *shape), dtype=adapter.input_dtype))  # warms up
+        try:  # warms up, and says at once what the model makes of this shape
+            probe = adapter.predict(np.zeros((1, *shape), dtype=adapter.input_dtype))
+        except Exception as exc:  # the model's own error, whatever it raises
+            raise ConfigError(
+                f"input_shape: the model refuses an input of shape {tuple(shape)}"
+                f" ({type(exc).__name__}: {_gist(exc)}); set input_shape to what it takes"
+            ) from None
+        if probe.ndim != 2:
+            raise ConfigError(
+                f"the model gives outputs of shape {probe.shape[1:]} for one input; the agent"
+                " needs one logit per class"
+            )
         n_classes = probe.shape[1]
         names = config.class_names or tuple(str(i) for i in range(n_classes))
         if len(names) != n_classes:

@@ -47,7 +47,9 @@ def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
         out = []
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
-                out.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))))
+                # writable: torch warns about (and would share) a read-only buffer
+                part = np.require(x[i : i + batch_size], requirements=("C", "W"))
+                out.append(model(torch.from_numpy(part)))
         return torch.cat(out).numpy().astype(np.float32)
 
     return predict

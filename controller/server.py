@@ -162,14 +162,17 @@ class ControllerServer:
                 " addresses can connect as any agent and change rules (development only)",
                 ", ".join(str(a) for a in self.cfg.listeners),
             )
-            self.port = server.add_insecure_port(grpc_address.host_port)
-            native_ssl = None
-        else:
-            creds = grpc_tls.grpc_server_credentials(self.tls)
-            self.port = server.add_secure_port(grpc_address.host_port, creds)
-            native_ssl = tls.server_context(self.tls)
+        native_ssl = None if self.tls is None else tls.server_context(self.tls)
+        try:  # grpc says 0, or (newer) raises RuntimeError, for a port it cannot bind
+            if self.tls is None:
+                self.port = server.add_insecure_port(grpc_address.host_port)
+            else:
+                creds = grpc_tls.grpc_server_credentials(self.tls)
+                self.port = server.add_secure_port(grpc_address.host_port, creds)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {grpc_address}")
+            raise OSError(f"cannot listen on {grpc_address} (address in use, or not this host's)")
         try:
             for address in self.cfg.native_listen:
                 self._native.append(
@@ -182,11 +185,16 @@ class ControllerServer:
                 listener.close()
             raise
         self.native_addresses = [listener.address for listener in self._native]
+        try:
+            if self.cfg.metrics_port >= 0:  # before serving: a port in use stops the start
+                self._start_metrics()
+        except BaseException:
+            for listener in self._native:
+                listener.close()
+            raise
         await server.start()
         self._server = server
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.metrics_port >= 0:
-            self._start_metrics()
         self._tasks = [
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._journal_loop(), name="journal"),

@@ -116,7 +116,12 @@ class Detector(ABC):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} items, y has {len(y)}")
         self.model = model
-        num_classes = len(class_names) if class_names else int(y.max()) + 1
+        if class_names:
+            num_classes = len(class_names)
+        else:  # the labels seen, or the model's logits where a few labels miss classes
+            num_classes = int(y.max()) + 1 if len(y) else 0
+            if model is not None and len(x):
+                num_classes = max(num_classes, int(np.asarray(model(x[:1])).shape[-1]))
         self.meta.update(
             dataset=dataset,
             classes=list(class_names) if class_names else [str(i) for i in range(num_classes)],

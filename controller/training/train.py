@@ -118,6 +118,53 @@ def ensure_artifacts(
     return paths
 
 
+def _first_line(exc: BaseException) -> str:
+    """The gist of an error in one line: TorchScript puts the cause on its last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    line = line.removeprefix(f"{type(exc).__name__}: ")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _preflight(args: argparse.Namespace) -> str | None:
+    """What would make training fail, found before anything is fitted: the problem and
+    its fix in one line, or None."""
+    if not 0.0 < args.fpr < 1.0:
+        return f"--fpr must be in (0, 1), got {args.fpr}"
+    try:
+        ds = datasets.load(args.dataset)
+    except (ValueError, OSError) as exc:
+        return f"cannot load data set {args.dataset!r}: {_first_line(exc)}"
+    if args.model is None:
+        return None
+    path = Path(args.model)
+    if not path.is_file():
+        return f"--model {path}: no such file"
+    try:
+        predict = model_fn(path)
+    except (RuntimeError, ValueError, OSError) as exc:
+        return (
+            f"--model {path}: not a TorchScript file ({_first_line(exc)}); save the model"
+            " with torch.jit.save(torch.jit.script(model), PATH)"
+        )
+    sample = ds.x[:2]
+    try:
+        logits = np.asarray(predict(sample))
+    except Exception as exc:  # the model's own error, whatever it raises
+        return (
+            f"--model {path} refuses the data set's inputs of shape {sample.shape[1:]}"
+            f" ({type(exc).__name__}: {_first_line(exc)}); train on the data the model takes"
+        )
+    if logits.ndim != 2 or logits.shape[1] != len(ds.class_names):
+        return (
+            f"--model {path} gives outputs of shape {logits.shape[1:]} for the data set's"
+            f" {len(ds.class_names)} classes"
+        )
+    return None
+
+
 def train_command(args: argparse.Namespace) -> int:
     names = [n for n in args.detector.split(",") if n]
     if names == ["default"]:
@@ -128,14 +175,25 @@ def train_command(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         print(f"openexample-controller train: {exc}", file=sys.stderr)
         return 2
-    paths = build_artifacts(
-        names,
-        Path(args.out),
-        dataset=args.dataset,
-        model_path=args.model,
-        fpr=args.fpr,
-        cache=Path(args.cache),
-    )
+    problem = _preflight(args)
+    if problem is not None:
+        print(f"openexample-controller train: {problem}", file=sys.stderr)
+        return 2
+    try:
+        paths = build_artifacts(
+            names,
+            Path(args.out),
+            dataset=args.dataset,
+            model_path=args.model,
+            fpr=args.fpr,
+            cache=Path(args.cache),
+        )
+    except (ValueError, RuntimeError, OSError) as exc:  # one line, not a traceback
+        print(
+            f"openexample-controller train: {type(exc).__name__}: {_first_line(exc)}",
+            file=sys.stderr,
+        )
+        return 1
     for p in paths:
         print(p)
     return 0
