@@ -23,7 +23,7 @@ from time import perf_counter
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from agents.config import AgentConfig
 from agents.core import AgentCore
@@ -31,6 +31,7 @@ from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
 from agents.results import ModelInfo, Result, Ticket
 from agents.transport import Transport, channel_for
+from openexample import metrics_http
 from openexample.errors import ConfigError
 from openexample.v1 import openexample_pb2 as pb
 
@@ -100,18 +101,12 @@ class Guard:
             files = config.tls_files() if config.metrics_tls else None
             if config.metrics_tls and files is None:
                 raise ConfigError("metrics_tls: needs the agent's TLS files (plaintext is on)")
-            tls = (
-                {}
-                if files is None
-                else {
-                    "certfile": str(files.cert),
-                    "keyfile": str(files.key),
-                    "client_cafile": str(files.ca),
-                    "client_auth_required": True,
-                }
-            )
-            server, _thread = start_http_server(
-                config.metrics_port, config.metrics_addr, self.registry, **tls
+            server, _thread = metrics_http.serve(
+                config.metrics_port,
+                config.metrics_addr,
+                self.registry,
+                ready=self.up.is_set,  # /readyz: the session with the controller is up
+                tls=files,
             )
             self._metrics_server = server
             self.metrics_port = server.server_port

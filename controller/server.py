@@ -24,7 +24,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from controller import native
 from controller.admin import AdminService
@@ -36,7 +36,7 @@ from controller.metrics import ControllerMetrics
 from controller.pipeline import Scorer, expectations, score_jobs
 from controller.session import State
 from controller.store import Store
-from openexample import grpc_tls, messages, tls
+from openexample import grpc_tls, messages, metrics_http, tls
 from openexample.addresses import Address
 from openexample.errors import ProtocolError, bad_request
 from openexample.identity import Identity
@@ -134,6 +134,7 @@ class ControllerServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._draining = False
+        self._serving = False  # started and not draining: what /readyz says
         self._stopped = asyncio.Event()
         self._mismatch_logged: set[tuple[str, str]] = set()
 
@@ -195,6 +196,7 @@ class ControllerServer:
         await server.start()
         self._server = server
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True  # /readyz: listening, detectors loaded
         self._tasks = [
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._journal_loop(), name="journal"),
@@ -263,18 +265,16 @@ class ControllerServer:
         except sqlite3.Error as exc:  # the daemon goes on; a restart would lose this change
             log.error("desired state not stored (%s): %s", ", ".join(sorted(tables)), exc)
 
+    def _ready(self) -> bool:
+        return self._serving and not self._draining
+
     def _start_metrics(self) -> None:
         cfg = self.cfg
-        files = {}
-        if cfg.metrics_tls and self.tls is not None:
-            files = {
-                "certfile": str(self.tls.cert),
-                "keyfile": str(self.tls.key),
-                "client_cafile": str(self.tls.ca),
-                "client_auth_required": True,
-            }
+        files = self.tls if cfg.metrics_tls else None
         try:
-            httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_addr, self.registry, **files)
+            httpd, _ = metrics_http.serve(
+                cfg.metrics_port, cfg.metrics_addr, self.registry, ready=self._ready, tls=files
+            )
         except OSError as exc:
             where = f"{cfg.metrics_addr}:{cfg.metrics_port}"
             raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None

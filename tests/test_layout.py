@@ -86,8 +86,8 @@ SANS_IO = [
     *(
         p
         for p in sorted((ROOT / "openexample").rglob("*.py"))
-        # gRPC shells shared by both planes: generated stubs, TLS credentials
-        if not p.name.endswith("_pb2_grpc.py") and p.name != "grpc_tls.py"
+        # shells shared by both planes: generated stubs, TLS credentials, the metrics HTTP
+        if not p.name.endswith("_pb2_grpc.py") and p.name not in ("grpc_tls.py", "metrics_http.py")
     ),
     ROOT / "controller" / "core.py",
     ROOT / "controller" / "desired.py",
