@@ -111,6 +111,9 @@ class AgentCore:
         self.counters = AgentCounters()
 
         self.session: Session | None = None  # None: no stream
+        # Why verdicts are decided without the controller (Result.reason), while they are
+        self.outage = "no controller: not connected yet"
+        self._no_detector_warned: set[str] = set()  # models warned of, this session
         self.role = pb.CONTROLLER_ROLE_EQUAL
         self.generation_id: int | None = None
         self.controller_id = ""
@@ -168,8 +171,9 @@ class AgentCore:
         if not self.sending:
             released = fail_mode == STANDALONE
             res = self._decided(
-                model_id, source_id, logits, label, confidence, released, DISCONNECTED
-            )
+                model_id, source_id, logits, label, confidence, released, DISCONNECTED,
+                reason=self.outage,
+            )  # fmt: skip
             return res, False
 
         self.counters.inspected += 1
@@ -228,6 +232,7 @@ class AgentCore:
         verdict: str = UNKNOWN,
         out_label: int | None = None,
         score: float | None = None,
+        reason: str = "",
     ) -> Result:
         """A Result decided on the spot (rule, RT or no controller), counted."""
         res = Result(
@@ -242,6 +247,7 @@ class AgentCore:
             released,
             0.0,
             score,
+            reason=reason,
         )
         self.counters.decision(res)
         return res
@@ -319,11 +325,15 @@ class AgentCore:
             now=now,
         )
         self.role = pb.CONTROLLER_ROLE_EQUAL
+        self._no_detector_warned.clear()  # the controller may have changed: warn again
         return AgentOutput(send=self.session.start())
 
-    def disconnected(self, now: float) -> AgentOutput:
-        """The stream is gone: everyone waiting gets the fail mode at once. Rules and RT
-        stay; FT and in-flight batches are void (their xids die with the session)."""
+    def disconnected(self, now: float, reason: str = "") -> AgentOutput:
+        """The stream is gone (``reason``: why, as the transport saw it): everyone waiting
+        gets the fail mode at once, and every Result decided without the controller says
+        why until a session is up again. Rules and RT stay; FT and in-flight batches are
+        void (their xids die with the session)."""
+        self.outage = f"no controller: {reason or 'the session ended'}"
         out = AgentOutput()
         if self.session is not None:
             self._xid_start = self.session.request_xid()  # xids never repeat across streams
@@ -334,7 +344,10 @@ class AgentCore:
             for item in batch.items:
                 for t in item.tickets:
                     if t.result is None:
-                        self._settle(t, pb.VERDICT_UNKNOWN, 0, None, DISCONNECTED, now, out)
+                        self._settle(
+                            t, pb.VERDICT_UNKNOWN, 0, None, DISCONNECTED, now, out,
+                            reason=self.outage,
+                        )  # fmt: skip
         return out
 
     def receive(self, data: bytes, now: float) -> AgentOutput:
@@ -531,6 +544,8 @@ class AgentCore:
                 verdict, action, score = a.verdict, a.action, a.score
                 if a.unknown_reason:
                     reason = UNKNOWN_REASONS.get(a.unknown_reason, "unspecified")
+                    if a.unknown_reason == pb.UNKNOWN_REASON_NO_DETECTOR:
+                        self._warn_no_detector(model_id)
                 corrected = a.corrected_label if a.HasField("corrected_label") else None
                 self.counters.verdict(model_id, verdict)
                 if verdict in VERDICT_NAMES:  # UNKNOWN is not a result worth keeping
@@ -545,6 +560,19 @@ class AgentCore:
                 self._settle(
                     t, verdict, action, corrected, CONTROLLER, now, out, score, reason, stages
                 )
+
+    def _warn_no_detector(self, model_id: str) -> None:
+        """Once per model and session: the controller has no detectors for it, so every
+        inspected inference comes back UNKNOWN and goes to the fail mode."""
+        if model_id in self._no_detector_warned:
+            return
+        self._no_detector_warned.add(model_id)
+        log.warning(
+            "the controller has no detectors for model %r: its inspected inferences come"
+            " back UNKNOWN (reason no_detector) and the fail mode decides them; check"
+            " model_id against the controller's config",
+            model_id,
+        )
 
     def _settle(
         self,

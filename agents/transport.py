@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import Protocol
@@ -47,6 +48,7 @@ from openexample.session import State
 from openexample.tls import client_context
 
 log = logging.getLogger(__name__)
+OUTAGE_REPEAT_S = 60.0  # a lasting outage is logged again at WARNING this often
 
 CONNECT_METHOD = "/openexample.v1.OpenExample/Connect"
 _GRPC_ADDRESS = re.compile(r"^[A-Z_]+: (?:ipv4|ipv6|unix|unix-abstract):\S*?:\d+: ")
@@ -150,6 +152,9 @@ class Transport:
         self._ready = threading.Event()
         self._closed = False
         self._was_up = True  # so the first failure to connect is logged
+        self._last_outage = ""  # why the last session ended (or never began)
+        self._outage_since = self._outage_logged = 0.0
+        self._attempts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -213,7 +218,7 @@ class Transport:
             log.exception("agent I/O thread crashed")
         finally:
             with self._lock:
-                out = self.core.disconnected(perf_counter())
+                out = self.core.disconnected(perf_counter(), self._last_outage)
             self.up.clear()
             self._carry_out(out)
             # The loop is left stopped, not closed: grpc's process-wide completion queue
@@ -271,7 +276,7 @@ class Transport:
                 t.cancel()
             self._channel = None
             with self._lock:
-                out = self.core.disconnected(perf_counter())
+                out = self.core.disconnected(perf_counter(), self._last_outage)
             self.up.clear()
             self._carry_out(out)
             with contextlib.suppress(Exception):
@@ -280,10 +285,26 @@ class Transport:
         return self._reached_main
 
     def _outage(self, reason: str) -> None:
-        # Once per outage at WARNING (calls are decided by the fail mode meanwhile; a
-        # TLS reason is a certificate or CA to fix); every retry after that at DEBUG.
-        level = logging.WARNING if self._was_up else logging.DEBUG
-        log.log(level, "controller %s: %s", self.target, reason)
+        # At WARNING when the outage starts, then again at most every OUTAGE_REPEAT_S
+        # while it lasts (calls are decided by the fail mode meanwhile; a TLS reason is a
+        # certificate or CA to fix); the retries in between at DEBUG.
+        now = time.monotonic()
+        self._last_outage = reason
+        if self._was_up:
+            self._outage_since, self._outage_logged, self._attempts = now, now, 0
+            log.warning("controller %s: %s", self.target, reason)
+        elif now - self._outage_logged >= OUTAGE_REPEAT_S:
+            self._outage_logged = now
+            log.warning(
+                "controller %s: still unreachable after %d attempts in %.0f s: %s",
+                self.target,
+                self._attempts,
+                now - self._outage_since,
+                reason,
+            )
+        else:
+            log.debug("controller %s: %s", self.target, reason)
+        self._attempts += 1
         self._was_up = False
 
     # ---- what channels call (loop thread) ------------------------------------------

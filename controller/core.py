@@ -131,6 +131,9 @@ class Step(Changes):
     fingerprint_mismatches: list[tuple[str, str]] = field(default_factory=list)
     # Sessions closed because the same agent connected again: (sid, agent_id).
     replaced: list[tuple[int, str]] = field(default_factory=list)
+    # Agents that declared models with no detectors here (agent_id, model ids): their
+    # PKG_INs get UNKNOWN/NO_DETECTOR; the shell warns.
+    undetected: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     # FEATURES refused with HELLO_FAILED (sid, claimed agent id, reason): the shell warns.
     refused: list[tuple[int, str, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
@@ -246,6 +249,9 @@ class ControllerCore:
             elif isinstance(ev, Ready):
                 self._replace_older(sid, s.agent_id, step, now)
                 step.ready.append(sid)
+                undetected = sorted(m for m in s.models if m not in self.detected_models)
+                if undetected:
+                    step.undetected.append((s.agent_id, tuple(undetected)))
                 step.send.extend((sid, env) for env in self._resync(s, now, step))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))

@@ -450,6 +450,15 @@ class ControllerServer:
                 d.base_rate,
             )
             self.metrics.blocked.inc()
+        for agent_id, models in step.undetected:
+            log.warning(
+                "agent %r declares %s, for which this controller has no detectors (it has"
+                " them for %s): those inferences are answered UNKNOWN/NO_DETECTOR; check"
+                " the agent's model id",
+                agent_id,
+                ", ".join(repr(m) for m in models),
+                ", ".join(repr(m) for m in sorted(self.scorers)) or "no model",
+            )
         for sid, claimed, reason in step.refused:
             log.warning("session %d: agent %r refused at FEATURES: %s", sid, claimed, reason)
         for sid, agent_id in step.replaced:

@@ -394,6 +394,7 @@ def test_an_attached_agent_logs_a_tls_failure_once_without_a_traceback(
         assert not guard.connected
         res = guard(np.zeros(2, np.float32))  # meanwhile the fail mode decides
         assert res.decided_by == "disconnected" and res.released
+        assert res.reason.startswith("no controller: ") and why in res.reason  # and says why
     finally:
         if guard is not None:
             guard.close()
@@ -405,6 +406,31 @@ def test_an_attached_agent_logs_a_tls_failure_once_without_a_traceback(
     assert not any(r.levelno >= logging.ERROR for r in caplog.records)
     if kind == "native" and controller == "agent/rogue":
         assert all(data == b"" for data in ctl.received)  # never a frame: no HELLO
+
+
+def test_a_lasting_outage_is_logged_again_at_warning(caplog, monkeypatch):
+    """The first failure at WARNING, retries at DEBUG, and a WARNING again every
+    OUTAGE_REPEAT_S while the controller stays unreachable (shortened here)."""
+    from agents import attach, transport
+
+    monkeypatch.setattr(transport, "OUTAGE_REPEAT_S", 0.3)
+    caplog.set_level(logging.DEBUG, logger="agents")
+    guard = attach(
+        _logits, controller="127.0.0.1:1", plaintext=True, input_shape=(2,), backoff_cap_s=0.05
+    )
+    try:
+        assert wait_for(
+            lambda: any("still unreachable after" in r.getMessage() for r in caplog.records)
+        )
+        res = guard(np.zeros(2, np.float32))
+        assert res.decided_by == "disconnected" and res.reason.startswith("no controller: ")
+    finally:
+        guard.close()
+    ours = [r for r in caplog.records if r.name == "agents.transport"]
+    assert ours[0].levelno == logging.WARNING
+    assert any(r.levelno == logging.DEBUG for r in ours)  # retries in between
+    again = [r for r in ours if "still unreachable after" in r.getMessage()]
+    assert all(r.levelno == logging.WARNING for r in again)
 
 
 # ---- (d) certificates the agent cannot use -------------------------------------------------

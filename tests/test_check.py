@@ -133,3 +133,20 @@ def test_an_agent_whose_model_does_not_fit_the_detectors_is_refused(controller) 
         assert logged(proc, "agent 'eight' refused at FEATURES: HELLO_FAILED/INCOMPATIBLE")
     finally:
         peer.close()
+
+
+def test_a_model_id_without_detectors_is_named_in_the_log(controller) -> None:
+    from tests.peers import GrpcPeer
+    from tests.test_security import logged
+
+    proc = controller()
+    peer = GrpcPeer(proc.channel_as("agent/stem"))
+    try:
+        assert peer.handshake("stem", "model-file-stem").HasField("barrier_request")
+        assert logged(
+            proc,
+            "agent 'stem' declares 'model-file-stem', for which this controller has no"
+            " detectors (it has them for 'mnist-cnn')",
+        )
+    finally:
+        peer.close()

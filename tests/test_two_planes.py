@@ -472,3 +472,27 @@ def test_a_batch_window_gathers_calls_into_one_pkg_in():
     assert outcome(t2.result) == ("controller", "adversarial", False)
     (job,) = pair.scored
     assert job.size == 2
+
+
+def test_a_model_without_detectors_is_named_on_both_sides(caplog):
+    """An agent declares a model id the controller has no detectors for (a typo, the
+    file stem): the controller's step names it at FEATURES, every inference says why it
+    was UNKNOWN, and the agent warns once per session, not once per call."""
+    import logging
+
+    pair = TwoPlanes()
+    caplog.set_level(logging.WARNING, logger="agents")
+    steps = []
+    dispatch = pair._dispatch
+    pair._dispatch = lambda step: (steps.append(step), dispatch(step))[1]
+    agent = pair.attach("a1", model_id="typo")
+    assert [s.undetected for s in steps if s.undetected] == [[("a1", ("typo",))]]
+    results = [agent.call(benign_input()) for _ in range(3)]
+    assert all(r.verdict == "unknown" and r.reason == "no_detector" for r in results)
+    warned = [r for r in caplog.records if "no detectors for model 'typo'" in r.getMessage()]
+    assert len(warned) == 1
+    pair.disconnect(agent)
+    pair.reconnect(agent)
+    agent.call(benign_input())
+    warned = [r for r in caplog.records if "no detectors for model 'typo'" in r.getMessage()]
+    assert len(warned) == 2  # a new session: said again
