@@ -225,7 +225,11 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
             guard, args.serve, tls=tls, client_auth=not args.serve_no_client_auth
         )
         host = args.serve.rsplit(":", 1)[0]
-        print(f"openexample-agent: serving {guard.model_id} on {host}:{port}", flush=True)
+        derived = "" if args.model_id else " (from the file name: --model-id sets it)"
+        print(
+            f"openexample-agent: serving model id {guard.model_id!r}{derived} on {host}:{port}",
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

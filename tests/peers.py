@@ -149,7 +149,7 @@ def serve_agent_cli(proc, model: str, agent_id: str, model_id: str) -> tuple:
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     for line in agent.stdout:
-        m = re.search(r"serving \S+ on [^:]+:(\d+)", line)
+        m = re.search(r"serving model id .* on \S+:(\d+)\s*$", line)
         if m:
             return agent, int(m[1])
     agent.terminate()
