@@ -76,7 +76,7 @@ def start_controller(
     unix://...); ``config``: further controller settings."""
     cfg = {
         "budget_us": budget_us,
-        "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+        "models": {MODEL_ID: {"detectors": [str(p.resolve()) for p in artifacts], "fpr": 0.01}},
         **config,
     }
     if plaintext:

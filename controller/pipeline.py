@@ -391,8 +391,16 @@ def expectations(scorers: Mapping[str, Scorer]) -> dict[str, Expected]:
     return out
 
 
+def from_config(cfg: Config, path: str) -> str:
+    """A path from the config file, relative to the file's folder (as the TLS paths)."""
+    if cfg.base_dir and not Path(path).expanduser().is_absolute():
+        return str(Path(cfg.base_dir) / path)
+    return str(Path(path).expanduser())
+
+
 def load_scorers(cfg: Config) -> dict[str, Scorer]:
-    """One FusedScorer per configured model id, from artifact folders.
+    """One FusedScorer per configured model id, from artifact folders (relative paths:
+    from the config file's folder).
 
     Raises ConfigError naming the model and path when an artifact cannot be used.
     """
@@ -403,6 +411,7 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
         dets = []
         for i, path in enumerate(mcfg.detectors):
             where = f"models.{model_id}.detectors[{i}]"
+            path = from_config(cfg, path)
             try:
                 det = Detector.load(Path(path))
             except (OSError, ValueError, KeyError) as exc:
@@ -413,7 +422,7 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                 raise ConfigError(f"{where}: artifact {path!r} is not calibrated")
             # the config's reference model, else (for detectors that cannot score without
             # one) the model file the artifact was trained with, recorded in its manifest
-            ref = mcfg.reference_model
+            ref = from_config(cfg, mcfg.reference_model) if mcfg.reference_model else ""
             if not ref and det.needs_model:
                 ref = det.meta.get("model")
                 if not ref:

@@ -150,3 +150,19 @@ def test_a_model_id_without_detectors_is_named_in_the_log(controller) -> None:
         )
     finally:
         peer.close()
+
+
+def test_artifact_paths_are_relative_to_the_config_file(tmp_path, artifacts, capsys) -> None:
+    """As the TLS paths: a config and its artifacts can move together."""
+    folder = tmp_path / "deploy"
+    (folder / "artifacts").mkdir(parents=True)
+    local = []
+    for a in artifacts:
+        shutil.copytree(a, folder / "artifacts" / a.name)
+        local.append(Path("artifacts") / a.name)
+    cfg = folder / "controller.yaml"
+    spec = {"detectors": [str(p) for p in local], "fpr": 0.01}
+    cfg.write_text(yaml.safe_dump({"plaintext": True, "models": {"m": spec}}))
+    rc, out, err = _check(cfg, capsys)  # the working directory is the repo, not deploy/
+    assert rc == 0, err
+    assert str(folder / "artifacts" / "desvig") in out
