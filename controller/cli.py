@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_tls_args(a)
 
     t = sub.add_parser("train", help="train and calibrate a detector artifact")
-    t.add_argument("detector", help="detector name (margin, phash_prototype, ...)")
+    t.add_argument(
+        "detector",
+        nargs="?",
+        default="default",
+        help="detector names, comma-separated (desvig, margin, feature_squeezing,"
+        " phash_prototype), or default: the default set, DeSVig + margin (the default)",
+    )
     t.add_argument(
         "--dataset",
         default="mnist5k",
