@@ -114,6 +114,7 @@ class AgentCore:
         # Why verdicts are decided without the controller (Result.reason), while they are
         self.outage = "no controller: not connected yet"
         self._no_detector_warned: set[str] = set()  # models warned of, this session
+        self._noted_default: tuple[int, int] | None = None  # the controller's, said once
         self.role = pb.CONTROLLER_ROLE_EQUAL
         self.generation_id: int | None = None
         self.controller_id = ""
@@ -415,6 +416,28 @@ class AgentCore:
         removed = self.rules.apply(env.vigilance_mod, now)
         assert self.session is not None
         out.send.extend(self.session.notice(r) for r in removed)
+        self._note_default_rule()
+
+    def _note_default_rule(self) -> None:
+        """Say it once per session when the controller's table-miss rule replaces this
+        agent's own default (``budget_us``, ``fail_mode``) with other values: the
+        controller decides the default, and nothing should change silently."""
+        actions = self.rules.table_miss.actions
+        cfg = self.config
+        mine = (cfg.budget_us, parse_fail_mode(cfg.fail_mode))
+        theirs = (actions.budget_us, actions.fail_mode)
+        if actions.verdict_source != INSPECT or theirs == mine or theirs == self._noted_default:
+            return
+        self._noted_default = theirs
+        log.warning(
+            "the controller's default rule (table-miss) inspects with a budget of %d us and"
+            " fail mode %s, not this agent's budget_us=%d / fail_mode=%s: the controller's"
+            " config or rules set it (a local rule, Guard.local_mod, overrides it here)",
+            actions.budget_us,
+            "secure" if actions.fail_mode == pb.FAIL_MODE_SECURE else "standalone",
+            cfg.budget_us,
+            cfg.fail_mode,
+        )
 
     def _on_table_mod(self, env: pb.Envelope, now: float, out: AgentOutput) -> None:
         self._check_writable()

@@ -303,6 +303,11 @@ class RuleTable:
 
     # -- hot path -------------------------------------------------------------------
 
+    @property
+    def table_miss(self) -> Rule:
+        """The entry that decides what no other rule matches (always present)."""
+        return self._entries[-1]
+
     def lookup(
         self, model_id: str, source_id: str, label: int, confidence: float, now: float
     ) -> Rule:

@@ -496,3 +496,27 @@ def test_a_model_without_detectors_is_named_on_both_sides(caplog):
     agent.call(benign_input())
     warned = [r for r in caplog.records if "no detectors for model 'typo'" in r.getMessage()]
     assert len(warned) == 2  # a new session: said again
+
+
+def test_the_controllers_default_rule_replacing_the_agents_is_said(caplog):
+    """The SDK's budget_us is the default only until the controller installs its own
+    table-miss rule: when that one differs, the agent says so once (not per reconnect)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="agents")
+
+    def said() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "default rule (table-miss)" in r.getMessage()
+        ]
+
+    pair = TwoPlanes(budget_us=10_000)
+    same = pair.attach("same", budget_us=10_000)
+    assert said() == []
+    other = pair.attach("other", budget_us=350)
+    (line,) = said()
+    assert "budget of 10000 us" in line and "budget_us=350" in line
+    pair.disconnect(other)
+    pair.reconnect(other)
+    assert len(said()) == 1
+    assert outcome(same.call(benign_input()))[0] == "controller"
