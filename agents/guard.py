@@ -32,7 +32,7 @@ from agents.models import ModelAdapter, wrap_model
 from agents.results import ModelInfo, Result, Ticket
 from agents.transport import Transport, channel_for
 from openexample import metrics_http
-from openexample.errors import ConfigError
+from openexample.errors import ConfigError, one_line
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -333,15 +333,6 @@ class Guard:
         self.close()
 
 
-def _gist(exc: BaseException) -> str:
-    """An error in one line: TorchScript puts the cause on its last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
-    return line.removeprefix(f"{type(exc).__name__}: ")[:200]
-
-
 def resolve_agent_id(config: AgentConfig) -> AgentConfig:
     """``config`` with its agent id final, the one place it is decided.
 
@@ -406,7 +397,7 @@ def attach(
         except Exception as exc:  # the model's own error, whatever it raises
             raise ConfigError(
                 f"input_shape: the model refuses an input of shape {tuple(shape)}"
-                f" ({type(exc).__name__}: {_gist(exc)}); set input_shape to what it takes"
+                f" ({type(exc).__name__}: {one_line(exc)}); set input_shape to what it takes"
             ) from None
         if probe.ndim != 2:
             raise ConfigError(

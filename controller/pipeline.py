@@ -23,6 +23,7 @@ from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
 from controller.reference_model import model_fn
 from controller.session import Expected
+from openexample.errors import one_line
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
@@ -364,10 +365,9 @@ def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]
             try:
                 logits = np.asarray(det.model(np.zeros((1, *shape), np.float32)))
             except Exception as exc:  # the model's own error, in one line
-                first_line = next(iter(str(exc).splitlines()), "")
                 raise ConfigError(
                     f"models.{model_id}: the reference model of {path!r} refuses an input"
-                    f" of shape {shape}: {type(exc).__name__}: {first_line}"
+                    f" of shape {shape}: {type(exc).__name__}: {one_line(exc)}"
                 ) from None
             if logits.shape != (1, len(classes)):
                 raise ConfigError(

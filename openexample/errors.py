@@ -108,3 +108,14 @@ def table_mod_failed(code: int, text: str) -> ProtocolError:
 
 def hello_failed(code: int, text: str) -> ProtocolError:
     return ProtocolError(pb.ERROR_TYPE_HELLO_FAILED, code, text)
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message in one line, for the one-line errors users see: the first
+    line (TorchScript puts the cause on its last), without a repeated type name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    line = line.removeprefix(f"{type(exc).__name__}: ")
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -35,6 +35,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
+from openexample.errors import one_line
 
 DEFAULT_DETECTORS = ("desvig", "margin")
 
@@ -118,16 +119,6 @@ def ensure_artifacts(
     return paths
 
 
-def _first_line(exc: BaseException) -> str:
-    """The gist of an error in one line: TorchScript puts the cause on its last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
-    line = line.removeprefix(f"{type(exc).__name__}: ")
-    return line if len(line) <= 200 else line[:197] + "..."
-
-
 def _preflight(args: argparse.Namespace) -> str | None:
     """What would make training fail, found before anything is fitted: the problem and
     its fix in one line, or None."""
@@ -136,7 +127,7 @@ def _preflight(args: argparse.Namespace) -> str | None:
     try:
         ds = datasets.load(args.dataset)
     except (ValueError, OSError) as exc:
-        return f"cannot load data set {args.dataset!r}: {_first_line(exc)}"
+        return f"cannot load data set {args.dataset!r}: {one_line(exc)}"
     if args.model is None:
         return None
     path = Path(args.model)
@@ -146,7 +137,7 @@ def _preflight(args: argparse.Namespace) -> str | None:
         predict = model_fn(path)
     except (RuntimeError, ValueError, OSError) as exc:
         return (
-            f"--model {path}: not a TorchScript file ({_first_line(exc)}); save the model"
+            f"--model {path}: not a TorchScript file ({one_line(exc)}); save the model"
             " with torch.jit.save(torch.jit.script(model), PATH)"
         )
     sample = ds.x[:2]
@@ -155,7 +146,7 @@ def _preflight(args: argparse.Namespace) -> str | None:
     except Exception as exc:  # the model's own error, whatever it raises
         return (
             f"--model {path} refuses the data set's inputs of shape {sample.shape[1:]}"
-            f" ({type(exc).__name__}: {_first_line(exc)}); train on the data the model takes"
+            f" ({type(exc).__name__}: {one_line(exc)}); train on the data the model takes"
         )
     if logits.ndim != 2 or logits.shape[1] != len(ds.class_names):
         return (
@@ -190,7 +181,7 @@ def train_command(args: argparse.Namespace) -> int:
         )
     except (ValueError, RuntimeError, OSError) as exc:  # one line, not a traceback
         print(
-            f"openexample-controller train: {type(exc).__name__}: {_first_line(exc)}",
+            f"openexample-controller train: {type(exc).__name__}: {one_line(exc)}",
             file=sys.stderr,
         )
         return 1
