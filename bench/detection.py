@@ -147,6 +147,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     }
     adversarial: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rocs: dict[str, dict[str, tuple]] = {}
+    operating: dict[str, tuple[float, float]] = {}  # fused at FPRS[0]: (clean FPR, TPR)
+    clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
     for spec in tqdm(standard_attacks(args.quick), desc="attacks", unit="attack"):
         adv = generate(spec, clf, model, x, cache, args.seed)
         adv_pred = predict(adv).argmax(1)
@@ -169,20 +171,28 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
                 flagged = ev.flagged & (ev.corrected >= 0)
                 acc = np.mean(ev.corrected[flagged] == y[ok][flagged]) if flagged.any() else None
                 fused["corrected_accuracy"] = None if acc is None else round(float(acc), 4)
+                clean_ev = clean_fused[f]
                 fused["auc"] = round(
                     float(
                         roc_auc_score(
                             np.r_[np.zeros(n), np.ones(ok.sum())],
-                            np.r_[p.evaluate(clean).score, ev.score],
+                            np.r_[clean_ev.score, ev.score],
                         )
                     ),
                     4,
+                )
+                # the fused curve, and where the pipeline's own thresholds put it
+                rocs[_label(spec)]["fused"] = (clean_ev.score, ev.score)
+                operating[_label(spec)] = (
+                    float(clean_ev.flagged.mean()),
+                    float(ev.flagged.mean()),
                 )
         row["detectors"].append(fused)
         report["attacks"].append(row)
         if spec.name in TABLE_IV and (spec.eps in (None, 0.3)):
             adversarial[spec.name] = (adv[ok], y[ok])
-    return report, {"rocs": rocs, "adversarial": adversarial, "clean": (x[right], y[right])}
+    data = {"rocs": rocs, "operating": operating, "adversarial": adversarial}
+    return report, data | {"clean": (x[right], y[right])}
 
 
 def _names(args: argparse.Namespace) -> tuple[str, ...]:
@@ -330,7 +340,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def roc_plots(rocs: dict, out: Path) -> list[Path]:
+def roc_plots(rocs: dict, out: Path, operating: dict | None = None) -> list[Path]:
+    """One ROC plot per attack: each detector, the baselines, and the fused pipeline
+    with its operating point (its own thresholds at FPRS[0], on clean test inputs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,7 +357,16 @@ def roc_plots(rocs: dict, out: Path) -> list[Path]:
             fpr, tpr, _ = roc_curve(
                 np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv]
             )
-            ax.plot(fpr, tpr, label=name)
+            fused = name == "fused"
+            ax.plot(
+                fpr, tpr, label=name, linewidth=2.2 if fused else 1.0, color="k" if fused else None
+            )
+        if operating and attack in operating:
+            op_fpr, op_tpr = operating[attack]
+            ax.plot(
+                [op_fpr], [op_tpr], "o", color="red",
+                label=f"operating point (target {FPRS[0]:g}): FPR {op_fpr:.3f}, TPR {op_tpr:.3f}",
+            )  # fmt: skip
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
         ax.set_xscale("symlog", linthresh=0.01)
         ax.set_xlabel("false-positive rate (clean)")
@@ -360,6 +381,37 @@ def roc_plots(rocs: dict, out: Path) -> list[Path]:
     return paths
 
 
+def eps_plot(report: dict, out: Path) -> list[Path]:
+    """Fused detection rate (at FPRS[0]) against the attack budget, per attack that was
+    run at more than one eps; none when there is no such attack (``--quick``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for a in report["attacks"]:
+        fused = a["detectors"][-1]["tpr_at_fpr"].get(str(FPRS[0]))
+        if a["eps"] is not None and fused is not None:
+            series.setdefault(a["attack"], []).append((a["eps"], fused))
+    series = {k: sorted(v) for k, v in series.items() if len({e for e, _ in v}) > 1}
+    if not series:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, points in series.items():
+        ax.plot(*zip(*points, strict=True), "o-", label=name)
+    ax.set_xlabel("eps (L-inf)")
+    ax.set_ylabel(f"detected, fused at {FPRS[0]:g} FPR")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Detection rate against the attack budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "detection_vs_eps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +424,8 @@ def run(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out / "detection.md").write_text(md)
-    plots = roc_plots(data["rocs"], out)
+    plots = roc_plots(data["rocs"], out, data["operating"])
+    plots += eps_plot(report, out)
     print(md)
-    print(f"wrote {json_path}, {out / 'detection.md'} and {len(plots)} ROC plots in {out}")
+    print(f"wrote {json_path}, {out / 'detection.md'} and {len(plots)} plots in {out}")
     return 0
