@@ -7,7 +7,6 @@ input shape and dtype, framework tag and the digest of the model file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from openexample.digests import file_digest
 
 _ONNX_DTYPES = {
     "tensor(float)": np.float32,
@@ -51,15 +52,6 @@ class ModelAdapter:
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ValueError(f"model returned shape {out.shape} for a batch of {x.shape[0]}")
         return out if out.dtype == np.float32 else out.astype(np.float32)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """``"sha256:<hex>"`` of a model file (lets the controller check its reference copy)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def wrap_model(

@@ -134,6 +134,9 @@ class Step(Changes):
     # Agents that declared models with no detectors here (agent_id, model ids): their
     # PKG_INs get UNKNOWN/NO_DETECTOR; the shell warns.
     undetected: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    # Agents that run another model file than their detectors were trained with, by its
+    # digest: (agent_id, model_id, the agent's digest, the artifacts'). The shell warns.
+    other_models: list[tuple[str, str, str, str]] = field(default_factory=list)
     # FEATURES refused with HELLO_FAILED (sid, claimed agent id, reason): the shell warns.
     refused: list[tuple[int, str, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
@@ -252,6 +255,12 @@ class ControllerCore:
                 undetected = sorted(m for m in s.models if m not in self.detected_models)
                 if undetected:
                     step.undetected.append((s.agent_id, tuple(undetected)))
+                for model_id, m in s.models.items():
+                    want = self.expected.get(model_id)
+                    if want and want.model_digest and m.model_digest != want.model_digest:
+                        step.other_models.append(
+                            (s.agent_id, model_id, m.model_digest, want.model_digest)
+                        )
                 step.send.extend((sid, env) for env in self._resync(s, now, step))
             elif isinstance(ev, ReplyReceived):
                 step.replies.append((sid, ev.xid, ev.env))

@@ -387,7 +387,8 @@ def expectations(scorers: Mapping[str, Scorer]) -> dict[str, Expected]:
         meta = pipeline.detectors[0].meta
         shape, classes = meta.get("input_shape"), meta.get("classes")
         if shape is not None and classes is not None:
-            out[model_id] = Expected(tuple(int(d) for d in shape), len(classes))
+            digest = str(meta.get("model_digest", ""))
+            out[model_id] = Expected(tuple(int(d) for d in shape), len(classes), digest)
     return out
 
 

@@ -459,6 +459,16 @@ class ControllerServer:
                 ", ".join(repr(m) for m in models),
                 ", ".join(repr(m) for m in sorted(self.scorers)) or "no model",
             )
+        for agent_id, model_id, theirs, ours in step.other_models:
+            log.warning(
+                "agent %r runs model %r as %s, but its detectors were trained with %s:"
+                " detectors that read the model (margin) may be weaker; retrain them for"
+                " this model (openexample-controller train --model ...)",
+                agent_id,
+                model_id,
+                theirs or "a model without a digest",
+                ours,
+            )
         for sid, claimed, reason in step.refused:
             log.warning("session %d: agent %r refused at FEATURES: %s", sid, claimed, reason)
         for sid, agent_id in step.replaced:

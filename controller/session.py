@@ -59,6 +59,7 @@ class Expected:
 
     input_shape: tuple[int, ...]
     classes: int
+    model_digest: str = ""  # of the model the detectors were trained with ("": unknown)
 
 
 @dataclass(slots=True)

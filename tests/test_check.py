@@ -166,3 +166,21 @@ def test_artifact_paths_are_relative_to_the_config_file(tmp_path, artifacts, cap
     rc, out, err = _check(cfg, capsys)  # the working directory is the repo, not deploy/
     assert rc == 0, err
     assert str(folder / "artifacts" / "desvig") in out
+
+
+def test_artifacts_record_the_model_and_data_they_were_trained_with(
+    tmp_path, example_model, capsys
+) -> None:
+    from controller.training.train import build_artifacts
+    from openexample.digests import file_digest
+    from tests.conftest import CACHE
+
+    (path,) = build_artifacts(
+        ["margin"], tmp_path / "set", dataset="mnist5k", model_path=example_model, cache=CACHE
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model_digest"] == file_digest(example_model)
+    assert manifest["data_digest"].startswith("sha256:") and len(manifest["data_digest"]) == 71
+    rc, out, err = _check(_config(tmp_path, [path]), capsys)
+    assert rc == 0, err
+    assert f"trained with model digest {file_digest(example_model)}" in out

@@ -368,6 +368,27 @@ def test_features_that_do_not_fit_the_detectors_are_refused():
     assert core.sessions_of(agent_id="misfit") == []
 
 
+def test_an_agent_running_another_model_file_is_named():
+    """FEATURES' model_digest against the one the detectors were trained with: the
+    step names the agent, the model and both digests (the shell warns); same digest, or
+    artifacts that recorded none: nothing."""
+    from controller.session import Expected
+
+    core = ControllerCore(
+        Config(journal=":memory:"), {"m"}, 0.0, expected={"m": Expected((1, 4, 4), 3, "sha256:aa")}
+    )
+    for agent_id, digest, named in (("same", "sha256:aa", False), ("other", "sha256:bb", True)):
+        d = descriptor()
+        d.model_digest = digest
+        _, step = _handshake_as(core, agent_id, d)
+        assert step.ready
+        assert step.other_models == ([(agent_id, "m", digest, "sha256:aa")] if named else [])
+    core.expected["m"] = Expected((1, 4, 4), 3)
+    d = descriptor()
+    d.model_digest = "sha256:cc"
+    assert _handshake_as(core, "unknown", d)[1].other_models == []
+
+
 def test_a_new_connection_of_an_agent_replaces_the_old_one(core):
     old, _ = connect(core, "a1")
     new, step = connect(core, "a1")

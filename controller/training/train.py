@@ -35,6 +35,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
+from openexample.digests import array_digest, file_digest
 from openexample.errors import one_line
 
 DEFAULT_DETECTORS = ("desvig", "margin")
@@ -87,8 +88,14 @@ def build_artifacts(
     pipe.calibrate(clean)
     report = pipe.calibration_report(clean)
     paths = []
+    # what the set was trained for, checked later: the model a connecting agent runs
+    # (FEATURES' model_digest) and the data (a later retraining on other data shows)
+    model_digest = file_digest(model_path)
+    data_digest = array_digest(splits.train.x, splits.train.y)
     for det in dets:
         det.meta["model"] = str(model_path)  # absolute: the controller re-attaches it
+        det.meta["model_digest"] = model_digest
+        det.meta["data_digest"] = data_digest
         det.meta["fused_with"] = names
         path = out / det.name
         det.save(path)
