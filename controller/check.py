@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
     """What the config sets up, one fact per line."""
-    from controller.pipeline import from_config
+    from controller.pipeline import from_config, trained_for
 
     lines = [f"listen: {', '.join(str(a) for a in cfg.listeners)}"]
     files = cfg.tls_files()
@@ -41,9 +41,8 @@ def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
             lines.append(f"model {model_id}: no detectors (its PKG_INs get UNKNOWN/NO_DETECTOR)")
             continue
         dets = scorer.pipeline.detectors
-        meta = dets[0].meta
-        shape = tuple(meta.get("input_shape") or ())
-        classes = len(meta.get("classes") or ())
+        want = trained_for(dets)
+        shape, classes = (want.input_shape, want.classes) if want else ("not recorded", "?")
         lines.append(
             f"model {model_id}: {len(dets)} detectors, fused fpr {mcfg.fpr}, inputs {shape},"
             f" {classes} classes"

@@ -45,9 +45,11 @@ class DetectorSet:
     def __init__(self, pipeline: Pipeline, names: list[str]) -> None:
         self.pipeline = pipeline
         self.names = names
-        meta = pipeline.detectors[0].meta
-        self.input_shape = tuple(int(d) for d in meta.get("input_shape") or ())
-        self.classes = list(meta.get("classes") or ())
+        from controller.pipeline import trained_for
+
+        want = trained_for(pipeline.detectors)
+        self.input_shape = want.input_shape if want else ()  # (): not recorded, not checked
+        self.classes = want.classes if want else 0
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -74,7 +76,7 @@ class DetectorSet:
                 raise ValueError("predict needs logits, or load_detectors(..., model=...)")
             logits = model(x)
         logits = np.asarray(logits, np.float32)
-        if logits.shape != (len(x), len(self.classes) or logits.shape[1]):
+        if logits.ndim != 2 or logits.shape != (len(x), self.classes or logits.shape[1]):
             raise ValueError(f"logits of shape {logits.shape} for {len(x)} inputs")
         if labels is None:
             labels = logits.argmax(axis=1)

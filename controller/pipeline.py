@@ -342,6 +342,25 @@ class FusedScorer:
         return items
 
 
+def _recorded(det: Detector) -> tuple[tuple[int, ...], list[str]] | None:
+    """(input shape, class names) the artifact's manifest records, or None (an artifact
+    from before they were recorded)."""
+    shape, classes = det.meta.get("input_shape"), det.meta.get("classes")
+    if shape is None or classes is None:
+        return None
+    return tuple(int(d) for d in shape), list(classes)
+
+
+def trained_for(dets: list[Detector]) -> Expected | None:
+    """What a detector set was trained for (``check_compatible`` made its members agree):
+    input shape, class count and model digest, from the first artifact that records them."""
+    for det in dets:
+        rec = _recorded(det)
+        if rec is not None:
+            return Expected(rec[0], len(rec[1]), str(det.meta.get("model_digest", "")))
+    return None
+
+
 def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]) -> None:
     """The detectors of one model were trained for the same inputs and classes (their
     manifests' ``input_shape`` and ``classes``), and a reference model attached to them
@@ -349,13 +368,13 @@ def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]
     a detector scoring inputs of another shape would give verdicts, not errors."""
     first: tuple[str, object, object] | None = None
     for det, path in zip(dets, paths, strict=True):
-        shape, classes = det.meta.get("input_shape"), det.meta.get("classes")
-        if shape is None or classes is None:
+        rec = _recorded(det)
+        if rec is None:
             continue  # an artifact that does not record them: nothing to compare
-        shape = tuple(int(d) for d in shape)
+        shape, classes = rec
         if first is None:
-            first = (path, shape, list(classes))
-        elif (shape, list(classes)) != first[1:]:
+            first = (path, shape, classes)
+        elif (shape, classes) != first[1:]:
             raise ConfigError(
                 f"models.{model_id}: detector artifacts disagree: {first[0]!r} was trained for"
                 f" inputs {first[1]} and {len(first[2])} classes, {path!r} for {shape} and"
@@ -382,13 +401,9 @@ def expectations(scorers: Mapping[str, Scorer]) -> dict[str, Expected]:
     out = {}
     for model_id, scorer in scorers.items():
         pipeline = getattr(scorer, "pipeline", None)
-        if pipeline is None:
-            continue
-        meta = pipeline.detectors[0].meta
-        shape, classes = meta.get("input_shape"), meta.get("classes")
-        if shape is not None and classes is not None:
-            digest = str(meta.get("model_digest", ""))
-            out[model_id] = Expected(tuple(int(d) for d in shape), len(classes), digest)
+        want = None if pipeline is None else trained_for(pipeline.detectors)
+        if want is not None:
+            out[model_id] = want
     return out
 
 
