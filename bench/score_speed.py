@@ -3,7 +3,8 @@
 Times ``FusedScorer.score`` (controller/pipeline.py) for the default detector set on
 MNIST test inputs, single-threaded as the controller runs it (``torch.set_num_threads(1)``,
 BLAS limited by the detectors), and prints the median microseconds per call and per item
-at each batch size. ``--profile N`` runs cProfile on batches of N instead.
+at each batch size. ``--profile N`` runs cProfile on batches of N instead; ``--parts``
+times batch 1 part by part (each detector, fusion, PKG_OUT items, metrics).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import cProfile
 import pstats
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +69,65 @@ def time_batches(
     return out
 
 
+def time_parts(scorer: Scorer, x: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Median microseconds of each part of one batch-1 scoring call, warm (back to back,
+    cycling through 1,000 test inputs): each detector's ``score``, the fusion around them
+    (``Pipeline.evaluate`` with the detectors' answers replayed), and the PKG_OUT items
+    without and with the metrics (``FusedScorer.score``, answers replayed)."""
+    import prometheus_client
+
+    from controller.detectors.base import Batch
+    from controller.metrics import ControllerMetrics
+
+    pipeline = scorer.pipeline  # type: ignore[attr-defined]
+    batches = [Batch(x[i : i + 1], logits[i : i + 1], labels[i : i + 1]) for i in range(1000)]
+
+    def median_us(fn: Callable[[Batch], object], n: int = 3000) -> float:
+        times = []
+        for k in range(n):
+            b = batches[k % len(batches)]
+            t0 = time.perf_counter()
+            fn(b)
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1e6, 1)
+
+    out = {f"detector {d.name}": median_us(d.score) for d in pipeline.detectors}
+    replay = [d.score(batches[0]) for d in pipeline.detectors]
+    saved = [d.__dict__.get("score") for d in pipeline.detectors]
+    for d, answer in zip(pipeline.detectors, replay, strict=True):
+        d.score = lambda _b, answer=answer: answer  # the detectors' cost taken out
+    try:
+        metrics = ControllerMetrics(prometheus_client.CollectorRegistry(), 1.0, 1000)
+        out["fusion (evaluate)"] = median_us(pipeline.evaluate)
+        out["fusion + PKG_OUT items"] = median_us(
+            lambda b: scorer.score(b.inputs, b.logits, b.labels)
+        )
+        out["fusion + items + metrics"] = median_us(
+            lambda b: scorer.score(b.inputs, b.logits, b.labels, metrics, [])
+        )
+    finally:
+        for d, own in zip(pipeline.detectors, saved, strict=True):
+            if own is None:
+                del d.score
+            else:
+                d.score = own
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="var/cache")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
     ap.add_argument("--profile", type=int, default=0, help="cProfile batches of this size")
+    ap.add_argument("--parts", action="store_true", help="batch 1, part by part (warm)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     scorer, x, logits, labels = setup(Path(args.cache))
+    if args.parts:
+        for part, us in time_parts(scorer, x, logits, labels).items():
+            print(f"{part:<28} {us:>8.1f} us")
+        return 0
     if args.profile:
         n = args.profile
         prof = cProfile.Profile()

@@ -43,10 +43,10 @@ class DetectorSet:
     """Trained detectors fused as the controller fuses them."""
 
     def __init__(self, pipeline: Pipeline, names: list[str]) -> None:
+        from controller.pipeline import trained_for  # loads torch: only when used
+
         self.pipeline = pipeline
         self.names = names
-        from controller.pipeline import trained_for
-
         want = trained_for(pipeline.detectors)
         self.input_shape = want.input_shape if want else ()  # (): not recorded, not checked
         self.classes = want.classes if want else 0

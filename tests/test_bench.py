@@ -255,3 +255,23 @@ def test_soak_accounts_for_every_call(tmp_path, artifacts):
     assert report["sent"] == report["answered"] > 0
     assert sum(report["by_decider"].values()) == report["answered"]
     assert report["controller_rss_mb"]["end"] > 0 and (out / "soak_rss.png").is_file()
+
+
+def test_score_speed_parts_times_every_part_and_leaves_the_detectors_as_they_were(artifacts):
+    """``python -m bench.score_speed --parts``: the note's per-part figures come from it."""
+    from bench.score_speed import setup, time_parts
+    from tests.conftest import CACHE
+
+    scorer, x, logits, labels = setup(CACHE)
+    parts = time_parts(scorer, x, logits, labels)
+    assert list(parts) == [
+        "detector desvig",
+        "detector margin",
+        "fusion (evaluate)",
+        "fusion + PKG_OUT items",
+        "fusion + items + metrics",
+    ]
+    assert all(us > 0 for us in parts.values())
+    # the replayed answers are gone: the detectors score again
+    a, b = (scorer.score(x[i : i + 1], logits[i : i + 1], labels[i : i + 1]) for i in (0, 1))
+    assert [i.score for i in a] != [i.score for i in b]
