@@ -280,9 +280,15 @@ class DesvigDetector(Detector):
         """(Hamming distance [+ tie-break], L1 distance) between inputs and their copies."""
         if self.cgan is None:
             raise RuntimeError("desvig is not fitted")
+        return self._distances(x, labels, self._kernel(len(labels)))
+
+    def _distances(
+        self, x: np.ndarray, labels: np.ndarray, jit: Kernel | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``distances`` on the path already chosen (``jit`` None: numpy)."""
         return self._either(
-            self._kernel(len(labels)),
-            lambda jit: jit.distances(x, labels, self.tie_break),
+            jit,
+            lambda k: k.distances(x, labels, self.tie_break),
             lambda: self._numpy_distances(x, labels),
         )
 
@@ -348,9 +354,9 @@ class DesvigDetector(Detector):
         valid = (labels >= 0) & (labels < classes)
         all_valid = bool(valid.all())
         # the compiled path calls no BLAS: limiting its threads would only cost time
-        small = self._kernel(n) is not None
-        with contextlib.nullcontext() if small else _blas_limit():
-            ham, l1 = self.distances(x, labels if all_valid else np.where(valid, labels, 0))
+        jit = self._kernel(n)
+        with contextlib.nullcontext() if jit is not None else _blas_limit():
+            ham, l1 = self._distances(x, labels if all_valid else np.where(valid, labels, 0), jit)
             if self.distance == "hash":
                 scores = ham
             else:
