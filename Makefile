@@ -13,6 +13,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first and pinned: a CPU wheel on disk, never the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The Triton client the tests call the agent's Open Inference Protocol with; its
+	# grpc extra pins protobuf<7, which works with protobuf 7 (tests/test_oip.py).
+	$(PY) -m pip install --quiet --no-deps tritonclient==2.73.0
 	touch $(STAMP)
 
 venv: $(STAMP)

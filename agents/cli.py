@@ -4,14 +4,17 @@
         --tls-ca pki/ca.crt --tls-cert pki/agent-plc-1.crt --tls-key pki/agent-plc-1.key \\
         --serve 0.0.0.0:7000 --input-shape 1,28,28 --budget-us 350
 
-Serves ``openexample.v1.Predictor/Predict`` to end users with the vigilance loop in
-between; SIGTERM / SIGINT stop it cleanly (in-flight calls finish, the session closes).
+Serves the model to end users with the vigilance loop in between, on ``--serve``:
+``openexample.v1.Predictor/Predict`` and the Open Inference Protocol (KServe v2,
+``inference.GRPCInferenceService``, what tritonclient's gRPC client calls); with
+``--serve-http`` also its REST side (``/v2/...``). SIGTERM / SIGINT stop it cleanly
+(in-flight calls finish, the session closes).
 
 Both sides are mTLS by default with the agent's one certificate (``agent/<id>``: the
-agent id is its name): to the controller, and for Predict, whose callers present
-``caller/<name>`` certificates from the same CA (the name is their source id; see
-:mod:`agents.server`). ``--plaintext`` (controller on loopback or unix:// only),
-``--serve-plaintext`` (Predict on loopback only) and ``--serve-no-client-auth`` turn
+agent id is its name): to the controller, and for the model APIs, whose callers
+present ``caller/<name>`` certificates from the same CA (the name is their source id;
+see :mod:`agents.server`). ``--plaintext`` (controller on loopback or unix:// only),
+``--serve-plaintext`` (model APIs on loopback only) and ``--serve-no-client-auth`` turn
 parts of that off, each logged as a WARNING.
 """
 
@@ -75,7 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="HOST:PORT (gRPC), or the native channel: tcp://HOST:PORT, unix:///PATH",
     )
-    a.add_argument("--serve", required=True, metavar="HOST:PORT", help="Predictor API address")
+    a.add_argument(
+        "--serve",
+        required=True,
+        metavar="HOST:PORT",
+        help="gRPC address of the model APIs: Predict and KServe v2 (GRPCInferenceService)",
+    )
+    a.add_argument(
+        "--serve-http",
+        metavar="HOST:PORT",
+        help="also serve KServe v2 over HTTP/REST (/v2/...) here (same TLS as --serve)",
+    )
     a.add_argument("--model-id", help="model id declared to the controller (default: file stem)")
     a.add_argument(
         "--agent-id",
@@ -199,17 +212,19 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def serve_tls(args: argparse.Namespace, config: AgentConfig) -> TlsFiles | None:
-    """The Predict listener's TLS files: the agent's own (None with --serve-plaintext,
-    which must then be on loopback)."""
+    """The model APIs' TLS files: the agent's own (None with --serve-plaintext, which
+    must then be on loopback, for --serve-http too)."""
     if args.serve_plaintext:
         check_plaintext(parse_address(args.serve, "serve"), "serve")
+        if args.serve_http:
+            check_plaintext(parse_address(args.serve_http, "serve_http"), "serve_http")
         return None
     return TlsFiles.from_settings(config.tls_ca, config.tls_cert, config.tls_key)
 
 
 async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     from agents.guard import attach
-    from agents.server import start_server
+    from agents.server import start_http_server, start_server
 
     if args.model_threads < 1:
         raise ConfigError(f"model_threads: must be > 0, got {args.model_threads}")
@@ -220,14 +235,20 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
+    http = server = None
     try:
-        server, port = await start_server(
-            guard, args.serve, tls=tls, client_auth=not args.serve_no_client_auth
-        )
+        client_auth = not args.serve_no_client_auth
+        server, port = await start_server(guard, args.serve, tls=tls, client_auth=client_auth)
         host = args.serve.rsplit(":", 1)[0]
         derived = "" if args.model_id else " (from the file name: --model-id sets it)"
+        where = f"{host}:{port}"
+        if args.serve_http:
+            http, http_port = await start_http_server(
+                guard, args.serve_http, tls=tls, client_auth=client_auth
+            )
+            where += f", REST on {args.serve_http.rsplit(':', 1)[0]}:{http_port}"
         print(
-            f"openexample-agent: serving model id {guard.model_id!r}{derived} on {host}:{port}",
+            f"openexample-agent: serving model id {guard.model_id!r}{derived} on {where}",
             flush=True,
         )
         stop = asyncio.Event()
@@ -235,8 +256,11 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await server.stop(grace=2.0)
     finally:
+        if http is not None:
+            await http.cleanup()
+        if server is not None:
+            await server.stop(grace=2.0)
         guard.close()
         executor.shutdown(wait=False, cancel_futures=True)
     return 0

@@ -1,26 +1,26 @@
-"""The end-user side of ``openexample-agent attach``: the Predictor gRPC service.
+"""The end-user side of ``openexample-agent attach``: the guarded model's APIs.
 
-Each Predict runs one input or a batch through ``guard.abatch`` (the vigilance loop
-between the user and the model) and answers one PredictResult per input. Health
-checking and reflection are on, as for every gRPC server of the project.
+Two APIs on one gRPC server, plus an optional HTTP/REST listener:
 
-**TLS and who the source is.** The API is served over TLS with the agent's own
-certificate (``start_server(..., tls=files)``), and by default every caller must
-present a certificate from the same CA (mTLS). The source id that reaches the vigilance
-loop, and so the controller's rules, source tracing and blocks, is then taken from
-the certificate, never from the request:
+- **Predict** (``openexample.v1.Predictor``): one input or a batch through
+  ``guard.abatch`` (the vigilance loop between the user and the model), one
+  PredictResult per input, withheld ones included (kept: it is the only API that
+  answers each input of a batch on its own, with the verdict as typed fields).
+- **The Open Inference Protocol** (KServe v2, ``inference.GRPCInferenceService`` here
+  and ``/v2/...`` over HTTP with :func:`start_http_server`), so Triton and KServe
+  clients call the guarded model unchanged (:mod:`agents.oip`).
 
-- a ``caller/<name>`` certificate: the source is ``<name>``. A request whose
-  ``source_id`` is set to anything else is refused with PERMISSION_DENIED
-  (``source_id X: your certificate says caller/Y``);
-- a certificate of any other kind (agent, operator, ...), or one with no identity:
-  PERMISSION_DENIED.
+Health checking and reflection are on, as for every gRPC server of the project.
 
-Unauthenticated callers (``tls=None``, plain text, allowed on loopback only; or
-``client_auth=False``, TLS without client certificates) get the source
-``unauth:<peer host>/<source_id>``, or ``unauth:<peer host>`` when they claim none.
-Certificate names cannot contain ``:``, so an unauthenticated caller can never pass
-for an authenticated source (nor for another host), whatever it claims.
+**TLS and who the source is.** The APIs are served over TLS with the agent's own
+certificate (``tls=files``), and by default every caller must present a certificate
+from the same CA (mTLS). The source id that reaches the vigilance loop, and so the
+controller's rules, source tracing and blocks, is then taken from the certificate,
+never from the request (:mod:`agents.callers`): a ``caller/<name>`` certificate is the
+source ``<name>``, a claimed source id that differs is refused with
+PERMISSION_DENIED, and so is a certificate of another kind. Unauthenticated callers
+(``tls=None``, plain text, loopback only; or ``client_auth=False``) get the source
+``unauth:<peer host>/<source_id>``.
 """
 
 from __future__ import annotations
@@ -28,24 +28,24 @@ from __future__ import annotations
 import logging
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agents import oip, oip_grpc
+from agents.callers import UNAUTH, BadSource, CallerRefused, caller_source, grpc_peer_host
 from agents.guard import Guard
 from agents.results import Result
 from openexample import tensor
 from openexample.addresses import GRPC, parse_address
 from openexample.errors import ConfigError, ProtocolError
 from openexample.grpc_tls import grpc_server_credentials
-from openexample.identity import Kind
-from openexample.limits import MAX_ID_BYTES
 from openexample.tls import TlsFiles, check_plaintext, grpc_peer_identity
 from openexample.v1 import openexample_pb2 as pb
 from openexample.v1 import predict_pb2, predict_pb2_grpc
 
 log = logging.getLogger(__name__)
-UNAUTH = "unauth:"  # the prefix of every unauthenticated caller's source id
 
 _VERDICTS = {
     "benign": pb.VERDICT_BENIGN,
@@ -74,12 +74,21 @@ def result_to_pb(res: Result) -> predict_pb2.PredictResult:
     return out
 
 
-def _peer_host(peer: str) -> str:
-    """``ipv4:1.2.3.4:5678`` -> ``1.2.3.4`` (who an unauthenticated caller is)."""
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return peer
+def model_view(guard: Guard) -> oip.ModelView:
+    """What the Open Inference Protocol says about the guarded model."""
+    if guard.core is None or guard.model_id is None:
+        raise ConfigError("serve: the model's input shape is not known (--input-shape)")
+    info = guard.core.models[guard.model_id]
+    limits = guard.config.limits
+    return oip.ModelView(
+        name=guard.model_id,
+        input_shape=tuple(info.input_shape),
+        input_dtype=np.dtype(info.input_dtype),
+        n_classes=len(info.class_names),
+        framework=info.framework,
+        max_batch=limits.max_batch_items,
+        max_elements=limits.max_tensor_elements,
+    )
 
 
 class PredictorService(predict_pb2_grpc.PredictorServicer):
@@ -118,36 +127,45 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
         return predict_pb2.PredictResponse(results=[result_to_pb(r) for r in results])
 
     async def _source(self, claimed: str, context: grpc.aio.ServicerContext) -> str:
-        """The source id of this call (see the module docstring)."""
-        if self.authenticated:
-            peer = grpc_peer_identity(context)
-            if peer is None or peer.kind is not Kind.CALLER:
-                what = f"identity {peer}" if peer is not None else "no openexample identity"
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"your certificate carries {what}; Predict takes caller/NAME certificates",
-                )
-            if claimed and claimed != peer.name:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"source_id {claimed}: your certificate says {peer}",
-                )
-            return peer.name
-        host = _peer_host(context.peer())
-        source = f"{UNAUTH}{host}/{claimed}" if claimed else f"{UNAUTH}{host}"
-        if len(source.encode()) > MAX_ID_BYTES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"source_id: too long (as {UNAUTH}{host}/..., at most {MAX_ID_BYTES} bytes)",
+        """The source id of this call (:func:`agents.callers.caller_source`)."""
+        try:
+            return caller_source(
+                claimed,
+                authenticated=self.authenticated,
+                identity=grpc_peer_identity(context) if self.authenticated else None,
+                peer_host=grpc_peer_host(context.peer()),
             )
-        return source
+        except CallerRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except BadSource as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _listener_security(what: str, address: str, tls: TlsFiles | None, client_auth: bool) -> None:
+    """Plain text only on loopback; unauthenticated callers said out loud."""
+    if tls is None:
+        check_plaintext(parse_address(address, what), what)
+        log.warning(
+            "%s on %s: plain text, callers unauthenticated (sources are %s<host>/...)",
+            what,
+            address,
+            UNAUTH,
+        )
+    elif not client_auth:
+        log.warning(
+            "%s on %s: TLS without client certificates, callers unauthenticated"
+            " (sources are %s<host>/...)",
+            what,
+            address,
+            UNAUTH,
+        )
 
 
 async def start_server(
     guard: Guard, address: str, *, tls: TlsFiles | None, client_auth: bool = True
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving Predict on ``address`` (``host:port``, port 0 = any); returns the
-    server and the bound port.
+    """Start serving Predict and the Open Inference Protocol (gRPC) on ``address``
+    (``host:port``, port 0 = any); returns the server and the bound port.
 
     ``tls``: the agent's own CA, certificate and key (its certificate must name the
     host callers dial; :mod:`openexample.pki` agent certificates carry localhost,
@@ -159,29 +177,19 @@ async def start_server(
     """
     where = parse_address(address, "serve")
     if where.scheme != GRPC:
-        raise ConfigError(f"serve: HOST:PORT (the Predict API is gRPC), got {address!r}")
-    if tls is None:
-        check_plaintext(where, "serve")
-        log.warning(
-            "Predict on %s: plain text, callers unauthenticated (sources are %s<host>/...)",
-            address,
-            UNAUTH,
-        )
-        credentials = None
-    else:
+        raise ConfigError(f"serve: HOST:PORT (the model APIs are gRPC), got {address!r}")
+    _listener_security("serve", address, tls, client_auth)
+    view = model_view(guard)
+    credentials = None
+    if tls is not None:
         credentials = grpc_server_credentials(tls, require_client_cert=client_auth)
-        if not client_auth:
-            log.warning(
-                "Predict on %s: TLS without client certificates, callers unauthenticated"
-                " (sources are %s<host>/...)",
-                address,
-                UNAUTH,
-            )
     authenticated = tls is not None and client_auth
     server = grpc.aio.server(options=guard.config.limits.grpc_options())
     predict_pb2_grpc.add_PredictorServicer_to_server(
         PredictorService(guard, authenticated=authenticated), server
     )
+    inference = oip_grpc.InferenceService(guard, view, authenticated=authenticated)
+    server.add_generic_rpc_handlers((oip_grpc.handler(inference),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (
@@ -189,6 +197,8 @@ async def start_server(
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
+    # The inference service is not listed: its messages are openexample.oip's, under
+    # another service name (proto/openexample/v1/oip.proto), which reflection cannot tell.
     reflection.enable_server_reflection(names, server)
     try:
         if credentials is None:
@@ -200,6 +210,22 @@ async def start_server(
     if port == 0:
         raise OSError(f"serve: cannot listen on {address}")
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", names[0], oip_grpc.SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+async def start_http_server(
+    guard: Guard, address: str, *, tls: TlsFiles | None, client_auth: bool = True
+) -> tuple[object, int]:
+    """Start the Open Inference Protocol's HTTP/REST API on ``address`` (``host:port``);
+    returns the aiohttp runner (``await runner.cleanup()`` stops it) and the bound
+    port. TLS, client certificates and plain text as for :func:`start_server`."""
+    from agents.oip_http import start_http  # aiohttp only for agents that serve REST
+
+    where = parse_address(address, "serve_http")
+    if where.scheme != GRPC:  # a bare HOST:PORT
+        raise ConfigError(f"serve_http: HOST:PORT, got {address!r}")
+    _listener_security("serve_http", address, tls, client_auth)
+    view = model_view(guard)
+    return await start_http(guard, view, where.host, where.port, tls=tls, client_auth=client_auth)

@@ -18,6 +18,7 @@ PROTOS = [
     "openexample/v1/openexample.proto",
     "openexample/v1/predict.proto",
     "openexample/v1/admin.proto",
+    "openexample/v1/oip.proto",
 ]
 GENERATED = [
     p.removesuffix(".proto") + suffix

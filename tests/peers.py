@@ -129,10 +129,13 @@ class NativePeer(_Peer):
         self.sock.close()
 
 
-def serve_agent_cli(proc, model: str, agent_id: str, model_id: str) -> tuple:
+def serve_agent_cli(
+    proc, model: str, agent_id: str, model_id: str, *, http: bool = False
+) -> tuple:
     """``openexample-agent attach --serve 127.0.0.1:0`` for ``proc`` as ``agent_id`` (its
-    certificate); returns the process and the Predict port once it serves. The caller
-    terminates the process."""
+    certificate); returns the process and the gRPC port once it serves (and the REST
+    port, with ``http``: ``--serve-http 127.0.0.1:0``). The caller terminates the
+    process."""
     import re
     import subprocess
     import sys
@@ -145,13 +148,15 @@ def serve_agent_cli(proc, model: str, agent_id: str, model_id: str) -> tuple:
     cmd += ["--input-shape", ",".join(map(str, SHAPE)), "--connect-timeout", "20"]
     cmd += ["--tls-ca", files["tls_ca"], "--tls-cert", files["tls_cert"]]
     cmd += ["--tls-key", files["tls_key"]]
+    if http:
+        cmd += ["--serve-http", "127.0.0.1:0"]
     agent = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     for line in agent.stdout:
-        m = re.search(r"serving model id .* on \S+:(\d+)\s*$", line)
+        m = re.search(r"serving model id .*? on [^\s,]+:(\d+)(?:, REST on \S+:(\d+))?\s*$", line)
         if m:
-            return agent, int(m[1])
+            return (agent, int(m[1]), int(m[2])) if http else (agent, int(m[1]))
     agent.terminate()
     agent.wait(20)
     raise AssertionError("agent CLI did not start serving")

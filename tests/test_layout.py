@@ -96,8 +96,12 @@ SANS_IO = [
     ROOT / "agents" / "counters.py",
     ROOT / "agents" / "results.py",
     ROOT / "agents" / "config.py",
+    ROOT / "agents" / "oip.py",
+    ROOT / "agents" / "callers.py",
 ]
-IO_MODULES = {"asyncio", "grpc", "threading", "time", "prometheus_client", "socket", "selectors"}
+IO_MODULES = {
+    "asyncio", "grpc", "threading", "time", "prometheus_client", "socket", "selectors", "aiohttp",
+}  # fmt: skip
 PROJECT = ("openexample", "controller", "agents", "bench")
 
 
