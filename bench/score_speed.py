@@ -1,6 +1,7 @@
 """How long the controller takes to score a batch (``python -m bench.score_speed``).
 
-Times ``FusedScorer.score`` (controller/pipeline.py) for the default detector set on
+Times ``FusedScorer.score`` (controller/pipeline.py) for the default detector set (or
+``--detectors a,b``, trained and cached as the detection bench does) on
 MNIST test inputs, single-threaded as the controller runs it (``torch.set_num_threads(1)``,
 BLAS limited by the detectors), and prints the median microseconds per call and per item
 at each batch size. ``--profile N`` runs cProfile on batches of N instead; ``--parts``
@@ -31,10 +32,10 @@ BATCHES = (1, 8, 32, 128, 256)
 
 
 def setup(
-    cache: Path, dataset: str = "mnist5k"
+    cache: Path, dataset: str = "mnist5k", names: Sequence[str] = DEFAULT_DETECTORS
 ) -> tuple[Scorer, np.ndarray, np.ndarray, np.ndarray]:
     """(scorer, test inputs, their logits, the labels the model gave)."""
-    paths = ensure_artifacts(DEFAULT_DETECTORS, dataset=dataset, cache=cache)
+    paths = ensure_artifacts(tuple(names), dataset=dataset, cache=cache)
     cfg = config.from_mapping({"models": {"m": {"detectors": [str(p) for p in paths]}}})
     scorer = load_scorers(cfg)["m"]
     x = datasets.load(dataset).split().test.x
@@ -121,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
     ap.add_argument("--profile", type=int, default=0, help="cProfile batches of this size")
     ap.add_argument("--parts", action="store_true", help="batch 1, part by part (warm)")
+    ap.add_argument("--detectors", help="comma-separated set (default: the default set)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    scorer, x, logits, labels = setup(Path(args.cache))
+    names = args.detectors.split(",") if args.detectors else DEFAULT_DETECTORS
+    scorer, x, logits, labels = setup(Path(args.cache), names=names)
     if args.parts:
         for part, us in time_parts(scorer, x, logits, labels).items():
             print(f"{part:<28} {us:>8.1f} us")

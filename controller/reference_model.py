@@ -40,7 +40,12 @@ def load_model(path: str | Path) -> torch.jit.ScriptModule:
 
 
 def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
-    """A TorchScript file as a numpy callable: inputs [N, ...] -> logits [N, C]."""
+    """A TorchScript file as a numpy callable: inputs [N, ...] -> logits [N, C].
+
+    The callable's ``module`` attribute is the TorchScript module itself, for detectors
+    that train through the model (gradients) or run it on torch tensors
+    (:func:`controller.detectors.nets.module_of`).
+    """
     model = load_model(path)
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -52,4 +57,5 @@ def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
                 out.append(model(torch.from_numpy(part)))
         return torch.cat(out).numpy().astype(np.float32)
 
+    predict.module = model  # type: ignore[attr-defined]
     return predict
