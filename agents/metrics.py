@@ -10,6 +10,13 @@ cheaper than prometheus-client's ``Histogram.observe`` (two locks per call).
 Every series carries ``model`` and ``agent`` (the agent id: one per Guard, so bounded
 by the deployment). Several Guards may share one registry (``attach(registry=...)``):
 they share one histogram family and one collector, so the exposition stays valid.
+
+``openexample_agent_rule_budget_seconds`` (one series per INSPECT rule in force) lives
+here, not on the controller: the agent's rule table is the one every inference is
+looked up in, so it is true for every rule actually applied: the controller's default
+and the operator's and config's rules as the agent took them, a local rule
+(``Guard.local_mod``), and the agent's own default while no controller has set one.
+The controller only knows what it wants the tables to hold.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -32,9 +39,54 @@ from prometheus_client.utils import floatToGoString
 from agents.core import AgentCore
 from agents.results import CONTROLLER, DISCONNECTED, RT, RULE, TIMEOUT
 from openexample.buckets import latency_buckets as _latency_buckets_s
+from openexample.rules import INSPECT, Rule, RuleTable, match_text
 
 LATENCY = "openexample_agent_added_latency_seconds"
 DECIDED_BY = (RULE, RT, CONTROLLER, TIMEOUT, DISCONNECTED)
+# At most this many INSPECT rules per agent get a budget series (the table-miss always
+# does; then the others in lookup order, highest priority first): a table may hold
+# thousands of rules, a dashboard legend should not.
+MAX_RULE_BUDGET_SERIES = 16
+TABLE_MISS = "table-miss"
+
+
+def rule_label(rule: Rule) -> str:
+    """The ``rule`` label of a table entry: ``table-miss``, or its key in the table,
+    ``prio=P match=M`` (the syntax of ``openexample-controller rules list``)."""
+    if rule.is_table_miss:
+        return TABLE_MISS
+    return f"prio={rule.priority} match={match_text(rule.match.to_pb())}"
+
+
+def rule_budgets(
+    table: RuleTable, models: Collection[str], limit: int = MAX_RULE_BUDGET_SERIES
+) -> list[tuple[str, str | None, float]]:
+    """(label, the model its match names or None for any, budget in seconds) of the
+    INSPECT rules of ``table`` that can match one of ``models`` (the agent's): the
+    table-miss, and the others in lookup order up to ``limit`` in all. Stops early: it
+    runs under the agent's lock."""
+    miss = table.table_miss
+    out: dict[str, tuple[str, str | None, float]] = {}
+
+    def add(rule: Rule) -> None:
+        # One series per label: bounds equal to match_text's 6 digits read alike.
+        label = rule_label(rule)
+        out.setdefault(label, (label, rule.match.model_id, rule.actions.budget_us / 1e6))
+
+    room = limit - (miss.actions.verdict_source == INSPECT)
+    for rule in table:
+        if len(out) >= room:
+            break
+        model = rule.match.model_id
+        if (
+            rule is not miss
+            and rule.actions.verdict_source == INSPECT
+            and (model is None or model in models)
+        ):
+            add(rule)
+    if miss.actions.verdict_source == INSPECT:
+        add(miss)
+    return list(out.values())
 
 
 def latency_buckets(budgets_us: Iterable[int] = ()) -> tuple[float, ...]:
@@ -202,6 +254,7 @@ def _snapshot(core: AgentCore) -> dict:
         reconnects=c.reconnects,
         errors=c.errors_received,
         up=1.0 if snap.up else 0.0,
+        rule_budgets=rule_budgets(core.rules, core.models),
         tables={
             name: (t.entries, t.max_entries, t.lookups, t.hits, t.evictions)
             for name, t in snap.tables.items()
@@ -295,6 +348,20 @@ class _CoreCollector(Collector):
             )
             for m, v in sorted(per_model(s["retractions"]).items()):
                 f.add_metric([m, agent], v)
+
+            f = fam(
+                GaugeMetricFamily,
+                "openexample_agent_rule_budget_seconds",
+                "Budget of each INSPECT rule in the agent's table, per model it matches"
+                " (rule: table-miss, or prio=P match=M). At most"
+                f" {MAX_RULE_BUDGET_SERIES} rules per agent: the table-miss and the first"
+                " others in lookup order.",
+                ["model", "agent", "rule"],
+            )
+            for label, match_model, budget_s in s["rule_budgets"]:
+                for m in models:
+                    if match_model is None or match_model == m:
+                        f.add_metric([m, agent, label], budget_s)
 
             f = fam(
                 GaugeMetricFamily,

@@ -53,7 +53,8 @@ class ControllerMetrics:
         buckets = latency_buckets([budget_s])
         self.budget = Gauge(
             "openexample_controller_budget_seconds",
-            "Budget of the default INSPECT rule installed on agents",
+            "Budget of the default INSPECT rule installed on agents (the config's budget_us;"
+            " each rule in force: openexample_agent_rule_budget_seconds)",
             registry=r,
         )
         self.budget.set(budget_s)
