@@ -32,6 +32,10 @@ class ModelConfig:
     fpr: float = 0.01
     # Optional TorchScript / ONNX reference copy, for detectors that call the model.
     reference_model: str = ""
+    # ADVERSARIAL verdicts: "drop" (withhold) or "correct" (hand out the corrected label
+    # when at least correct_min_agree purifying detectors agree on it; controller/correction.py)
+    on_adversarial: str = "drop"
+    correct_min_agree: int = 2
 
 
 _RULE_KEYS = ("match", "priority", "actions", "agent", "model", "send_removed")
@@ -231,7 +235,19 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
     if not 0.0 < fpr < 1.0:
         raise ConfigError(f"{path}.fpr: must be in (0, 1), got {fpr}")
     ref = _check_type(f"{path}.reference_model", raw.get("reference_model", ""), str)
-    return ModelConfig(detectors=tuple(dets), fpr=fpr, reference_model=ref)
+    policy = _check_type(f"{path}.on_adversarial", raw.get("on_adversarial", "drop"), str)
+    if policy not in ("drop", "correct"):
+        raise ConfigError(f"{path}.on_adversarial: one of drop, correct, got {policy!r}")
+    agree = _check_type(f"{path}.correct_min_agree", raw.get("correct_min_agree", 2), int)
+    if agree < 1:
+        raise ConfigError(f"{path}.correct_min_agree: must be >= 1, got {agree}")
+    return ModelConfig(
+        detectors=tuple(dets),
+        fpr=fpr,
+        reference_model=ref,
+        on_adversarial=policy,
+        correct_min_agree=agree,
+    )
 
 
 def _rule_config(path: str, raw: Any, index: int) -> RuleConfig:

@@ -18,6 +18,7 @@ import numpy as np
 
 from controller.config import Config, ConfigError
 from controller.core import InspectJob
+from controller.correction import CorrectionPolicy
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
@@ -212,9 +213,12 @@ def _log_failure(job: InspectJob, exc: BaseException) -> None:
 class FusedScorer:
     """The detector pipeline of one model as a Scorer (OR of per-detector thresholds)."""
 
-    def __init__(self, model_id: str, pipeline: Pipeline) -> None:
+    def __init__(
+        self, model_id: str, pipeline: Pipeline, policy: CorrectionPolicy | None = None
+    ) -> None:
         self.model_id = model_id
         self.pipeline = pipeline
+        self.policy = policy or CorrectionPolicy()
         self.names = [d.name for d in pipeline.detectors]
         self.thresholds = [float(d.threshold) for d in pipeline.detectors]  # type: ignore[arg-type]
         self.metric_names = pipeline.names  # distinct (``#2`` on repeats): metrics, timings
@@ -312,15 +316,19 @@ class FusedScorer:
         ]
         verdicts = (pb.VERDICT_BENIGN, pb.VERDICT_ADVERSARIAL)
         actions = (pb.VERDICT_ACTION_RELEASE, pb.VERDICT_ACTION_DROP)
+        policy = self.policy if self.policy.on_adversarial == "correct" else None
         evidence = [
             (name, threshold, per[j], flags[j], per_fix[j])
             for j, (name, threshold) in enumerate(zip(names, thresholds, strict=True))
         ]
         items = []
         for i, f in enumerate(flagged):
+            action = actions[f]
+            if f and policy is not None:
+                action = policy.action(corrected[i], [p if p is None else p[i] for p in per_fix])
             item = pb.PkgOutItem(
                 verdict=verdicts[f],
-                action=actions[f],
+                action=action,
                 score=score[i],
                 threshold=0.0,  # the fused score is a margin: >= 0 means flagged
             )
@@ -465,5 +473,7 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     want,
                     ",".join(x.name for x in dets),
                 )
-        scorers[model_id] = FusedScorer(model_id, Pipeline(dets, mcfg.fpr))
+        policy = CorrectionPolicy(mcfg.on_adversarial, mcfg.correct_min_agree)
+        policy.check(f"models.{model_id}", [d.name for d in dets if d.can_purify])
+        scorers[model_id] = FusedScorer(model_id, Pipeline(dets, mcfg.fpr), policy)
     return scorers

@@ -91,6 +91,7 @@ SANS_IO = [
     ),
     ROOT / "controller" / "core.py",
     ROOT / "controller" / "desired.py",
+    ROOT / "controller" / "correction.py",
     ROOT / "controller" / "session.py",
     ROOT / "agents" / "core.py",
     ROOT / "agents" / "counters.py",

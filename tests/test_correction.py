@@ -1,0 +1,108 @@
+"""The CORRECT action: a model's policy turns an ADVERSARIAL verdict's DROP into CORRECT
+only when enough purifying detectors agree on the corrected label; agents then hand
+out that label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controller import config
+from controller.correction import CorrectionPolicy
+from controller.pipeline import load_scorers
+from controller.reference_model import model_fn
+from openexample.errors import ConfigError
+from openexample.v1 import openexample_pb2 as pb
+from tests.conftest import MODEL_ID
+
+DROP, CORRECT = pb.VERDICT_ACTION_DROP, pb.VERDICT_ACTION_CORRECT
+
+
+@pytest.mark.parametrize(
+    ("policy", "corrected", "fixes", "want"),
+    [
+        (CorrectionPolicy("drop"), 3, [3, 3], DROP),  # the default never corrects
+        (CorrectionPolicy("correct", 2), 3, [3, 3], CORRECT),
+        (CorrectionPolicy("correct", 2), 3, [3, 5], DROP),  # one purifier is not enough
+        (CorrectionPolicy("correct", 2), 3, [3, None, 3], CORRECT),  # None: not a purifier
+        (CorrectionPolicy("correct", 1), 3, [3, 5], CORRECT),
+        (CorrectionPolicy("correct", 1), -1, [None], DROP),  # no corrected label at all
+        (CorrectionPolicy("correct", 3), 3, [3, 3], DROP),
+    ],
+)
+def test_the_policy_corrects_only_on_agreement(policy, corrected, fixes, want):
+    assert policy.action(corrected, fixes) == want
+
+
+def test_a_policy_the_set_cannot_meet_is_refused_naming_the_set():
+    CorrectionPolicy("correct", 2).check("models.m", ["desvig", "margin"])
+    with pytest.raises(ConfigError, match=r"2 purifiers must agree, the set has 1 \(desvig\)"):
+        CorrectionPolicy("correct", 2).check("models.m", ["desvig"])
+    CorrectionPolicy("drop", 2).check("models.m", [])  # drop needs no purifier
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"on_adversarial": "fix"}, "models.m.on_adversarial: one of drop, correct, got 'fix'"),
+        ({"correct_min_agree": 0}, "models.m.correct_min_agree: must be >= 1, got 0"),
+        ({"correct_min_agree": "2"}, "models.m.correct_min_agree: expected int"),
+    ],
+)
+def test_bad_policy_config_is_refused_by_name(raw, message):
+    with pytest.raises(ConfigError) as e:
+        config.from_mapping({"models": {"m": {"detectors": [], **raw}}})
+    assert str(e.value).startswith(message)
+
+
+def test_fused_scorer_corrects_flagged_items_when_its_purifiers_agree(
+    artifacts, example_model, fgsm
+):
+    """The default set (DeSVig + margin, both purifiers) under ``correct``: every flagged
+    FGSM item is CORRECT exactly when the two detectors' corrected labels (its evidence)
+    agree with the fused one, DROP otherwise; clean verdicts stay RELEASE."""
+    model_cfg = {"detectors": [str(p) for p in artifacts], "on_adversarial": "correct"}
+    scorer = load_scorers(config.from_mapping({"models": {MODEL_ID: model_cfg}}))[MODEL_ID]
+    model = model_fn(example_model)
+    clean, adv = fgsm
+    x = np.concatenate([clean[:40], adv[:40]])
+    logits = model(x)
+    items = scorer.score(x, logits, logits.argmax(1))
+    seen = set()
+    for item in items:
+        if item.verdict == pb.VERDICT_BENIGN:
+            assert item.action == pb.VERDICT_ACTION_RELEASE
+            continue
+        fixes = [e.corrected_label for e in item.evidence]
+        agree = item.HasField("corrected_label") and fixes.count(item.corrected_label) >= 2
+        assert item.action == (CORRECT if agree else DROP)
+        seen.add(item.action)
+    assert seen == {CORRECT, DROP}  # both happen on FGSM eps 0.3 (measured: ~1/3 agree)
+
+
+@pytest.mark.integration
+def test_agents_hand_out_the_corrected_label(controller, artifacts, example_model, fgsm):
+    from agents import attach
+
+    models = {MODEL_ID: {"detectors": [str(p) for p in artifacts], "on_adversarial": "correct"}}
+    proc = controller(models=models)
+    g = attach(
+        str(example_model),
+        controller=proc.address,
+        model_id=MODEL_ID,
+        input_shape=(1, 28, 28),
+        connect_timeout_s=20,
+        **proc.agent_tls("line-1"),
+    )
+    try:
+        assert g.connected
+        clean, adv = fgsm
+        results = [g(a) for a in adv[:40]]
+        corrected = [r for r in results if r.verdict == "adversarial" and r.released]
+        dropped = [r for r in results if r.verdict == "adversarial" and not r.released]
+        assert corrected and dropped
+        for r in corrected:  # released with the corrected label, not the model's
+            assert r.label != r.model_label and r.decided_by == "controller"
+        assert g(clean[0]).label == g(clean[0]).model_label
+    finally:
+        g.close()
