@@ -173,7 +173,7 @@ class ModelView:
         else:
             try:
                 arr = np.asarray(data, dtype=dt).reshape(-1)
-            except (TypeError, ValueError, OverflowError) as exc:
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
                 raise OipError(
                     "invalid", f"input {INPUT}: data are not {datatype} values ({exc})"
                 ) from None

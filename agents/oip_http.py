@@ -170,6 +170,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = json.loads(body[:n])
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body: not JSON ({exc})") from None
+    except RecursionError:  # "[[[[..." deeper than the parser's stack
+        raise _bad("request body: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise _bad("request body: a JSON object with 'inputs'")
     return header, body[n:]

@@ -26,6 +26,7 @@ PERMISSION_DENIED, and so is a certificate of another kind. Unauthenticated call
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -44,6 +45,9 @@ from openexample.grpc_tls import grpc_server_credentials
 from openexample.tls import TlsFiles, check_plaintext, grpc_peer_identity
 from openexample.v1 import openexample_pb2 as pb
 from openexample.v1 import predict_pb2, predict_pb2_grpc
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +221,7 @@ async def start_server(
 
 async def start_http_server(
     guard: Guard, address: str, *, tls: TlsFiles | None, client_auth: bool = True
-) -> tuple[object, int]:
+) -> tuple[web.AppRunner, int]:
     """Start the Open Inference Protocol's HTTP/REST API on ``address`` (``host:port``);
     returns the aiohttp runner (``await runner.cleanup()`` stops it) and the bound
     port. TLS, client certificates and plain text as for :func:`start_server`."""

@@ -318,11 +318,11 @@ def test_rest_refuses_callers_without_a_caller_certificate_and_junk_bodies(guard
     proc, _, http_port = guarded
     url = f"https://127.0.0.1:{http_port}/v2/models/{MODEL_ID}/infer"
 
-    def post(identity, body: bytes):
+    def post(identity, body: bytes, headers=None):
         files = proc.pki.issue(identity, overwrite=False)
         ctx = ssl.create_default_context(cafile=str(files.ca))
         ctx.load_cert_chain(str(files.cert), str(files.key))
-        req = urllib.request.Request(url, data=body, method="POST")
+        req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
                 return r.status, json.loads(r.read())
@@ -335,6 +335,15 @@ def test_rest_refuses_callers_without_a_caller_certificate_and_junk_bodies(guard
     assert status == 403 and "takes caller/NAME certificates" in body["error"]
     assert post("caller/plc-7", b"{not json")[0] == 400
     assert post("caller/plc-7", b"[1, 2]")[1]["error"].startswith("request body: a JSON object")
+    assert post("caller/plc-7", b"[" * 100_000)[1]["error"] == (
+        "request body: JSON nested too deeply"
+    )
+    status, body = post("caller/plc-7", b"\xff\xfe")
+    assert status == 400 and body["error"].startswith("request body: not JSON")
+    header = json.dumps(one).encode()
+    for length in ("-1", "x", str(len(header) + 1)):  # the binary extension's header length
+        status, body = post("caller/plc-7", header, {"Inference-Header-Content-Length": length})
+        assert status == 400 and "Inference-Header-Content-Length" in body["error"]
     status, body = post("caller/plc-7", json.dumps(one).encode())
     assert status == 200 and body["parameters"][oip.RELEASED] is True
     assert len(body["outputs"][0]["data"]) == 10
