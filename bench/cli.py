@@ -23,8 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default=f"var/bench/{name}", help="folder for tables and plots")
         s.add_argument("--quick", action="store_true", help="a short smoke run (< 2 min)")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument(
+            "--model",
+            help="your own TorchScript model instead of the example one: the default detector"
+            " set is trained for it first (cached by the file's digest)"
+            + (
+                "" if name == "detection" else "; it must take mnist5k inputs (1x28x28, 10 classes)"
+            ),
+        )
     det = sub.choices["detection"]
     det.add_argument("--detectors", help="the fused pipeline (default: the trained default set)")
+    det.add_argument(
+        "--dataset",
+        help="the data set the model was trained on (default mnist5k; also digits, idx:DIR,"
+        " folder:DIR): detectors are fitted on its train split, measured on its test split",
+    )
     lat = sub.choices["latency"]
     lat.add_argument("--agents", default="1,4,16,64", help="concurrent agent counts")
     lat.add_argument("--scenarios", help="comma-separated subset of the scenarios")
@@ -55,14 +68,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cached_model() -> bool:
-    folder = CACHE / "mnist5k"  # controller.training.example_model.ensure_example_model
+def _dataset(args: argparse.Namespace) -> str:
+    return getattr(args, "dataset", None) or "mnist5k"
+
+
+def _cached_model(args: argparse.Namespace) -> bool:
+    if args.model:  # the user's own: nothing to train
+        return True
+    from controller.training.example_model import _slug
+
+    folder = CACHE / _slug(_dataset(args))  # example_model.ensure_example_model
     return (folder / "model.pt").is_file() and (folder / "model.json").is_file()
 
 
-def _cached_detectors(names: tuple[str, ...]) -> bool:
-    folder = CACHE / "artifacts" / "mnist5k" / "+".join(names)  # train.ensure_artifacts
+def _cached_detectors(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
+    from controller.training.train import artifacts_folder
+
+    folder = artifacts_folder(names, dataset=_dataset(args), cache=CACHE, model=args.model)
     return all((folder / n / "manifest.json").is_file() for n in names)
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """For a latency or detection run: what would make it fail before it measures
+    anything (an unknown detector in ``--detectors``; with ``--model`` or ``--dataset``, a
+    missing or non-TorchScript model file, one that refuses the data set's inputs or
+    classes, a data set that does not load), in one line; else None."""
+    if args.command not in ("latency", "detection"):
+        return None
+    if getattr(args, "detectors", None):
+        from controller import detectors
+
+        for name in args.detectors.split(","):
+            try:
+                detectors.get(name)
+            except (KeyError, ValueError) as exc:
+                return f"--detectors: {exc}"
+    if args.model is None and getattr(args, "dataset", None) is None:
+        return None
+    from controller.training.train import check_model
+
+    problem = check_model(_dataset(args), args.model)
+    if problem and args.command == "latency" and "the data set's" in problem:
+        problem += " (the latency bench sends mnist5k inputs: 1x28x28, 10 classes)"
+    return problem
 
 
 def first_run_notice(args: argparse.Namespace) -> str | None:
@@ -74,7 +122,7 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
 
     todo: list[str] = []
     minutes = 0.0
-    if not _cached_model():
+    if not _cached_model(args):
         todo.append("the example model")
         minutes += 0.25
     sets = [tuple(DEFAULT_DETECTORS)]
@@ -82,7 +130,7 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
         from bench import detection
 
         sets = [detection._names(args), ("feature_squeezing",)]
-    missing = [s for s in sets if not _cached_detectors(s)]
+    missing = [s for s in sets if not _cached_detectors(args, s)]
     if missing:
         todo.append("the detectors")
         minutes += sum(1.0 if "desvig" in s else 0.1 for s in missing)  # its CGAN
@@ -101,6 +149,10 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = preflight(args)  # before anything is started or trained
+    if problem is not None:
+        print(f"openexample-bench {args.command}: {problem}", file=sys.stderr)
+        return 2
     from bench.procs import exit_on_signals
 
     exit_on_signals()  # SIGTERM/SIGHUP: finally blocks stop every process the bench started

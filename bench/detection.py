@@ -7,13 +7,20 @@ test inputs) and the corrected-label accuracy on flagged inputs. Baselines in th
 run: feature squeezing (a detector of the pipeline) and ART's BinaryInputDetector
 trained on FGSM. Online part: the paper's Table IV through a real controller process
 and a real agent (accuracy without and with OpenExample, and the added delay).
+
+The model under test is the example model (``--dataset``: of that data set, mnist5k by
+default), or with ``--model`` the user's own TorchScript file: the default detector set
+is trained for it (once, cached by the file's digest: train.ensure_artifacts), the
+attacks are made against it, and input shape and classes come from the data set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +43,73 @@ from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
 from controller.training import datasets
-from controller.training.example_model import ensure_example_model
+from controller.training.example_model import _slug, ensure_example_model
 from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
+from openexample.digests import file_digest
 
 FPRS = (0.01, 0.05)
 TABLE_IV = ("baseline", "FGSM", "R+FGSM", "DeepFool")
 BID_TRAINING_ATTACK = AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3)
 
 
-def load_pipeline(model: Path, cache: Path, names: tuple[str, ...]) -> list[Detector]:
-    dets = [Detector.load(p) for p in ensure_artifacts(names, cache=cache)]
-    predict = model_fn(model)
+@dataclass(frozen=True)
+class Subject:
+    """The model under test and its data set: the example model of the data set, or
+    (``own``) a user's TorchScript file."""
+
+    model: Path
+    dataset: str
+    own: bool = False
+
+    def artifacts(self, names: tuple[str, ...], cache: Path) -> list[Path]:
+        """The detector set ``names`` trained for this model (cached)."""
+        own = self.model if self.own else None
+        return ensure_artifacts(names, dataset=self.dataset, cache=cache, model=own)
+
+
+def subject(args: argparse.Namespace, cache: Path, *, train: bool = True) -> Subject:
+    """The run's model: ``--model``, else the example model of ``--dataset`` (trained
+    now, unless ``train`` is false: then only where it would be)."""
+    dataset = getattr(args, "dataset", None) or "mnist5k"
+    if getattr(args, "model", None):
+        return Subject(Path(args.model).resolve(), dataset, own=True)
+    if train:
+        return Subject(ensure_example_model(cache, dataset), dataset)
+    return Subject(cache / _slug(dataset) / "model.pt", dataset)
+
+
+def load_pipeline(subj: Subject, cache: Path, names: tuple[str, ...]) -> list[Detector]:
+    dets = [Detector.load(p) for p in subj.artifacts(names, cache)]
+    predict = model_fn(subj.model)
     for d in dets:
         d.model = predict  # detectors that call the model use the reference copy
     return dets
 
 
+def bid_network(shape: tuple[int, ...]) -> torch.nn.Module | None:
+    """The BinaryInputDetector's CNN (two 3x3 conv + 2x2 max-pool, a linear head; on
+    28x28: 16x5x5 features) for inputs of ``shape`` (C, H, W); None when the images are
+    too small for it (under 10x10)."""
+    c, h, w = (int(v) for v in shape)
+    fh, fw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
+    if fh < 1 or fw < 1:
+        return None
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(c, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16 * fh * fw, 2),
+    )  # fmt: skip
+
+
 def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> Any:
-    """ART's BinaryInputDetector: a small CNN told apart clean and FGSM (eps 0.3) inputs."""
+    """ART's BinaryInputDetector: a small CNN told apart clean and FGSM (eps 0.3) inputs.
+    The inputs must be large enough for ``bid_network``."""
     from art.defences.detector.evasion import BinaryInputDetector
 
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 5 * 5, 2),
-    )  # fmt: skip
+    net = bid_network(x.shape[1:])
+    if net is None:
+        raise ValueError(f"binary_input_detector: inputs of shape {x.shape[1:]} are too small")
     det_clf = art_classifier(
         net, x.shape[1:], 2, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3)
     )
@@ -87,23 +135,30 @@ def untrained_attacks(args: argparse.Namespace, cache: Path) -> list[AttackSpec]
     keys them by the model file, the inputs, the attack and the seed): all of them while
     the example model is not trained."""
     specs = standard_attacks(args.quick)
-    model = cache / "mnist5k" / "model.pt"
-    if not model.is_file():
+    subj = subject(args, cache, train=False)
+    if not subj.model.is_file():
         return specs
-    x = datasets.load("mnist5k").split(seed=0).test.x[: _n_test(args.quick)]
-    return [s for s in specs if not cache_path(s, model, x, cache, args.seed).is_file()]
+    x = datasets.load(subj.dataset).split(seed=0).test.x[: _n_test(args.quick)]
+    return [s for s in specs if not cache_path(s, subj.model, x, cache, args.seed).is_file()]
 
 
-def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
+def _note(text: str) -> None:
+    print(f"openexample-bench detection: {text}", file=sys.stderr, flush=True)
+
+
+def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dict, dict]:
     torch.set_num_threads(1)
     cache = Path("var/cache")
-    model = ensure_example_model(cache)
-    splits = datasets.load("mnist5k").split(seed=0)
+    subj = subj or subject(args, cache)
+    model = subj.model
+    ds = datasets.load(subj.dataset)
+    splits = ds.split(seed=0)
     n = _n_test(args.quick)
     x, y = splits.test.x[:n], splits.test.y[:n]
+    n = len(x)  # a small data set may have fewer test images
     predict = model_fn(model)
-    dets = load_pipeline(model, cache, _names(args))
-    clf = classifier(model, x.shape[1:], 10)
+    dets = load_pipeline(subj, cache, _names(args))
+    clf = classifier(model, x.shape[1:], ds.num_classes)
     clean_logits = predict(x)
     clean_pred = clean_logits.argmax(1)
     right = clean_pred == y
@@ -116,30 +171,44 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     for f in FPRS:  # the fused pipeline calibrated at each target
         pipes[f] = Pipeline([_copy(d) for d in dets], f)
         pipes[f].calibrate(cal)
-    bid = binary_input_detector(
-        clf, splits.train.x[: 500 if args.quick else 2000], args.seed, 2 if args.quick else 5
-    )
-
-    (squeezing,) = load_pipeline(model, cache, ("feature_squeezing",))
+    (squeezing,) = load_pipeline(subj, cache, ("feature_squeezing",))
 
     def squeeze_scores(v: np.ndarray) -> np.ndarray:
         logits = predict(v)
         return np.asarray(squeezing.score(Batch(v, logits, logits.argmax(1))).scores)
 
     # Baselines measured in the same run, outside the pipeline.
-    baselines = {
-        "feature_squeezing": squeeze_scores,
-        "binary_input_detector": lambda v: bid.detector.predict(v)[:, 1],
-    }
+    baselines = {"feature_squeezing": squeeze_scores}
+    skipped: dict[str, str] = {}
+    if bid_network(ds.input_shape) is None:
+        h, w = ds.input_shape[1:]
+        skipped["binary_input_detector"] = (
+            f"skipped: its CNN (two 3x3 conv + 2x2 max-pool) needs images of at least"
+            f" 10x10, {subj.dataset} has {h}x{w}"
+        )
+        _note(f"baseline binary_input_detector {skipped['binary_input_detector']}")
+    else:
+        bid = binary_input_detector(
+            clf, splits.train.x[: 500 if args.quick else 2000], args.seed, 2 if args.quick else 5
+        )
+        baselines["binary_input_detector"] = lambda v: bid.detector.predict(v)[:, 1]
     for name, fn in baselines.items():
         cal_scores[name], clean_scores[name] = fn(cal_x), fn(x)
     report: dict[str, Any] = {
         "schema": "openexample.bench.detection/1",
-        "dataset": "mnist5k",
+        "dataset": subj.dataset,
+        "model": {
+            "path": str(model),
+            "digest": file_digest(model),
+            "example": not subj.own,  # False: the user's own model, not trained here
+        },
+        "input_shape": list(ds.input_shape),
+        "classes": ds.num_classes,
         "n_test": int(n),
         "clean_accuracy": round(float(right.mean()), 4),
         "detectors_in_pipeline": [d.name for d in dets],
-        "baselines": ["feature_squeezing", "binary_input_detector"],
+        "baselines": list(baselines),
+        "skipped": skipped,
         "fused_fpr_on_clean": {
             str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in pipes.items()
         },
@@ -238,27 +307,30 @@ def _det_row(name: str, cal: np.ndarray, clean: np.ndarray, adv: np.ndarray) -> 
     }
 
 
-def table_iv(model: Path, data: dict, detectors: list[str], quick: bool) -> list[dict]:
-    """Accuracy without defence and with OpenExample, through a real controller + agent."""
+def table_iv(
+    subj: Subject, data: dict, detectors: list[str], quick: bool, cache: Path = Path("var/cache")
+) -> list[dict]:
+    """Accuracy without defence and with OpenExample, through a real controller + agent
+    running the model under test."""
     from agents import attach
 
+    artifacts = subj.artifacts(tuple(detectors), cache)
+    model_id = "own-model" if subj.own else "mnist-cnn"
     proc = ControllerProcess(
         Path("var/bench/detection/controller").resolve(),  # TLS file paths: absolute
         {
             "budget_us": 2_000_000,  # detection figures, not latency: every verdict counts
             "trace_min_adversarial": 10**9,  # no source blocking: each input judged alone
-            "models": {
-                "mnist-cnn": {"detectors": [str(p.resolve()) for p in ensure_artifacts(detectors)]}
-            },
+            "models": {model_id: {"detectors": [str(p.resolve()) for p in artifacts]}},
         },
     ).start()
     rows = []
     try:
         g = attach(
-            str(model),
+            str(subj.model),
             controller=proc.address,
-            model_id="mnist-cnn",
-            input_shape=(1, 28, 28),
+            model_id=model_id,
+            input_shape=tuple(data["clean"][0].shape[1:]),
             budget_us=2_000_000,
             connect_timeout_s=60,
             **proc.agent_tls("table-iv"),
@@ -304,8 +376,13 @@ def _count(values: list[str]) -> dict[str, int]:
 
 def markdown(report: dict) -> str:
     names = [d["detector"] for d in report["attacks"][0]["detectors"]] if report["attacks"] else []
-    lines = [
-        f"Clean accuracy {report['clean_accuracy']:.3f} on {report['n_test']} mnist5k test images;"
+    lines = []
+    model = report.get("model", {})
+    if model and not model["example"]:
+        lines += [f"Model: {model['path']} ({model['digest'][:19]}), the user's own.", ""]
+    lines += [
+        f"Clean accuracy {report['clean_accuracy']:.3f} on {report['n_test']}"
+        f" {report.get('dataset', 'mnist5k')} test images;"
         f" fused FPR on clean {report['fused_fpr_on_clean']}.",
         "",
         "TPR at 1% FPR (AUC) over successful adversarials:",
@@ -323,6 +400,8 @@ def markdown(report: dict) -> str:
             f"| {label} | {a['success_rate']:.2f} | {a['mean_l2'] or 0:.2f} |"
             f" {a['mean_linf'] or 0:.2f} | " + " | ".join(cells) + " |"
         )
+    for name, why in report.get("skipped", {}).items():
+        lines += ["", f"{name}: {why}."]
     if report.get("table_iv"):
         lines += [
             "",
@@ -416,9 +495,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report, data = evaluate(args)
-    model = ensure_example_model(Path("var/cache"))
-    report["table_iv"] = table_iv(model, data, list(_names(args)), args.quick)
+    subj = subject(args, Path("var/cache"))
+    report, data = evaluate(args, subj)
+    report["table_iv"] = table_iv(subj, data, list(_names(args)), args.quick)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

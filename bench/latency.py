@@ -512,8 +512,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path("var/cache")
-    model = ensure_example_model(cache)
-    artifacts = ensure_artifacts(DETECTORS, cache=cache)
+    own = Path(args.model).resolve() if getattr(args, "model", None) else None
+    # --model: the user's own model (mnist5k-shaped, checked by bench.cli.preflight), with
+    # the detectors trained for it
+    model = own or ensure_example_model(cache)
+    artifacts = ensure_artifacts(DETECTORS, cache=cache, model=own)
     agents = [1, 4] if args.quick else [int(a) for a in args.agents.split(",")]
     requests = args.requests or (200 if args.quick else 2000)
     warmup = max(20, requests // 10)
@@ -612,6 +615,7 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
         "budget_us": BUDGET_US,
+        "model": {"path": str(model), "example": own is None},
         "detectors": list(DETECTORS),
         "results": [
             {k: v for k, v in r.items() if not k.startswith("_") and k != "stages"} for r in results
@@ -638,6 +642,8 @@ def run(args: argparse.Namespace) -> int:
             f" agent grew {memory['agent_growth_mb']} MB and the controller"
             f" {memory['controller_growth_mb']} MB.\n"
         )
+    if own is not None:
+        md += f"\nModel: {own} (the user's own), with the detectors trained for it.\n"
     (out / "latency.md").write_text(md)
     cdf_plot(results, out / "latency_cdf.png")
     load_plot(results, out / "latency_load.png")

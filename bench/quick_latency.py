@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -351,10 +352,23 @@ def start_pair(workdir: Path, artifacts: list[Path]) -> dict[str, ControllerProc
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("-n", type=int, default=2000)
+    p.add_argument(
+        "--model",
+        help="your own TorchScript model (mnist5k inputs: 1x28x28, 10 classes) instead of"
+        " the example one; the default detectors are trained for it first (cached)",
+    )
     args = p.parse_args()
     cache = Path("var/cache")
-    model_path = ensure_example_model(cache)
-    art = ensure_artifacts(DETECTORS, cache=cache)
+    if args.model:
+        from controller.training.train import check_model
+
+        problem = check_model("mnist5k", args.model)
+        if problem is not None:
+            print(f"quick_latency: {problem}", file=sys.stderr)
+            return 2
+    own = Path(args.model).resolve() if args.model else None
+    model_path = own or ensure_example_model(cache)
+    art = ensure_artifacts(DETECTORS, cache=cache, model=own)
     workdir = Path("var/quick_latency")
     x = datasets.load("mnist5k").split().test.x
     n = args.n

@@ -34,7 +34,7 @@ from controller.detectors.base import Batch
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
 from controller.training import datasets
-from controller.training.example_model import ensure_example_model
+from controller.training.example_model import _slug, ensure_example_model
 from openexample.digests import array_digest, file_digest
 from openexample.errors import one_line
 
@@ -104,48 +104,75 @@ def build_artifacts(
     return paths
 
 
+def artifacts_folder(
+    names: Sequence[str] | None = None,
+    *,
+    dataset: str = "mnist5k",
+    cache: Path = Path("var/cache"),
+    fpr: float = 0.01,
+    model: str | Path | None = None,
+) -> Path:
+    """Where ``ensure_artifacts`` keeps a detector set.
+
+    ``cache/artifacts/DATASET/NAME+NAME`` for the example model of the data set;
+    ``cache/artifacts/DATASET/model-DIGEST/NAME+NAME`` for a ``model`` file, DIGEST being
+    the start of its sha256: two model files never share artifacts, and a model file
+    changed in place gets new ones. ``@FPR`` is appended for a target other than 1%.
+    """
+    names = tuple(names or DEFAULT_DETECTORS)
+    base = Path(cache) / "artifacts" / _slug(dataset)
+    if model is not None:
+        base = base / f"model-{file_digest(model).partition(':')[2][:16]}"
+    out = base / "+".join(names)
+    if fpr != 0.01:
+        out = out.with_name(f"{out.name}@{fpr:g}")
+    return out
+
+
 def ensure_artifacts(
     names: Sequence[str] | None = None,
     *,
     dataset: str = "mnist5k",
     cache: Path = Path("var/cache"),
     fpr: float = 0.01,
+    model: str | Path | None = None,
 ) -> list[Path]:
     """Artifacts of a detector set calibrated together, built once and cached.
 
-    Each set gets its own folder (``cache/artifacts/DATASET/NAME+NAME``): the thresholds
-    depend on the set (the FPR budget is split across its detectors).
+    ``model``: the TorchScript file the set is for (None: the example model of the data
+    set). Each set gets its own folder (``artifacts_folder``): the thresholds depend on
+    the set (the FPR budget is split across its detectors) and on the model.
     """
     names = tuple(names or DEFAULT_DETECTORS)
-    out = Path(cache) / "artifacts" / dataset / "+".join(names)
-    if fpr != 0.01:
-        out = out.with_name(f"{out.name}@{fpr:g}")
+    out = artifacts_folder(names, dataset=dataset, cache=cache, fpr=fpr, model=model)
     paths = [out / n for n in names]
     if not all((p / "manifest.json").is_file() for p in paths):
-        paths = build_artifacts(names, out, dataset=dataset, fpr=fpr, cache=cache)
+        paths = build_artifacts(names, out, dataset=dataset, model_path=model, fpr=fpr, cache=cache)
     return paths
 
 
-def _preflight(args: argparse.Namespace) -> str | None:
-    """What would make training fail, found before anything is fitted: the problem and
-    its fix in one line, or None."""
-    if not 0.0 < args.fpr < 1.0:
-        return f"--fpr must be in (0, 1), got {args.fpr}"
+def check_model(dataset: str, model: str | Path | None) -> str | None:
+    """What would make training on ``dataset`` for ``model`` (None: the example model)
+    fail, found before anything is fitted: the problem and its fix in one line, or None.
+    """
     try:
-        ds = datasets.load(args.dataset)
+        ds = datasets.load(dataset)
     except (ValueError, OSError) as exc:
-        return f"cannot load data set {args.dataset!r}: {one_line(exc)}"
-    if args.model is None:
+        return f"cannot load data set {dataset!r}: {one_line(exc)}"
+    if model is None:
         return None
-    path = Path(args.model)
+    path = Path(model)
     if not path.is_file():
         return f"--model {path}: no such file"
     try:
         predict = model_fn(path)
     except (RuntimeError, ValueError, OSError) as exc:
+        why = one_line(exc)
+        if path.suffix.lower() == ".onnx":
+            why = "ONNX: agents run it, detectors are trained with the model's TorchScript copy"
         return (
-            f"--model {path}: not a TorchScript file ({one_line(exc)}); save the model"
-            " with torch.jit.save(torch.jit.script(model), PATH)"
+            f"--model {path}: not a TorchScript file ({why}); save the model with"
+            " torch.jit.save(torch.jit.script(model), PATH)"
         )
     sample = ds.x[:2]
     try:
@@ -161,6 +188,14 @@ def _preflight(args: argparse.Namespace) -> str | None:
             f" {len(ds.class_names)} classes"
         )
     return None
+
+
+def _preflight(args: argparse.Namespace) -> str | None:
+    """What would make training fail, found before anything is fitted: the problem and
+    its fix in one line, or None."""
+    if not 0.0 < args.fpr < 1.0:
+        return f"--fpr must be in (0, 1), got {args.fpr}"
+    return check_model(args.dataset, args.model)
 
 
 def train_command(args: argparse.Namespace) -> int:
