@@ -134,7 +134,7 @@ def untrained_attacks(args: argparse.Namespace, cache: Path) -> list[AttackSpec]
     """The attacks of this run whose adversarials are not cached yet (bench.attacks.generate
     keys them by the model file, the inputs, the attack and the seed): all of them while
     the example model is not trained."""
-    specs = standard_attacks(args.quick)
+    specs = select_attacks(args)
     subj = subject(args, cache, train=False)
     if not subj.model.is_file():
         return specs
@@ -218,7 +218,7 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     rocs: dict[str, dict[str, tuple]] = {}
     operating: dict[str, tuple[float, float]] = {}  # fused at FPRS[0]: (clean FPR, TPR)
     clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
-    for spec in tqdm(standard_attacks(args.quick), desc="attacks", unit="attack"):
+    for spec in tqdm(select_attacks(args), desc="attacks", unit="attack"):
         adv = generate(spec, clf, model, x, cache, args.seed)
         adv_pred = predict(adv).argmax(1)
         ok = right & (adv_pred != y)
@@ -262,6 +262,21 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
             adversarial[spec.name] = (adv[ok], y[ok])
     data = {"rocs": rocs, "operating": operating, "adversarial": adversarial}
     return report, data | {"clean": (x[right], y[right])}
+
+
+def select_attacks(args: argparse.Namespace) -> list[AttackSpec]:
+    """The run's attacks (``standard_attacks``), only those ``--attacks`` names by their
+    table label; ValueError naming the labels when one is unknown."""
+    specs = standard_attacks(args.quick)
+    wanted = getattr(args, "attacks", None)
+    if not wanted:
+        return specs
+    by_label = {_label(s): s for s in specs}
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [w for w in names if w not in by_label]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; this run has {', '.join(by_label)}")
+    return [by_label[w] for w in names]
 
 
 def _names(args: argparse.Namespace) -> tuple[str, ...]:

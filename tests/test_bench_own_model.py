@@ -82,6 +82,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "--detectors: unknown detector 'nope'",
             id="detectors",
         ),
+        pytest.param(
+            ["detection", "--attacks", "FGSM eps=0.3,FGSM 0.7"],
+            "--attacks: unknown ['FGSM 0.7']; this run has FGSM eps=0.3, R+FGSM eps=0.3",
+            id="attacks",
+        ),
     ],
 )
 def test_a_model_the_bench_cannot_use_is_refused_in_one_line(capsys, models, argv, expect):
