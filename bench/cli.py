@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.choices["detection"]
     det.add_argument("--detectors", help="the fused pipeline (default: the trained default set)")
     det.add_argument(
+        "--table-iv",
+        metavar="SETS",
+        help="Table IV's defences: detector sets separated by ';' (e.g."
+        " 'feature_squeezing;magnet;desvig;default'), each its own controller run"
+        " (default: the pipeline of --detectors)",
+    )
+    det.add_argument(
         "--attacks",
         help="only these attacks, by table label (e.g. 'FGSM eps=0.1,PGD eps=0.3,DeepFool';"
         " default: all of the run; CW-Linf alone takes ~20 min at n=1000 on 2 cores)",
@@ -100,10 +107,13 @@ def preflight(args: argparse.Namespace) -> str | None:
     classes, a data set that does not load), in one line; else None."""
     if args.command not in ("latency", "detection"):
         return None
-    if getattr(args, "detectors", None):
+    names = (getattr(args, "detectors", None) or "").split(",")
+    for part in (getattr(args, "table_iv", None) or "").split(";"):
+        names += [] if part.strip() in ("", "default") else part.strip().split(",")
+    if any(names):
         from controller import detectors
 
-        for name in args.detectors.split(","):
+        for name in filter(None, names):
             try:
                 detectors.get(name)
             except (KeyError, ValueError) as exc:

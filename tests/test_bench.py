@@ -111,7 +111,9 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path, artifacts):
 
 def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts):
     out = tmp_path / "detection"
-    done = _run_bench("detection", "--quick", "--out", str(out), timeout=240)
+    done = _run_bench(
+        "detection", "--quick", "--table-iv", "margin;default", "--out", str(out), timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "detection.json").read_text())
     assert report["schema"] == "openexample.bench.detection/1"
@@ -124,10 +126,15 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
         assert {"feature_squeezing", "binary_input_detector"} <= set(names)
         for d in a["detectors"]:
             assert set(d["tpr_at_fpr"]) == {"0.01", "0.05"}
-    sets = [r["set"] for r in report["table_iv"]]
-    assert sets == ["baseline", "FGSM", "R+FGSM", "DeepFool"]
+    rows = [(r["defence"], r["set"]) for r in report["table_iv"]]
+    sets = ["baseline", "FGSM", "R+FGSM", "DeepFool"]
+    assert rows == [("margin", s) for s in sets] + [("desvig+margin", s) for s in sets]
     for r in report["table_iv"]:
         assert r["n"] > 0 and 0 <= r["accuracy_with_openexample"] <= 1
+        assert r["controller_cpu_s_per_1000"] > 0
+    md = (out / "detection.md").read_text()
+    assert "| defence | clean | FGSM | R+FGSM | DeepFool | CPU s / 1000 |" in md
+    assert "\n| none | " in md and "\n| margin | " in md and "\n| desvig+margin | " in md
     assert sorted(p.name for p in out.glob("roc_*.png"))
 
 
