@@ -1730,6 +1730,7 @@ class LabelEntry(_message.Message):
     CORRECTED_LABEL_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
+    NEAR_KEY_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.bytes
     """Input fingerprint (see PkgInItem.fingerprint), 16 bytes."""
     label: _builtins.int
@@ -1741,6 +1742,11 @@ class LabelEntry(_message.Message):
     score: _builtins.float
     ttl_s: _builtins.int
     """Seconds the entry stays valid (0 = until evicted)."""
+    near_key: _builtins.int
+    """ADVERSARIAL entries: the input's 64-bit perceptual key (openexample/perceptual.py),
+    computed by the controller from the input it scored. Agents refuse inputs of the
+    same model and label within a small Hamming distance of it (near-copies) at once.
+    """
     def __init__(
         self,
         *,
@@ -1751,14 +1757,20 @@ class LabelEntry(_message.Message):
         corrected_label: _builtins.int | None = ...,
         score: _builtins.float = ...,
         ttl_s: _builtins.int = ...,
+        near_key: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "corrected_label", b"corrected_label"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "_near_key", b"_near_key", "corrected_label", b"corrected_label", "near_key", b"near_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "action", b"action", "corrected_label", b"corrected_label", "fingerprint", b"fingerprint", "label", b"label", "score", b"score", "ttl_s", b"ttl_s", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "_near_key", b"_near_key", "action", b"action", "corrected_label", b"corrected_label", "fingerprint", b"fingerprint", "label", b"label", "near_key", b"near_key", "score", b"score", "ttl_s", b"ttl_s", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__corrected_label: _TypeAlias = _typing.Literal["corrected_label"]  # noqa: Y015
     _WhichOneofArgType__corrected_label: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label"]  # noqa: Y015
+    _WhichOneofReturnType__near_key: _TypeAlias = _typing.Literal["near_key"]  # noqa: Y015
+    _WhichOneofArgType__near_key: _TypeAlias = _typing.Literal["_near_key", b"_near_key"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__corrected_label) -> _WhichOneofReturnType__corrected_label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__near_key) -> _WhichOneofReturnType__near_key | None: ...
 
 Global___LabelEntry: _TypeAlias = LabelEntry  # noqa: Y015
 
