@@ -26,6 +26,7 @@ from openexample.addresses import parse_address
 from openexample.errors import ConfigError
 from openexample.identity import Kind
 from openexample.limits import DEFAULT_LIMITS, MAX_ID_BYTES, MAX_TENSOR_DIMS, Limits
+from openexample.perceptual import MAX_RADIUS
 from openexample.rules import MAX_BUDGET_US
 from openexample.tls import TlsFiles, check_plaintext, is_loopback
 
@@ -74,6 +75,10 @@ class AgentConfig:
     max_rules: int = 4096
     rt_max_entries: int = 100_000
     rt_ttl_s: float = 0.0  # 0 = until evicted
+    # Refuse near-copies of known attacks from the RT: inputs of the same model and label
+    # whose perceptual key is within this many bits of an ADVERSARIAL entry's
+    # (openexample/perceptual.py); 0 = exact fingerprints only.
+    near_copy_radius: int = 4
     ft_max_entries: int = 10_000
     ft_max_age_s: float = 1.0
     # A verdict later than this after its PKG_IN is dropped (no retraction any more).
@@ -311,6 +316,7 @@ def _validate(cfg: AgentConfig) -> None:
     _int(cfg, "max_rules", lo=1)
     _int(cfg, "rt_max_entries", lo=1)
     _float(cfg, "rt_ttl_s", positive=False)
+    _int(cfg, "near_copy_radius", lo=0, hi=MAX_RADIUS)
     _int(cfg, "ft_max_entries", lo=1)
     _float(cfg, "ft_max_age_s", positive=True)
     _float(cfg, "late_window_s", positive=True)

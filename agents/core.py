@@ -51,6 +51,7 @@ from agents.results import (
 )
 from openexample.errors import PeerError, ProtocolError, bad_request
 from openexample.messages import PROTOCOL_VERSION
+from openexample.perceptual import dhash64
 from openexample.rules import ALLOW, INSPECT, RuleActions, RuleTable, parse_fail_mode
 from openexample.session import Closed, Established, Output, PeerHello, Received, Session, State
 from openexample.tables import Key, LabelTables, PendingTable, ResultEntry, ResultTable, fingerprint
@@ -99,6 +100,7 @@ class AgentCore:
         self.tables = LabelTables(
             ResultTable(config.rt_max_entries, default_ttl_s=config.rt_ttl_s),
             PendingTable(config.ft_max_entries),
+            near_radius=config.near_copy_radius,
         )
         self.outbox = Outbox(min(config.max_batch_items, config.limits.max_batch_items))
         # Wall clock = now + offset: PKG_IN's inferred_at_ns, for stage timings.
@@ -149,6 +151,10 @@ class AgentCore:
                 res = self._from_rt(entry, model_id, source_id, logits, label, confidence,
                                     actions.fail_mode)  # fmt: skip
                 return res, False
+            near = self.tables.near_copy(model_id, label, x, now)
+            if near is not None:
+                return self._near_copy(near, model_id, source_id, logits, label, confidence,
+                                       actions.fail_mode), False  # fmt: skip
         if source != INSPECT:  # ALLOW / DROP, maybe with a copy nobody waits for
             flush = False
             if actions.mirror:
@@ -168,6 +174,10 @@ class AgentCore:
         entry = self.tables.rt.get(key, now)
         if entry is not None:  # the verdict is already known
             res = self._from_rt(entry, model_id, source_id, logits, label, confidence, fail_mode)
+            return res, False
+        near = self.tables.near_copy(model_id, label, x, now)
+        if near is not None:  # a near-copy of a known attack: refused without a round trip
+            res = self._near_copy(near, model_id, source_id, logits, label, confidence, fail_mode)
             return res, False
         if not self.sending:
             released = fail_mode == STANDALONE
@@ -211,6 +221,7 @@ class AgentCore:
         label: int,
         confidence: float,
         fail_mode: int,
+        reason: str = "",
     ) -> Result:
         self.counters.decided_locally += 1
         self.counters.verdict(model_id, entry.verdict)
@@ -218,8 +229,26 @@ class AgentCore:
             entry.verdict, entry.action, entry.corrected_label, fail_mode, label
         )
         return self._decided(
-            model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score
-        )
+            model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score,
+            reason,
+        )  # fmt: skip
+
+    def _near_copy(
+        self,
+        near: tuple[ResultEntry, int],
+        model_id: str,
+        source_id: str,
+        logits: np.ndarray,
+        label: int,
+        confidence: float,
+        fail_mode: int,
+    ) -> Result:
+        """A near-copy of a known attack: the attack's RT verdict, said so in the reason."""
+        entry, distance = near
+        self.counters.near_copies += 1
+        reason = f"near-copy of a known adversarial input ({distance} of 64 key bits differ)"
+        return self._from_rt(entry, model_id, source_id, logits, label, confidence, fail_mode,
+                             reason)  # fmt: skip
 
     def _decided(
         self,
@@ -553,7 +582,7 @@ class AgentCore:
         """
         model_id = batch.model_id
         sent_at = batch.sent_at
-        rt, ttl = self.tables.rt, self.tables.rt.default_ttl_s
+        ttl = self.tables.rt.default_ttl_s
         for i, item in enumerate(batch.items):
             key = (model_id, item.fp, item.label)
             if self._inflight.get(key) is item:
@@ -573,9 +602,14 @@ class AgentCore:
                 self.counters.verdict(model_id, verdict)
                 if verdict in VERDICT_NAMES:  # UNKNOWN is not a result worth keeping
                     expires = now + ttl if ttl > 0 else None
-                    rt.put(key, ResultEntry(verdict, action, corrected, score, expires))
+                    near = None
                     if verdict == pb.VERDICT_ADVERSARIAL:
                         self._rt_adversarial.add((model_id, item.label))
+                        if self.tables.near is not None:
+                            near = dhash64(item.x)
+                    self.tables.put_rt(
+                        key, ResultEntry(verdict, action, corrected, score, expires, near)
+                    )
             for t in item.tickets:
                 stages = None
                 if answers is not None and t.started <= sent_at:  # not joined after sending

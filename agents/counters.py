@@ -21,6 +21,7 @@ def _bump(d: dict, key: object) -> None:
 class AgentCounters:
     inferences: int = 0
     decided_locally: int = 0  # by a rule or an RT entry
+    near_copies: int = 0  # of those, refused as near-copies of a known attack
     inspected: int = 0  # sent up and waited for (INSPECT)
     mirrored: int = 0  # sent up, nobody waits (MIRROR, SAMPLE)
     budget_misses: int = 0

@@ -250,6 +250,7 @@ def _snapshot(core: AgentCore) -> dict:
         inferences=c.inferences,
         inspected=c.inspected,
         mirrored=c.mirrored,
+        near_copies=c.near_copies,
         ft_joined=c.ft_joined,
         reconnects=c.reconnects,
         errors=c.errors_received,
@@ -412,6 +413,12 @@ class _CoreCollector(Collector):
                     "openexample_agent_mirrored",
                     "Copies sent that nobody waits for (MIRROR, SAMPLE).",
                     "mirrored",
+                ),
+                (
+                    "openexample_agent_near_copies",
+                    "Inferences refused from the RT as near-copies of a known adversarial"
+                    " input (perceptual key within near_copy_radius bits).",
+                    "near_copies",
                 ),
                 (
                     "openexample_agent_ft_joined",

@@ -31,6 +31,7 @@ from controller.session import (
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
 from openexample.identity import Identity
+from openexample.perceptual import dhash64
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn
 
@@ -385,6 +386,9 @@ class ControllerCore:
                         corrected_label=corrected,
                         score=out.score,
                         ttl_s=self.cfg.rt_ttl_s,
+                        # agents also refuse near-copies of it: the key is the
+                        # controller's own, from the input it scored
+                        near_key=dhash64(job.pkg.inputs[i]),
                     )
                     self.rt.put((model_id, fp, item.label), tables.ResultEntry.from_pb(entry, now))
                     pushed.append(entry)

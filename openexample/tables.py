@@ -20,6 +20,7 @@ import numpy as np
 
 from openexample.errors import table_mod_failed
 from openexample.limits import FINGERPRINT_BYTES, MAX_ID_BYTES
+from openexample.perceptual import NearIndex, dhash64
 from openexample.v1 import openexample_pb2 as pb
 
 Key = tuple[str, bytes, int]  # (model_id, fingerprint, label)
@@ -59,6 +60,7 @@ class ResultEntry:
     corrected_label: int | None
     score: float
     expires_at: float | None  # same clock as `now`; None = until evicted
+    near_key: int | None = None  # ADVERSARIAL only: the input's perceptual key
 
     @classmethod
     def from_pb(cls, entry: pb.LabelEntry, now: float, default_ttl_s: float = 0.0) -> ResultEntry:
@@ -66,7 +68,10 @@ class ResultEntry:
         ttl = entry.ttl_s if entry.ttl_s > 0 else default_ttl_s
         corrected = entry.corrected_label if entry.HasField("corrected_label") else None
         expires_at = now + ttl if ttl > 0 else None
-        return cls(entry.verdict, entry.action, corrected, entry.score, expires_at)
+        near = entry.near_key if entry.HasField("near_key") else None
+        if entry.verdict != pb.VERDICT_ADVERSARIAL:
+            near = None  # near-copies are only ever refused, never released
+        return cls(entry.verdict, entry.action, corrected, entry.score, expires_at, near)
 
     def to_pb(self, fingerprint: bytes, label: int, now: float | None = None) -> pb.LabelEntry:
         """Wire form. ttl_s is the remaining lifetime when ``now`` is given; without
@@ -83,6 +88,7 @@ class ResultEntry:
             corrected_label=self.corrected_label,
             score=self.score,
             ttl_s=ttl_s,
+            near_key=self.near_key,
         )
 
     def expired(self, now: float) -> bool:
@@ -219,14 +225,48 @@ class PendingTable(_Table[Pending]):
 
 # --- Both tables and TABLE_MOD ---
 class LabelTables:
-    """An agent's RT and FT, changed by the controller through TABLE_MOD."""
+    """An agent's RT and FT, changed by the controller through TABLE_MOD, and the index
+    of the RT's ADVERSARIAL entries by perceptual key (``near_radius`` 0: none)."""
 
-    def __init__(self, rt: ResultTable | None = None, ft: PendingTable | None = None) -> None:
+    def __init__(
+        self,
+        rt: ResultTable | None = None,
+        ft: PendingTable | None = None,
+        near_radius: int = 0,
+    ) -> None:
         self.rt = rt if rt is not None else ResultTable()
         self.ft = ft if ft is not None else PendingTable()
+        self.near = NearIndex(near_radius, self.rt.max_entries) if near_radius > 0 else None
+        self.near_hits = 0
 
     def stats(self) -> list[pb.TableStats]:
         return [self.rt.stats(), self.ft.stats()]
+
+    def put_rt(self, key: Key, entry: ResultEntry) -> None:
+        """An RT entry, indexed by its perceptual key when it has one."""
+        self.rt.put(key, entry)
+        if self.near is not None and entry.near_key is not None:
+            self.near.add(key[0], key[2], entry.near_key, key)
+
+    def near_copy(
+        self, model_id: str, label: int, x: np.ndarray, now: float
+    ) -> tuple[ResultEntry, int] | None:
+        """The ADVERSARIAL RT entry whose input ``x`` is a near-copy of (same model and
+        label, perceptual keys within the radius) and the distance; None if none. The
+        key is computed only when the model and label have such entries."""
+        near = self.near
+        if near is None or not near.has(model_id, label):
+            return None
+        found = near.find(model_id, label, dhash64(x))
+        if found is None:
+            return None
+        key, distance = found
+        entry = self.rt.get(key, now)  # type: ignore[arg-type]
+        if entry is None or entry.verdict != pb.VERDICT_ADVERSARIAL:
+            near.remove(key)  # evicted, expired or replaced in the RT since
+            return None
+        self.near_hits += 1
+        return entry, distance
 
     def apply(self, mod: pb.TableMod, now: float) -> None:
         """Carry out one TABLE_MOD, or raise ProtocolError TABLE_MOD_FAILED and
@@ -245,6 +285,8 @@ class LabelTables:
         if clear:  # an empty model_id clears every model
             table = self.ft if mod.table == pb.LABEL_TABLE_FT else self.rt
             table.clear(mod.model_id or None)
+            if table is self.rt and self.near is not None:
+                self.near.clear(mod.model_id or None)
             return
         add = mod.command == pb.TABLE_MOD_COMMAND_ADD
         for i, e in enumerate(mod.entries):
@@ -252,9 +294,11 @@ class LabelTables:
         for e in mod.entries:
             key = (mod.model_id, e.fingerprint, e.label)
             if add:
-                self.rt.put(key, ResultEntry.from_pb(e, now, self.rt.default_ttl_s))
+                self.put_rt(key, ResultEntry.from_pb(e, now, self.rt.default_ttl_s))
             else:
                 self.rt.delete(key)
+                if self.near is not None:
+                    self.near.remove(key)
 
 
 def _check_entry(i: int, e: pb.LabelEntry, *, full: bool) -> None:
@@ -286,6 +330,7 @@ def label_entry(
     corrected_label: int | None = None,
     score: float = 0.0,
     ttl_s: int = 0,
+    near_key: int | None = None,
 ) -> pb.LabelEntry:
     """One RT entry. ``action`` defaults to CORRECT when a corrected label is given,
     else DROP for ADVERSARIAL and RELEASE otherwise."""
@@ -302,4 +347,5 @@ def label_entry(
         corrected_label=corrected_label,
         score=score,
         ttl_s=ttl_s,
+        near_key=near_key,
     )
