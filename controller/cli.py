@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="default",
         help="detector names, comma-separated (desvig, margin, feature_squeezing,"
-        " phash_prototype), or default: the default set, DeSVig + margin (the default)",
+        " phash_prototype, magnet, defed, ismn, uddn), or default: the default set,"
+        " DeSVig + margin (the default); `train distill --help`: UDDN's student model",
     )
     t.add_argument(
         "--dataset",
@@ -205,6 +206,13 @@ def _reload_rules(server: ControllerServer, running: Config, load: Callable[[], 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["train", "distill"]:
+        # UDDN's knowledge distillation: offline, writes a student model the user may
+        # deploy; its own flags (controller/training/distill.py)
+        from controller.training.distill import main as distill_main
+
+        return distill_main(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
