@@ -30,6 +30,11 @@ import numpy as np
 ROWS, COLS = 8, 9  # 8 x 8 horizontal differences: 64 bits
 DEFAULT_RADIUS = 4
 MAX_RADIUS = 15
+# A key with fewer set (or unset) bits than this says little about its image: a flat or
+# near-flat input (a blank frame) has key 0, and every other flat input would be its
+# near-copy. Such keys are neither indexed nor looked up: the exact fingerprint decides.
+MIN_INFORMATIVE_BITS = 8
+_RELATIVE_TOLERANCE = 1e-5
 
 
 @lru_cache(maxsize=32)
@@ -68,7 +73,11 @@ def dhash64(x: np.ndarray) -> int:
         a = a.reshape(-1, a.shape[-2], a.shape[-1])
         a = a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
     rows, diff = _operators(a.shape[0], a.shape[1])
-    bits = (rows @ a.astype(np.float32, copy=False) @ diff) > 0
+    a = a.astype(np.float32, copy=False)
+    # Rounding leaves flat regions a few 1e-8 of "difference": a relative dead zone keeps
+    # their bits 0, so a flat image's key is 0 whatever its level, not rounding noise.
+    tol = _RELATIVE_TOLERANCE * float(np.abs(a).max())
+    bits = (rows @ a @ diff) > tol
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
@@ -96,9 +105,17 @@ class NearIndex:
         """Whether any key is held for (model, label): the caller computes a key only then."""
         return self._per_label[(model_id, label)] > 0
 
+    @staticmethod
+    def informative(key: int) -> bool:
+        """Whether ``key`` has enough set and unset bits to stand for its image."""
+        return MIN_INFORMATIVE_BITS <= key.bit_count() <= 64 - MIN_INFORMATIVE_BITS
+
     def add(self, model_id: str, label: int, key: int, value: Hashable) -> None:
+        """Index ``key`` for ``value`` (a key that is not :meth:`informative` is not kept)."""
         if value in self._keys:
             self.remove(value)
+        if not self.informative(key):
+            return
         while len(self._keys) >= self.max_entries:
             self.remove(next(iter(self._keys)))
         self._keys[value] = (model_id, label, key)
@@ -126,7 +143,10 @@ class NearIndex:
             self.remove(value)
 
     def find(self, model_id: str, label: int, key: int) -> tuple[Hashable, int] | None:
-        """The closest held value within the radius, and its distance; None if none."""
+        """The closest held value within the radius, and its distance; None if none
+        (always None for a key that is not :meth:`informative`)."""
+        if not self.informative(key):
+            return None
         best: tuple[Hashable, int] | None = None
         keys = self._keys
         for j, (shift, mask) in enumerate(self._chunks):
