@@ -44,6 +44,18 @@ def controller_registry() -> CollectorRegistry:
     return reg
 
 
+def cluster_registry() -> CollectorRegistry:
+    from controller.cluster import PeerLoad
+    from controller.metrics import ClusterMetrics
+
+    reg = CollectorRegistry()
+    peer = PeerLoad("controller/peer", True, 0, 4096, 0.0005, 0.0, 1)
+    m = ClusterMetrics(reg, lambda: [peer])
+    m.refused.labels("sender").inc()
+    m.delta_delay.observe(0.002)
+    return reg
+
+
 def agent_registry() -> CollectorRegistry:
     from agents.config import AgentConfig
     from agents.core import AgentCore
@@ -115,6 +127,13 @@ def render() -> str:
         "## Controller (`openexample-controller serve`, `metrics_port`)",
         "",
         *_table(controller_registry()),
+        "",
+        "## Controller, several controllers (a `cluster` section in its config)",
+        "",
+        'The east-west bus (docs/architecture.md, "Several controllers"); `peer` is a controller',
+        "identity (`controller/<name>`), one per controller of the deployment.",
+        "",
+        *_table(cluster_registry()),
         "",
         "## Agent (`attach(..., metrics_port=N)`, `openexample-agent --metrics-port N`)",
         "",

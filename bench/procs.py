@@ -261,6 +261,119 @@ class ControllerProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+def mosquitto_path() -> str | None:
+    """The Mosquitto broker (Debian package ``mosquitto``), or None."""
+    import shutil
+
+    path = Path("/usr/sbin/mosquitto")
+    return str(path) if path.exists() else shutil.which("mosquitto")
+
+
+class BrokerProcess:
+    """A Mosquitto MQTT 5 broker on loopback for the east-west bus, as deployed: a TLS
+    listener that requires a client certificate from ``pki``'s CA and takes its CN (the
+    identity, ``controller/<name>``) as the user name, and an ACL by which a controller
+    writes only under ``openexample/v1/cluster/<its identity>/`` and reads all of
+    ``openexample/v1/cluster/``. ``plaintext=True``: a plain-text loopback listener
+    instead (development only; anyone may write anywhere).
+
+    Started in a session of its own (stopped at our exit if nobody stopped it first);
+    :meth:`stop` then :meth:`start` restart it on the same port (the broker "comes
+    back"). Its log (every packet) is in ``log_path``; :meth:`denied` lists the
+    publishes its ACL refused."""
+
+    def __init__(self, workdir: Path, pki: DevPki | None = None, *, plaintext: bool = False):
+        import socket
+
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.plaintext = plaintext
+        self.pki = None if plaintext else (pki or DevPki(self.workdir / "pki"))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.log_path = self.workdir / "mosquitto.log"
+        self.config_path = self.workdir / "mosquitto.conf"
+        self.acl_path = self.workdir / "mosquitto.acl"
+        self.acl_path.write_text(
+            "# controllers: read the whole bus, write under their own identity only\n"
+            "pattern read openexample/v1/cluster/#\n"
+            "pattern write openexample/v1/cluster/%u/#\n"
+        )
+        lines = [
+            "per_listener_settings false",
+            "persistence false",
+            f"log_dest file {self.log_path}",
+            "log_type all",
+            "connection_messages true",
+            f"listener {self.port} 127.0.0.1",
+        ]
+        if os.geteuid() == 0:  # else it drops to user mosquitto, who cannot read the keys
+            lines.insert(0, "user root")
+        if plaintext:
+            lines += ["allow_anonymous true"]
+        else:
+            assert self.pki is not None
+            files = self.pki.ensure(["broker/mosquitto"]).files("broker/mosquitto")
+            lines += [
+                "allow_anonymous false",
+                f"acl_file {self.acl_path}",
+                f"cafile {files.ca}",
+                f"certfile {files.cert}",
+                f"keyfile {files.key}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "tls_version tlsv1.2",
+            ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtt' if self.plaintext else 'mqtts'}://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> BrokerProcess:
+        import socket
+
+        exe = mosquitto_path()
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed (scripts/system-deps.sh)")
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.workdir / "mosquitto.stderr").open("ab"),
+            start_new_session=True,
+        )
+        _LIVE.add(self.proc)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.5),
+            ):
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                err = (self.workdir / "mosquitto.stderr").read_text(errors="replace")
+                raise RuntimeError(f"mosquitto did not start:\n{err}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, 5.0)
+            self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def denied(self) -> list[str]:
+        """The broker's log lines of publishes its ACL refused."""
+        return [line for line in self.log().splitlines() if "Denied PUBLISH" in line]
+
+
 # --- what is still running: the process tree from /proc (tests, benches) ---
 
 # Helpers multiprocessing starts for the process itself, which end when it does.

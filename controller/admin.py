@@ -1,6 +1,6 @@
 """The operator's API (``openexample.v1.ControllerAdmin``) on the daemon's gRPC server:
-rules add/modify/del/list and the agents list, each call authorized by the caller's
-client certificate and every change journaled with who made it."""
+rules add/modify/del/list, the agents list and unblocking a source, each call authorized
+by the caller's client certificate and every change journaled with who made it."""
 
 from __future__ import annotations
 
@@ -165,6 +165,30 @@ class AdminService(admin_pb2_grpc.ControllerAdminServicer):
                 connected = scope != TEMPLATE and scope in live
                 out.agents.add(agent_id=scope, rules=stats, desired=True, connected=connected)
         return out
+
+    async def Unblock(
+        self, request: admin_pb2.UnblockRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UnblockResponse:
+        """Lift a source tracing block here, and on every controller of the cluster."""
+        who = await self._caller(context, "Unblock", _WRITERS, request)
+        if not request.agent_id or not request.source_id:
+            await self._journal(who, "Unblock", request, "invalid: agent_id and source_id")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Unblock: agent_id and source_id are required"
+            )
+        key = (request.agent_id, request.source_id)
+        was = key in self.srv.core.durable.blocked
+        self.srv.dispatch(self.srv.core.unblock(key, time.monotonic()))
+        outcome = "ok" if was else "not blocked here"
+        await self._journal(who, "Unblock", request, outcome)
+        log.info(
+            "admin Unblock by %s: source %r on agent %r: %s",
+            who,
+            request.source_id,
+            request.agent_id,
+            outcome,
+        )
+        return admin_pb2.UnblockResponse(was_blocked=was)
 
     async def ListAgents(
         self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--controller", default="127.0.0.1:6653")
     ops.add_tls_args(a)
 
+    u = sub.add_parser(
+        "unblock", help="lift a source tracing block (on every controller of a cluster)"
+    )
+    u.add_argument("--controller", default="127.0.0.1:6653")
+    ops.add_tls_args(u)
+    u.add_argument("--agent", required=True, help="the agent the source came through")
+    u.add_argument("--source", required=True, help="the blocked source id")
+
     t = sub.add_parser("train", help="train and calibrate a detector artifact")
     t.add_argument(
         "detector",
@@ -221,14 +229,14 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return check.run(args.config)
-    if args.command == "agents":
+    if args.command in ("agents", "unblock"):
         try:
-            return ops.list_agents(args)
+            return ops.list_agents(args) if args.command == "agents" else ops.unblock(args)
         except ConfigError as exc:
-            print(f"openexample-controller agents: {exc}", file=sys.stderr)
+            print(f"openexample-controller {args.command}: {exc}", file=sys.stderr)
             return 2
         except grpc.RpcError as exc:
-            print(f"openexample-controller agents: {exc.details()}", file=sys.stderr)
+            print(f"openexample-controller {args.command}: {exc.details()}", file=sys.stderr)
             return 1
     if args.command == "rules":
         try:

@@ -18,6 +18,7 @@ from controller.tracing import TraceParams
 from openexample import rules as vrules
 from openexample.addresses import Address, parse_address, parse_addresses
 from openexample.errors import ConfigError, ProtocolError  # ConfigError: also from here
+from openexample.identity import Kind, valid_name
 from openexample.tls import TlsFiles, check_plaintext, is_loopback
 from openexample.v1 import openexample_pb2 as pb
 
@@ -36,6 +37,112 @@ class ModelConfig:
     # when at least correct_min_agree purifying detectors agree on it; controller/correction.py)
     on_adversarial: str = "drop"
     correct_min_agree: int = 2
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The east-west bus between controllers (controller/bus.py, controller/cluster.py):
+    MQTT 5 on a broker every controller of the deployment reaches.
+
+    ``broker``: ``mqtts://HOST[:PORT]`` (TLS, default port 8883: the controller's
+    ``tls_ca``/``tls_cert``/``tls_key`` authenticate it to the broker, whose certificate
+    must name a ``broker/*`` identity from the same CA), or ``mqtt://HOST[:PORT]`` (plain
+    text, default 1883; loopback only, like every listener). The controller's identity on
+    the bus is its certificate's (``controller/<name>``), or ``controller/<controller_id>``
+    in plain text.
+    """
+
+    broker: str = ""
+    # MQTT keepalive: a broker that dies without closing the socket is noticed in ~1.5x.
+    keepalive_s: int = 5
+    # Reconnect backoff after the broker went away: doubles from the min to the max.
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 5.0
+    # The retained W/W0/service-time message, at most this often (and on change).
+    workload_interval_s: float = 1.0
+    # The retained snapshot of the replicated state, after changes, at most this often.
+    snapshot_interval_s: float = 2.0
+
+    @property
+    def tls(self) -> bool:
+        return self.broker.startswith("mqtts://")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The broker's host and port (the scheme's default port when none is given)."""
+        return _broker_address(self.broker)
+
+
+def _broker_address(url: str) -> tuple[str, int]:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("mqtt", "mqtts") or not rest or "/" in rest:
+        raise ConfigError(
+            f"cluster.broker: mqtts://HOST[:PORT] (or mqtt:// for plain text on loopback),"
+            f" got {url!r}"
+        )
+    default = 8883 if scheme == "mqtts" else 1883
+    if rest.startswith("["):  # [IPv6]:port
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host, port_text = rest, ""
+    try:
+        port = int(port_text) if port_text else default
+    except ValueError:
+        port = -1
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"cluster.broker: bad host or port in {url!r}")
+    return host, port
+
+
+def _cluster_config(raw: Any) -> ClusterConfig:
+    _check_type("cluster", raw, dict)
+    known = [f.name for f in dataclasses.fields(ClusterConfig)]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"cluster.{key}: unknown key (known: {', '.join(known)})")
+    if "broker" not in raw:
+        raise ConfigError("cluster.broker: required (mqtts://HOST:PORT)")
+    changes: dict[str, Any] = {}
+    base = ClusterConfig()
+    for key, value in raw.items():
+        default = getattr(base, key)
+        want: type | tuple[type, ...] = (
+            (int, float) if isinstance(default, float) else type(default)
+        )
+        changes[key] = _check_type(f"cluster.{key}", value, want)
+        if isinstance(default, float):
+            changes[key] = float(value)
+    return ClusterConfig(**changes)
+
+
+def _check_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    if c is None:
+        return
+    host, port = c.host_port
+    if not c.tls:
+        address = parse_address(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "cluster.broker"
+        )
+        if not is_loopback(address):
+            raise ConfigError(
+                f"cluster.broker: plaintext only on loopback, got {c.broker}; use mqtts://"
+            )
+    elif cfg.plaintext:
+        raise ConfigError(
+            "cluster.broker: mqtts:// needs the controller's certificate (plaintext is on);"
+            " use mqtt:// on loopback"
+        )
+    for key in ("keepalive_s", "reconnect_min_s", "workload_interval_s", "snapshot_interval_s"):
+        if not getattr(c, key) > 0:
+            raise ConfigError(f"cluster.{key}: must be > 0, got {getattr(c, key)!r}")
+    if c.reconnect_max_s < c.reconnect_min_s:
+        raise ConfigError(
+            f"cluster.reconnect_max_s: must be >= reconnect_min_s, got {c.reconnect_max_s!r}"
+        )
 
 
 _RULE_KEYS = ("match", "priority", "actions", "agent", "model", "send_removed")
@@ -166,6 +273,8 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Rules as code (RuleConfig): desired state from the start, reloaded on SIGHUP.
     rules: tuple[RuleConfig, ...] = ()
+    # Several controllers (ClusterConfig): the east-west bus. None: this one runs alone.
+    cluster: ClusterConfig | None = None
     # The config file's folder (set by load): relative TLS paths are read from there.
     base_dir: str = ""
 
@@ -198,6 +307,26 @@ class Config:
     @property
     def fingerprint_key_bytes(self) -> bytes:
         return bytes.fromhex(self.fingerprint_key)
+
+    def cluster_identity(self) -> str:
+        """Who this controller is on the east-west bus: its certificate's identity
+        (``controller/<name>``; ConfigError if the certificate is not a controller's), or
+        ``controller/<controller_id>`` in plain text."""
+        files = self.tls_files()
+        if files is None:
+            if not valid_name(self.controller_id):
+                raise ConfigError(
+                    f"controller_id: letters, digits, . _ - only (it names this controller"
+                    f" on the bus), got {self.controller_id!r}"
+                )
+            return f"controller/{self.controller_id}"
+        ident = files.identity()
+        if ident is None or ident.kind is not Kind.CONTROLLER:
+            raise ConfigError(
+                f"tls_cert: {files.cert} names {ident or 'no identity'}, not a controller/*"
+                " identity: the bus between controllers needs one"
+            )
+        return str(ident)
 
 
 _FAIL_MODES = ("standalone", "secure")
@@ -352,6 +481,9 @@ def from_mapping(raw: Any, base: Config | None = None) -> Config:
             _check_type("models", value, dict)
             changes[key] = {str(mid): _model_config(f"models.{mid}", m) for mid, m in value.items()}
             continue
+        if key == "cluster":
+            changes[key] = None if value is None else _cluster_config(value)
+            continue
         if key == "rules":
             _check_type("rules", value, list)
             changes[key] = tuple(_rule_config(f"rules[{i}]", r, i) for i, r in enumerate(value))
@@ -416,6 +548,7 @@ def validate(cfg: Config) -> Config:
     need(bool(cfg.controller_id), "controller_id", "must not be empty")
     need(cfg.torch_threads >= 1, "torch_threads", "must be >= 1")
     _check_rules(cfg)
+    _check_cluster(cfg)
     return cfg
 
 

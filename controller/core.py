@@ -142,6 +142,13 @@ class Step(Changes):
     refused: list[tuple[int, str, str]] = field(default_factory=list)
     verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
     overloaded: int = 0
+    # For the other controllers (controller/cluster.py), what this one decided: the
+    # ADVERSARIAL RT entries it made (model, entry, expiry in core time or None: never)
+    # and the sources it blocked (expiry likewise) or unblocked. Never what
+    # :meth:`ControllerCore.apply_remote` applied (that came from the cluster).
+    rt_added: list[tuple[str, pb.LabelEntry, float | None]] = field(default_factory=list)
+    blocks_added: list[tuple[tuple[str, str], float | None]] = field(default_factory=list)
+    blocks_removed: list[tuple[str, str]] = field(default_factory=list)
 
     def merge(self, other: Step) -> Step:
         """``other``'s messages, what to store and notes, added to this step (the
@@ -390,8 +397,10 @@ class ControllerCore:
                         # controller's own, from the input it scored
                         near_key=dhash64(job.pkg.inputs[i]),
                     )
-                    self.rt.put((model_id, fp, item.label), tables.ResultEntry.from_pb(entry, now))
+                    rt_entry = tables.ResultEntry.from_pb(entry, now)
+                    self.rt.put((model_id, fp, item.label), rt_entry)
                     pushed.append(entry)
+                    step.rt_added.append((model_id, entry, rt_entry.expires_at))
             step.incidents.append(
                 Incident(
                     at=now,
@@ -431,7 +440,77 @@ class ControllerCore:
         mod = self.durable.block(d.key, now, self.cfg.block_hard_timeout_s)
         step.persist_blocks = True
         step.blocked.append(d)
+        until = self.durable.blocked[d.key]
+        step.blocks_added.append((d.key, until or None))
         step.merge(self.mod_rules(mod, now, agent_id=d.key[0])[0])
+
+    def unblock(self, key: tuple[str, str], now: float) -> Step:
+        """An operator lifts a block (agent_id, source_id): its DROP rule leaves the
+        agent's desired table and live session (if the source is blocked here), and the
+        other controllers are told either way (``Step.blocks_removed``: the block may
+        have reached them and not this one yet)."""
+        step = Step(blocks_removed=[key])
+        mod = self.durable.unblock(key)
+        if mod is not None:
+            step.persist_blocks = True
+            step.merge(self.mod_rules(mod, now, agent_id=key[0])[0])
+        return step
+
+    # --- several controllers (controller/cluster.py) ---
+
+    def apply_remote(
+        self,
+        now: float,
+        *,
+        rt: Iterable[tuple[str, pb.LabelEntry, float | None]] = (),
+        rt_removed: Iterable[tuple[str, bytes, int]] = (),
+        blocks: Iterable[tuple[tuple[str, str], float | None]] = (),
+        unblocked: Iterable[tuple[str, str]] = (),
+    ) -> Step:
+        """What other controllers decided (a merge's changes, expiries in core time,
+        None: never), applied here as if decided here: RT entries go into the
+        controller's RT (replayed at resync) and to every agent of the model on this
+        controller; blocks and unblocks change the agent's desired table (made from the
+        template if the agent was never seen here, so it waits for it) and its live
+        session. None of it goes back to the cluster."""
+        step = Step()
+        pushes: dict[str, list[pb.LabelEntry]] = {}
+        for model_id, entry, until in rt:
+            if until is not None and until <= now:
+                continue
+            local = tables.ResultEntry.from_pb(entry, now)
+            local.expires_at = until
+            self.rt.put((model_id, entry.fingerprint, entry.label), local)
+            pushes.setdefault(model_id, []).append(local.to_pb(entry.fingerprint, entry.label, now))
+        deletes: dict[str, list[pb.LabelEntry]] = {}
+        for model_id, fp, label in rt_removed:
+            if self.rt.delete((model_id, fp, label)):
+                deletes.setdefault(model_id, []).append(pb.LabelEntry(fingerprint=fp, label=label))
+        for model_id, entries in deletes.items():
+            mod = pb.TableMod(
+                table=pb.LABEL_TABLE_RT,
+                command=pb.TABLE_MOD_COMMAND_DELETE,
+                model_id=model_id,
+                entries=entries,
+            )
+            for sid in self.sessions_of(model_id=model_id):
+                step.send.append((sid, self.sessions[sid].request(mod)))
+        for model_id, entries in pushes.items():
+            mod = tables.rt_push(model_id, entries)
+            for sid in self.sessions_of(model_id=model_id):
+                step.send.append((sid, self.sessions[sid].request(mod)))
+        for key, until in blocks:
+            if until is not None and until <= now:
+                continue
+            mod = self.durable.block_until(key, until, now)
+            step.persist_blocks = True
+            step.merge(self.mod_rules(mod, now, agent_id=key[0])[0])
+        for key in unblocked:
+            mod = self.durable.unblock(key)
+            if mod is not None:
+                step.persist_blocks = True
+                step.merge(self.mod_rules(mod, now, agent_id=key[0])[0])
+        return step
 
     # --- desired state (controller/desired.py): durable, and rules as code ---
 

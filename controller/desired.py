@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -289,6 +290,17 @@ class DesiredRules:
         ``persist_blocks``). The expiry is absolute: neither a reconnect nor a restart
         extends it."""
         self.blocked[key] = now + hard_s if hard_s else 0.0
+        return self._block_mod(key, hard_s)
+
+    def block_until(self, key: tuple[str, str], until: float | None, now: float) -> pb.VigilanceMod:
+        """Block a source until ``until`` (None: for good), e.g. a block another
+        controller made (controller/cluster.py); as :meth:`block`. The DROP rule's hard
+        timeout is what remains, rounded up to a second."""
+        hard_s = 0 if until is None else max(1, math.ceil(until - now))
+        self.blocked[key] = 0.0 if until is None else until
+        return self._block_mod(key, hard_s)
+
+    def _block_mod(self, key: tuple[str, str], hard_s: int) -> pb.VigilanceMod:
         return rules.vigilance_mod(
             rules.ADD,
             match=pb.Match(source_id=key[1]),
@@ -297,6 +309,20 @@ class DesiredRules:
             cookie=COOKIE_BLOCK | next(self._block_cookie),
             hard_timeout_s=hard_s,
             flags=rules.SEND_REMOVED,
+        )
+
+    def unblock(self, key: tuple[str, str]) -> pb.VigilanceMod | None:
+        """Lift a block (an operator's unblock, here or on another controller); returns
+        the DELETE_STRICT of its DROP rule, for :meth:`apply` on its agent (the caller
+        records ``persist_blocks``), or None if the source is not blocked."""
+        if self.blocked.pop(key, None) is None:
+            return None
+        return rules.vigilance_mod(
+            rules.DELETE_STRICT,
+            match=pb.Match(source_id=key[1]),
+            priority=BLOCK_PRIORITY,
+            cookie=COOKIE_BLOCK,
+            cookie_mask=COOKIE_KIND_MASK,
         )
 
     def expire(self, now: float, changes: Changes) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,7 @@ from controller.histograms import BatchHistograms, DeferredHistograms
 from openexample.buckets import latency_buckets
 
 if TYPE_CHECKING:  # only for annotations: metrics never drive the core
+    from controller.cluster import PeerLoad
     from controller.core import ControllerCore, Incident
 
 VERDICTS = {0: "unspecified", 1: "benign", 2: "adversarial", 3: "unknown"}
@@ -393,3 +394,88 @@ class _TopSources(Collector):
         for source, count in self.top():
             fam.add_metric([source], count)
         yield fam
+
+
+class ClusterMetrics:
+    """The east-west bus between controllers (controller/bus.py), registered only when
+    the config has a ``cluster`` section. ``peers`` gives the peers' last workload
+    messages (controller/cluster.py ``PeerLoad``), read at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry, peers: Callable[[], Sequence[PeerLoad]]):
+        r = registry
+        self.up = Gauge(
+            "openexample_controller_cluster_bus_up",
+            "1 while this controller is connected to the east-west bus (MQTT broker)",
+            registry=r,
+        )
+        self.messages = Counter(
+            "openexample_controller_cluster_messages",
+            "Bus messages sent and accepted, by direction and kind (delta, state, load)",
+            ["direction", "kind"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "openexample_controller_cluster_refused",
+            "Bus messages refused, by reason (sender: the sender field is not the identity"
+            " in the topic; topic, decode, version, body, entry)",
+            ["reason"],
+            registry=r,
+        )
+        self.applied = Counter(
+            "openexample_controller_cluster_applied",
+            "Changes other controllers made, applied here (rt, rt_removed, block, unblock)",
+            ["change"],
+            registry=r,
+        )
+        self.delta_delay = Histogram(
+            "openexample_controller_cluster_delta_delay_seconds",
+            "A peer's delta, from built there (its RT entry or block made) to merged here,"
+            " on the two hosts' clocks (their offset included)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
+            registry=r,
+        )
+        self.dropped = Counter(
+            "openexample_controller_cluster_deltas_dropped",
+            "Deltas not published because the bus was down (the next snapshot carries them)",
+            registry=r,
+        )
+        for direction in ("sent", "received"):
+            for kind in ("delta", "state", "load"):
+                self.messages.labels(direction, kind)
+        for change in ("rt", "rt_removed", "block", "unblock"):
+            self.applied.labels(change)
+        r.register(_Peers(peers))
+
+
+class _Peers(Collector):
+    """The peers' workload table (Table III: W, W0, service time; up or gone)."""
+
+    FAMILIES = (
+        ("workload", "W of a peer controller: items admitted and not answered"),
+        ("max_workload", "W0 of a peer controller: its OVERLOADED threshold"),
+        ("service_seconds", "A peer controller's measured scoring time per item"),
+        ("up", "1 while a peer controller is up (0: its last will or a clean stop)"),
+    )
+
+    def __init__(self, peers: Callable[[], Sequence[PeerLoad]]) -> None:
+        self._peers = peers
+
+    def _families(self) -> dict[str, GaugeMetricFamily]:
+        return {
+            name: GaugeMetricFamily(
+                f"openexample_controller_cluster_peer_{name}", doc, labels=["peer"]
+            )
+            for name, doc in self.FAMILIES
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        fams = self._families()
+        for p in list(self._peers()):
+            fams["workload"].add_metric([p.identity], p.workload)
+            fams["max_workload"].add_metric([p.identity], p.max_workload)
+            fams["service_seconds"].add_metric([p.identity], p.service_s)
+            fams["up"].add_metric([p.identity], 1.0 if p.up else 0.0)
+        yield from fams.values()

@@ -1,4 +1,5 @@
-"""Operator commands against a running daemon: ``rules add|modify|del|list``, ``agents``."""
+"""Operator commands against a running daemon: ``rules add|modify|del|list``, ``agents``,
+``unblock``."""
 
 from __future__ import annotations
 
@@ -170,4 +171,15 @@ def list_agents(args: argparse.Namespace) -> int:
         )
     if not resp.agents:
         print("no agent connected")
+    return 0
+
+
+def unblock(args: argparse.Namespace) -> int:
+    req = admin_pb2.UnblockRequest(agent_id=args.agent, source_id=args.source)
+    resp = _stub(args).Unblock(req, timeout=10)
+    where = f"source {args.source!r} on agent {args.agent!r}"
+    if resp.was_blocked:
+        print(f"{where}: unblocked (and on every controller of the cluster)")
+    else:
+        print(f"{where}: not blocked here (told to the cluster's controllers anyway)")
     return 0

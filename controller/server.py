@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +43,10 @@ from openexample.identity import Identity
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
 from openexample.v1 import openexample_pb2 as pb
+
+if TYPE_CHECKING:  # the bus is imported only with a `cluster` section
+    from controller.bus import ClusterBus
+    from controller.cluster import Changes as ClusterChanges
 
 log = logging.getLogger("openexample.controller")
 SERVICE = "openexample.v1.OpenExample"
@@ -137,6 +141,24 @@ class ControllerServer:
         self._serving = False  # started and not draining: what /readyz says
         self._stopped = asyncio.Event()
         self._mismatch_logged: set[tuple[str, str]] = set()
+        self._service_s = 0.0  # scoring seconds per item, a moving average (the bus's load)
+        # Several controllers (controller/bus.py, controller/cluster.py): without a
+        # `cluster` section this controller runs alone.
+        self.bus: ClusterBus | None = None
+        if cfg.cluster is not None:
+            from controller.bus import ClusterBus
+            from controller.cluster import ClusterState
+            from controller.metrics import ClusterMetrics
+
+            state = ClusterState(cfg.cluster_identity(), time.time_ns() // 1_000_000)
+            self.bus = ClusterBus(
+                cfg.cluster,
+                self.tls,
+                state,
+                ClusterMetrics(self.registry, lambda: list(state.peers.values())),
+                apply=self._apply_cluster,
+                load=lambda: (self.core.workload, self.cfg.max_workload, self._service_s),
+            )
 
     # --- lifecycle ---
 
@@ -201,6 +223,9 @@ class ControllerServer:
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._journal_loop(), name="journal"),
         ]
+        if self.bus is not None:
+            log.info("cluster: east-west bus on %s as %s", self.bus.broker, self.bus.state.identity)
+            self.bus.start()
         for address in self.native_addresses:
             log.info("native listening on %s", address)
         host = grpc_address.host_port.rpartition(":")[0]
@@ -299,6 +324,8 @@ class ControllerServer:
             )
         if self._server is not None:
             await self._server.stop(grace_s)
+        if self.bus is not None:
+            await self.bus.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -489,6 +516,54 @@ class ControllerServer:
         self.metrics.workload.set(self.core.workload)
         if step.closed or step.ready:
             self.metrics.agents.set(len(self.core.sessions_of()))
+        if self.bus is not None and (step.rt_added or step.blocks_added or step.blocks_removed):
+            self._replicate(step)
+
+    # --- several controllers: the core's decisions out, the peers' in ---
+
+    def _replicate(self, step: Step) -> None:
+        """RT entries, blocks and unblocks this core decided, to the other controllers
+        (expiries from core time to unix time: they cross machines)."""
+        assert self.bus is not None
+        wall_now = time.time()
+        offset = wall_now - time.monotonic()
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else t + offset
+
+        self.bus.publish_local(
+            wall_now,
+            rt=[(m, e, wall(t)) for m, e, t in step.rt_added],
+            blocks=[(k, wall(t)) for k, t in step.blocks_added],
+            unblocked=step.blocks_removed,
+        )
+
+    def _apply_cluster(self, changes: ClusterChanges, sender: str) -> None:
+        """What another controller decided (a merge's changes), applied by the core and
+        carried out like its own steps."""
+        now = time.monotonic()
+        offset = time.time() - now
+
+        def core_time(t: float | None) -> float | None:
+            return None if t is None else t - offset
+
+        lifted = [k for k in changes.unblocked if k in self.core.durable.blocked]
+        step = self.core.apply_remote(
+            now,
+            rt=[(m, e, core_time(t)) for m, e, t in changes.rt],
+            rt_removed=changes.rt_removed,
+            blocks=[(k, core_time(t)) for k, t in changes.blocks],
+            unblocked=changes.unblocked,
+        )
+        for (agent_id, source_id), _ in changes.blocks:
+            log.info(
+                "cluster: source %r on agent %r blocked (from %s)", source_id, agent_id, sender
+            )
+        for agent_id, source_id in lifted:
+            log.info(
+                "cluster: source %r on agent %r unblocked (from %s)", source_id, agent_id, sender
+            )
+        self._dispatch(step)
 
     def _not_reading(self, sid: int, sender: Sender) -> None:
         """The peer lets more than max_outbox_bytes pile up: what waits is dropped, a
@@ -551,6 +626,10 @@ class ControllerServer:
             started = time.monotonic()
             results = score_jobs(self.scorers[model_id], group, self.metrics, detector_s)
             done = time.monotonic()
+            per_item = (done - started) / max(1, sum(j.size for j in group))
+            self._service_s = (
+                per_item if not self._service_s else 0.9 * self._service_s + 0.1 * per_item
+            )
             times = ScoreTimes(started, done, sum(j.size for j in group), tuple(detector_s))
             observe = self.metrics.latency_observer(model_id)
             queue, score, reply = self.metrics.stage_observers(model_id)

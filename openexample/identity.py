@@ -9,6 +9,7 @@ ID in the ``openexample`` trust domain). The kind says what the holder may do:
 ``operator``   the admin API, read and change rules
 ``reader``     the admin API, read only
 ``caller``     call an agent's Predict API as source ``<name>``
+``broker``     the MQTT broker of the east-west bus between controllers (serves TLS)
 =============  ==============================================================
 
 A certificate with no such URI, or with more than one, proves nothing.
@@ -32,6 +33,7 @@ class Kind(enum.StrEnum):
     OPERATOR = "operator"
     READER = "reader"
     CALLER = "caller"
+    BROKER = "broker"
 
 
 @dataclass(frozen=True, slots=True)

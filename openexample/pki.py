@@ -7,7 +7,8 @@ only. Layout of a PKI folder::
     ca.crt  ca.key                  the CA (keep ca.key off the production hosts)
     controller-controller-1.crt/.key    KIND-NAME.crt / .key, one pair per identity
 
-Certificates that serve (controller, agent: an agent serves Predict) carry
+Certificates that serve (controller, agent: an agent serves Predict; broker: the MQTT
+broker between controllers) carry
 ``localhost``, 127.0.0.1 and ::1 (plus ``--host``) as names. For production use your
 own CA: any certificate with the identity URI SAN works.
 
@@ -35,7 +36,7 @@ from openexample.identity import Identity, Kind, from_pem
 from openexample.tls import TlsFiles
 
 DEFAULT_DAYS = 365
-_SERVING = (Kind.CONTROLLER, Kind.AGENT)
+_SERVING = (Kind.CONTROLLER, Kind.AGENT, Kind.BROKER)
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -211,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="make a CA and certificates (existing ones are kept)")
     i.add_argument("folder")
     i.add_argument("--controller-id", action="append", default=[], metavar="ID")
-    for kind in ("agent", "operator", "reader", "caller"):
+    for kind in ("agent", "operator", "reader", "caller", "broker"):
         i.add_argument(f"--{kind}", action="append", default=[], metavar="NAME")
     i.add_argument("--host", action="append", default=[], help="extra DNS name or IP to serve")
     s = sub.add_parser("issue", help="issue (or renew) one certificate")
@@ -249,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{files.cert}\n{files.key}")
         return 0
     idents = [Identity(Kind.CONTROLLER, c) for c in args.controller_id or ["controller-1"]]
-    for kind in ("agent", "operator", "reader", "caller"):
+    for kind in ("agent", "operator", "reader", "caller", "broker"):
         idents += [Identity(Kind(kind), n) for n in getattr(args, kind)]
     pki.ensure(idents, hosts=args.host)
     ctl = pki.files(idents[0])

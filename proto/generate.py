@@ -19,6 +19,7 @@ PROTOS = [
     "openexample/v1/predict.proto",
     "openexample/v1/admin.proto",
     "openexample/v1/oip.proto",
+    "openexample/v1/cluster.proto",
 ]
 GENERATED = [
     p.removesuffix(".proto") + suffix

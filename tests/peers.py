@@ -129,9 +129,7 @@ class NativePeer(_Peer):
         self.sock.close()
 
 
-def serve_agent_cli(
-    proc, model: str, agent_id: str, model_id: str, *, http: bool = False
-) -> tuple:
+def serve_agent_cli(proc, model: str, agent_id: str, model_id: str, *, http: bool = False) -> tuple:
     """``openexample-agent attach --serve 127.0.0.1:0`` for ``proc`` as ``agent_id`` (its
     certificate); returns the process and the gRPC port once it serves (and the REST
     port, with ``http``: ``--serve-http 127.0.0.1:0``). The caller terminates the

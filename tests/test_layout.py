@@ -91,6 +91,7 @@ SANS_IO = [
     ),
     ROOT / "controller" / "core.py",
     ROOT / "controller" / "desired.py",
+    ROOT / "controller" / "cluster.py",
     ROOT / "controller" / "correction.py",
     ROOT / "controller" / "session.py",
     ROOT / "agents" / "core.py",
@@ -102,6 +103,7 @@ SANS_IO = [
 ]
 IO_MODULES = {
     "asyncio", "grpc", "threading", "time", "prometheus_client", "socket", "selectors", "aiohttp",
+    "aiomqtt", "paho",
 }  # fmt: skip
 PROJECT = ("openexample", "controller", "agents", "bench")
 

@@ -25,31 +25,35 @@ _sym_db = _symbol_database.Default()
 from openexample.v1 import openexample_pb2 as openexample_dot_v1_dot_openexample__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenexample/v1/admin.proto\x12\x0eopenexample.v1\x1a openexample/v1/openexample.proto\"`\n\x0fModRulesRequest\x12)\n\x03mod\x18\x01 \x01(\x0b\x32\x1c.openexample.v1.VigilanceMod\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"@\n\x10ModRulesResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.openexample.v1.AgentResult\"E\n\x0b\x41gentResult\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.openexample.v1.Error\"u\n\x10ListRulesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.openexample.v1.StatsRequest\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\x08\"?\n\x11ListRulesResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.openexample.v1.AgentRules\"\x92\x01\n\nAgentRules\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12(\n\x05rules\x18\x02 \x03(\x0b\x32\x19.openexample.v1.RuleStats\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.openexample.v1.Error\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\x08\x12\x11\n\tconnected\x18\x05 \x01(\x08\"\x13\n\x11ListAgentsRequest\"?\n\x12ListAgentsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.openexample.v1.AgentInfo\"c\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x11\n\tmodel_ids\x18\x03 \x03(\t\x12\x13\n\x0b\x63onnected_s\x18\x04 \x01(\x01\x12\x0e\n\x06pkg_in\x18\x05 \x01(\x04\x32\x87\x02\n\x0f\x43ontrollerAdmin\x12M\n\x08ModRules\x12\x1f.openexample.v1.ModRulesRequest\x1a .openexample.v1.ModRulesResponse\x12P\n\tListRules\x12 .openexample.v1.ListRulesRequest\x1a!.openexample.v1.ListRulesResponse\x12S\n\nListAgents\x12!.openexample.v1.ListAgentsRequest\x1a\".openexample.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenexample/v1/admin.proto\x12\x0eopenexample.v1\x1a openexample/v1/openexample.proto\"5\n\x0eUnblockRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\"&\n\x0fUnblockResponse\x12\x13\n\x0bwas_blocked\x18\x01 \x01(\x08\"`\n\x0fModRulesRequest\x12)\n\x03mod\x18\x01 \x01(\x0b\x32\x1c.openexample.v1.VigilanceMod\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"@\n\x10ModRulesResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.openexample.v1.AgentResult\"E\n\x0b\x41gentResult\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.openexample.v1.Error\"u\n\x10ListRulesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.openexample.v1.StatsRequest\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\x08\"?\n\x11ListRulesResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.openexample.v1.AgentRules\"\x92\x01\n\nAgentRules\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12(\n\x05rules\x18\x02 \x03(\x0b\x32\x19.openexample.v1.RuleStats\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.openexample.v1.Error\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\x08\x12\x11\n\tconnected\x18\x05 \x01(\x08\"\x13\n\x11ListAgentsRequest\"?\n\x12ListAgentsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.openexample.v1.AgentInfo\"c\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x11\n\tmodel_ids\x18\x03 \x03(\t\x12\x13\n\x0b\x63onnected_s\x18\x04 \x01(\x01\x12\x0e\n\x06pkg_in\x18\x05 \x01(\x04\x32\xd3\x02\n\x0f\x43ontrollerAdmin\x12M\n\x08ModRules\x12\x1f.openexample.v1.ModRulesRequest\x1a .openexample.v1.ModRulesResponse\x12P\n\tListRules\x12 .openexample.v1.ListRulesRequest\x1a!.openexample.v1.ListRulesResponse\x12S\n\nListAgents\x12!.openexample.v1.ListAgentsRequest\x1a\".openexample.v1.ListAgentsResponse\x12J\n\x07Unblock\x12\x1e.openexample.v1.UnblockRequest\x1a\x1f.openexample.v1.UnblockResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openexample.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODRULESREQUEST']._serialized_start=80
-  _globals['_MODRULESREQUEST']._serialized_end=176
-  _globals['_MODRULESRESPONSE']._serialized_start=178
-  _globals['_MODRULESRESPONSE']._serialized_end=242
-  _globals['_AGENTRESULT']._serialized_start=244
-  _globals['_AGENTRESULT']._serialized_end=313
-  _globals['_LISTRULESREQUEST']._serialized_start=315
-  _globals['_LISTRULESREQUEST']._serialized_end=432
-  _globals['_LISTRULESRESPONSE']._serialized_start=434
-  _globals['_LISTRULESRESPONSE']._serialized_end=497
-  _globals['_AGENTRULES']._serialized_start=500
-  _globals['_AGENTRULES']._serialized_end=646
-  _globals['_LISTAGENTSREQUEST']._serialized_start=648
-  _globals['_LISTAGENTSREQUEST']._serialized_end=667
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=669
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=732
-  _globals['_AGENTINFO']._serialized_start=734
-  _globals['_AGENTINFO']._serialized_end=833
-  _globals['_CONTROLLERADMIN']._serialized_start=836
-  _globals['_CONTROLLERADMIN']._serialized_end=1099
+  _globals['_UNBLOCKREQUEST']._serialized_start=80
+  _globals['_UNBLOCKREQUEST']._serialized_end=133
+  _globals['_UNBLOCKRESPONSE']._serialized_start=135
+  _globals['_UNBLOCKRESPONSE']._serialized_end=173
+  _globals['_MODRULESREQUEST']._serialized_start=175
+  _globals['_MODRULESREQUEST']._serialized_end=271
+  _globals['_MODRULESRESPONSE']._serialized_start=273
+  _globals['_MODRULESRESPONSE']._serialized_end=337
+  _globals['_AGENTRESULT']._serialized_start=339
+  _globals['_AGENTRESULT']._serialized_end=408
+  _globals['_LISTRULESREQUEST']._serialized_start=410
+  _globals['_LISTRULESREQUEST']._serialized_end=527
+  _globals['_LISTRULESRESPONSE']._serialized_start=529
+  _globals['_LISTRULESRESPONSE']._serialized_end=592
+  _globals['_AGENTRULES']._serialized_start=595
+  _globals['_AGENTRULES']._serialized_end=741
+  _globals['_LISTAGENTSREQUEST']._serialized_start=743
+  _globals['_LISTAGENTSREQUEST']._serialized_end=762
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=764
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=827
+  _globals['_AGENTINFO']._serialized_start=829
+  _globals['_AGENTINFO']._serialized_end=928
+  _globals['_CONTROLLERADMIN']._serialized_start=931
+  _globals['_CONTROLLERADMIN']._serialized_end=1270
 # @@protoc_insertion_point(module_scope)

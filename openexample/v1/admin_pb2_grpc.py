@@ -49,6 +49,11 @@ class ControllerAdminStub:
                 request_serializer=openexample_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=openexample_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.Unblock = channel.unary_unary(
+                '/openexample.v1.ControllerAdmin/Unblock',
+                request_serializer=openexample_dot_v1_dot_admin__pb2.UnblockRequest.SerializeToString,
+                response_deserializer=openexample_dot_v1_dot_admin__pb2.UnblockResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerAdminServicer:
@@ -77,6 +82,15 @@ class ControllerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unblock(self, request, context):
+        """Lift a block source tracing made (the source on the agent it came through): its DROP
+        rule leaves the agent. With several controllers, every controller lifts it (a
+        tombstone on the east-west bus; a block made meanwhile elsewhere stands).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_ControllerAdminServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=openexample_dot_v1_dot_admin__pb2.ListAgentsRequest.FromString,
                     response_serializer=openexample_dot_v1_dot_admin__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'Unblock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unblock,
+                    request_deserializer=openexample_dot_v1_dot_admin__pb2.UnblockRequest.FromString,
+                    response_serializer=openexample_dot_v1_dot_admin__pb2.UnblockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +196,33 @@ class ControllerAdmin:
             '/openexample.v1.ControllerAdmin/ListAgents',
             openexample_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
             openexample_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unblock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openexample.v1.ControllerAdmin/Unblock',
+            openexample_dot_v1_dot_admin__pb2.UnblockRequest.SerializeToString,
+            openexample_dot_v1_dot_admin__pb2.UnblockResponse.FromString,
             options,
             channel_credentials,
             insecure,

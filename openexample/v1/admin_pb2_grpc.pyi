@@ -43,6 +43,11 @@ class ControllerAdminStub:
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
     """Connected agents and their models."""
+    Unblock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnblockRequest, _admin_pb2.UnblockResponse]
+    """Lift a block source tracing made (the source on the agent it came through): its DROP
+    rule leaves the agent. With several controllers, every controller lifts it (a
+    tombstone on the east-west bus; a block made meanwhile elsewhere stands).
+    """
 
 @_typing.type_check_only
 class ControllerAdminAsyncStub(ControllerAdminStub):
@@ -57,6 +62,11 @@ class ControllerAdminAsyncStub(ControllerAdminStub):
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Connected agents and their models."""
+    Unblock: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnblockRequest, _admin_pb2.UnblockResponse]  # type: ignore[assignment]
+    """Lift a block source tracing made (the source on the agent it came through): its DROP
+    rule leaves the agent. With several controllers, every controller lifts it (a
+    tombstone on the east-west bus; a block made meanwhile elsewhere stands).
+    """
 
 class ControllerAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -86,5 +96,16 @@ class ControllerAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAgentsResponse, _abc.Awaitable[_admin_pb2.ListAgentsResponse]]:
         """Connected agents and their models."""
+
+    @_abc_1.abstractmethod
+    def Unblock(
+        self,
+        request: _admin_pb2.UnblockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UnblockResponse, _abc.Awaitable[_admin_pb2.UnblockResponse]]:
+        """Lift a block source tracing made (the source on the agent it came through): its DROP
+        rule leaves the agent. With several controllers, every controller lifts it (a
+        tombstone on the east-west bus; a block made meanwhile elsewhere stands).
+        """
 
 def add_ControllerAdminServicer_to_server(servicer: ControllerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

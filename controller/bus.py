@@ -1,0 +1,334 @@
+"""The east-west bus between controllers: the MQTT 5 shell (aiomqtt) around
+:class:`controller.cluster.ClusterState`, on the controller's asyncio loop.
+
+It only moves bytes and time: it connects to the broker (``mqtts://`` with the
+controller's certificate; the broker's must name a ``broker/*`` identity), subscribes to
+``openexample/v1/cluster/#``, hands every message to the state (which decides), and
+publishes what the state returns under this controller's own topics (see
+controller/cluster.py and docs/architecture.md, "Several controllers"):
+
+- on each (re)connect: its whole merged state (``state``, retained) and its load
+  (``load``, retained; the connection's last will says it is down);
+- each change its core makes: a ``delta`` (QoS 1, message expiry 60 s);
+- then the load every ``workload_interval_s`` when it changed (every 10 s anyway), and
+  the state again after changes, at most every ``snapshot_interval_s``.
+
+A broker that is down never blocks scoring: publishing only queues (deltas made while
+the bus is down are dropped and counted; the state published on reconnect carries
+them), connecting happens in a task with backoff, and the controller serves alone
+meanwhile. One WARNING when the bus goes down, one when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from controller.cluster import (
+    DELTA,
+    LOAD,
+    STATE,
+    SUBSCRIPTION,
+    BlockKey,
+    Changes,
+    ClusterState,
+    topic,
+)
+from controller.config import ClusterConfig
+from controller.metrics import ClusterMetrics
+from openexample import tls
+from openexample.identity import Kind
+from openexample.v1 import cluster_pb2 as cpb
+from openexample.v1 import openexample_pb2 as pb
+
+log = logging.getLogger("openexample.controller")
+DELTA_EXPIRY_S = 60
+MAX_OUTBOX = 1000
+HEARTBEAT_S = 10.0  # the load is published at least this often
+REFUSAL_LOG_S = 10.0  # one WARNING per (sender, reason) per this long
+
+
+class BrokerRefused(Exception):
+    """The broker's certificate does not name a broker/* identity."""
+
+
+class ClusterBus:
+    """``apply``: called with the changes a peer's message made and the peer (the daemon
+    applies them to its core); ``load``: (W, W0, service seconds per item) now."""
+
+    def __init__(
+        self,
+        settings: ClusterConfig,
+        tls_files: tls.TlsFiles | None,
+        state: ClusterState,
+        metrics: ClusterMetrics,
+        *,
+        apply: Callable[[Changes, str], None],
+        load: Callable[[], tuple[int, int, float]],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.metrics = metrics
+        self._apply = apply
+        self._load = load
+        self._host, self._port = settings.host_port
+        self._ssl = None
+        if settings.tls:
+            assert tls_files is not None, "mqtts:// needs the controller's TLS files"
+            self._ssl = tls.client_context(tls_files)
+        self._client: aiomqtt.Client | None = None  # set while connected
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._down_since: float | None = None  # a "down" WARNING was logged
+        self._ever_up = False
+        self._published_version = -1  # the state version of the last snapshot sent
+        self._last_snapshot = 0.0
+        self._last_load: tuple[int, int, float] | None = None
+        self._last_load_at = 0.0
+        self._refusals_logged: dict[tuple[str, str], float] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def broker(self) -> str:
+        return self.settings.broker
+
+    # --- what the daemon calls ---
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="cluster-bus")
+
+    def publish_local(
+        self,
+        now: float,
+        *,
+        rt: Iterable[tuple[str, pb.LabelEntry, float | None]] = (),
+        blocks: Iterable[tuple[BlockKey, float | None]] = (),
+        unblocked: Iterable[BlockKey] = (),
+    ) -> None:
+        """What this controller's core decided (unix-second expiries): merged into the
+        state and published as a delta if the bus is up (else carried by the next
+        snapshot). Never waits."""
+        msg = self.state.local(now, rt=rt, blocks=blocks, unblocked=unblocked)
+        if msg is None:
+            return
+        if self._outbox is not None and self._outbox.qsize() < MAX_OUTBOX:
+            self._outbox.put_nowait((topic(self.state.identity, DELTA), _bytes(msg), False))
+        else:
+            self.metrics.dropped.inc()
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Say this controller is down (retained load), then disconnect cleanly."""
+        self._closing = True
+        client = self._client
+        if client is not None:
+            w, w0, service = self._load()
+            msg = self.state.workload(time.time(), w, w0, service, up=False)
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await asyncio.wait_for(
+                    client.publish(
+                        topic(self.state.identity, LOAD), _bytes(msg), qos=1, retain=True
+                    ),
+                    timeout_s / 2,
+                )
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                await asyncio.wait_for(self._task, timeout_s / 2)
+
+    # --- the connection loop ---
+
+    def _new_client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(
+            topic(self.state.identity, LOAD),
+            _bytes(self.state.will(time.time())),
+            qos=1,
+            retain=True,
+        )
+        return aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=self.state.identity,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            keepalive=self.settings.keepalive_s,
+            timeout=max(2.0, float(self.settings.keepalive_s)),
+            tls_context=self._ssl,
+        )
+
+    async def _run(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while not self._closing:
+            try:
+                async with self._new_client() as client:
+                    self._check_broker(client)
+                    await client.subscribe(SUBSCRIPTION, qos=1)
+                    self._up(client)
+                    delay = self.settings.reconnect_min_s
+                    await self._serve(client)
+            except asyncio.CancelledError:
+                raise
+            except (aiomqtt.MqttError, BrokerRefused, OSError, ssl.SSLError) as exc:
+                self._down(exc)
+            except Exception as exc:  # never let the bus take the daemon down
+                log.exception("cluster bus failed")
+                self._down(exc)
+            if self._closing:
+                break
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    def _check_broker(self, client: aiomqtt.Client) -> None:
+        """With TLS, the broker must prove a broker/* identity (the CA and the host name
+        were checked in the handshake)."""
+        if self._ssl is None:
+            return
+        paho = getattr(client, "_client", None)
+        sock = paho.socket() if paho is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return  # this aiomqtt hides the socket: the CA and host name checks stand
+        ident = tls.ssl_peer_identity(sock)
+        if ident is None or ident.kind is not Kind.BROKER:
+            raise BrokerRefused(
+                f"the broker's certificate names {ident or 'no identity'}, not broker/*"
+            )
+
+    def _up(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._outbox = asyncio.Queue()
+        self.metrics.up.set(1)
+        if self._down_since is not None:
+            log.warning(
+                "cluster bus back: connected to %s as %s after %.1f s alone",
+                self.broker,
+                self.state.identity,
+                time.monotonic() - self._down_since,
+            )
+        else:
+            log.info("cluster bus up: connected to %s as %s", self.broker, self.state.identity)
+        self._down_since = None
+        self._ever_up = True
+        # What a peer that was cut off, or a broker that restarted, lacks: all of it.
+        self._queue_snapshot()
+        self._queue_load(force=True)
+
+    def _down(self, exc: BaseException) -> None:
+        was_up = self._client is not None
+        self._client = None
+        self._outbox = None
+        self.metrics.up.set(0)
+        if self._closing:
+            return
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            what = "lost the broker" if was_up else "cannot reach the broker"
+            log.warning(
+                "cluster bus down: %s %s (%s); serving alone, reconnecting",
+                what,
+                self.broker,
+                " ".join(str(exc).split()) or type(exc).__name__,
+            )
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        writer = asyncio.create_task(self._writer(client), name="cluster-bus-writer")
+        ticker = asyncio.create_task(self._ticker(), name="cluster-bus-ticker")
+        try:
+            async for message in client.messages:
+                self._on_message(str(message.topic), message.payload)
+                if writer.done():  # a publish failed: the connection is gone
+                    writer.result()
+        finally:
+            writer.cancel()
+            ticker.cancel()
+            await asyncio.gather(writer, ticker, return_exceptions=True)
+
+    async def _writer(self, client: aiomqtt.Client) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        expiry = Properties(PacketTypes.PUBLISH)
+        expiry.MessageExpiryInterval = DELTA_EXPIRY_S
+        while True:
+            name, data, retain = await outbox.get()
+            await client.publish(
+                name, data, qos=1, retain=retain, properties=None if retain else expiry
+            )
+            kind = name.rsplit("/", 1)[1]
+            self.metrics.messages.labels("sent", kind).inc()
+
+    async def _ticker(self) -> None:
+        interval = min(self.settings.workload_interval_s, self.settings.snapshot_interval_s)
+        while True:
+            await asyncio.sleep(interval)
+            self._queue_load()
+            now = time.monotonic()
+            if (
+                self.state.version != self._published_version
+                and now - self._last_snapshot >= self.settings.snapshot_interval_s
+            ):
+                self._queue_snapshot()
+
+    def _queue_snapshot(self) -> None:
+        if self._outbox is None:
+            return
+        msg = self.state.snapshot(time.time())
+        self._published_version = self.state.version
+        self._last_snapshot = time.monotonic()
+        self._outbox.put_nowait((topic(self.state.identity, STATE), _bytes(msg), True))
+
+    def _queue_load(self, *, force: bool = False) -> None:
+        if self._outbox is None:
+            return
+        load = self._load()
+        w, w0, service = load
+        rounded = (w, w0, round(service, 6))
+        now = time.monotonic()
+        if not force and rounded == self._last_load and now - self._last_load_at < HEARTBEAT_S:
+            return
+        self._last_load, self._last_load_at = rounded, now
+        msg = self.state.workload(time.time(), w, w0, service)
+        self._outbox.put_nowait((topic(self.state.identity, LOAD), _bytes(msg), True))
+
+    # --- what arrives ---
+
+    def _on_message(self, name: str, payload: object) -> None:
+        data = payload.encode() if isinstance(payload, str) else bytes(payload or b"")  # type: ignore[arg-type]
+        got = self.state.receive(name, data, time.time())
+        if got.refused:
+            self.metrics.refused.labels(got.reason).inc()
+            key = (got.sender, got.reason)
+            now = time.monotonic()
+            if now - self._refusals_logged.get(key, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+                self._refusals_logged[key] = now
+                log.warning("cluster bus: refused a message (%s): %s", got.reason, got.refused)
+            return
+        if got.sender != self.state.identity:
+            self.metrics.messages.labels("received", got.kind).inc()
+            if got.kind == DELTA:
+                self.metrics.delta_delay.observe(max(0.0, time.time() - got.sent_at))
+        if got.changes:
+            self._apply(got.changes, got.sender)
+            c = got.changes
+            for change, n in (
+                ("rt", len(c.rt)),
+                ("rt_removed", len(c.rt_removed)),
+                ("block", len(c.blocks)),
+                ("unblock", len(c.unblocked)),
+            ):
+                if n:
+                    self.metrics.applied.labels(change).inc(n)
+
+
+def _bytes(msg: cpb.BusMessage) -> bytes:
+    return msg.SerializeToString()
