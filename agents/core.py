@@ -51,7 +51,7 @@ from agents.results import (
 )
 from openexample.errors import PeerError, ProtocolError, bad_request
 from openexample.messages import PROTOCOL_VERSION
-from openexample.perceptual import dhash64
+from openexample.perceptual import perceptual
 from openexample.rules import ALLOW, INSPECT, RuleActions, RuleTable, parse_fail_mode
 from openexample.session import Closed, Established, Output, PeerHello, Received, Session, State
 from openexample.tables import Key, LabelTables, PendingTable, ResultEntry, ResultTable, fingerprint
@@ -602,14 +602,13 @@ class AgentCore:
                 self.counters.verdict(model_id, verdict)
                 if verdict in VERDICT_NAMES:  # UNKNOWN is not a result worth keeping
                     expires = now + ttl if ttl > 0 else None
-                    near = None
+                    near, sketch = None, b""
                     if verdict == pb.VERDICT_ADVERSARIAL:
                         self._rt_adversarial.add((model_id, item.label))
                         if self.tables.near is not None:
-                            near = dhash64(item.x)
-                    self.tables.put_rt(
-                        key, ResultEntry(verdict, action, corrected, score, expires, near)
-                    )
+                            near, sketch = perceptual(item.x)
+                    entry = ResultEntry(verdict, action, corrected, score, expires, near, sketch)
+                    self.tables.put_rt(key, entry)
             for t in item.tickets:
                 stages = None
                 if answers is not None and t.started <= sent_at:  # not joined after sending

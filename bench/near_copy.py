@@ -32,7 +32,7 @@ from controller.reference_model import model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
 from openexample.messages import envelope, hello
-from openexample.perceptual import dhash64
+from openexample.perceptual import perceptual
 from openexample.tables import fingerprint, label_entry, rt_push
 from openexample.v1 import openexample_pb2 as pb
 
@@ -84,10 +84,14 @@ def agent(radius: int, shape: tuple[int, ...], classes: int) -> AgentCore:
 
 
 def push(core: AgentCore, adv: np.ndarray, labels: np.ndarray) -> None:
-    entries = [
-        label_entry(fingerprint(a), int(y), pb.VERDICT_ADVERSARIAL, near_key=dhash64(a))
-        for a, y in zip(adv, labels, strict=True)
-    ]
+    entries = []
+    for a, y in zip(adv, labels, strict=True):
+        key, sketch = perceptual(a)
+        entries.append(
+            label_entry(
+                fingerprint(a), int(y), pb.VERDICT_ADVERSARIAL, near_key=key, near_sketch=sketch
+            )
+        )
     for i in range(0, len(entries), 256):
         mod = envelope(rt_push("m", entries[i : i + 256]))
         core.receive(mod.SerializeToString(), 0.0)

@@ -31,7 +31,7 @@ from controller.session import (
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
 from openexample.identity import Identity
-from openexample.perceptual import dhash64
+from openexample.perceptual import perceptual
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn
 
@@ -385,6 +385,7 @@ class ControllerCore:
                 if fp != item.fingerprint:
                     step.fingerprint_mismatches.append((job.agent_id, model_id))
                 else:
+                    near_key, near_sketch = perceptual(job.pkg.inputs[i])
                     entry = tables.label_entry(
                         fp,
                         item.label,
@@ -395,7 +396,8 @@ class ControllerCore:
                         ttl_s=self.cfg.rt_ttl_s,
                         # agents also refuse near-copies of it: the key is the
                         # controller's own, from the input it scored
-                        near_key=dhash64(job.pkg.inputs[i]),
+                        near_key=near_key,
+                        near_sketch=near_sketch,
                     )
                     rt_entry = tables.ResultEntry.from_pb(entry, now)
                     self.rt.put((model_id, fp, item.label), rt_entry)

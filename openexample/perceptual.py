@@ -3,15 +3,22 @@
 An RT entry keyed by the exact fingerprint misses an attack re-sent with one pixel
 changed, re-encoded, or lightly noised: each is a new input that pays the round trip
 again (and may be released by a standalone fail mode). ADVERSARIAL entries therefore
-also carry a 64-bit difference hash of their input (``near_key``), and agents refuse an
-input of the same model and label whose key is within ``radius`` bits of one.
+also carry a 64-bit difference hash of their input (``near_key``) and the 8x9 thumbnail
+it is computed from (``near_sketch``), and agents refuse an input of the same model and
+label whose key is within ``radius`` bits of one AND whose thumbnail is within
+``SKETCH_TOLERANCE`` of its thumbnail (max difference, in units of the image's largest
+value).
+
+Why both: clean images of one class are alike at 8x9. On mnist5k half of the clean test
+images have a clean neighbour of the same label within 4 key bits, so a key alone would
+make every false positive refuse its look-alikes. Their thumbnails differ by 0.16 or
+more in 99% of those pairs (0.085 at least), while re-perturbed copies of an attack stay
+within 0.06 (noise sigma 0.05), 0.092 (one pixel flipped) and 1e-8 (8-bit re-quantised).
 
 The key: the input averaged over its channels, area-resized to 8 rows x 9 columns,
 one bit per horizontal neighbour pair (brighter to the right or not): Krawetz's dHash
 with a box filter instead of Lanczos, computed the same way by the controller and the
-agents. On mnist5k, radius 4 finds 99% of FGSM adversarials re-sent with Gaussian noise
-(sigma 0.02), all of them with one pixel flipped or re-quantised to 8 bits, and no clean
-test input of the same label within it (``python -m bench.near_copy``).
+agents (``python -m bench.near_copy`` measures what it catches and refuses wrongly).
 
 :class:`NearIndex` finds keys within the radius without scanning: the 64 bits are cut
 into ``radius + 1`` chunks, and by the pigeonhole principle a key within ``radius`` of
@@ -35,6 +42,8 @@ MAX_RADIUS = 15
 # near-copy. Such keys are neither indexed nor looked up: the exact fingerprint decides.
 MIN_INFORMATIVE_BITS = 8
 _RELATIVE_TOLERANCE = 1e-5
+SKETCH_TOLERANCE = 0.1  # thumbnail max difference, relative to the image's largest value
+SKETCH_BYTES = ROWS * COLS * 2  # float16, little-endian
 
 
 @lru_cache(maxsize=32)
@@ -53,32 +62,47 @@ def _area_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _operators(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [8, h], column differences [w, 8]) in float32: the resize and the neighbour
-    comparison folded into two products, diffs = R @ a @ C (one bit: diff > 0)."""
-    cols = _area_matrix(COLS, w)
+    """(rows [8, h], columns [w, 9]) in float32: the area resize as two products."""
     rows = _area_matrix(ROWS, h).astype(np.float32)
-    diff = np.ascontiguousarray((cols[1:] - cols[:-1]).T.astype(np.float32))
+    cols = np.ascontiguousarray(_area_matrix(COLS, w).T.astype(np.float32))
     rows.setflags(write=False)
-    diff.setflags(write=False)
-    return rows, diff
+    cols.setflags(write=False)
+    return rows, cols
 
 
-def dhash64(x: np.ndarray) -> int:
-    """The 64-bit perceptual key of one input (``[..., H, W]``: leading axes are
-    averaged; uint8 or float, any scale: only comparisons of neighbours count)."""
+def perceptual(x: np.ndarray) -> tuple[int, bytes]:
+    """The 64-bit key and the 8x9 thumbnail (float16 bytes, scaled by the image's
+    largest absolute value) of one input (``[..., H, W]``: leading axes are averaged)."""
     a = np.asarray(x)
     if a.ndim < 2 or a.shape[-1] < 2 or a.shape[-2] < 1:
         raise ValueError(f"a perceptual key needs an image ([..., H, W]), got shape {a.shape}")
     if a.ndim > 2:
         a = a.reshape(-1, a.shape[-2], a.shape[-1])
         a = a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
-    rows, diff = _operators(a.shape[0], a.shape[1])
+    rows, cols = _operators(a.shape[0], a.shape[1])
     a = a.astype(np.float32, copy=False)
-    # Rounding leaves flat regions a few 1e-8 of "difference": a relative dead zone keeps
-    # their bits 0, so a flat image's key is 0 whatever its level, not rounding noise.
-    tol = _RELATIVE_TOLERANCE * float(np.abs(a).max())
-    bits = (rows @ a @ diff) > tol
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+    scale = float(np.abs(a).max())
+    px = rows @ a @ cols
+    if scale > 0:
+        px /= scale
+    # Rounding leaves flat regions a few 1e-8 of "difference": a dead zone keeps their
+    # bits 0, so a flat image's key is 0 whatever its level, not rounding noise.
+    bits = (px[:, 1:] - px[:, :-1]) > _RELATIVE_TOLERANCE
+    key = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return key, px.astype("<f2").tobytes()
+
+
+def dhash64(x: np.ndarray) -> int:
+    """The 64-bit perceptual key of one input (see :func:`perceptual`)."""
+    return perceptual(x)[0]
+
+
+def sketch_array(sketch: bytes) -> np.ndarray | None:
+    """A thumbnail's values (None when it is not one)."""
+    if len(sketch) != SKETCH_BYTES:
+        return None
+    arr = np.frombuffer(sketch, "<f2").astype(np.float32)
+    return arr if np.isfinite(arr).all() else None
 
 
 class NearIndex:
@@ -94,7 +118,8 @@ class NearIndex:
         edges = [round(64 * k / chunks) for k in range(chunks + 1)]
         # (shift, mask) of each chunk
         self._chunks = [(64 - hi, (1 << (hi - lo)) - 1) for lo, hi in pairwise(edges)]
-        self._keys: dict[Hashable, tuple[str, int, int]] = {}  # value -> (model, label, key)
+        # value -> (model, label, key, thumbnail)
+        self._keys: dict[Hashable, tuple[str, int, int, np.ndarray]] = {}
         self._buckets: dict[tuple, set[Hashable]] = {}
         self._per_label: Counter[tuple[str, int]] = Counter()
 
@@ -110,15 +135,17 @@ class NearIndex:
         """Whether ``key`` has enough set and unset bits to stand for its image."""
         return MIN_INFORMATIVE_BITS <= key.bit_count() <= 64 - MIN_INFORMATIVE_BITS
 
-    def add(self, model_id: str, label: int, key: int, value: Hashable) -> None:
-        """Index ``key`` for ``value`` (a key that is not :meth:`informative` is not kept)."""
+    def add(self, model_id: str, label: int, key: int, sketch: bytes, value: Hashable) -> None:
+        """Index ``key`` and its thumbnail for ``value`` (not kept: a key that is not
+        :meth:`informative`, or a thumbnail that is not one)."""
         if value in self._keys:
             self.remove(value)
-        if not self.informative(key):
+        thumb = sketch_array(sketch)
+        if thumb is None or not self.informative(key):
             return
         while len(self._keys) >= self.max_entries:
             self.remove(next(iter(self._keys)))
-        self._keys[value] = (model_id, label, key)
+        self._keys[value] = (model_id, label, key, thumb)
         self._per_label[(model_id, label)] += 1
         for j, (shift, mask) in enumerate(self._chunks):
             self._buckets.setdefault((model_id, label, j, (key >> shift) & mask), set()).add(value)
@@ -127,7 +154,7 @@ class NearIndex:
         held = self._keys.pop(value, None)
         if held is None:
             return
-        model_id, label, key = held
+        model_id, label, key, _ = held
         self._per_label[(model_id, label)] -= 1
         for j, (shift, mask) in enumerate(self._chunks):
             b = (model_id, label, j, (key >> shift) & mask)
@@ -139,23 +166,36 @@ class NearIndex:
 
     def clear(self, model_id: str | None = None) -> None:
         """Forget every key, or those of ``model_id``."""
-        for value in [v for v, (m, _, _) in self._keys.items() if model_id in (None, m)]:
+        for value in [v for v, held in self._keys.items() if model_id in (None, held[0])]:
             self.remove(value)
 
-    def find(self, model_id: str, label: int, key: int) -> tuple[Hashable, int] | None:
-        """The closest held value within the radius, and its distance; None if none
-        (always None for a key that is not :meth:`informative`)."""
+    def find(
+        self, model_id: str, label: int, key: int, sketch: bytes
+    ) -> tuple[Hashable, int] | None:
+        """The closest held value within the radius whose thumbnail is within
+        ``SKETCH_TOLERANCE``, and its key distance; None if none (always None for a key
+        that is not :meth:`informative`)."""
         if not self.informative(key):
+            return None
+        thumb = sketch_array(sketch)
+        if thumb is None:
             return None
         best: tuple[Hashable, int] | None = None
         keys = self._keys
+        seen: set[Hashable] = set()
         for j, (shift, mask) in enumerate(self._chunks):
             bucket = self._buckets.get((model_id, label, j, (key >> shift) & mask))
             if not bucket:
                 continue
             for value in bucket:
-                d = (keys[value][2] ^ key).bit_count()
-                if d <= self.radius and (best is None or d < best[1]):
+                if value in seen:
+                    continue
+                seen.add(value)
+                held = keys[value]
+                d = (held[2] ^ key).bit_count()
+                if d > self.radius or (best is not None and d >= best[1]):
+                    continue
+                if float(np.abs(held[3] - thumb).max()) <= SKETCH_TOLERANCE:
                     best = (value, d)
                     if d == 0:
                         return best

@@ -20,7 +20,7 @@ import numpy as np
 
 from openexample.errors import table_mod_failed
 from openexample.limits import FINGERPRINT_BYTES, MAX_ID_BYTES
-from openexample.perceptual import NearIndex, dhash64
+from openexample.perceptual import NearIndex, perceptual
 from openexample.v1 import openexample_pb2 as pb
 
 Key = tuple[str, bytes, int]  # (model_id, fingerprint, label)
@@ -61,6 +61,7 @@ class ResultEntry:
     score: float
     expires_at: float | None  # same clock as `now`; None = until evicted
     near_key: int | None = None  # ADVERSARIAL only: the input's perceptual key
+    near_sketch: bytes = b""  # ... and the thumbnail it comes from
 
     @classmethod
     def from_pb(cls, entry: pb.LabelEntry, now: float, default_ttl_s: float = 0.0) -> ResultEntry:
@@ -71,7 +72,8 @@ class ResultEntry:
         near = entry.near_key if entry.HasField("near_key") else None
         if entry.verdict != pb.VERDICT_ADVERSARIAL:
             near = None  # near-copies are only ever refused, never released
-        return cls(entry.verdict, entry.action, corrected, entry.score, expires_at, near)
+        sketch = entry.near_sketch if near is not None else b""
+        return cls(entry.verdict, entry.action, corrected, entry.score, expires_at, near, sketch)
 
     def to_pb(self, fingerprint: bytes, label: int, now: float | None = None) -> pb.LabelEntry:
         """Wire form. ttl_s is the remaining lifetime when ``now`` is given; without
@@ -89,6 +91,7 @@ class ResultEntry:
             score=self.score,
             ttl_s=ttl_s,
             near_key=self.near_key,
+            near_sketch=self.near_sketch,
         )
 
     def expired(self, now: float) -> bool:
@@ -246,7 +249,7 @@ class LabelTables:
         """An RT entry, indexed by its perceptual key when it has one."""
         self.rt.put(key, entry)
         if self.near is not None and entry.near_key is not None:
-            self.near.add(key[0], key[2], entry.near_key, key)
+            self.near.add(key[0], key[2], entry.near_key, entry.near_sketch, key)
 
     def near_copy(
         self, model_id: str, label: int, x: np.ndarray, now: float
@@ -257,7 +260,7 @@ class LabelTables:
         near = self.near
         if near is None or not near.has(model_id, label):
             return None
-        found = near.find(model_id, label, dhash64(x))
+        found = near.find(model_id, label, *perceptual(x))
         if found is None:
             return None
         key, distance = found
@@ -331,6 +334,7 @@ def label_entry(
     score: float = 0.0,
     ttl_s: int = 0,
     near_key: int | None = None,
+    near_sketch: bytes = b"",
 ) -> pb.LabelEntry:
     """One RT entry. ``action`` defaults to CORRECT when a corrected label is given,
     else DROP for ADVERSARIAL and RELEASE otherwise."""
@@ -348,4 +352,5 @@ def label_entry(
         score=score,
         ttl_s=ttl_s,
         near_key=near_key,
+        near_sketch=near_sketch,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openexample.perceptual import NearIndex, dhash64
+from openexample.perceptual import SKETCH_BYTES, NearIndex, dhash64, perceptual
 from openexample.tables import LabelTables, ResultTable, fingerprint, label_entry, rt_push
 from openexample.v1 import openexample_pb2 as pb
 from tests.test_agent_core import LOGITS, SHAPE, decide, make_core, send, to_main
@@ -18,6 +18,9 @@ ADV = pb.VERDICT_ADVERSARIAL
 
 def _image(seed: int, shape=(1, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+S0 = bytes(SKETCH_BYTES)  # one thumbnail for the index tests: only keys differ there
 
 
 def _flip(key: int, bits: list[int]) -> int:
@@ -65,17 +68,17 @@ def test_the_index_finds_what_brute_force_finds(radius):
     keys = [k for k in keys if NearIndex.informative(k)]
     idx = NearIndex(radius)
     for i, k in enumerate(keys):
-        idx.add("m", i % 3, k, i)
+        idx.add("m", i % 3, k, S0, i)
     for q in range(300):
         base = keys[rng.integers(len(keys))]
         query = _flip(base, list(rng.choice(64, rng.integers(0, radius + 3), replace=False)))
         label = q % 3
         if not NearIndex.informative(query):
-            assert idx.find("m", label, query) is None
+            assert idx.find("m", label, query, S0) is None
             continue
         dists = [((k ^ query).bit_count(), i) for i, k in enumerate(keys) if i % 3 == label]
         best = min(dists)
-        got = idx.find("m", label, query)
+        got = idx.find("m", label, query, S0)
         if best[0] <= radius:
             assert got is not None and got[1] == best[0]
             assert (keys[got[0]] ^ query).bit_count() == best[0]
@@ -88,16 +91,42 @@ def test_the_index_is_bounded_and_forgets():
     keys = [base ^ (0xFF << (i * 8)) for i in range(5)]  # 16 bits apart
     idx = NearIndex(1, max_entries=3)
     for i, k in enumerate(keys):
-        idx.add("m", 0, k, i)
-    assert len(idx) == 3 and idx.find("m", 0, keys[0]) is None  # the oldest went first
-    assert idx.find("m", 0, keys[4] ^ 1) == (4, 1)
+        idx.add("m", 0, k, S0, i)
+    assert len(idx) == 3 and idx.find("m", 0, keys[0], S0) is None  # the oldest went first
+    assert idx.find("m", 0, keys[4] ^ 1, S0) == (4, 1)
     idx.remove(4)
-    assert idx.find("m", 0, keys[4]) is None and idx.has("m", 0)
-    idx.add("n", 0, base, "other")
+    assert idx.find("m", 0, keys[4], S0) is None and idx.has("m", 0)
+    idx.add("n", 0, base, S0, "other")
     idx.clear("m")
-    assert not idx.has("m", 0) and idx.find("n", 0, base) == ("other", 0)
+    assert not idx.has("m", 0) and idx.find("n", 0, base, S0) == ("other", 0)
     with pytest.raises(ValueError, match="radius"):
         NearIndex(16)
+
+
+def test_a_key_match_needs_a_thumbnail_match_too(mnist):
+    """Clean look-alikes: half the clean test images have a same-label neighbour within 4
+    key bits, but their thumbnails differ, so they are not near-copies of each other."""
+    x, y = mnist.test.x[:400], mnist.test.y[:400]
+    idx = NearIndex(4)
+    keys = [perceptual(a) for a in x]
+    pairs = [
+        (i, j)
+        for i in range(len(x))
+        for j in range(i + 1, len(x))
+        if y[i] == y[j] and (keys[i][0] ^ keys[j][0]).bit_count() <= 4
+    ]
+    assert len(pairs) > 20  # look-alike keys are common
+    matched = 0
+    for i, j in pairs:
+        idx.add("m", int(y[i]), *keys[i], i)
+        matched += idx.find("m", int(y[j]), *keys[j]) is not None
+        idx.remove(i)
+    assert matched / len(pairs) < 0.02
+    # a copy with one pixel flipped still matches
+    a = x[0].copy()
+    idx.add("m", 0, *perceptual(a), "a")
+    a[0, 14, 14] = 1.0 - a[0, 14, 14]
+    assert idx.find("m", 0, *perceptual(a)) is not None or not NearIndex.informative(keys[0][0])
 
 
 def test_flat_images_are_never_near_copies():
@@ -105,8 +134,8 @@ def test_flat_images_are_never_near_copies():
     its near-copy, so keys with fewer than 8 set or unset bits are never indexed."""
     idx = NearIndex(4)
     for key in (0, 2**64 - 1, 0b1111111, (2**64 - 1) ^ 0b1111111):
-        idx.add("m", 0, key, key)
-        assert idx.find("m", 0, key) is None and len(idx) == 0
+        idx.add("m", 0, key, S0, key)
+        assert idx.find("m", 0, key, S0) is None and len(idx) == 0
     assert dhash64(np.full((28, 28), 0.9, np.float32)) == 0
 
 
@@ -116,9 +145,9 @@ def test_flat_images_are_never_near_copies():
 def test_tables_index_adversarial_pushes_only_and_drop_stale_keys():
     tables = LabelTables(ResultTable(max_entries=2), near_radius=4)
     x = _image(2)
-    key = dhash64(x)
-    adv = label_entry(b"a" * 16, 1, ADV, near_key=key)
-    benign = label_entry(b"b" * 16, 2, pb.VERDICT_BENIGN, near_key=key)
+    key, sketch = perceptual(x)
+    adv = label_entry(b"a" * 16, 1, ADV, near_key=key, near_sketch=sketch)
+    benign = label_entry(b"b" * 16, 2, pb.VERDICT_BENIGN, near_key=key, near_sketch=sketch)
     tables.apply(rt_push("m", [adv, benign]), now=0.0)
     entry, distance = tables.near_copy("m", 1, x, now=0.0)
     assert entry.verdict == ADV and distance == 0
@@ -137,7 +166,8 @@ def test_tables_index_adversarial_pushes_only_and_drop_stale_keys():
 
 
 def _pushed(core, x, label=1):
-    entry = label_entry(fingerprint(x), label, ADV, score=0.9, near_key=dhash64(x))
+    key, sketch = perceptual(x)
+    entry = label_entry(fingerprint(x), label, ADV, score=0.9, near_key=key, near_sketch=sketch)
     send(core, rt_push("m", [entry]))
 
 
@@ -146,7 +176,7 @@ def test_a_near_copy_is_refused_at_once_with_the_reason():
     x = np.random.default_rng(3).random(SHAPE).astype(np.float32)
     _pushed(core, x)
     copy = x.copy()
-    copy[0, 0, 0] = 1.0 - copy[0, 0, 0]  # one pixel changed: another fingerprint
+    copy[0, 0, 0] += 0.02  # one pixel nudged: another fingerprint (the image is 4x4)
     key_bits = (dhash64(copy) ^ dhash64(x)).bit_count()
     assert fingerprint(copy) != fingerprint(x) and key_bits <= 4
     res = decide(core, copy)

@@ -1731,6 +1731,7 @@ class LabelEntry(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
     NEAR_KEY_FIELD_NUMBER: _builtins.int
+    NEAR_SKETCH_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.bytes
     """Input fingerprint (see PkgInItem.fingerprint), 16 bytes."""
     label: _builtins.int
@@ -1747,6 +1748,11 @@ class LabelEntry(_message.Message):
     computed by the controller from the input it scored. Agents refuse inputs of the
     same model and label within a small Hamming distance of it (near-copies) at once.
     """
+    near_sketch: _builtins.bytes
+    """With near_key: the 8x9 thumbnail the key is computed from (72 float16, little-endian,
+    scaled by the input's largest value). A near-copy must also be within a tolerance of
+    it, so look-alike clean inputs are not refused for an attack's key.
+    """
     def __init__(
         self,
         *,
@@ -1758,10 +1764,11 @@ class LabelEntry(_message.Message):
         score: _builtins.float = ...,
         ttl_s: _builtins.int = ...,
         near_key: _builtins.int | None = ...,
+        near_sketch: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "_near_key", b"_near_key", "corrected_label", b"corrected_label", "near_key", b"near_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "_near_key", b"_near_key", "action", b"action", "corrected_label", b"corrected_label", "fingerprint", b"fingerprint", "label", b"label", "near_key", b"near_key", "score", b"score", "ttl_s", b"ttl_s", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label", "_near_key", b"_near_key", "action", b"action", "corrected_label", b"corrected_label", "fingerprint", b"fingerprint", "label", b"label", "near_key", b"near_key", "near_sketch", b"near_sketch", "score", b"score", "ttl_s", b"ttl_s", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__corrected_label: _TypeAlias = _typing.Literal["corrected_label"]  # noqa: Y015
     _WhichOneofArgType__corrected_label: _TypeAlias = _typing.Literal["_corrected_label", b"_corrected_label"]  # noqa: Y015
