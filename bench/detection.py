@@ -121,8 +121,13 @@ def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> An
     return det
 
 
+def _threshold(clean_cal: np.ndarray, fpr: float) -> float:
+    """The score flagging ``fpr`` of the clean calibration inputs."""
+    return float(np.quantile(clean_cal, 1.0 - fpr, method="higher"))
+
+
 def _tpr(clean_cal: np.ndarray, adv: np.ndarray, fpr: float) -> float:
-    thr = np.quantile(clean_cal, 1.0 - fpr, method="higher")
+    thr = _threshold(clean_cal, fpr)
     return float(np.mean(adv >= thr)) if adv.size else float("nan")
 
 
@@ -225,8 +230,16 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         row = _attack_row(spec, x, adv, ok, right)
         a = Batch(adv[ok], predict(adv[ok]), adv_pred[ok])
         for d in dets:
-            s = np.asarray(d.score(a).scores) if ok.any() else np.empty(0)
-            row["detectors"].append(_det_row(d.name, cal_scores[d.name], clean_scores[d.name], s))
+            scored = d.score(a) if ok.any() else None
+            s = np.asarray(scored.scores) if scored is not None else np.empty(0)
+            det_row = _det_row(d.name, cal_scores[d.name], clean_scores[d.name], s)
+            if scored is not None and scored.corrected is not None:
+                # the detector's own corrected label, on what it flags at 1% FPR
+                flag = s >= _threshold(cal_scores[d.name], FPRS[0])
+                fixed = np.asarray(scored.corrected)[flag] == y[ok][flag]
+                acc = round(float(fixed.mean()), 4) if flag.any() else None
+                det_row["corrected_accuracy"] = acc
+            row["detectors"].append(det_row)
             rocs.setdefault(_label(spec), {})[d.name] = (clean_scores[d.name], s)
         for name, fn in baselines.items():
             s = fn(adv[ok]) if ok.any() else np.empty(0)
@@ -326,13 +339,21 @@ def _attack_row(
 
 
 def _det_row(name: str, cal: np.ndarray, clean: np.ndarray, adv: np.ndarray) -> dict:
+    # the clean test inputs (never seen by calibration) flagged at each threshold
+    clean_fpr = {str(f): round(float(np.mean(clean >= _threshold(cal, f))), 4) for f in FPRS}
     if adv.size == 0:
-        return {"detector": name, "auc": None, "tpr_at_fpr": {str(f): None for f in FPRS}}
+        return {
+            "detector": name,
+            "auc": None,
+            "tpr_at_fpr": {str(f): None for f in FPRS},
+            "clean_fpr": clean_fpr,
+        }
     labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
     return {
         "detector": name,
         "auc": round(float(roc_auc_score(labels, np.r_[clean, adv])), 4),
         "tpr_at_fpr": {str(f): round(_tpr(cal, adv, f), 4) for f in FPRS},
+        "clean_fpr": clean_fpr,
     }
 
 
@@ -450,6 +471,31 @@ def markdown(report: dict) -> str:
             f"| {label} | {a['success_rate']:.2f} | {a['mean_l2'] or 0:.2f} |"
             f" {a['mean_linf'] or 0:.2f} | " + " | ".join(cells) + " |"
         )
+    if report["attacks"]:
+        per = report["attacks"][0]["detectors"][:-1]  # the fused row has its own line
+        lines += [
+            "",
+            "Clean test inputs flagged at each detector's 1% / 5% calibration threshold: "
+            + ", ".join(
+                f"{d['detector']} {d['clean_fpr']['0.01']:.3f} / {d['clean_fpr']['0.05']:.3f}"
+                for d in per
+                if "clean_fpr" in d
+            )
+            + ".",
+            "",
+            "Corrected label right, on what each purifier flags at 1% FPR (fused: on what"
+            " the pipeline flags):",
+            "",
+            "| attack | " + " | ".join(names) + " |",
+            "|" + "---|" * (1 + len(names)),
+        ]
+        for a in report["attacks"]:
+            cells = [
+                "-" if d.get("corrected_accuracy") is None else f"{d['corrected_accuracy']:.3f}"
+                for d in a["detectors"]
+            ]
+            label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for name, why in report.get("skipped", {}).items():
         lines += ["", f"{name}: {why}."]
     if report.get("table_iv"):
