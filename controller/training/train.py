@@ -13,7 +13,10 @@ baseline of ``openexample-bench detection``. DeSVig comes
 first because the fused verdict takes its corrected label from the first detector that
 flags an item, and DeSVig's (the closest class-conditional copy) is the better one on
 large perturbations; margin's (the runner-up class) on minimal ones.
-``openexample-controller train default`` trains the set.
+``openexample-controller train default`` trains the set. MagNet, Defed, ISMN and UDDN
+(the denoiser family) are not in it, by the figures in README "The detector family": each
+costs 0.4-3.4 ms per input at batch 1 against DeSVig's 0.03; MagNet is the one to add
+where small perturbations matter and the budget allows (``train desvig,margin,magnet``).
 """
 
 from __future__ import annotations
