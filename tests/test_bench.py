@@ -34,10 +34,12 @@ def _stop(bench: subprocess.Popen) -> None:
     bench.wait(10)
 
 
-def _run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    """``openexample-bench ARGS``; stopped, whatever it started with it, if it times out
-    or the test is interrupted."""
-    cmd = [sys.executable, "-m", "bench.cli", *args]
+def _run_bench(
+    *args: str, timeout: float, module: str = "bench.cli"
+) -> subprocess.CompletedProcess:
+    """``openexample-bench ARGS`` (or ``python -m MODULE ARGS``); stopped, whatever it
+    started with it, if it times out or the test is interrupted."""
+    cmd = [sys.executable, "-m", module, *args]
     bench = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -136,6 +138,18 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
     assert "| defence | clean | FGSM | R+FGSM | DeepFool | CPU s / 1000 |" in md
     assert "\n| none | " in md and "\n| margin | " in md and "\n| desvig+margin | " in md
     assert sorted(p.name for p in out.glob("roc_*.png"))
+
+
+def test_oip_latency_bench_times_every_api_under_both_rules(artifacts):
+    done = _run_bench("-n", "50", timeout=240, module="bench.oip_latency")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = [line.split("|")[1:3] for line in table if " us |" not in line]
+    rows = [
+        (api.strip(), rule.strip()) for api, rule in rows if rule.strip() in ("ALLOW", "INSPECT")
+    ]
+    apis = ["Predict (gRPC)", "KServe v2 gRPC (tritonclient)", "KServe v2 REST (tritonclient)"]
+    assert rows == [(a, r) for r in ("ALLOW", "INSPECT") for a in apis]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
