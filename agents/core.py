@@ -153,8 +153,8 @@ class AgentCore:
                 return res, False
             near = self.tables.near_copy(model_id, label, x, now)
             if near is not None:
-                return self._near_copy(near, model_id, source_id, logits, label, confidence,
-                                       actions.fail_mode), False  # fmt: skip
+                return self._from_rt(near[0], model_id, source_id, logits, label, confidence,
+                                     actions.fail_mode, near[1]), False  # fmt: skip
         if source != INSPECT:  # ALLOW / DROP, maybe with a copy nobody waits for
             flush = False
             if actions.mirror:
@@ -177,7 +177,8 @@ class AgentCore:
             return res, False
         near = self.tables.near_copy(model_id, label, x, now)
         if near is not None:  # a near-copy of a known attack: refused without a round trip
-            res = self._near_copy(near, model_id, source_id, logits, label, confidence, fail_mode)
+            res = self._from_rt(near[0], model_id, source_id, logits, label, confidence,
+                                fail_mode, near[1])  # fmt: skip
             return res, False
         if not self.sending:
             released = fail_mode == STANDALONE
@@ -221,8 +222,16 @@ class AgentCore:
         label: int,
         confidence: float,
         fail_mode: int,
-        reason: str = "",
+        near_distance: int | None = None,
     ) -> Result:
+        """A verdict the RT holds: for this input, or (``near_distance`` given) for a
+        known attack it is a near-copy of, which the reason says."""
+        reason = ""
+        if near_distance is not None:
+            self.counters.near_copies += 1
+            reason = (
+                f"near-copy of a known adversarial input ({near_distance} of 64 key bits differ)"
+            )
         self.counters.decided_locally += 1
         self.counters.verdict(model_id, entry.verdict)
         name, released, out = outcome(
@@ -232,23 +241,6 @@ class AgentCore:
             model_id, source_id, logits, label, confidence, released, RT, name, out, entry.score,
             reason,
         )  # fmt: skip
-
-    def _near_copy(
-        self,
-        near: tuple[ResultEntry, int],
-        model_id: str,
-        source_id: str,
-        logits: np.ndarray,
-        label: int,
-        confidence: float,
-        fail_mode: int,
-    ) -> Result:
-        """A near-copy of a known attack: the attack's RT verdict, said so in the reason."""
-        entry, distance = near
-        self.counters.near_copies += 1
-        reason = f"near-copy of a known adversarial input ({distance} of 64 key bits differ)"
-        return self._from_rt(entry, model_id, source_id, logits, label, confidence, fail_mode,
-                             reason)  # fmt: skip
 
     def _decided(
         self,

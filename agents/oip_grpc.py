@@ -119,22 +119,26 @@ class InferenceService:
         return out
 
     def _source(self, request: op.ModelInferRequest, context: Any) -> str:
+        params = request.parameters
         claimed = (
-            request.parameters[oip.SOURCE_PARAMETER].string_param
-            if (oip.SOURCE_PARAMETER in request.parameters)
-            else ""
+            params[oip.SOURCE_PARAMETER].string_param if oip.SOURCE_PARAMETER in params else ""
         )
         try:
-            return caller_source(
-                claimed,
-                authenticated=self.authenticated,
-                identity=grpc_peer_identity(context) if self.authenticated else None,
-                peer_host=grpc_peer_host(context.peer()),
-            )
+            return grpc_source(claimed, context, self.authenticated)
         except CallerRefused as exc:
             raise oip.OipError("refused", str(exc)) from None
         except BadSource as exc:
             raise oip.OipError("invalid", str(exc)) from None
+
+
+def grpc_source(claimed: str, context: Any, authenticated: bool) -> str:
+    """:func:`agents.callers.caller_source` for a gRPC call (Predict and ModelInfer)."""
+    return caller_source(
+        claimed,
+        authenticated=authenticated,
+        identity=grpc_peer_identity(context) if authenticated else None,
+        peer_host=grpc_peer_host(context.peer()),
+    )
 
 
 def _input(view: oip.ModelView, request: op.ModelInferRequest) -> Any:

@@ -35,14 +35,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from agents import oip, oip_grpc
-from agents.callers import UNAUTH, BadSource, CallerRefused, caller_source, grpc_peer_host
+from agents.callers import UNAUTH, BadSource, CallerRefused
 from agents.guard import Guard
 from agents.results import Result
 from openexample import tensor
 from openexample.addresses import GRPC, parse_address
 from openexample.errors import ConfigError, ProtocolError
 from openexample.grpc_tls import grpc_server_credentials
-from openexample.tls import TlsFiles, check_plaintext, grpc_peer_identity
+from openexample.tls import TlsFiles, check_plaintext
 from openexample.v1 import openexample_pb2 as pb
 from openexample.v1 import predict_pb2, predict_pb2_grpc
 
@@ -131,14 +131,9 @@ class PredictorService(predict_pb2_grpc.PredictorServicer):
         return predict_pb2.PredictResponse(results=[result_to_pb(r) for r in results])
 
     async def _source(self, claimed: str, context: grpc.aio.ServicerContext) -> str:
-        """The source id of this call (:func:`agents.callers.caller_source`)."""
+        """The source id of this call (:func:`agents.oip_grpc.grpc_source`)."""
         try:
-            return caller_source(
-                claimed,
-                authenticated=self.authenticated,
-                identity=grpc_peer_identity(context) if self.authenticated else None,
-                peer_host=grpc_peer_host(context.peer()),
-            )
+            return oip_grpc.grpc_source(claimed, context, self.authenticated)
         except CallerRefused as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except BadSource as exc:

@@ -97,12 +97,13 @@ def dhash64(x: np.ndarray) -> int:
     return perceptual(x)[0]
 
 
-def sketch_array(sketch: bytes) -> np.ndarray | None:
-    """A thumbnail's values (None when it is not one)."""
+def sketch_array(sketch: bytes, *, check: bool = True) -> np.ndarray | None:
+    """A thumbnail's float16 values, a view of ``sketch`` (None when it is not one;
+    ``check``: also refuse NaN and infinity, for thumbnails that came from a peer)."""
     if len(sketch) != SKETCH_BYTES:
         return None
-    arr = np.frombuffer(sketch, "<f2").astype(np.float32)
-    return arr if np.isfinite(arr).all() else None
+    arr = np.frombuffer(sketch, "<f2")
+    return arr if not check or np.isfinite(arr).all() else None
 
 
 class NearIndex:
@@ -118,7 +119,7 @@ class NearIndex:
         edges = [round(64 * k / chunks) for k in range(chunks + 1)]
         # (shift, mask) of each chunk
         self._chunks = [(64 - hi, (1 << (hi - lo)) - 1) for lo, hi in pairwise(edges)]
-        # value -> (model, label, key, thumbnail)
+        # value -> (model, label, key, thumbnail as float16)
         self._keys: dict[Hashable, tuple[str, int, int, np.ndarray]] = {}
         self._buckets: dict[tuple, set[Hashable]] = {}
         self._per_label: Counter[tuple[str, int]] = Counter()
@@ -177,7 +178,7 @@ class NearIndex:
         that is not :meth:`informative`)."""
         if not self.informative(key):
             return None
-        thumb = sketch_array(sketch)
+        thumb = sketch_array(sketch, check=False)  # the caller's own, from perceptual()
         if thumb is None:
             return None
         best: tuple[Hashable, int] | None = None

@@ -240,7 +240,6 @@ class LabelTables:
         self.rt = rt if rt is not None else ResultTable()
         self.ft = ft if ft is not None else PendingTable()
         self.near = NearIndex(near_radius, self.rt.max_entries) if near_radius > 0 else None
-        self.near_hits = 0
 
     def stats(self) -> list[pb.TableStats]:
         return [self.rt.stats(), self.ft.stats()]
@@ -268,7 +267,6 @@ class LabelTables:
         if entry is None or entry.verdict != pb.VERDICT_ADVERSARIAL:
             near.remove(key)  # evicted, expired or replaced in the RT since
             return None
-        self.near_hits += 1
         return entry, distance
 
     def apply(self, mod: pb.TableMod, now: float) -> None:

@@ -550,15 +550,6 @@ class IsmnDetector(Detector):
             self._say(f"{part} epoch {epoch + 1}/{epochs} {figures} ({took:.0f}s)")
 
     # -- scoring ----------------------------------------------------------------------------
-    def _classify(self, x: torch.Tensor) -> np.ndarray:
-        """The model's logits on ``x``: its TorchScript module on the tensor, or the plain
-        numpy callable."""
-        module = getattr(self.model, "module", None)
-        if isinstance(module, torch.nn.Module):
-            return module(x).numpy()
-        assert self.model is not None
-        return np.asarray(self.model(x.numpy()), np.float32)
-
     def purify(self, inputs: np.ndarray) -> np.ndarray:
         """M(x): the inputs mapped onto the clean manifold."""
         if self.mapper is None:
@@ -583,12 +574,12 @@ class IsmnDetector(Detector):
             logit, purified = self._fast(x)
             scores = logit.numpy().astype(np.float64)
             if self.threshold is None:  # not calibrated: every item's purified label
-                return Scores(scores, self._classify(purified.contiguous()).argmax(1))
+                return Scores(scores, nets.classify(self.model, purified.contiguous()).argmax(1))
             corrected = labels.copy()
             todo = scores >= self.threshold
             if todo.any():
                 picked = purified if todo.all() else purified[torch.from_numpy(todo)]
-                corrected[todo] = self._classify(picked.contiguous()).argmax(1)
+                corrected[todo] = nets.classify(self.model, picked.contiguous()).argmax(1)
         return Scores(scores, corrected)
 
 

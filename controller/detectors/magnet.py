@@ -496,15 +496,6 @@ class MagnetDetector(Detector):
         return net, summary
 
     # -- scoring ----------------------------------------------------------------------------
-    def _classify(self, x: torch.Tensor) -> np.ndarray:
-        """The model's logits on ``x``: its TorchScript module on the tensor, or the plain
-        numpy callable."""
-        module = getattr(self.model, "module", None)
-        if isinstance(module, torch.nn.Module):
-            return module(x).numpy()
-        assert self.model is not None
-        return np.asarray(self.model(x.numpy()), np.float32)
-
     def _specs(self) -> tuple[list[tuple[str, str, int]], list[str], list[float]]:
         """(reconstruction sub-detectors as (name, autoencoder, p), JSD names, their Ts)."""
         recon, names, temps = [], [], []
@@ -540,9 +531,9 @@ class MagnetDetector(Detector):
             rec = {key: self._reconstruct(key, x) for key in self.aes}
             if batch.logits is not None:
                 logits = np.asarray(batch.logits, np.float32)
-                reformed = self._classify(rec["I"])
+                reformed = nets.classify(self.model, rec["I"])
             else:  # f(x) and f(AE_I(x)) in one call
-                both = self._classify(torch.cat([x, rec["I"]]))
+                both = nets.classify(self.model, torch.cat([x, rec["I"]]))
                 logits, reformed = both[:n], both[n:]
         recon, names, temps = self._spec
         out: dict[str, np.ndarray] = {}

@@ -30,6 +30,17 @@ def module_of(model: ModelFn | None, who: str) -> torch.nn.Module:
     return module
 
 
+def classify(model: ModelFn | None, x: torch.Tensor) -> np.ndarray:
+    """The protected model's logits on ``x``: its TorchScript module on the tensor when
+    the reference copy has one, else the plain numpy callable."""
+    module = getattr(model, "module", None)
+    if isinstance(module, torch.nn.Module):
+        return module(x).numpy()
+    if model is None:
+        raise ValueError("no model to classify with")
+    return np.asarray(model(x.numpy()), np.float32)
+
+
 def frozen(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` in eval mode with no parameter gradients (a classifier trained through)."""
     module.eval()

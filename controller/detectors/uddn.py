@@ -621,15 +621,6 @@ class UddnDetector(Detector):
             raise RuntimeError("uddn is not fitted")
         return nets.forward(self._fast, as_float(x))
 
-    def _classify(self, x: torch.Tensor) -> np.ndarray:
-        """The model's logits on ``x``: its TorchScript module on the tensor, or the plain
-        numpy callable."""
-        module = getattr(self.model, "module", None)
-        if isinstance(module, torch.nn.Module):
-            return module(x).numpy()
-        assert self.model is not None
-        return np.asarray(self.model(x.numpy()), np.float32)
-
     def parts(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(L1 logit change [N], label changed [N] bool, the label of D(x) [N])."""
         if self.model is None:
@@ -644,9 +635,9 @@ class UddnDetector(Detector):
             d = self._fast(x)
             if batch.logits is not None:
                 fx = np.asarray(batch.logits, np.float32)
-                fd = self._classify(d)
+                fd = nets.classify(self.model, d)
             else:  # f(x) and f(D(x)) in one call
-                both = self._classify(torch.cat([x, d]))
+                both = nets.classify(self.model, torch.cat([x, d]))
                 fx, fd = both[:n], both[n:]
         l1 = np.abs(fd - fx).sum(axis=1, dtype=np.float64)
         denoised_label = fd.argmax(axis=1).astype(np.int64)
