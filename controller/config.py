@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from controller.correction import POLICIES
 from controller.tracing import TraceParams
 from openexample import rules as vrules
 from openexample.addresses import Address, parse_address, parse_addresses
@@ -365,8 +366,8 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
         raise ConfigError(f"{path}.fpr: must be in (0, 1), got {fpr}")
     ref = _check_type(f"{path}.reference_model", raw.get("reference_model", ""), str)
     policy = _check_type(f"{path}.on_adversarial", raw.get("on_adversarial", "drop"), str)
-    if policy not in ("drop", "correct"):
-        raise ConfigError(f"{path}.on_adversarial: one of drop, correct, got {policy!r}")
+    if policy not in POLICIES:
+        raise ConfigError(f"{path}.on_adversarial: one of {', '.join(POLICIES)}, got {policy!r}")
     agree = _check_type(f"{path}.correct_min_agree", raw.get("correct_min_agree", 2), int)
     if agree < 1:
         raise ConfigError(f"{path}.correct_min_agree: must be >= 1, got {agree}")

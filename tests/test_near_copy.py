@@ -104,8 +104,8 @@ def test_the_index_is_bounded_and_forgets():
 
 
 def test_a_key_match_needs_a_thumbnail_match_too(mnist):
-    """Clean look-alikes: half the clean test images have a same-label neighbour within 4
-    key bits, but their thumbnails differ, so they are not near-copies of each other."""
+    """Clean look-alikes: same-label pairs within 4 key bits are common, but their
+    thumbnails differ, so they are not near-copies of each other."""
     x, y = mnist.test.x[:400], mnist.test.y[:400]
     idx = NearIndex(4)
     keys = [perceptual(a) for a in x]
