@@ -29,6 +29,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
+from bench import table_iv
 from bench.attacks import (
     AttackSpec,
     adversarials,
@@ -38,7 +39,6 @@ from bench.attacks import (
     generate,
     standard_attacks,
 )
-from bench.procs import ControllerProcess
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
@@ -48,7 +48,6 @@ from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 from openexample.digests import file_digest
 
 FPRS = (0.01, 0.05)
-TABLE_IV = ("baseline", "FGSM", "R+FGSM", "DeepFool")
 BID_TRAINING_ATTACK = AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3)
 
 
@@ -219,7 +218,8 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         },
         "attacks": [],
     }
-    adversarial: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    adversarial: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    budgets: dict[str, str] = {}
     rocs: dict[str, dict[str, tuple]] = {}
     operating: dict[str, tuple[float, float]] = {}  # fused at FPRS[0]: (clean FPR, TPR)
     clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
@@ -271,10 +271,11 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
                 )
         row["detectors"].append(fused)
         report["attacks"].append(row)
-        if spec.name in TABLE_IV and (spec.eps in (None, 0.3)):
-            adversarial[spec.name] = (adv[ok], y[ok])
+        if spec.name in table_iv.SETS and (spec.eps in (None, 0.3)):
+            adversarial[spec.name] = (adv, y, adv_pred != y)  # every attacked input
+            budgets[spec.name] = spec.budget
     data = {"rocs": rocs, "operating": operating, "adversarial": adversarial}
-    return report, data | {"clean": (x[right], y[right])}
+    return report, data | {"clean": (x, y), "budgets": budgets}
 
 
 def table_iv_defences(args: argparse.Namespace) -> list[tuple[str, ...]]:
@@ -357,92 +358,29 @@ def _det_row(name: str, cal: np.ndarray, clean: np.ndarray, adv: np.ndarray) -> 
     }
 
 
-def table_iv(
+def run_table_iv(
     subj: Subject,
     data: dict,
     defences: list[tuple[str, ...]],
-    quick: bool,
+    feed: int,
     cache: Path = Path("var/cache"),
 ) -> list[dict]:
-    """The paper's Table IV, one block of rows per defence (a detector set, trained and
-    calibrated together): accuracy without defence and with OpenExample, the
-    controller's CPU seconds per 1,000 inferences and the added delay, through a real
-    controller and agent running the model under test."""
+    """The paper's Table IV (bench.table_iv), one block of rows per defence (a detector
+    set, trained and calibrated together), each through its own controller process."""
+    sets = table_iv.feeds(data, data["budgets"], feed)
+    predict = model_fn(subj.model)
     rows: list[dict] = []
     for names in defences:
-        rows += _table_iv_defence(subj, data, names, quick, cache)
-    return rows
-
-
-def _table_iv_defence(
-    subj: Subject, data: dict, names: tuple[str, ...], quick: bool, cache: Path
-) -> list[dict]:
-    from agents import attach
-    from bench.latency import _cpu_seconds
-
-    artifacts = subj.artifacts(names, cache)
-    model_id = "own-model" if subj.own else "mnist-cnn"
-    defence = "+".join(names)
-    proc = ControllerProcess(
-        Path(f"var/bench/detection/controller-{defence}").resolve(),  # TLS paths: absolute
-        {
-            "budget_us": 2_000_000,  # detection figures, not latency: every verdict counts
-            "trace_min_adversarial": 10**9,  # no source blocking: each input judged alone
-            "models": {model_id: {"detectors": [str(p.resolve()) for p in artifacts]}},
-        },
-    ).start()
-    rows = []
-    try:
-        g = attach(
-            str(subj.model),
-            controller=proc.address,
-            model_id=model_id,
-            input_shape=tuple(data["clean"][0].shape[1:]),
-            budget_us=2_000_000,
-            connect_timeout_s=60,
-            **proc.agent_tls("table-iv"),
+        rows += table_iv.run_defence(
+            "+".join(names),
+            subj.model,
+            "own-model" if subj.own else "mnist-cnn",
+            subj.artifacts(names, cache),
+            sets,
+            predict,
+            Path(f"var/bench/detection/controller-{'+'.join(names)}"),
         )
-        sets = {"baseline": data["clean"], **data["adversarial"]}
-        for name in TABLE_IV:
-            if name not in sets:
-                continue
-            xs, ys = sets[name]
-            xs, ys = (xs[:100], ys[:100]) if quick else (xs, ys)
-            cpu0 = _cpu_seconds(proc.proc.pid)
-            results = [g(v) for v in xs]  # one by one: the delay of a single inference
-            cpu = _cpu_seconds(proc.proc.pid) - cpu0
-            model_right = np.array([r.model_label == t for r, t in zip(results, ys, strict=True)])
-            flagged = np.array([(not r.released) or r.label != r.model_label for r in results])
-            right_after = np.array(
-                [r.released and r.label == t for r, t in zip(results, ys, strict=True)]
-            )
-            # A flagged clean input is an error; a flagged adversarial is handled.
-            handled = right_after & ~flagged if name == "baseline" else flagged | right_after
-            delay = np.array([r.latency_s for r in results]) * 1e6
-            rows.append(
-                {
-                    "defence": defence,
-                    "set": name,
-                    "n": len(results),
-                    "accuracy_without_defence": round(float(model_right.mean()), 4),
-                    "accuracy_with_openexample": round(float(handled.mean()), 4),
-                    "flagged": round(float(flagged.mean()), 4),
-                    "added_delay_us_p50": round(float(np.median(delay)), 1) if len(delay) else None,
-                    "controller_cpu_s_per_1000": round(1000 * cpu / max(len(results), 1), 3),
-                    "decided_by": _count([r.decided_by for r in results]),
-                }
-            )
-        g.close()
-    finally:
-        proc.stop()
     return rows
-
-
-def _count(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def markdown(report: dict) -> str:
@@ -499,33 +437,8 @@ def markdown(report: dict) -> str:
     for name, why in report.get("skipped", {}).items():
         lines += ["", f"{name}: {why}."]
     if report.get("table_iv"):
-        lines += ["", *table_iv_markdown(report["table_iv"])]
+        lines += ["", *table_iv.markdown(report["table_iv"])]
     return "\n".join(lines) + "\n"
-
-
-def table_iv_markdown(rows: list[dict]) -> list[str]:
-    """Table IV as the paper lays it out: one line per defence, accuracy per input set,
-    the controller's CPU seconds per 1,000 inferences and the median added delay."""
-    sets = [s for s in TABLE_IV if any(r["set"] == s for r in rows)]
-    head = ["defence", *("clean" if s == "baseline" else s for s in sets)]
-    lines = [
-        "Table IV (through a real controller and agent; accuracy = right label, or the"
-        " attack flagged):",
-        "",
-        "| " + " | ".join([*head, "CPU s / 1000", "added delay p50 (us)"]) + " |",
-        "|" + "---|" * (len(head) + 2),
-    ]
-    by = {(r.get("defence", ""), r["set"]): r for r in rows}
-    defences = list(dict.fromkeys(r.get("defence", "") for r in rows))
-    first = defences[0] if defences else ""
-    none = [f"{by[(first, s)]['accuracy_without_defence']:.3f}" for s in sets]
-    lines.append("| none | " + " | ".join(none) + " | 0 | 0 |")
-    for d in defences:
-        cells = [f"{by[(d, s)]['accuracy_with_openexample']:.3f}" for s in sets]
-        cpu = np.mean([by[(d, s)].get("controller_cpu_s_per_1000", np.nan) for s in sets])
-        delay = np.median([by[(d, s)]["added_delay_us_p50"] for s in sets])
-        lines.append(f"| {d} | " + " | ".join(cells) + f" | {cpu:.2f} | {delay:.0f} |")
-    return lines
 
 
 def roc_plots(rocs: dict, out: Path, operating: dict | None = None) -> list[Path]:
@@ -607,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
     subj = subject(args, Path("var/cache"))
     report, data = evaluate(args, subj)
     defences = table_iv_defences(args)
-    report["table_iv"] = table_iv(subj, data, defences, args.quick)
+    report["table_iv"] = run_table_iv(subj, data, defences, args.table_iv_n)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

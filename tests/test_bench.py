@@ -132,11 +132,26 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
     sets = ["baseline", "FGSM", "R+FGSM", "DeepFool"]
     assert rows == [("margin", s) for s in sets] + [("desvig+margin", s) for s in sets]
     for r in report["table_iv"]:
-        assert r["n"] > 0 and 0 <= r["accuracy_with_openexample"] <= 1
+        # the paper's feed: 100 images per deployment and input set
+        assert r["n"] == 100 and 0 <= r["accuracy_with_openexample"] <= 1
         assert r["controller_cpu_s_per_1000"] > 0
+        # an agent costs its caller more than the model alone (the same images, one by one)
+        assert r["agent_cpu_s_per_1000"] > r["model_cpu_s_per_1000"] > 0
+        if r["set"] == "baseline":
+            assert r["n_fooled"] is None and r["accuracy_with_openexample_fooled"] is None
+        else:
+            assert 0 < r["n_fooled"] <= r["n"] and r["budget"]
+            assert r["accuracy_without_defence_fooled"] == 0.0  # fooled: the model is wrong
+    by = {(r["defence"], r["set"]): r for r in report["table_iv"]}
+    # DeSVig + margin catches FGSM at eps 0.3 that the margin alone misses
+    fgsm = [by[(d, "FGSM")] for d in ("margin", "desvig+margin")]
+    assert fgsm[1]["accuracy_with_openexample_fooled"] > 0.9
+    assert fgsm[0]["accuracy_with_openexample_fooled"] < 0.5
     md = (out / "detection.md").read_text()
-    assert "| defence | clean | FGSM | R+FGSM | DeepFool | CPU s / 1000 |" in md
+    head = "| defence | clean | FGSM | R+FGSM | DeepFool | CPU s / 1000 (agent + controller) |"
+    assert md.count(head) == 2  # over every attacked input, and over the fooled ones
     assert "\n| none | " in md and "\n| margin | " in md and "\n| desvig+margin | " in md
+    assert "The paper's Table IV" in md and "FGSM: L-inf eps 0.3;" in md
     assert sorted(p.name for p in out.glob("roc_*.png"))
 
 
