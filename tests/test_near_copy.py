@@ -25,7 +25,7 @@ S0 = bytes(SKETCH_BYTES)  # one thumbnail for the index tests: only keys differ 
 
 def _flip(key: int, bits: list[int]) -> int:
     for b in bits:
-        key ^= 1 << b
+        key ^= 1 << int(b)  # a Python int: numpy's int64 would wrap at bit 63
     return key
 
 
