@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--controller",
         required=True,
         metavar="ADDRESS",
-        help="HOST:PORT (gRPC), or the native channel: tcp://HOST:PORT, unix:///PATH",
+        help="HOST:PORT (gRPC), or the native channel: tcp://HOST:PORT, unix:///PATH;"
+        " several separated by commas for failover, tried in that order",
     )
     a.add_argument(
         "--serve",

@@ -30,7 +30,7 @@ from agents.core import AgentCore
 from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
 from agents.results import ModelInfo, Result, Ticket
-from agents.transport import Transport, channel_for
+from agents.transport import Transport
 from openexample import metrics_http
 from openexample.errors import ConfigError, one_line
 from openexample.v1 import openexample_pb2 as pb
@@ -129,7 +129,7 @@ class Guard:
             self.transport = Transport(
                 core,
                 self._lock,
-                channel=channel_for(self.config),  # gRPC, or native for tcp:// and unix://
+                # channels: gRPC, or native for tcp:// and unix://, per controller address
                 up=self.up,
                 on_retraction=self._on_retraction,
             )

@@ -99,15 +99,16 @@ class Channel(Protocol):
         ...
 
 
-def channel_for(config: AgentConfig) -> Callable[[], Channel]:
-    """A maker of channels to ``config.controller``: gRPC for ``HOST:PORT`` and
-    ``grpc://``, the native channel for ``tcp://`` and ``unix://``.
+def channel_for(config: AgentConfig, controller: str | None = None) -> Callable[[], Channel]:
+    """A maker of channels to ``controller`` (default: ``config.controller``, which must
+    then be one address): gRPC for ``HOST:PORT`` and ``grpc://``, the native channel for
+    ``tcp://`` and ``unix://``.
 
     Both use mTLS from the config's ``tls_*`` files (read here, once: a ConfigError names
     a missing or expired one), verifying the controller's certificate for
     ``tls_server_name`` (default: the address's host, ``localhost`` for unix://). Plain
     text only with ``config.plaintext`` (which the config allows on loopback only)."""
-    address = parse_address(config.controller, "controller")
+    address = parse_address(controller or config.controller, "controller")
     files = config.tls_files()
     server_name = config.tls_server_name
     if address.native:
@@ -127,7 +128,11 @@ def channel_for(config: AgentConfig) -> Callable[[], Channel]:
 
 
 class Transport:
-    """Owns the I/O thread and the session with one controller (``config.controller``)."""
+    """Owns the I/O thread and the session with the controller: one session at a time,
+    with the first of ``config.controllers`` that answers. When a session is lost the
+    next address is tried at once (failover); the backoff starts only when every address
+    failed in a row. Calls in flight when a session ends get the fail mode
+    (``core.disconnected``); the next session starts from HELLO and resyncs."""
 
     def __init__(
         self,
@@ -141,9 +146,12 @@ class Transport:
     ) -> None:
         cfg = core.config
         self.core = core
-        self.target = cfg.controller
+        self._targets = cfg.controllers if channel is None else (cfg.controller,)
+        self._current = 0  # index in _targets of the controller in use or being tried
         self._lock = lock
-        self._make_channel = channel if channel is not None else channel_for(cfg)
+        self._makers = (
+            [channel] if channel is not None else [channel_for(cfg, t) for t in self._targets]
+        )
         self._window_s = cfg.batch_window_us * 1e-6
         self._backoff = (cfg.backoff_initial_s, cfg.backoff_cap_s)
         self._tick_cap_s = tick_cap_s
@@ -224,13 +232,26 @@ class Transport:
             # The loop is left stopped, not closed: grpc's process-wide completion queue
             # may still post late channel events to it, which raise on a closed loop.
 
+    @property
+    def target(self) -> str:
+        """The controller in use, or being tried."""
+        return self._targets[self._current]
+
     async def _main(self) -> None:
         assert self._stop is not None
-        attempt = 0
+        attempt = failed = 0
         while not self._stop.is_set() and not self._closed:
             reached_main = await self._session()
             if self._stop.is_set():
                 break
+            if len(self._targets) > 1:
+                lost = self.target
+                self._current = (self._current + 1) % len(self._targets)
+                failed = 0 if reached_main else failed + 1
+                if reached_main:
+                    log.warning("controller %s lost; failing over to %s", lost, self.target)
+                if failed % len(self._targets):
+                    continue  # another address to try before backing off
             attempt = 0 if reached_main else attempt + 1
             # Exponential backoff with jitter (half fixed, half random), capped.
             initial, cap = self._backoff
@@ -244,7 +265,7 @@ class Transport:
         assert self._stop is not None
         self._reached_main = False
         self._limited = False
-        channel = self._make_channel()
+        channel = self._makers[self._current]()
         stopping = asyncio.ensure_future(self._stop.wait())
         opening = asyncio.ensure_future(channel.open(self))
         tasks = [stopping, opening]
