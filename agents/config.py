@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from agents.privacy import PrivacyNoise
-from openexample.addresses import parse_address
+from openexample.addresses import parse_address, parse_addresses
 from openexample.errors import ConfigError
 from openexample.identity import Kind
 from openexample.limits import DEFAULT_LIMITS, MAX_ID_BYTES, MAX_TENSOR_DIMS, Limits
@@ -36,7 +36,9 @@ FAIL_MODES = ("standalone", "secure")
 @dataclass(frozen=True)
 class AgentConfig:
     # Where the controller is (HOST:PORT or grpc://HOST:PORT for gRPC; tcp://HOST:PORT or
-    # unix:///PATH for the native channel), and who we are to it.
+    # unix:///PATH for the native channel), and who we are to it. Several, separated by
+    # commas, for failover: one session at a time, with the first that answers; when it
+    # is lost, the next one at once (calls in flight get the fail mode meanwhile).
     controller: str = "127.0.0.1:6653"
     model_id: str = "model"
     # "" = the name in tls_cert (agent/<name>) with TLS, else <host>-<pid>-<model_id>.
@@ -123,6 +125,11 @@ class AgentConfig:
             # Noise calibrated to the old range (parsed from a string): recalibrate.
             changes["privacy"] = _recalibrated(privacy, changes["input_range"])
         return dataclasses.replace(self, **changes)
+
+    @property
+    def controllers(self) -> tuple[str, ...]:
+        """The controller addresses, in the order failover tries them."""
+        return tuple(a.strip() for a in self.controller.split(",") if a.strip())
 
     def tls_files(self) -> TlsFiles | None:
         """The TLS files to reach the controller with (None with ``plaintext``);
@@ -235,7 +242,8 @@ def _path(cfg: AgentConfig, key: str) -> None:
 
 
 def _validate(cfg: AgentConfig) -> None:
-    controller = parse_address(cfg.controller, "controller")  # HOST:PORT, tcp://, unix://
+    # HOST:PORT, tcp://, unix://; several separated by commas
+    controllers = parse_addresses(cfg.controller, "controller")
     _str(cfg, "model_id", empty=False)
     _str(cfg, "agent_id", empty=True)
     for key in ("tls_ca", "tls_cert", "tls_key"):
@@ -243,7 +251,8 @@ def _validate(cfg: AgentConfig) -> None:
     if not isinstance(cfg.plaintext, bool):
         raise ConfigError(f"plaintext: True or False, got {cfg.plaintext!r}")
     if cfg.plaintext:
-        check_plaintext(controller, "controller")
+        for i, address in enumerate(controllers):
+            check_plaintext(address, "controller" if len(controllers) == 1 else f"controller[{i}]")
     _str(cfg, "tls_server_name", empty=True)
 
     shape = cfg.input_shape
