@@ -9,9 +9,12 @@ trained on FGSM. Online part: the paper's Table IV through a real controller pro
 and a real agent (accuracy without and with OpenExample, and the added delay).
 
 The model under test is the example model (``--dataset``: of that data set, mnist5k by
-default), or with ``--model`` the user's own TorchScript file: the default detector set
-is trained for it (once, cached by the file's digest: train.ensure_artifacts), the
-attacks are made against it, and input shape and classes come from the data set.
+default), or with ``--model`` the user's own TorchScript or ONNX file: the default detector
+set is trained for it (once, cached by the file's digest: train.ensure_artifacts), the
+attacks are made against it, and input shape and classes come from the data set. ART
+cannot differentiate an ONNX model (onnxruntime runs it): it gets the black-box attacks
+(bench.attacks.black_box_attacks), and what needs gradients is skipped, said so in the
+report (the FGSM-trained BinaryInputDetector, Table IV's attack sets).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from bench.attacks import (
     AttackSpec,
     adversarials,
     art_classifier,
+    black_box_attacks,
     cache_path,
     classifier,
     generate,
@@ -41,7 +45,7 @@ from bench.attacks import (
 )
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
-from controller.reference_model import model_fn
+from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
 from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
@@ -184,7 +188,11 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     # Baselines measured in the same run, outside the pipeline.
     baselines = {"feature_squeezing": squeeze_scores}
     skipped: dict[str, str] = {}
-    if bid_network(ds.input_shape) is None:
+    if is_onnx(model):  # no gradients: what that leaves out (the FGSM-trained BID too)
+        skipped.update(_without_gradients(args))
+        for name, why in skipped.items():
+            _note(f"{name}: {why}")
+    elif bid_network(ds.input_shape) is None:
         h, w = ds.input_shape[1:]
         skipped["binary_input_detector"] = (
             f"skipped: its CNN (two 3x3 conv + 2x2 max-pool) needs images of at least"
@@ -211,6 +219,8 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         "n_test": int(n),
         "clean_accuracy": round(float(right.mean()), 4),
         "detectors_in_pipeline": [d.name for d in dets],
+        # seconds each took to fit on this machine, when its artifact was made
+        "fit_seconds": {d.name: d.meta.get("fit_seconds") for d in dets},
         "baselines": list(baselines),
         "skipped": skipped,
         "fused_fpr_on_clean": {
@@ -292,19 +302,50 @@ def table_iv_defences(args: argparse.Namespace) -> list[tuple[str, ...]]:
     return out
 
 
+def _onnx(args: argparse.Namespace) -> bool:
+    model = getattr(args, "model", None)
+    return bool(model) and is_onnx(model)
+
+
 def select_attacks(args: argparse.Namespace) -> list[AttackSpec]:
-    """The run's attacks (``standard_attacks``), only those ``--attacks`` names by their
-    table label; ValueError naming the labels when one is unknown."""
-    specs = standard_attacks(args.quick)
+    """The run's attacks (``standard_attacks``; for an ONNX model ``black_box_attacks``),
+    only those ``--attacks`` names by their table label; ValueError naming the labels
+    when one is unknown, or needs gradients an ONNX model has not."""
+    specs = black_box_attacks(args.quick) if _onnx(args) else standard_attacks(args.quick)
     wanted = getattr(args, "attacks", None)
     if not wanted:
         return specs
     by_label = {_label(s): s for s in specs}
     names = [w.strip() for w in wanted.split(",") if w.strip()]
     unknown = [w for w in names if w not in by_label]
+    gradient = {_label(s) for s in standard_attacks(args.quick)}
+    if unknown and _onnx(args) and set(unknown) <= gradient:
+        raise ValueError(
+            f"{unknown} need the model's gradients, which ART cannot take from an ONNX model;"
+            f" for it this run has {', '.join(by_label)}"
+        )
     if unknown:
         raise ValueError(f"unknown {unknown}; this run has {', '.join(by_label)}")
     return [by_label[w] for w in names]
+
+
+def _without_gradients(args: argparse.Namespace) -> dict[str, str]:
+    """What a run on an ONNX model leaves out, and why (the report's ``skipped``)."""
+    gradient = ", ".join(dict.fromkeys(s.name for s in standard_attacks()))
+    black = ", ".join(dict.fromkeys(s.name for s in black_box_attacks(args.quick)))
+    why = "ART takes them from the model's gradients, and an ONNX model (run by onnxruntime)"
+    return {
+        "gradient_attacks": f"skipped ({gradient}): {why} has none; {black} (black-box) instead",
+        "binary_input_detector": (
+            "skipped: it is trained on FGSM inputs, a gradient attack (an ONNX model has no"
+            " gradients here)"
+        ),
+        "table_iv_attacks": (
+            "Table IV's FGSM, R+FGSM and DeepFool sets need the model's gradients: for an"
+            " ONNX model it runs the clean set alone, through a controller and an agent"
+            " running the ONNX file"
+        ),
+    }
 
 
 def _names(args: argparse.Namespace) -> tuple[str, ...]:
@@ -434,6 +475,9 @@ def markdown(report: dict) -> str:
             ]
             label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    fits = {k: v for k, v in report.get("fit_seconds", {}).items() if v is not None}
+    if fits:
+        lines += ["", "Training time (s): " + ", ".join(f"{k} {v:g}" for k, v in fits.items())]
     for name, why in report.get("skipped", {}).items():
         lines += ["", f"{name}: {why}."]
     if report.get("table_iv"):

@@ -101,8 +101,8 @@ def load_detectors(
     """Load artifact folders (made by ``openexample-controller train``) as one fused set.
 
     ``fpr``: the fused target they were calibrated for (a mismatch is logged, as by the
-    daemon); ``model``: a TorchScript file, or a function from inputs to logits, used by
-    detectors that need the model and by ``predict`` when no logits are given.
+    daemon); ``model``: a TorchScript or ONNX file, or a function from inputs to logits,
+    used by detectors that need the model and by ``predict`` when no logits are given.
     Raises ConfigError naming the artifact that cannot be used.
     """
     from controller.pipeline import load_scorers  # loads torch: only when asked

@@ -2,24 +2,62 @@
 
 Detectors that call the model (``Detector.needs_model``) get it from here: the config's
 ``reference_model``, or the model file recorded in an artifact's manifest. The format is
-TorchScript, the one the controller config names for reference copies (docs/architecture.md).
-This is daemon code: ``serve`` loads it, and it imports nothing of the offline room
-(controller/training).
+TorchScript, or ONNX (a ``.onnx`` file, run with onnxruntime on the CPU): an ONNX copy is a
+plain function with no torch module, so the detectors that train or score through the
+model's torch module (``Detector.fits_through_model`` / ``scores_through_model``) cannot
+use it (``needing_module`` names them). This is daemon code: ``serve`` loads it, and it
+imports nothing of the offline room (controller/training).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from controller.detectors.base import ModelFn
+from controller.detectors.base import Detector, ModelFn
 
-__all__ = ["load_model", "model_fn", "quiet_torchscript"]
+__all__ = [
+    "is_onnx",
+    "load_model",
+    "model_fn",
+    "model_format",
+    "needing_module",
+    "quiet_torchscript",
+]
+
+# onnxruntime's input types -> numpy (what the inputs are cast to)
+_ONNX_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def is_onnx(path: str | Path) -> bool:
+    """An ONNX model file, by its name (as agents tell it: ``agents/models.py``)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def model_format(path: str | Path) -> str:
+    """``onnx`` or ``torchscript``: what an artifact records beside the model's digest."""
+    return "onnx" if is_onnx(path) else "torchscript"
+
+
+def needing_module(
+    detectors: Iterable[type[Detector] | Detector], *, scoring: bool = False
+) -> list[str]:
+    """The names of ``detectors`` that need the reference copy's torch module: to fit
+    (``fits_through_model``), or with ``scoring`` to score (``scores_through_model``).
+    An ONNX reference model cannot serve them."""
+    flag = "scores_through_model" if scoring else "fits_through_model"
+    return [d.name for d in detectors if getattr(d, flag, False)]
 
 
 @contextmanager
@@ -40,12 +78,14 @@ def load_model(path: str | Path) -> torch.jit.ScriptModule:
 
 
 def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
-    """A TorchScript file as a numpy callable: inputs [N, ...] -> logits [N, C].
+    """A TorchScript or ONNX file as a numpy callable: inputs [N, ...] -> logits [N, C].
 
-    The callable's ``module`` attribute is the TorchScript module itself, for detectors
-    that train through the model (gradients) or run it on torch tensors
-    (:func:`controller.detectors.nets.module_of`).
+    For TorchScript, the callable's ``module`` attribute is the TorchScript module itself,
+    for detectors that train through the model (gradients) or run it on torch tensors
+    (:func:`controller.detectors.nets.module_of`); an ONNX callable has none.
     """
+    if is_onnx(path):
+        return _onnx_fn(Path(path), batch_size)
     model = load_model(path)
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -59,3 +99,59 @@ def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
 
     predict.module = model  # type: ignore[attr-defined]
     return predict
+
+
+def _onnx_fn(path: Path, batch_size: int) -> ModelFn:
+    """An ONNX file as a numpy callable (onnxruntime, CPU): inputs cast to the model's
+    input type, run in batches (of the model's own batch size when it fixes one), logits
+    float32 out. ValueError in one line (the caller names the file) when it cannot be used."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError(
+            "an ONNX model, but onnxruntime is not installed: pip install onnxruntime"
+        ) from None
+    options = ort.SessionOptions()
+    # no busy-waiting threads between calls: the daemon's detectors share the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its load-time warnings are not the user's
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors derive from Exception alone
+        raise ValueError(f"not a readable ONNX model ({_ort_message(exc)})") from None
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ValueError(
+            f"an ONNX model with {len(inputs)} inputs; a reference model takes one batch of inputs"
+        )
+    name, dtype = inputs[0].name, _ONNX_DTYPES.get(inputs[0].type)
+    if dtype is None:
+        raise ValueError(
+            f"the ONNX model's input is {inputs[0].type}; a reference model takes float inputs"
+        )
+    fixed = inputs[0].shape[0] if inputs[0].shape else None
+    pad = isinstance(fixed, int) and fixed > 0  # the model fixes its batch size
+    step = fixed if pad else batch_size
+
+    def run(part: np.ndarray) -> np.ndarray:
+        n = len(part)
+        if pad and n < step:
+            part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
+        return np.asarray(session.run(None, {name: part.astype(dtype, copy=False)})[0])[:n]
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        out = [run(x[i : i + step]) for i in range(0, len(x), step)]
+        if not out:
+            raise ValueError("the reference model got no inputs")
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    return predict
+
+
+def _ort_message(exc: Any) -> str:
+    """onnxruntime's message without its ``[ONNXRuntimeError] : 7 : CODE : Load model from
+    PATH failed:`` prefix (the caller names the file)."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", text)
+    return text.strip() or type(exc).__name__

@@ -5,15 +5,20 @@ README's "Bench your own model". It loads the MNIST subset that ships with mlxte
 (5,000 images, 500 per class), keeps the same training split as OpenExample's
 ``mnist5k`` data set (per class, shuffled with seed 0: 20% test, 20% calibration, the
 rest training), so the MLP never sees the images the detectors are calibrated or
-measured on, trains a 784-256-128-10 MLP on it and saves it as TorchScript:
+measured on, trains a 784-256-128-10 MLP on it and saves it as TorchScript, and with
+``--onnx`` also as ONNX (torch.onnx.export with torch's default exporter, dynamo, which
+needs the ``onnx`` and ``onnxscript`` packages: the dev extras):
 
-    .venv/bin/python examples/train_user_mlp.py var/user/mlp.pt
+    .venv/bin/python examples/train_user_mlp.py var/user/mlp.pt --onnx var/user/mlp.onnx
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +68,31 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+def export_onnx(model: nn.Module, path: Path) -> None:
+    """``model`` as ONNX at ``path``: one input ``input`` [batch, 1, 28, 28] with any batch
+    size, one output ``logits`` [batch, 10]."""
+    example = torch.zeros(2, 1, 28, 28)
+    with warnings.catch_warnings():  # the exporter's notes on torch internals
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="where to save the TorchScript model (.pt)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--onnx", metavar="PATH", help="also export the trained model as ONNX here")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -98,6 +123,18 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(model), str(out))
     print(f"saved TorchScript to {out}")
+    if args.onnx:
+        onnx = Path(args.onnx)
+        onnx.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            export_onnx(model, onnx)
+        except ImportError as exc:  # onnx / onnxscript missing
+            print(
+                f"train_user_mlp: cannot export ONNX ({exc}): pip install onnx onnxscript",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"saved ONNX to {onnx}")
     return 0
 
 

@@ -32,7 +32,7 @@ def _mlp(path: Path, seed: int, inputs: int = 784) -> Path:
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("own-models")
     onnx = folder / "model.onnx"
-    onnx.write_bytes(b"\x08\x07not really a model")  # what an ONNX file looks like to torch
+    onnx.write_bytes(b"\x08\x07not really a model")  # an ONNX file onnxruntime cannot read
     return {
         "a": _mlp(folder / "a.pt", 0),
         "b": _mlp(folder / "b.pt", 1),
@@ -56,7 +56,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
         ),
         pytest.param(
             ["detection", "--model", "{onnx}"],
-            "not a TorchScript file (ONNX: agents run it",
+            "not a readable ONNX model (Protobuf parsing failed.); export the model with"
+            " torch.onnx.export",
             id="detection-onnx",
         ),
         pytest.param(
@@ -98,7 +99,7 @@ def test_a_model_the_bench_cannot_use_is_refused_in_one_line(capsys, models, arg
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_the_console_script_refuses_an_onnx_model_without_a_traceback(models, tmp_path):
+def test_the_console_script_refuses_an_unreadable_onnx_model_without_a_traceback(models, tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "bench.cli", "detection", "--model", str(models["onnx"])],
         capture_output=True,
@@ -108,7 +109,7 @@ def test_the_console_script_refuses_an_onnx_model_without_a_traceback(models, tm
     )
     assert p.returncode == 2, p.stderr
     assert p.stdout == "" and "Traceback" not in p.stderr
-    assert p.stderr.count("\n") == 1 and "not a TorchScript file" in p.stderr
+    assert p.stderr.count("\n") == 1 and "not a readable ONNX model" in p.stderr
     assert not (tmp_path / "var").exists()  # nothing trained, nothing written
 
 

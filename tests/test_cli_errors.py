@@ -17,7 +17,7 @@ from controller.cli import main as controller_main
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """TorchScript files a user might bring: one for 8x8 inputs, one with 3 classes, and
-    a file that is not TorchScript at all (an ONNX file, say)."""
+    an ONNX file onnxruntime cannot read."""
     folder = tmp_path_factory.mktemp("models")
     out = {}
     for name, net in (
@@ -38,7 +38,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         (["--dataset", "idx:/no/such/folder"], "no train-images-idx3-ubyte"),
         (["--fpr", "2"], "--fpr must be in (0, 1), got 2.0"),
         (["--model", "/no/such/model.pt"], "--model /no/such/model.pt: no such file"),
-        (["--model", "{onnx}"], "not a TorchScript file"),
+        (["--model", "{onnx}"], "not a readable ONNX model"),
         (["--model", "{eight}"], "refuses the data set's inputs of shape (1, 28, 28)"),
         (["--model", "{three}"], "gives outputs of shape (3,) for the data set's 10 classes"),
     ],

@@ -81,6 +81,15 @@ class Detector(ABC):
     controller attaches the configured ``reference_model``, or the model file recorded in
     the artifact's manifest, and refuses the artifact when there is neither."""
 
+    fits_through_model: ClassVar[bool] = False
+    """``fit`` needs the reference copy's torch module (``nets.module_of``: it trains
+    through the model's gradients), which an ONNX reference model has not: training is
+    refused up front for such a model (controller/training/train.py, ``check_model``)."""
+
+    scores_through_model: ClassVar[bool] = False
+    """``score`` needs the reference copy's torch module too: the controller refuses an
+    ONNX ``reference_model`` for such a detector (controller/pipeline.py)."""
+
     needs_logits: ClassVar[bool] = False
     """Scores need the logits the agent sends (``Batch.logits``), unless ``self.model`` is
     attached, from which the detector computes them. PKG_IN may come without logits: the

@@ -253,6 +253,7 @@ def _native_convs() -> Iterator[None]:
 class IsmnDetector(Detector):
     name = "ismn"
     needs_model = True  # adversarial training data, and the label of the purified input
+    fits_through_model = True  # PGD through the model's torch module; scores call it
     can_purify = True  # corrected: the model's label on M(x)
 
     def __init__(

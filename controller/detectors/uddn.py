@@ -462,6 +462,7 @@ def train_denoiser(
 class UddnDetector(Detector):
     name = "uddn"
     needs_model = True  # trained through the model; scores run it on D(x)
+    fits_through_model = True  # its torch module's gradients; scores only call it
     can_purify = True  # corrected: the model's label on the denoised input
 
     def __init__(

@@ -67,6 +67,7 @@ _STD_FLOOR = 1e-6
 class DefedDetector(Detector):
     name = "defed"
     needs_model = True  # scores run the model on the denoised inputs
+    fits_through_model = scores_through_model = True  # its torch module (module_of)
     can_purify = True  # corrected: argmax of the summed softmax over the denoised inputs
 
     def __init__(
