@@ -170,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--privacy",
         default=d.privacy,
-        metavar="laplace:EPS",
-        help="local DP noise on what is sent (laplace:EPS or gaussian:EPS[:DELTA])",
+        metavar="SPEC",
+        help="local DP noise on what is sent, per whole input: gaussian:EPS[:DELTA]"
+        "[,clip=C][,centre=V][,logits=raw|label|noised:EPS] or laplace:EPS[,...]; the"
+        " controller's detectors must be trained with the same --privacy (default: off)",
     )
     a.add_argument(
         "--connect-timeout",

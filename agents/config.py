@@ -66,9 +66,12 @@ class AgentConfig:
     # The table-miss rule in force until the controller installs its own.
     budget_us: int = 10_000  # as the controller's default (controller/config.py says why)
     fail_mode: str = "standalone"
-    # Local differential-privacy noise on what is sent; None = off. A string
-    # ("laplace:EPS", "gaussian:EPS[:DELTA]", "none") becomes a PrivacyNoise calibrated
-    # to input_range.
+    # Local differential-privacy noise on what is sent (openexample/privacy.py); None =
+    # off. Off by default: the controller's detectors must be calibrated for the same
+    # noise (`openexample-controller train --privacy SPEC`, else this agent is refused),
+    # and a useful guarantee costs detection (README "Privacy noise"). A spec string
+    # ("gaussian:EPS[:DELTA][,clip=C][,centre=V][,logits=raw|label|noised:EPS]",
+    # "laplace:EPS[,...]", "none[,logits=label]") becomes a PrivacyNoise over input_range.
     privacy: PrivacyNoise | str | None = None
     # PKG_IN batching: wait this long for more items (0 = send at once), at most this many.
     batch_window_us: int = 0
@@ -119,10 +122,11 @@ class AgentConfig:
             "input_range" in changes
             and "privacy" not in changes
             and isinstance(privacy, PrivacyNoise)
-            and privacy.clip == self.input_range
-            and privacy.sensitivity == self.input_range[1] - self.input_range[0]
+            and privacy.input_range == self.input_range
+            and privacy.clip is None
+            and privacy.centre is None
         ):
-            # Noise calibrated to the old range (parsed from a string): recalibrate.
+            # Noise whose clip and centre follow the range (the defaults): move it along.
             changes["privacy"] = _recalibrated(privacy, changes["input_range"])
         return dataclasses.replace(self, **changes)
 
@@ -186,7 +190,7 @@ def _recalibrated(privacy: PrivacyNoise, input_range: Any) -> PrivacyNoise | Any
         return privacy  # the input_range check names the bad value
     if not lo < hi:
         return privacy
-    return dataclasses.replace(privacy, sensitivity=hi - lo, clip=(lo, hi))
+    return dataclasses.replace(privacy, input_range=(lo, hi))
 
 
 # ---- checks ----------------------------------------------------------------------------
@@ -318,7 +322,14 @@ def _validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"privacy: {exc}") from None
         _set(cfg, "privacy", privacy)
     elif privacy is not None and not isinstance(privacy, PrivacyNoise):
-        raise ConfigError(f"privacy: None, a PrivacyNoise or 'laplace:EPS', got {privacy!r}")
+        raise ConfigError(
+            f"privacy: None, a PrivacyNoise or a spec like 'gaussian:EPS', got {privacy!r}"
+        )
+    elif privacy is not None and privacy.input_range != cfg.input_range:
+        raise ConfigError(
+            f"privacy: noise for inputs in {privacy.input_range}, but input_range is"
+            f" {cfg.input_range}: give both the same range"
+        )
 
     _int(cfg, "batch_window_us", lo=0)
     _int(cfg, "max_batch_items", lo=1)

@@ -419,6 +419,12 @@ def attach(
             model_digest=adapter.digest,
             privacy=config.privacy,
         )
+        if info.privacy is not None and info.privacy.on and info.privacy.logits == "raw":
+            log.warning(
+                "privacy %s: the logits go up raw, so no epsilon covers what is sent (use"
+                " logits=label or logits=noised:EPS)",
+                info.privacy,
+            )
         return AgentCore(config.agent_id, [info], config, now=perf_counter())
 
     guard = Guard(

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from agents.core import AgentCore
+from agents.privacy import NO_NOISE, PrivacyNoise
 from agents.results import CONTROLLER, DISCONNECTED, RT, RULE, TIMEOUT
 from openexample.buckets import latency_buckets as _latency_buckets_s
 from openexample.rules import INSPECT, Rule, RuleTable, match_text
@@ -255,6 +256,7 @@ def _snapshot(core: AgentCore) -> dict:
         reconnects=c.reconnects,
         errors=c.errors_received,
         up=1.0 if snap.up else 0.0,
+        privacy=[(m, info.privacy or NO_NOISE) for m, info in core.models.items()],
         rule_budgets=rule_budgets(core.rules, core.models),
         tables={
             name: (t.entries, t.max_entries, t.lookups, t.hits, t.evictions)
@@ -439,4 +441,48 @@ class _CoreCollector(Collector):
                 "1 while the controller session is up (MAIN).",
                 ["agent"],
             ).add_metric([agent], s["up"])
+            _privacy(fam, agent, s["privacy"])
         yield from fams.values()
+
+
+def _privacy(fam: Callable[..., Metric], agent: str, rows: list[tuple[str, PrivacyNoise]]) -> None:
+    """The privacy noise of each model (openexample/privacy.py): what its guarantee is."""
+    inf = float("inf")
+    eps = fam(
+        GaugeMetricFamily,
+        "openexample_agent_privacy_epsilon",
+        "Local DP budget per input of what PKG_IN carries: part=input (the noised input),"
+        " logits (0: not sent, +Inf: raw), total (one item in all, between inputs of the"
+        " same label); +Inf = no guarantee.",
+        ["model", "agent", "part"],
+    )
+    delta = fam(
+        GaugeMetricFamily,
+        "openexample_agent_privacy_delta",
+        "The delta of openexample_agent_privacy_epsilon{part=total}.",
+        ["model", "agent"],
+    )
+    scale = fam(
+        GaugeMetricFamily,
+        "openexample_agent_privacy_noise_scale",
+        "Noise added per element: the Gaussian's sigma or the Laplace's b (0: none), for"
+        " part=input or logits.",
+        ["model", "agent", "part"],
+    )
+    info = fam(
+        GaugeMetricFamily,
+        "openexample_agent_privacy_info",
+        "1, with the privacy noise as labels: mechanism, norm, logits mode and the spec"
+        " (clip, centre) the controller checks against its detectors' calibration.",
+        ["model", "agent", "mechanism", "norm", "logits", "spec"],
+    )
+    for m, noise in rows:
+        logits_eps = {"raw": inf, "label": 0.0}.get(noise.logits or "", noise.logits_epsilon)
+        eps.add_metric([m, agent, "input"], noise.epsilon if noise.on else inf)
+        eps.add_metric([m, agent, "logits"], logits_eps)
+        eps.add_metric([m, agent, "total"], noise.total_epsilon)
+        delta.add_metric([m, agent], noise.total_delta)
+        scale.add_metric([m, agent, "input"], noise.scale)
+        scale.add_metric([m, agent, "logits"], noise.logits_scale)
+        labels = [noise.mechanism, noise.norm, noise.logits or "raw", str(noise)]
+        info.add_metric([m, agent, *labels], 1.0)

@@ -91,26 +91,41 @@ def build_pkg_in(
 ) -> pb.Envelope:
     """The PKG_IN of a taken batch: privacy noise, one inputs and one logits tensor, and
     per item what the controller needs. ``inferred_at_ns`` is wall time (the core's
-    clock + ``wall_offset_s``)."""
+    clock + ``wall_offset_s``).
+
+    With privacy noise (openexample/privacy.py) the inputs are noised, the logits sent
+    as its ``logits`` mode says (raw, none, or noised; the confidence then 0 or the
+    noised logits'), and no fingerprint goes up: it would identify the raw input, and
+    the controller could not check it against the noised one (it stays in FT/RT here)."""
     items = batch.items
     xs = np.stack([it.x for it in items]).astype(info.input_dtype, copy=False)
-    if info.privacy is not None:
-        xs = info.privacy.apply(xs, rng)
-    logits = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
+    logits: np.ndarray | None = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
+    privacy = info.privacy
+    confs: list[float] | None = None
+    if privacy is not None:
+        xs = privacy.apply(xs, rng)
+        if privacy.logits == "label":
+            logits, confs = None, [0.0] * len(items)
+        elif privacy.logits == "noised":
+            logits = privacy.noise_logits(logits, rng)
+            top = logits.max(axis=1, keepdims=True)
+            confs = (1.0 / np.exp(logits - top).sum(axis=1)).tolist()  # softmax of the top
+    hide_fp = privacy is not None and privacy.on
     env = pb.Envelope(version=version, xid=batch.xid)
     body = env.pkg_in  # filled in place: no copy of the tensors into the envelope
     body.model_id = batch.model_id
     tensor.encode(xs, body.inputs)
-    tensor.encode(logits, body.logits)
-    for it in items:
-        conf = it.confidence
+    if logits is not None:
+        tensor.encode(logits, body.logits)
+    for i, it in enumerate(items):
+        conf = it.confidence if confs is None else confs[i]
         body.items.add(
             label=it.label,
             confidence=conf if 0.0 <= conf <= 1.0 else 0.0,  # NaN would void the batch
             source_id=it.source_id,
             reason=it.reason,
             rule_cookie=it.cookie,
-            fingerprint=it.fp,
+            fingerprint=b"" if hide_fp else it.fp,
             budget_us=it.budget_us,
             inferred_at_ns=max(0, int((it.started + wall_offset_s) * 1e9)),
         )

@@ -41,6 +41,10 @@ class ModelInfo:
     model_digest: str = ""
     privacy: PrivacyNoise | None = None
 
+    def __post_init__(self) -> None:
+        if self.privacy is not None:  # its default clip and centre, for this input shape
+            object.__setattr__(self, "privacy", self.privacy.resolved(self.input_shape))
+
     def descriptor(self) -> pb.ModelDescriptor:
         return pb.ModelDescriptor(
             model_id=self.model_id,

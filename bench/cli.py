@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="your own TorchScript model instead of the example one: the default detector"
             " set is trained for it first (cached by the file's digest)"
             + (
-                "" if name == "detection" else "; it must take mnist5k inputs (1x28x28, 10 classes)"
+                " (TorchScript or ONNX: an ONNX model is attacked with black-box attacks)"
+                if name == "detection"
+                else "; it must take mnist5k inputs (1x28x28, 10 classes)"
             ),
         )
     det = sub.choices["detection"]
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     soak_arguments(
         sub.add_parser("soak", help="N agents for T minutes: every call accounted for, RSS")
     )
+    sub.add_parser(  # its own flags: bench/privacy.py (main hands them over)
+        "privacy", add_help=False, help="privacy noise against detection, per epsilon"
+    )
     return p
 
 
@@ -110,8 +115,9 @@ def _cached_detectors(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
 def preflight(args: argparse.Namespace) -> str | None:
     """For a latency or detection run: what would make it fail before it measures
     anything (an unknown detector in ``--detectors``; with ``--model`` or ``--dataset``, a
-    missing or non-TorchScript model file, one that refuses the data set's inputs or
-    classes, a data set that does not load), in one line; else None."""
+    missing or unreadable model file, an ONNX one for latency or with detectors that need
+    its gradients, one that refuses the data set's inputs or classes, a data set that does
+    not load), in one line; else None."""
     if args.command not in ("latency", "detection"):
         return None
     names = (getattr(args, "detectors", None) or "").split(",")
@@ -138,7 +144,12 @@ def preflight(args: argparse.Namespace) -> str | None:
         return None
     from controller.training.train import check_model
 
-    problem = check_model(_dataset(args), args.model)
+    detection = args.command == "detection"
+    if detection:  # what the run trains: its set (or default), Table IV's, the baseline
+        from bench.detection import _names
+
+        names += [*_names(args), "feature_squeezing"]
+    problem = check_model(_dataset(args), args.model, list(filter(None, names)), onnx=detection)
     if problem and args.command == "latency" and "the data set's" in problem:
         problem += " (the latency bench sends mnist5k inputs: 1x28x28, 10 classes)"
     return problem
@@ -179,6 +190,11 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["privacy"]:
+        from bench.privacy import main as privacy_main
+
+        return privacy_main(argv[1:], prog="openexample-bench privacy")
     args = build_parser().parse_args(argv)
     problem = preflight(args)  # before anything is started or trained
     if problem is not None:

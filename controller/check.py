@@ -47,12 +47,14 @@ def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
             f"model {model_id}: {len(dets)} detectors, fused fpr {mcfg.fpr}, inputs {shape},"
             f" {classes} classes"
         )
-        for key in ("model_digest", "data_digest"):
+        for key in ("model_digest", "model_format", "data_digest"):
             digests = {str(d.meta.get(key, "")) for d in dets} - {""}
             if len(digests) > 1:
                 lines.append(f"  WARNING: the detectors were trained with different {key}s")
             elif digests:
                 lines.append(f"  trained with {key.replace('_', ' ')} {digests.pop()}")
+        if want is not None:  # an agent with other noise is refused at FEATURES
+            lines.append(f"  calibrated for agents with privacy noise {want.privacy}")
         for name, det, path in zip(scorer.metric_names, dets, mcfg.detectors, strict=True):
             path = from_config(cfg, path)
             ref = " + reference model" if det.model is not None else ""

@@ -116,10 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         " idx:DIR (MNIST-style IDX files: train-images-idx3-ubyte[.gz] and labels),"
         " folder:DIR (one sub-folder of PNG/JPEG images per class)",
     )
-    t.add_argument("--model", help="TorchScript classifier (default: the example model)")
+    t.add_argument(
+        "--model",
+        help="TorchScript (.pt) or ONNX (.onnx) classifier (default: the example model)",
+    )
     t.add_argument("--fpr", type=float, default=0.01)
     t.add_argument("--out", required=True, help="artifact folder")
     t.add_argument("--cache", default="var/cache", help="where the example model is cached")
+    t.add_argument(
+        "--privacy",
+        metavar="SPEC",
+        help="calibrate for agents with this privacy noise (their `privacy` spec, e.g."
+        " gaussian:16384; README, Privacy noise); default: none",
+    )
 
     return p
 

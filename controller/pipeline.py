@@ -22,9 +22,10 @@ from controller.correction import CorrectionPolicy
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
 from controller.metrics import ControllerMetrics
-from controller.reference_model import model_fn
+from controller.reference_model import is_onnx, model_fn
 from controller.session import Expected
 from openexample.errors import one_line
+from openexample.privacy import PrivacyNoise
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
@@ -365,8 +366,21 @@ def trained_for(dets: list[Detector]) -> Expected | None:
     for det in dets:
         rec = _recorded(det)
         if rec is not None:
-            return Expected(rec[0], len(rec[1]), str(det.meta.get("model_digest", "")))
+            digest = str(det.meta.get("model_digest", ""))
+            return Expected(rec[0], len(rec[1]), digest, _privacy(det))
     return None
+
+
+def _privacy(det: Detector) -> PrivacyNoise:
+    """The privacy noise the artifact was calibrated on (none when not recorded);
+    ValueError for a record that does not read."""
+    return PrivacyNoise.from_dict(det.meta.get("privacy"))
+
+
+def _label_only(det: Detector) -> bool:
+    """Calibrated for agents that send no logits (privacy ``logits=label``) while it
+    reads logits: it computes them with the reference model, as it did in calibration."""
+    return det.needs_logits and (det.meta.get("privacy") or {}).get("logits") == "label"
 
 
 def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]) -> None:
@@ -375,7 +389,18 @@ def check_compatible(model_id: str, dets: list[Detector], paths: tuple[str, ...]
     gives one logit per class for such an input. Raises ConfigError naming both sides:
     a detector scoring inputs of another shape would give verdicts, not errors."""
     first: tuple[str, object, object] | None = None
+    noises = []
     for det, path in zip(dets, paths, strict=True):
+        try:
+            noises.append((path, _privacy(det)))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"models.{model_id}: {path!r}: bad privacy record: {exc}") from None
+        if not noises[-1][1].matches(noises[0][1]):
+            raise ConfigError(
+                f"models.{model_id}: detector artifacts disagree: {noises[0][0]!r} was"
+                f" calibrated for privacy {noises[0][1]}, {path!r} for {noises[-1][1]} (train"
+                " them together for this model)"
+            )
         rec = _recorded(det)
         if rec is None:
             continue  # an artifact that does not record them: nothing to compare
@@ -447,12 +472,18 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
             # the config's reference model, else (for detectors that cannot score without
             # one) the model file the artifact was trained with, recorded in its manifest
             ref = from_config(cfg, mcfg.reference_model) if mcfg.reference_model else ""
-            if not ref and det.needs_model:
+            if not ref and (det.needs_model or _label_only(det)):
                 ref = det.meta.get("model")
                 if not ref:
                     raise ConfigError(
                         f"{where}: {det.name} needs models.{model_id}.reference_model"
                     )
+            if ref and is_onnx(ref) and det.scores_through_model:
+                raise ConfigError(
+                    f"{where}: {det.name} scores through the model's torch module, which the"
+                    f" ONNX reference model {ref!r} has not: set models.{model_id}.reference_model"
+                    " to a TorchScript copy (agents may still run the ONNX file)"
+                )
             if det.model is None and ref:
                 try:
                     det.model = model_fn(ref)

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from openexample.errors import ProtocolError, bad_request, hello_failed
 from openexample.identity import Identity, Kind
+from openexample.privacy import NO_NOISE, PrivacyNoise
 from openexample.session import Closed, Output, PeerHello, Received, Session, State
 from openexample.v1 import openexample_pb2 as pb
 from openexample.validate import DecodedPkgIn, validate_features, validate_pkg_in
@@ -60,6 +61,8 @@ class Expected:
     input_shape: tuple[int, ...]
     classes: int
     model_digest: str = ""  # of the model the detectors were trained with ("": unknown)
+    # the privacy noise their thresholds were calibrated on (openexample/privacy.py)
+    privacy: PrivacyNoise = NO_NOISE
 
 
 @dataclass(slots=True)
@@ -233,8 +236,9 @@ class AgentSession:
 
     def _check_models(self, models: Mapping[str, pb.ModelDescriptor]) -> None:
         """Each declared model that has detectors here has their input shape and class
-        count (HELLO_FAILED/INCOMPATIBLE): otherwise they would score inputs they were
-        not trained for and give verdicts, not errors."""
+        count, and the privacy noise their thresholds were calibrated on
+        (HELLO_FAILED/INCOMPATIBLE): otherwise they would score inputs they were not
+        trained for and give verdicts, not errors (other noise: another FPR)."""
         for model_id, m in models.items():
             want = self.expected.get(model_id)
             if want is None:
@@ -246,6 +250,16 @@ class AgentSession:
                     f"model {model_id!r}: the agent declares inputs {shape} and {classes}"
                     f" classes; the controller's detectors for it were trained for"
                     f" {want.input_shape} and {want.classes}",
+                )
+            # validate_features made sure it reads
+            noise = PrivacyNoise.from_pb(m.privacy if m.HasField("privacy") else None)
+            if not noise.matches(want.privacy):
+                raise hello_failed(
+                    pb.HELLO_FAILED_CODE_INCOMPATIBLE,
+                    f"model {model_id!r}: the agent's privacy noise is {noise}; the"
+                    f" controller's detectors for it were calibrated for {want.privacy}"
+                    " (give the agent that privacy, or train them with --privacy"
+                    f" '{noise}')",
                 )
 
     # -- time --

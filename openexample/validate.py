@@ -22,6 +22,7 @@ from openexample.limits import (
     MAX_TENSOR_DIMS,
     Limits,
 )
+from openexample.privacy import PrivacyNoise
 from openexample.v1 import openexample_pb2 as pb
 
 _BAD_FIELD = pb.BAD_REQUEST_CODE_BAD_FIELD
@@ -57,6 +58,11 @@ def validate_features(
             raise bad_request(_BAD_FIELD, f"model {m.model_id!r}: no class_names")
         for name in m.activation_names:
             check_id(name, f"model {m.model_id!r} activation name")
+        if m.HasField("privacy"):
+            try:
+                PrivacyNoise.from_pb(m.privacy)
+            except ValueError as exc:
+                raise bad_request(_BAD_FIELD, f"model {m.model_id!r}: privacy: {exc}") from None
         models[m.model_id] = m
     return models
 

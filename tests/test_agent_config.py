@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"input_range": (0, 1, 2)}, "input_range: (lo, hi)"),
         ({"privacy": "laplace"}, "privacy: bad privacy spec 'laplace'"),
         ({"privacy": "laplace:-1"}, "privacy: epsilon must be > 0"),
-        ({"privacy": 3}, "privacy: None, a PrivacyNoise or 'laplace:EPS', got 3"),
+        ({"privacy": 3}, "privacy: None, a PrivacyNoise or a spec like 'gaussian:EPS', got 3"),
         ({"batch_window_us": -1}, "batch_window_us: must be >= 0, got -1"),
         ({"max_batch_items": 0}, "max_batch_items: must be > 0, got 0"),
         ({"rt_ttl_s": -1}, "rt_ttl_s: must be >= 0, got -1"),
@@ -164,16 +164,27 @@ def test_sequences_become_tuples_and_numbers_their_declared_kind():
 
 def test_privacy_string_is_parsed_against_the_input_range():
     cfg = AgentConfig(privacy="laplace:2", input_range=(0, 255))
-    assert cfg.privacy == PrivacyNoise("laplace", 2.0, sensitivity=255.0, clip=(0.0, 255.0))
+    assert cfg.privacy == PrivacyNoise("laplace", 2.0, input_range=(0.0, 255.0))
+    assert cfg.privacy.resolved((4,)).centre == 127.5
     g = AgentConfig(privacy="gaussian:1:0.001").privacy
-    assert (g.mechanism, g.epsilon, g.delta, g.clip) == ("gaussian", 1.0, 0.001, (0.0, 1.0))
+    assert (g.mechanism, g.epsilon, g.delta, g.clip, g.logits) == (
+        "gaussian",
+        1.0,
+        0.001,
+        None,  # the input box's radius, once the input shape is known
+        "label",
+    )
     assert AgentConfig(privacy="none").privacy.mechanism == "none"
     given = PrivacyNoise("laplace", 0.5)
     assert AgentConfig(privacy=given).privacy is given
     assert AgentConfig().privacy is None
-    # noise calibrated to the config's range follows a new range
+    # noise whose clip and centre follow the config's range follows a new range
     moved = cfg.replace(input_range=(0, 1))
-    assert moved.privacy.sensitivity == 1.0 and moved.privacy.clip == (0.0, 1.0)
+    assert moved.privacy.input_range == (0.0, 1.0)
+    # a fixed centre does not: the ranges then disagree, and that is refused
+    fixed = AgentConfig(privacy="gaussian:1,centre=100", input_range=(0, 255))
+    with pytest.raises(ConfigError, match=r"privacy: noise for inputs in \(0.0, 255.0\)"):
+        fixed.replace(input_range=(0, 1))
 
 
 # ---- the CLI ---------------------------------------------------------------------------

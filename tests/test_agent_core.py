@@ -6,8 +6,6 @@ controller's messages are built here and fed in as bytes, as the transport would
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -672,52 +670,54 @@ def test_unanswered_pkg_in_is_forgotten_after_the_late_window():
     assert core.counters.unmatched_pkg_out == 1 and out.retractions == []
 
 
-# --- privacy ---
+# --- privacy (the mechanism itself: tests/test_privacy.py) ---
 
 
-@pytest.mark.parametrize("epsilon", [0.5, 2.0])
-def test_laplace_noise_scale_is_sensitivity_over_epsilon(epsilon):
-    noise = PrivacyNoise("laplace", epsilon=epsilon, sensitivity=1.0, clip=None)
-    assert noise.scale == pytest.approx(1.0 / epsilon)
-    x = np.zeros(200_000, dtype=np.float32)
-    y = noise.apply(x, np.random.default_rng(1))
-    assert y.dtype == np.float32
-    assert abs(float(y.mean())) < 0.02 / epsilon
-    # Laplace(b) has std b * sqrt(2) and mean absolute deviation b.
-    assert float(y.std()) == pytest.approx(math.sqrt(2) / epsilon, rel=0.03)
-    assert float(np.abs(y).mean()) == pytest.approx(1.0 / epsilon, rel=0.03)
-
-
-def test_gaussian_noise_matches_the_classic_mechanism():
-    noise = PrivacyNoise("gaussian", epsilon=1.0, delta=1e-5, sensitivity=2.0, clip=None)
-    sigma = 2.0 * math.sqrt(2 * math.log(1.25 / 1e-5))
-    assert noise.scale == pytest.approx(sigma)
-    y = noise.apply(np.zeros(100_000, dtype=np.float32), np.random.default_rng(2))
-    assert float(y.std()) == pytest.approx(sigma, rel=0.03)
-
-
-def test_privacy_spec_parsing_and_clipping():
-    p = PrivacyNoise.parse("laplace:0.5", input_range=(0.0, 255.0))
-    assert (p.mechanism, p.epsilon, p.sensitivity, p.clip) == ("laplace", 0.5, 255.0, (0.0, 255.0))
-    y = p.apply(np.full(1000, 128, dtype=np.uint8), np.random.default_rng(0))
-    assert y.dtype == np.uint8  # rounded and clipped back into the input range
-    with pytest.raises(ValueError):
-        PrivacyNoise.parse("laplace")
-    with pytest.raises(ValueError):
-        PrivacyNoise.parse("uniform:1")
-
-
-def test_pkg_in_carries_noisy_inputs_but_raw_fingerprints():
-    noise = PrivacyNoise("laplace", epsilon=1.0, sensitivity=1.0)
-    model = ModelInfo("m", SHAPE, ("a", "b", "c"), privacy=noise)
-    core = make_core(model)
+def test_pkg_in_with_privacy_noise_carries_no_fingerprint_and_no_raw_logits():
+    """Noised inputs; no fingerprint (FT and RT still key on the raw input's, here);
+    ``label`` mode (the default with noise): no logits and confidence 0; FEATURES
+    declares the whole spec."""
+    noise = PrivacyNoise.parse("gaussian:2:1e-6,clip=1")
+    core = make_core(ModelInfo("m", SHAPE, ("a", "b", "c"), privacy=noise))
     features = to_config(core).features_reply
     assert pb.CAPABILITY_PRIVACY_NOISE in features.capabilities
     declared = features.models[0].privacy
-    assert declared.mechanism == pb.NOISE_MECHANISM_LAPLACE and declared.epsilon == 1.0
+    assert (declared.mechanism, declared.norm, declared.logits) == (
+        pb.NOISE_MECHANISM_GAUSSIAN,
+        pb.NOISE_NORM_L2,
+        pb.LOGITS_MODE_LABEL,
+    )
+    assert (declared.epsilon, declared.clip, declared.sensitivity) == (2.0, 1.0, 2.0)
+    assert declared.centre == 0.5 and declared.total_epsilon == 2.0
+    deliver(core, pb.BarrierRequest(), xid=8)
     x = x_of(0.5)
-    decide(core, x)
+    decide(core, x), decide(core, x)  # the second joins the first in FT (raw fingerprint)
+    assert core.counters.ft_joined == 1
     (env,) = core.flush(0.0)
     sent = tensor.decode(env.pkg_in.inputs)[0]
     assert not np.array_equal(sent, x) and sent.min() >= 0.0 and sent.max() <= 1.0
+    (item,) = env.pkg_in.items
+    assert item.fingerprint == b"" and item.confidence == 0.0 and item.label == 1
+    assert not env.pkg_in.HasField("logits")
+    assert validate_pkg_in(env.pkg_in, validate_features(features)).logits is None
+
+
+def test_noised_logits_mode_sends_noised_logits_and_their_confidence():
+    noise = PrivacyNoise.parse("gaussian:2,logits=noised:8,logits_clip=3")
+    core = to_main(make_core(ModelInfo("m", SHAPE, ("a", "b", "c"), privacy=noise)))
+    decide(core)
+    (env,) = core.flush(0.0)
+    sent = tensor.decode(env.pkg_in.logits)[0]
+    assert sent.shape == (3,) and not np.allclose(sent, LOGITS - LOGITS.mean())
+    p = np.exp(sent - sent.max())
+    assert env.pkg_in.items[0].confidence == pytest.approx(1.0 / p.sum(), rel=1e-5)
+
+
+def test_without_noise_the_fingerprint_and_logits_go_up_as_before():
+    core = to_main(make_core(ModelInfo("m", SHAPE, ("a", "b", "c"), privacy=PrivacyNoise("none"))))
+    x = x_of(0.5)
+    decide(core, x)
+    (env,) = core.flush(0.0)
     assert env.pkg_in.items[0].fingerprint == fingerprint(x)
+    assert np.array_equal(tensor.decode(env.pkg_in.inputs)[0], x)
+    assert np.array_equal(tensor.decode(env.pkg_in.logits)[0], LOGITS)

@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 
 from controller import detectors
-from controller.detectors.base import Batch
 from controller.detectors.fusion import Pipeline
-from controller.reference_model import model_fn
+from controller.reference_model import is_onnx, model_fn, model_format, needing_module
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
+from controller.training.privacy import calibration_batch, noise_for
 from openexample.digests import array_digest, file_digest
 from openexample.errors import one_line
+from openexample.privacy import PrivacyNoise
 
 DEFAULT_DETECTORS = ("desvig", "margin")
 
@@ -53,19 +54,25 @@ def build_artifacts(
     fpr: float = 0.01,
     cache: Path = Path("var/cache"),
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    privacy: PrivacyNoise | str | None = None,
 ) -> list[Path]:
     """Fit ``names`` (None: ``DEFAULT_DETECTORS``) on the dataset's train split, calibrate
     them jointly, save each to out/NAME.
 
     ``options[name]`` are constructor keywords for that detector. Detectors whose
     constructor takes ``cache`` get the cache folder, so an expensive model (the DeSVig
-    CGAN) is trained once per machine and data set.
+    CGAN) is trained once per machine and data set. ``privacy``: the agents' privacy
+    noise (a spec string, controller/training/privacy.py): thresholds are calibrated on
+    what such agents send, and the manifests record it for the controller's check.
     """
     names = list(DEFAULT_DETECTORS if names is None else names)
     options = options or {}
     ds = datasets.load(dataset)
     splits = ds.split()
     model_path = Path(model_path or ensure_example_model(cache, dataset)).resolve()
+    refusal = onnx_refusal(model_path, names)
+    if refusal is not None:
+        raise ValueError(refusal)
     predict = model_fn(model_path)
     dets = []
     for name in names:
@@ -83,10 +90,13 @@ def build_artifacts(
             dataset=dataset,
             class_names=ds.class_names,
         )
-        print(f"  fit {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        seconds = time.perf_counter() - t0
+        print(f"  fit {name} in {seconds:.1f}s", file=sys.stderr)
+        # training time on this machine (a model cached from an earlier set costs ~0)
+        det.meta["fit_seconds"] = round(seconds, 1)
         dets.append(det)
-    logits = predict(splits.calibration.x)
-    clean = Batch(splits.calibration.x, logits, logits.argmax(1).astype(np.int64))
+    noise = noise_for(privacy, splits.calibration.x.shape[1:])
+    clean = calibration_batch(splits.calibration.x, predict, noise)
     pipe = Pipeline(dets, fpr)
     pipe.calibrate(clean)
     report = pipe.calibration_report(clean)
@@ -98,8 +108,10 @@ def build_artifacts(
     for det in dets:
         det.meta["model"] = str(model_path)  # absolute: the controller re-attaches it
         det.meta["model_digest"] = model_digest
+        det.meta["model_format"] = model_format(model_path)
         det.meta["data_digest"] = data_digest
         det.meta["fused_with"] = names
+        det.meta["privacy"] = noise.to_dict()
         path = out / det.name
         det.save(path)
         paths.append(path)
@@ -114,13 +126,15 @@ def artifacts_folder(
     cache: Path = Path("var/cache"),
     fpr: float = 0.01,
     model: str | Path | None = None,
+    privacy: str | None = None,
 ) -> Path:
     """Where ``ensure_artifacts`` keeps a detector set.
 
     ``cache/artifacts/DATASET/NAME+NAME`` for the example model of the data set;
     ``cache/artifacts/DATASET/model-DIGEST/NAME+NAME`` for a ``model`` file, DIGEST being
     the start of its sha256: two model files never share artifacts, and a model file
-    changed in place gets new ones. ``@FPR`` is appended for a target other than 1%.
+    changed in place gets new ones. ``@FPR`` is appended for a target other than 1%,
+    ``~SPEC`` for a ``privacy`` spec other than none.
     """
     names = tuple(names or DEFAULT_DETECTORS)
     base = Path(cache) / "artifacts" / _slug(dataset)
@@ -129,6 +143,8 @@ def artifacts_folder(
     out = base / "+".join(names)
     if fpr != 0.01:
         out = out.with_name(f"{out.name}@{fpr:g}")
+    if privacy is not None and PrivacyNoise.parse(privacy).on:
+        out = out.with_name(f"{out.name}~{_slug(str(PrivacyNoise.parse(privacy)))}")
     return out
 
 
@@ -139,24 +155,56 @@ def ensure_artifacts(
     cache: Path = Path("var/cache"),
     fpr: float = 0.01,
     model: str | Path | None = None,
+    privacy: str | None = None,
 ) -> list[Path]:
     """Artifacts of a detector set calibrated together, built once and cached.
 
-    ``model``: the TorchScript file the set is for (None: the example model of the data
-    set). Each set gets its own folder (``artifacts_folder``): the thresholds depend on
+    ``model``: the TorchScript or ONNX file the set is for (None: the example model of
+    the data set). Each set gets its own folder (``artifacts_folder``): the thresholds depend on
     the set (the FPR budget is split across its detectors) and on the model.
     """
     names = tuple(names or DEFAULT_DETECTORS)
-    out = artifacts_folder(names, dataset=dataset, cache=cache, fpr=fpr, model=model)
+    out = artifacts_folder(
+        names, dataset=dataset, cache=cache, fpr=fpr, model=model, privacy=privacy
+    )
     paths = [out / n for n in names]
     if not all((p / "manifest.json").is_file() for p in paths):
-        paths = build_artifacts(names, out, dataset=dataset, model_path=model, fpr=fpr, cache=cache)
+        paths = build_artifacts(
+            names, out, dataset=dataset, model_path=model, fpr=fpr, cache=cache, privacy=privacy
+        )
     return paths
 
 
-def check_model(dataset: str, model: str | Path | None) -> str | None:
+def onnx_refusal(model: str | Path, names: Sequence[str]) -> str | None:
+    """For an ONNX ``model``: the detectors of ``names`` that train through the model's
+    gradients (its torch module, which an ONNX file has not), in one line with the fix;
+    None when there are none or the model is not ONNX."""
+    if not is_onnx(model):
+        return None
+    need = needing_module(detectors.get(n) for n in dict.fromkeys(names))
+    if not need:
+        return None
+    return (
+        f"--model {model} is ONNX, and {', '.join(need)} need{'s' * (len(need) == 1)} the"
+        " model's gradients: give a TorchScript copy (--model model.pt, saved with"
+        " torch.jit.save(torch.jit.script(model), PATH)) for training; agents may still run"
+        " the ONNX file"
+    )
+
+
+def check_model(
+    dataset: str,
+    model: str | Path | None,
+    names: Sequence[str] | None = None,
+    *,
+    onnx: bool = False,
+) -> str | None:
     """What would make training on ``dataset`` for ``model`` (None: the example model)
     fail, found before anything is fitted: the problem and its fix in one line, or None.
+    ``names``: the detectors to train (an ONNX model cannot train those that need its
+    gradients: ``onnx_refusal``). ``onnx``: the caller runs ONNX models too (training,
+    the detection bench); else an ONNX file is refused (the latency benches run
+    TorchScript).
     """
     try:
         ds = datasets.load(dataset)
@@ -167,12 +215,23 @@ def check_model(dataset: str, model: str | Path | None) -> str | None:
     path = Path(model)
     if not path.is_file():
         return f"--model {path}: no such file"
+    if is_onnx(path) and not onnx:
+        return (
+            f"--model {path}: an ONNX model, and this command runs TorchScript models: save"
+            " a TorchScript copy with torch.jit.save(torch.jit.script(model), PATH)"
+        )
+    refusal = onnx_refusal(path, names or ())
+    if refusal is not None:
+        return refusal
     try:
         predict = model_fn(path)
     except (RuntimeError, ValueError, OSError) as exc:
         why = one_line(exc)
-        if path.suffix.lower() == ".onnx":
-            why = "ONNX: agents run it, detectors are trained with the model's TorchScript copy"
+        if is_onnx(path):
+            return (
+                f"--model {path}: {why}; export the model with"
+                " torch.onnx.export(model, (example_input,), PATH)"
+            )
         return (
             f"--model {path}: not a TorchScript file ({why}); save the model with"
             " torch.jit.save(torch.jit.script(model), PATH)"
@@ -193,12 +252,12 @@ def check_model(dataset: str, model: str | Path | None) -> str | None:
     return None
 
 
-def _preflight(args: argparse.Namespace) -> str | None:
-    """What would make training fail, found before anything is fitted: the problem and
-    its fix in one line, or None."""
+def _preflight(args: argparse.Namespace, names: Sequence[str]) -> str | None:
+    """What would make training ``names`` fail, found before anything is fitted: the
+    problem and its fix in one line, or None."""
     if not 0.0 < args.fpr < 1.0:
         return f"--fpr must be in (0, 1), got {args.fpr}"
-    return check_model(args.dataset, args.model)
+    return check_model(args.dataset, args.model, names, onnx=True)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -211,7 +270,13 @@ def train_command(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         print(f"openexample-controller train: {exc}", file=sys.stderr)
         return 2
-    problem = _preflight(args)
+    privacy = getattr(args, "privacy", None)
+    try:
+        PrivacyNoise.parse(privacy or "none")
+    except ValueError as exc:
+        print(f"openexample-controller train: --privacy: {exc}", file=sys.stderr)
+        return 2
+    problem = _preflight(args, names)
     if problem is not None:
         print(f"openexample-controller train: {problem}", file=sys.stderr)
         return 2
@@ -223,6 +288,7 @@ def train_command(args: argparse.Namespace) -> int:
             model_path=args.model,
             fpr=args.fpr,
             cache=Path(args.cache),
+            privacy=privacy,
         )
     except (ValueError, RuntimeError, OSError) as exc:  # one line, not a traceback
         print(

@@ -87,6 +87,52 @@ NOISE_MECHANISM_LAPLACE: NoiseMechanism.ValueType  # 2
 NOISE_MECHANISM_GAUSSIAN: NoiseMechanism.ValueType  # 3
 Global___NoiseMechanism: _TypeAlias = NoiseMechanism  # noqa: Y015
 
+class _NoiseNorm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NoiseNormEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseNorm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NOISE_NORM_UNSPECIFIED: _NoiseNorm.ValueType  # 0
+    NOISE_NORM_L1: _NoiseNorm.ValueType  # 1
+    NOISE_NORM_L2: _NoiseNorm.ValueType  # 2
+
+class NoiseNorm(_NoiseNorm, metaclass=_NoiseNormEnumTypeWrapper): ...
+
+NOISE_NORM_UNSPECIFIED: NoiseNorm.ValueType  # 0
+NOISE_NORM_L1: NoiseNorm.ValueType  # 1
+NOISE_NORM_L2: NoiseNorm.ValueType  # 2
+Global___NoiseNorm: _TypeAlias = NoiseNorm  # noqa: Y015
+
+class _LogitsMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LogitsModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogitsMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOGITS_MODE_UNSPECIFIED: _LogitsMode.ValueType  # 0
+    LOGITS_MODE_RAW: _LogitsMode.ValueType  # 1
+    """The model's logits as they are (no guarantee covers them)."""
+    LOGITS_MODE_LABEL: _LogitsMode.ValueType  # 2
+    """No logits tensor, confidence 0: detectors that read logits compute them from the
+    controller's reference model on the noised input.
+    """
+    LOGITS_MODE_NOISED: _LogitsMode.ValueType  # 3
+    """The logits centred, norm-clipped to logits_clip and noised with logits_epsilon."""
+
+class LogitsMode(_LogitsMode, metaclass=_LogitsModeEnumTypeWrapper): ...
+
+LOGITS_MODE_UNSPECIFIED: LogitsMode.ValueType  # 0
+LOGITS_MODE_RAW: LogitsMode.ValueType  # 1
+"""The model's logits as they are (no guarantee covers them)."""
+LOGITS_MODE_LABEL: LogitsMode.ValueType  # 2
+"""No logits tensor, confidence 0: detectors that read logits compute them from the
+controller's reference model on the noised input.
+"""
+LOGITS_MODE_NOISED: LogitsMode.ValueType  # 3
+"""The logits centred, norm-clipped to logits_clip and noised with logits_epsilon."""
+Global___LogitsMode: _TypeAlias = LogitsMode  # noqa: Y015
+
 class _DType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -977,7 +1023,11 @@ Global___ModelDescriptor: _TypeAlias = ModelDescriptor  # noqa: Y015
 
 @_typing.final
 class PrivacyNoise(_message.Message):
-    """Local differential privacy (seed 000, Table II R_Noise)."""
+    """Local differential privacy (seed 000, Table II R_Noise) of what PKG_IN carries about
+    one input (openexample/privacy.py): the input minus `centre`, its norm clipped to
+    `clip`, plus noise calibrated to (epsilon, delta) for the whole input. The controller
+    refuses an agent whose noise is not the one its detectors were calibrated for.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -985,13 +1035,38 @@ class PrivacyNoise(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     SENSITIVITY_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    CENTRE_FIELD_NUMBER: _builtins.int
+    LOGITS_FIELD_NUMBER: _builtins.int
+    LOGITS_EPSILON_FIELD_NUMBER: _builtins.int
+    LOGITS_CLIP_FIELD_NUMBER: _builtins.int
+    TOTAL_EPSILON_FIELD_NUMBER: _builtins.int
+    TOTAL_DELTA_FIELD_NUMBER: _builtins.int
     mechanism: Global___NoiseMechanism.ValueType
     epsilon: _builtins.float
-    """Privacy budget per input; larger = less noise."""
+    """The input's budget, per input (not per element); larger = less noise."""
     delta: _builtins.float
     """Only for GAUSSIAN: the (epsilon, delta) guarantee's delta."""
     sensitivity: _builtins.float
-    """Sensitivity of the input (range of one element), used to scale the noise."""
+    """The whole input's sensitivity under `norm`: 2 x clip (any two inputs are neighbours)."""
+    norm: Global___NoiseNorm.ValueType
+    """The norm clip and sensitivity are measured in: L2 (GAUSSIAN), L1 (LAPLACE)."""
+    clip: _builtins.float
+    """The bound on the norm of (input - centre); larger inputs are scaled down to it."""
+    centre: _builtins.float
+    """The public centre subtracted from every element before clipping."""
+    logits: Global___LogitsMode.ValueType
+    """What PKG_IN carries of the model's output (UNSPECIFIED: RAW)."""
+    logits_epsilon: _builtins.float
+    """LOGITS_MODE_NOISED: the logits' own budget and the norm bound of the centred logits."""
+    logits_clip: _builtins.float
+    total_epsilon: _builtins.float
+    """What one PKG_IN item reveals about its input in all, between inputs the model gives
+    the same label (the label goes up as is): epsilon (+ logits_epsilon), delta (x 2);
+    infinite with RAW logits or without noise.
+    """
+    total_delta: _builtins.float
     def __init__(
         self,
         *,
@@ -999,10 +1074,18 @@ class PrivacyNoise(_message.Message):
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
         sensitivity: _builtins.float = ...,
+        norm: Global___NoiseNorm.ValueType = ...,
+        clip: _builtins.float = ...,
+        centre: _builtins.float = ...,
+        logits: Global___LogitsMode.ValueType = ...,
+        logits_epsilon: _builtins.float = ...,
+        logits_clip: _builtins.float = ...,
+        total_epsilon: _builtins.float = ...,
+        total_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "mechanism", b"mechanism", "sensitivity", b"sensitivity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["centre", b"centre", "clip", b"clip", "delta", b"delta", "epsilon", b"epsilon", "logits", b"logits", "logits_clip", b"logits_clip", "logits_epsilon", b"logits_epsilon", "mechanism", b"mechanism", "norm", b"norm", "sensitivity", b"sensitivity", "total_delta", b"total_delta", "total_epsilon", b"total_epsilon"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1090,7 +1173,8 @@ class PkgIn(_message.Message):
     @_builtins.property
     def logits(self) -> Global___Tensor:
         """The model's output logits, shape [N, num_classes], float32 or float16.
-        May be empty when the model gives only labels.
+        May be empty when the model gives only labels (or privacy's LOGITS_MODE_LABEL);
+        noised under LOGITS_MODE_NOISED.
         """
 
     @_builtins.property
@@ -1133,7 +1217,9 @@ class PkgInItem(_message.Message):
     label: _builtins.int
     """The label the model gave (argmax of logits)."""
     confidence: _builtins.float
-    """The model's confidence in `label` (softmax probability), in [0, 1]."""
+    """The model's confidence in `label` (softmax probability), in [0, 1]; with privacy
+    noise, 0 (LOGITS_MODE_LABEL) or the noised logits' (LOGITS_MODE_NOISED).
+    """
     source_id: _builtins.str
     """End-user (source) id as the agent saw it; used for source tracing."""
     reason: Global___PkgInReason.ValueType
@@ -1141,7 +1227,10 @@ class PkgInItem(_message.Message):
     rule_cookie: _builtins.int
     """Cookie of the vigilance rule that sent it."""
     fingerprint: _builtins.bytes
-    """Fingerprint of the raw input (before noise) for RT/FT; see openexample/tables.py."""
+    """Fingerprint of the raw input (before noise) for RT/FT; see openexample/tables.py.
+    Empty with privacy noise: it would identify the raw input, and the controller
+    could not check it against the noised one anyway.
+    """
     budget_us: _builtins.int
     """How long the agent waits for the verdict, in microseconds (0: nobody waits,
     e.g. MIRROR). Lets the controller drop work whose waiter has given up.
