@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: the pipeline of --detectors)",
     )
     det.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="instead: adaptive white-box attacks that know every detector (bench/adaptive.py),"
+        " success judged by the deployed pipeline; writes var/bench/adaptive",
+    )
+    det.add_argument(
+        "--adaptive-n", type=int, default=200, metavar="N", help="images the adaptive attacks try"
+    )
+    det.add_argument(
         "--table-iv-n",
         type=int,
         default=100,
@@ -131,6 +140,15 @@ def preflight(args: argparse.Namespace) -> str | None:
                 detectors.get(name)
             except (KeyError, ValueError) as exc:
                 return f"--detectors: {exc}"
+    if getattr(args, "adaptive", False):
+        if args.adaptive_n < 1:
+            return f"--adaptive-n must be at least 1, got {args.adaptive_n}"
+        if args.model and Path(args.model).suffix.lower() == ".onnx":
+            return (
+                f"--adaptive: {args.model} is ONNX, and white-box attacks need the model's"
+                " gradients: give a TorchScript copy"
+                " (torch.jit.save(torch.jit.script(model), PATH))"
+            )
     if getattr(args, "table_iv_n", 1) < 1:
         return f"--table-iv-n must be at least 1, got {args.table_iv_n}"
     if getattr(args, "attacks", None):
@@ -176,7 +194,7 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
     if missing:
         todo.append("the detectors")
         minutes += sum(1.0 if "desvig" in s else 0.1 for s in missing)  # its CGAN
-    if args.command == "detection":
+    if args.command == "detection" and not args.adaptive:
         attacks = detection.untrained_attacks(args, CACHE)
         if attacks:
             todo.append(f"{len(attacks)} attack set{'s' * (len(attacks) > 1)}")
@@ -210,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.demo import run_demo
 
         return run_demo(args)
+    if args.command == "detection" and args.adaptive:
+        from bench.adaptive import run as run_adaptive
+
+        if args.out == "var/bench/detection":
+            args.out = "var/bench/adaptive"
+        return run_adaptive(args)
     if args.command == "detection":
         from bench.detection import run as run_detection
 
