@@ -6,6 +6,8 @@ threshold means what it says; only the gradient is approximated where the score 
 differentiable (BPDA, Athalye et al. 2018):
 
 - ``margin``: exact (softmax top-1 minus top-2, negated).
+- ``magnet``: exact (its autoencoders, the model on the reformed input, JSD, the clean
+  knots' piecewise-linear normalisation).
 - ``desvig``: the encoder and generator in torch from the artifact's weights (exact); the
   L1 distance (exact); the average hash through PIL's LANCZOS resize as the same matrices
   hashing.py uses, with every uint8 rounding passed straight through and each bit
@@ -147,10 +149,61 @@ class DesvigSurrogate(_Base):
         return torch.maximum(ham / self.scales[0], l1 / self.scales[1])
 
 
+def _interp(v: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """np.interp in torch (flat outside the knots), differentiable in ``v``."""
+    i = torch.searchsorted(xp, v.detach()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    t = ((v - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return f0 + t * (f1 - f0)
+
+
+def _jsd(p: torch.Tensor, q: torch.Tensor, t: float) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log) of softmax(p / t) and softmax(q / t)."""
+    lp = torch.log_softmax(p.double() / t, dim=1)
+    lq = torch.log_softmax(q.double() / t, dim=1)
+    lm = torch.logaddexp(lp, lq) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+    out = 0.5 * ((lp.exp() * (lp - lm)).sum(1) + (lq.exp() * (lq - lm)).sum(1))
+    return out.clamp_min(0.0)
+
+
+class MagnetSurrogate(_Base):
+    """MagNet exact: its autoencoders and the model in torch, the reconstruction errors,
+    the JSD of the model on x and on the reformed x, each normalised through its clean
+    knots, the largest of them."""
+
+    name = "magnet"
+
+    def __init__(self, det: Any) -> None:
+        super().__init__(det)
+        self.det = det
+        self.module = det.model.module  # the reference model's TorchScript module
+        self.knots = {
+            d: (torch.from_numpy(xp.astype("float64")), torch.from_numpy(fp.astype("float64")))
+            for d, (xp, fp) in det._knots.items()
+        }
+
+    def score(self, x: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        det, n = self.det, len(x)
+        rec = {key: det.aes[key](x) for key in det.aes}
+        raw: dict[str, torch.Tensor] = {}
+        recon, names, temps = det._spec
+        for d, key, p in recon:
+            diff = (x.reshape(n, -1) - rec[key].reshape(n, -1)).double()
+            raw[d] = diff.abs().sum(1) if p == 1 else diff.square().sum(1).sqrt()
+        if names:
+            reformed = self.module(rec["I"])
+            for d, t in zip(names, temps, strict=True):
+                raw[d] = _jsd(logits, reformed, float(t))
+        z = torch.stack([_interp(raw[d], *self.knots[d]) for d in det.detectors])
+        return z.max(dim=0).values
+
+
 def surrogate(det: Detector) -> Surrogate | None:
     """The surrogate of ``det``'s score, or None when there is none (yet)."""
     if det.name == "margin":
         return MarginSurrogate(det)
     if det.name == "desvig" and getattr(det, "hash", None) == "average":
         return DesvigSurrogate(det)
+    if det.name == "magnet" and hasattr(getattr(det, "model", None), "module"):
+        return MagnetSurrogate(det)
     return None

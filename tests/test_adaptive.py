@@ -82,3 +82,25 @@ def test_the_adaptive_bench_reports_successes_the_pipeline_confirms(tmp_path, lo
     assert row["unaware"]["success"] < row["adaptive"]["success"]
     assert "| L-inf 0.3 | 40 |" in (out / "adaptive.md").read_text()
     assert (out / "adaptive.png").stat().st_size > 0
+
+
+def test_magnets_surrogate_equals_its_score(mnist, example_model):
+    from controller.detectors.magnet import MagnetDetector
+    from tests.test_magnet import TINY
+
+    predict = model_fn(example_model)
+    torch.manual_seed(0)
+    det = MagnetDetector(**TINY).fit(mnist.train.x, mnist.train.y, model=predict)
+    cal = mnist.calibration.x[:300]
+    det.calibrate(Batch(cal, predict(cal), predict(cal).argmax(1)), 0.01)
+    s = surrogate(det)
+    assert s is not None
+    x = _inputs(mnist)[60:180]  # clean and noisy
+    xt = torch.from_numpy(x).requires_grad_(True)
+    logits = predict.module(xt)
+    labels = logits.argmax(1)
+    got = s.score(xt, logits, labels)
+    real = det.score(Batch(x, predict(x), labels.numpy())).scores
+    np.testing.assert_allclose(got.detach().numpy(), real, rtol=1e-4, atol=1e-4)
+    (grad,) = torch.autograd.grad(got.sum(), xt)
+    assert (grad.flatten(1).abs().sum(1) > 0).all()
