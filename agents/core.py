@@ -545,7 +545,9 @@ class AgentCore:
                 f"PKG_OUT with {len(items)} items for a PKG_IN of {len(batch.items)}",
             )
         timings = ControllerTimings.from_pb(pkg.timings) if pkg.HasField("timings") else None
-        self._answer(batch, items, now, out, timings)
+        # another controller scored it (its own was over W0): say which, in the reason
+        decided = f"scored by {pkg.decided_by[:80]}" if pkg.decided_by else ""
+        self._answer(batch, items, now, out, timings, decided)
 
     _HANDLERS: ClassVar[dict[str, Callable[[AgentCore, pb.Envelope, float, AgentOutput], None]]] = {
         "features_request": _on_features_request,
@@ -566,6 +568,7 @@ class AgentCore:
         now: float,
         out: AgentOutput,
         timings: ControllerTimings | None = None,
+        decided: str = "",
     ) -> None:
         """Resolve a sent batch: with the PKG_OUT items, or None = UNKNOWN for all.
 
@@ -580,7 +583,7 @@ class AgentCore:
             if self._inflight.get(key) is item:
                 del self._inflight[key]
                 self.tables.ft.resolve(key)
-            reason = ""
+            reason = decided
             if answers is None:
                 verdict, action, corrected, score = pb.VERDICT_UNKNOWN, 0, None, None
             else:

@@ -296,9 +296,11 @@ class BrokerProcess:
         self.config_path = self.workdir / "mosquitto.conf"
         self.acl_path = self.workdir / "mosquitto.acl"
         self.acl_path.write_text(
-            "# controllers: read the whole bus, write under their own identity only\n"
+            "# controllers: read the whole bus, write under their own identity only, and\n"
+            "# answer a neighbour's work under their own leaf of its answers topic\n"
             "pattern read openexample/v1/cluster/#\n"
             "pattern write openexample/v1/cluster/%u/#\n"
+            "pattern write openexample/v1/cluster/+/+/answers/%u\n"
         )
         lines = [
             "per_listener_settings false",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -33,11 +34,12 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from controller import overflow
 from controller.cluster import (
     DELTA,
     LOAD,
+    PREFIX,
     STATE,
-    SUBSCRIPTION,
     BlockKey,
     Changes,
     ClusterState,
@@ -63,7 +65,12 @@ class BrokerRefused(Exception):
 
 class ClusterBus:
     """``apply``: called with the changes a peer's message made and the peer (the daemon
-    applies them to its core); ``load``: (W, W0, service seconds per item) now."""
+    applies them to its core); ``load``: (W, W0, service seconds per item) now.
+
+    Work over W0 (controller/overflow.py): :meth:`forward` publishes a request, and
+    ``answered(key, answer, peer)`` gets the neighbour's answer; requests from the
+    neighbours go to ``work(sender, request, reply_to)`` while this controller takes
+    work (:meth:`take_work`), and :meth:`answer` sends its answer back."""
 
     def __init__(
         self,
@@ -74,8 +81,14 @@ class ClusterBus:
         *,
         apply: Callable[[Changes, str], None],
         load: Callable[[], tuple[int, int, float]],
+        work: Callable[[str, cpb.WorkRequest, tuple[str, bytes]], None] | None = None,
+        answered: Callable[[int, cpb.WorkAnswer, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._work = work
+        self._answered = answered
+        self._taking_work = work is not None  # in the shared subscription (when up)
+        self._forwards: dict[int, float] = {}  # key -> unix deadline: awaiting an answer
         self.state = state
         self.metrics = metrics
         self._apply = apply
@@ -86,7 +99,8 @@ class ClusterBus:
             assert tls_files is not None, "mqtts:// needs the controller's TLS files"
             self._ssl = tls.client_context(tls_files)
         self._client: aiomqtt.Client | None = None  # set while connected
-        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] | None = None
+        # (topic, payload, retain, the metric's kind, MQTT 5 properties or None)
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool, str, Properties | None]] | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
         self._down_since: float | None = None  # a "down" WARNING was logged
@@ -124,9 +138,7 @@ class ClusterBus:
         msg = self.state.local(now, rt=rt, blocks=blocks, unblocked=unblocked)
         if msg is None:
             return
-        if self._outbox is not None and self._outbox.qsize() < MAX_OUTBOX:
-            self._outbox.put_nowait((topic(self.state.identity, DELTA), _bytes(msg), False))
-        else:
+        if not self._queue(topic(self.state.identity, DELTA), _bytes(msg), DELTA):
             self.metrics.dropped.inc()
 
     async def close(self, timeout_s: float = 2.0) -> None:
@@ -174,7 +186,12 @@ class ClusterBus:
             try:
                 async with self._new_client() as client:
                     self._check_broker(client)
-                    await client.subscribe(SUBSCRIPTION, qos=1)
+                    for leaf in (DELTA, STATE, LOAD):
+                        await client.subscribe(f"{PREFIX}/+/+/{leaf}", qos=1)
+                    me = overflow.answers_topic(self.state.identity)
+                    await client.subscribe(f"{me}/#", qos=0)
+                    if self._taking_work:
+                        await client.subscribe(overflow.work_subscription(), qos=0)
                     self._up(client)
                     delay = self.settings.reconnect_min_s
                     await self._serve(client)
@@ -246,7 +263,15 @@ class ClusterBus:
         ticker = asyncio.create_task(self._ticker(), name="cluster-bus-ticker")
         try:
             async for message in client.messages:
-                self._on_message(str(message.topic), message.payload)
+                name = str(message.topic)
+                data = message.payload
+                data = data.encode() if isinstance(data, str) else bytes(data or b"")  # type: ignore[arg-type]
+                if name.endswith("/" + overflow.WORK):
+                    self._on_work(name, data, message.properties)
+                elif name.startswith(overflow.answers_topic(self.state.identity) + "/"):
+                    self._on_answer(name, data, message.properties)
+                else:
+                    self._on_message(name, data)
                 if writer.done():  # a publish failed: the connection is gone
                     writer.result()
         finally:
@@ -260,12 +285,111 @@ class ClusterBus:
         expiry = Properties(PacketTypes.PUBLISH)
         expiry.MessageExpiryInterval = DELTA_EXPIRY_S
         while True:
-            name, data, retain = await outbox.get()
-            await client.publish(
-                name, data, qos=1, retain=retain, properties=None if retain else expiry
-            )
-            kind = name.rsplit("/", 1)[1]
+            name, data, retain, kind, props = await outbox.get()
+            if props is not None:  # work and answers: at most once, they are late soon
+                await client.publish(name, data, qos=0, properties=props)
+            else:
+                await client.publish(
+                    name, data, qos=1, retain=retain, properties=None if retain else expiry
+                )
             self.metrics.messages.labels("sent", kind).inc()
+
+    def _queue(
+        self,
+        name: str,
+        data: bytes,
+        kind: str,
+        *,
+        retain: bool = False,
+        props: Properties | None = None,
+    ) -> bool:
+        if self._outbox is None or self._outbox.qsize() >= MAX_OUTBOX:
+            return False
+        self._outbox.put_nowait((name, data, retain, kind, props))
+        return True
+
+    # --- work over W0 (controller/overflow.py) ---
+
+    def neighbours_free(self) -> bool:
+        """Whether a peer is up, connected now, and under its W0."""
+        return self._client is not None and any(
+            p.up and p.workload < p.max_workload
+            for p in self.state.peers.values()
+            if p.identity != self.state.identity
+        )
+
+    def forward(self, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
+        """Publish ``request`` for whichever neighbour takes it; False when the bus is
+        down (the caller answers OVERLOADED at its deadline)."""
+        request.deadline = deadline
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = overflow.answers_topic(self.state.identity)
+        props.CorrelationData = self._correlation(key)
+        props.MessageExpiryInterval = max(1, math.ceil(deadline - time.time()))
+        msg = self.state.message(time.time(), work=request)
+        name = overflow.work_topic(self.state.identity)
+        if not self._queue(name, _bytes(msg), overflow.WORK, props=props):
+            return False
+        self._forwards[key] = deadline
+        return True
+
+    def answer(self, reply_to: tuple[str, bytes], answer: cpb.WorkAnswer) -> None:
+        """Answer a neighbour's request on its response topic, under our own leaf."""
+        response_topic, correlation = reply_to
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = correlation
+        msg = self.state.message(time.time(), answer=answer)
+        name = f"{response_topic}/{self.state.identity}"
+        self._queue(name, _bytes(msg), overflow.ANSWERS, props=props)
+
+    def take_work(self, want: bool) -> None:
+        """Join or leave the shared subscription (a controller over W0 takes no work)."""
+        if want == self._taking_work or self._work is None:
+            return
+        self._taking_work = want
+        client = self._client
+        if client is not None:
+            call = client.subscribe if want else client.unsubscribe
+            asyncio.get_running_loop().create_task(call(overflow.work_subscription()))
+
+    def _correlation(self, key: int) -> bytes:
+        return self.state.generation.to_bytes(8, "big") + key.to_bytes(8, "big")
+
+    def _on_work(self, name: str, data: bytes, props: object) -> None:
+        got = overflow.parse_request(name, data)
+        response = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        if got.refused or got.request is None or not response or not correlation:
+            self._refused("work", got.sender, got.refused or "no response topic or correlation")
+            return
+        if got.sender == self.state.identity or self._work is None:
+            return  # our own, from before we left the shared subscription: its deadline answers
+        if got.request.deadline <= time.time():
+            return  # its agent has stopped waiting
+        self.metrics.messages.labels("received", overflow.WORK).inc()
+        self._work(got.sender, got.request, (str(response), bytes(correlation)))
+
+    def _on_answer(self, name: str, data: bytes, props: object) -> None:
+        got = overflow.parse_answer(name, data, self.state.identity)
+        correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
+        if got.refused or got.answer is None:
+            self._refused("answer", got.sender, got.refused)
+            return
+        gen, key = correlation[:8], int.from_bytes(correlation[8:16], "big")
+        if len(correlation) != 16 or gen != self.state.generation.to_bytes(8, "big"):
+            return  # for an earlier run of ours
+        if self._forwards.pop(key, None) is None or self._answered is None:
+            return  # answered already, or late
+        self.metrics.messages.labels("received", overflow.ANSWERS).inc()
+        self._answered(key, got.answer, got.sender)
+
+    def _refused(self, reason: str, sender: str, text: str) -> None:
+        self.metrics.refused.labels(reason).inc()
+        key = (sender, reason)
+        now = time.monotonic()
+        if now - self._refusals_logged.get(key, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+            self._refusals_logged[key] = now
+            log.warning("cluster bus: refused a message (%s): %s", reason, text)
 
     async def _ticker(self) -> None:
         interval = min(self.settings.workload_interval_s, self.settings.snapshot_interval_s)
@@ -285,7 +409,7 @@ class ClusterBus:
         msg = self.state.snapshot(time.time())
         self._published_version = self.state.version
         self._last_snapshot = time.monotonic()
-        self._outbox.put_nowait((topic(self.state.identity, STATE), _bytes(msg), True))
+        self._queue(topic(self.state.identity, STATE), _bytes(msg), STATE, retain=True)
 
     def _queue_load(self, *, force: bool = False) -> None:
         if self._outbox is None:
@@ -298,7 +422,7 @@ class ClusterBus:
             return
         self._last_load, self._last_load_at = rounded, now
         msg = self.state.workload(time.time(), w, w0, service)
-        self._outbox.put_nowait((topic(self.state.identity, LOAD), _bytes(msg), True))
+        self._queue(topic(self.state.identity, LOAD), _bytes(msg), LOAD, retain=True)
 
     # --- what arrives ---
 

@@ -296,6 +296,10 @@ class ClusterState:
             **body,
         )
 
+    def message(self, now: float, **body: object) -> cpb.BusMessage:
+        """A message from this controller with ``body`` (work and answers: overflow.py)."""
+        return self._message(now, **body)
+
     def _new_tag(self) -> Tag:
         self._n += 1
         return (self.identity, self.generation, self._n)

@@ -63,6 +63,9 @@ class ClusterConfig:
     workload_interval_s: float = 1.0
     # The retained snapshot of the replicated state, after changes, at most this often.
     snapshot_interval_s: float = 2.0
+    # Work over W0 goes to a neighbour (controller/overflow.py) instead of being answered
+    # UNKNOWN/OVERLOADED at once; this controller also takes its neighbours' work.
+    overflow: bool = True
 
     @property
     def tls(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from controller.config import Config, RuleConfig, trace_params
 from controller.desired import Changes, DesiredRules, DesiredState, RulesDiff
+from controller.overflow import RoundTrip
 from controller.session import (
     AgentSession,
     Closed,
@@ -27,13 +28,17 @@ from controller.session import (
     PkgInReceived,
     Ready,
     ReplyReceived,
+    incompatible,
 )
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
+from openexample.errors import ProtocolError
 from openexample.identity import Identity
 from openexample.perceptual import perceptual
+from openexample.tensor import encode
+from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
-from openexample.validate import DecodedPkgIn
+from openexample.validate import DecodedPkgIn, validate_pkg_in
 
 
 @dataclass(slots=True)
@@ -49,6 +54,25 @@ class InspectJob:
     @property
     def size(self) -> int:
         return len(self.pkg.items)
+
+
+REMOTE_SID = -1  # InspectJob.sid of work a neighbour handed over (no session here)
+
+
+@dataclass(slots=True)
+class ForwardJob:
+    """A PKG_IN over W0, handed to the neighbours (controller/overflow.py) and waiting
+    for their answer until ``deadline`` (core time)."""
+
+    key: int
+    sid: int
+    xid: int
+    agent_id: str
+    model_id: str
+    size: int
+    deadline: float
+    request: cpb.WorkRequest  # what goes on the bus (its deadline: unix time, the shell's)
+    sent_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +170,20 @@ class Step(Changes):
     # ADVERSARIAL RT entries it made (model, entry, expiry in core time or None: never)
     # and the sources it blocked (expiry likewise) or unblocked. Never what
     # :meth:`ControllerCore.apply_remote` applied (that came from the cluster).
+    # Over W0: PKG_INs for the neighbours (the shell publishes them), and answers to
+    # work a neighbour handed here (the reply-to key the shell gave, the answer).
+    forwards: list[ForwardJob] = field(default_factory=list)
+    answers: list[tuple[object, cpb.WorkAnswer]] = field(default_factory=list)
     rt_added: list[tuple[str, pb.LabelEntry, float | None]] = field(default_factory=list)
     blocks_added: list[tuple[tuple[str, str], float | None]] = field(default_factory=list)
     blocks_removed: list[tuple[str, str]] = field(default_factory=list)
+
+    def merge_answers(self, other: Step) -> Step:
+        """``other``'s PKG_OUTs and their counts, added to this step."""
+        self.send.extend(other.send)
+        self.verdicts.extend(other.verdicts)
+        self.overloaded += other.overloaded
+        return self
 
     def merge(self, other: Step) -> Step:
         """``other``'s messages, what to store and notes, added to this step (the
@@ -190,6 +225,13 @@ class ControllerCore:
         self.tracer = SourceTracer(trace_params(cfg))
         self._fp_key = cfg.fingerprint_key_bytes
         self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
+        # Several controllers: whether a neighbour can take work over W0 now (the shell
+        # says, from the peers' load), what a forward costs, and the work in flight.
+        self.neighbours_free = False
+        self.forward_rtt = RoundTrip()
+        self.forwarded: dict[int, ForwardJob] = {}
+        self._remote: dict[int, object] = {}  # InspectJob.xid -> the shell's reply-to
+        self._keys = itertools.count(1)
 
     # --- sessions ---
 
@@ -244,10 +286,14 @@ class ControllerCore:
         for sid, s in list(self.sessions.items()):
             self._absorb(sid, s.tick(now), step, now)
         self.durable.expire(now, step)
+        for key in [k for k, f in self.forwarded.items() if f.deadline <= now]:
+            # no neighbour answered in time: the agent hears OVERLOADED, as alone
+            step.merge_answers(self.on_forward_answer(key, None, "", 0, now))
         return step
 
     def next_deadline(self) -> float | None:
         times = [t for s in self.sessions.values() if (t := s.next_deadline()) is not None]
+        times += [f.deadline for f in self.forwarded.values()]
         return min(times, default=None)
 
     def _absorb(self, sid: int, out: Output, step: Step, now: float) -> None:
@@ -323,13 +369,16 @@ class ControllerCore:
             reason = pb.UNKNOWN_REASON_SHUTTING_DOWN
         elif pkg.model_id not in self.detected_models:
             reason = pb.UNKNOWN_REASON_NO_DETECTOR
-        elif (
-            self.workload + n > self.cfg.max_workload
-            or s.in_flight_items > self.cfg.max_in_flight_per_agent
-            or not self._take_tokens(s, n, now)
+        elif s.in_flight_items > self.cfg.max_in_flight_per_agent or not self._take_tokens(
+            s, n, now
         ):
-            # W0 for the controller; per agent an in-flight cap and a rate, so one busy
-            # agent cannot take the whole workload from the others.
+            # per agent an in-flight cap and a rate, so one busy agent cannot take the
+            # whole workload from the others
+            reason = pb.UNKNOWN_REASON_OVERLOADED
+            step.overloaded += n
+        elif self.workload + n > self.cfg.max_workload:  # W0 for the controller
+            if self._forward(s, sid, ev, step, now):
+                return
             reason = pb.UNKNOWN_REASON_OVERLOADED
             step.overloaded += n
         if reason:
@@ -340,6 +389,94 @@ class ControllerCore:
             return
         self.workload += n
         step.jobs.append(InspectJob(sid, ev.xid, s.agent_id, pkg, now))
+
+    # --- several controllers: work over W0 (controller/overflow.py) ---
+
+    def _forward(
+        self, s: AgentSession, sid: int, ev: PkgInReceived, step: Step, now: float
+    ) -> bool:
+        """Hand a PKG_IN over W0 to the neighbours, when one can take it and every
+        item's budget covers the round trip a forward has cost so far."""
+        pkg = ev.pkg
+        budget = min(item.budget_us for item in pkg.items) * 1e-6
+        if not self.neighbours_free or budget <= self.forward_rtt.estimate_s:
+            return False  # also budget 0: nobody waits for the answer
+        request = cpb.WorkRequest(
+            agent_id=s.agent_id,
+            model=s.models[pkg.model_id],
+            pkg=pb.PkgIn(
+                model_id=pkg.model_id,
+                inputs=encode(pkg.inputs),
+                logits=encode(pkg.logits) if pkg.logits is not None else None,
+                items=pkg.items,
+            ),
+        )
+        key = next(self._keys)
+        self.forwarded[key] = ForwardJob(
+            key, sid, ev.xid, s.agent_id, pkg.model_id, len(pkg.items), now + budget, request, now
+        )
+        step.forwards.append(self.forwarded[key])
+        return True
+
+    def on_forward_answer(
+        self, key: int, pkg_out: pb.PkgOut | None, decider: str, refused: int, now: float
+    ) -> Step:
+        """A neighbour's answer to a forward (``pkg_out``), its refusal (``refused``), or
+        none in time (both empty): the agent gets the verdicts, or UNKNOWN/OVERLOADED."""
+        step = Step()
+        job = self.forwarded.pop(key, None)
+        if job is None:
+            return step  # answered already (deadline), or never ours
+        if pkg_out is not None and len(pkg_out.items) == job.size:
+            self.forward_rtt.observe(now - job.sent_at)
+            body = pb.PkgOut(model_id=job.model_id, items=pkg_out.items, decided_by=decider)
+            step.verdicts.extend((job.model_id, i.verdict) for i in pkg_out.items)
+        else:
+            body = pb.PkgOut(
+                model_id=job.model_id,
+                items=_unknown_items(job.size, refused or pb.UNKNOWN_REASON_OVERLOADED),
+            )
+            step.overloaded += job.size
+            step.verdicts.extend((job.model_id, pb.VERDICT_UNKNOWN) for _ in range(job.size))
+        s = self.sessions.get(job.sid)
+        if s is not None:
+            s.answered(job.xid, job.size)
+            if s.configured:
+                step.send.append((job.sid, s.reply_to(job.xid, body)))
+        return step
+
+    def admit_work(
+        self, sender: str, request: cpb.WorkRequest, reply_to: object, now: float
+    ) -> Step:
+        """Work a neighbour handed over (hop limit 1: scored here or refused, never
+        passed on). The neighbour speaks for its agent; the model declaration and the
+        items are checked here as an agent's are."""
+        step = Step()
+        model_id = request.pkg.model_id
+
+        def refuse(reason: int, detail: str) -> Step:
+            step.answers.append((reply_to, cpb.WorkAnswer(refused=reason, detail=detail)))
+            return step
+
+        if self.draining:
+            return refuse(pb.UNKNOWN_REASON_SHUTTING_DOWN, "shutting down")
+        if model_id not in self.detected_models or request.model.model_id != model_id:
+            return refuse(pb.UNKNOWN_REASON_NO_DETECTOR, f"no detectors for {model_id[:64]!r}")
+        problem = incompatible(model_id, request.model, self.expected.get(model_id))
+        if problem:
+            return refuse(pb.UNKNOWN_REASON_NO_DETECTOR, problem)
+        try:
+            decoded = validate_pkg_in(request.pkg, {model_id: request.model})
+        except ProtocolError as exc:
+            return refuse(pb.UNKNOWN_REASON_UNSPECIFIED, f"bad work from {sender}: {exc}")
+        n = len(decoded.items)
+        if self.workload + n > self.cfg.max_workload:
+            return refuse(pb.UNKNOWN_REASON_OVERLOADED, "over W0 here too")
+        job = InspectJob(REMOTE_SID, next(self._keys), request.agent_id, decoded, now)
+        self._remote[job.xid] = reply_to
+        self.workload += n
+        step.jobs.append(job)
+        return step
 
     # --- detector results ---
 
@@ -361,10 +498,13 @@ class ControllerCore:
         s = self.sessions.get(job.sid)
         if s is not None:
             s.answered(job.xid, job.size)
+        stages = None if timings is None else pkg_out_timings(job, timings, now)
         if s is not None and s.configured:
-            stages = None if timings is None else pkg_out_timings(job, timings, now)
             body = pb.PkgOut(model_id=model_id, items=items, timings=stages)
             step.send.append((job.sid, s.reply_to(job.xid, body)))
+        elif job.sid == REMOTE_SID and job.xid in self._remote:
+            out = pb.PkgOut(model_id=model_id, items=items, timings=stages)
+            step.answers.append((self._remote.pop(job.xid), cpb.WorkAnswer(pkg_out=out)))
         pushed: list[pb.LabelEntry] = []
         base_fpr = self._fpr(model_id)
         for i, (item, out) in enumerate(zip(job.pkg.items, items, strict=True)):

@@ -42,6 +42,7 @@ from openexample.errors import ProtocolError, bad_request
 from openexample.identity import Identity
 from openexample.limits import DEFAULT_LIMITS
 from openexample.v1 import admin_pb2, admin_pb2_grpc
+from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
 
 if TYPE_CHECKING:  # the bus is imported only with a `cluster` section
@@ -158,6 +159,8 @@ class ControllerServer:
                 ClusterMetrics(self.registry, lambda: list(state.peers.values())),
                 apply=self._apply_cluster,
                 load=lambda: (self.core.workload, self.cfg.max_workload, self._service_s),
+                work=self._on_work if cfg.cluster.overflow else None,
+                answered=self._on_answered,
             )
 
     # --- lifecycle ---
@@ -441,6 +444,8 @@ class ControllerServer:
                 sender.send(data)
                 if sender.backlog() > self.cfg.max_outbox_bytes:
                     self._not_reading(sid, sender)
+        if step.forwards or step.answers:
+            self._overflow(step)
         for job in step.jobs:
             self._pending.append(job)
         if step.jobs and not self._score_scheduled:
@@ -565,6 +570,44 @@ class ControllerServer:
             )
         self._dispatch(step)
 
+    def _overflow(self, step: Step) -> None:
+        """Work over W0 to the neighbours, and answers to theirs (controller/overflow.py)."""
+        bus = self.bus
+        for reply_to, answer in step.answers:
+            if bus is not None:
+                bus.answer(reply_to, answer)  # type: ignore[arg-type]
+        now = time.monotonic()
+        offset = time.time() - now
+        for f in step.forwards:
+            if bus is None or not bus.forward(f.key, f.request, f.deadline + offset):
+                # the bus is down: no neighbour will answer, so say so now
+                self._dispatch(self.core.on_forward_answer(f.key, None, "", 0, now))
+        if step.forwards and bus is not None:
+            bus.take_work(False)  # over W0: take no neighbour's work
+
+    def _on_work(self, sender: str, request: cpb.WorkRequest, reply_to: tuple[str, bytes]) -> None:
+        self._dispatch(self.core.admit_work(sender, request, reply_to, time.monotonic()))
+
+    def _on_answered(self, key: int, answer: cpb.WorkAnswer, peer: str) -> None:
+        pkg_out = answer.pkg_out if answer.HasField("pkg_out") else None
+        if pkg_out is None:
+            log.info("cluster: %s refused work over W0: %s", peer, answer.detail or "no reason")
+        now = time.monotonic()
+        self._dispatch(self.core.on_forward_answer(key, pkg_out, peer, answer.refused, now))
+
+    def _overflow_tick(self) -> None:
+        """Whether a neighbour can take work now, and whether this one takes theirs
+        (out of the shared subscription at W0, back in under half of it)."""
+        bus = self.bus
+        if bus is None:
+            return
+        self.core.neighbours_free = self.cfg.cluster.overflow and bus.neighbours_free()
+        w, w0 = self.core.workload, self.cfg.max_workload
+        if w < w0 / 2:
+            bus.take_work(True)
+        elif w >= w0:
+            bus.take_work(False)
+
     def _not_reading(self, sid: int, sender: Sender) -> None:
         """The peer lets more than max_outbox_bytes pile up: what waits is dropped, a
         typed ERROR goes last, the stream ends (memory stays bounded whatever it does)."""
@@ -595,6 +638,7 @@ class ControllerServer:
 
     async def _tick_loop(self) -> None:
         while True:
+            self._overflow_tick()
             self._dispatch(self.core.on_tick(time.monotonic()))
             deadline = self.core.next_deadline()
             delay = 0.2 if deadline is None else deadline - time.monotonic()

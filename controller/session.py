@@ -240,27 +240,9 @@ class AgentSession:
         (HELLO_FAILED/INCOMPATIBLE): otherwise they would score inputs they were not
         trained for and give verdicts, not errors (other noise: another FPR)."""
         for model_id, m in models.items():
-            want = self.expected.get(model_id)
-            if want is None:
-                continue
-            shape, classes = tuple(m.input_shape), len(m.class_names)
-            if (shape, classes) != (want.input_shape, want.classes):
-                raise hello_failed(
-                    pb.HELLO_FAILED_CODE_INCOMPATIBLE,
-                    f"model {model_id!r}: the agent declares inputs {shape} and {classes}"
-                    f" classes; the controller's detectors for it were trained for"
-                    f" {want.input_shape} and {want.classes}",
-                )
-            # validate_features made sure it reads
-            noise = PrivacyNoise.from_pb(m.privacy if m.HasField("privacy") else None)
-            if not noise.matches(want.privacy):
-                raise hello_failed(
-                    pb.HELLO_FAILED_CODE_INCOMPATIBLE,
-                    f"model {model_id!r}: the agent's privacy noise is {noise}; the"
-                    f" controller's detectors for it were calibrated for {want.privacy}"
-                    " (give the agent that privacy, or train them with --privacy"
-                    f" '{noise}')",
-                )
+            problem = incompatible(model_id, m, self.expected.get(model_id))
+            if problem:
+                raise hello_failed(pb.HELLO_FAILED_CODE_INCOMPATIBLE, problem)
 
     # -- time --
 
@@ -272,3 +254,27 @@ class AgentSession:
 
     def close(self, reason: str) -> Output:
         return self.session.close(reason)
+
+
+def incompatible(model_id: str, m: pb.ModelDescriptor, want: Expected | None) -> str:
+    """Why a model declared as ``m`` cannot be scored by detectors trained for ``want``
+    (another input shape, class count or privacy noise); "" when it can, or when there
+    are no detectors for it here (None). ``m`` has been through validate_features."""
+    if want is None:
+        return ""
+    shape, classes = tuple(m.input_shape), len(m.class_names)
+    if (shape, classes) != (want.input_shape, want.classes):
+        return (
+            f"model {model_id!r}: the agent declares inputs {shape} and {classes}"
+            f" classes; the controller's detectors for it were trained for"
+            f" {want.input_shape} and {want.classes}"
+        )
+    noise = PrivacyNoise.from_pb(m.privacy if m.HasField("privacy") else None)
+    if not noise.matches(want.privacy):
+        return (
+            f"model {model_id!r}: the agent's privacy noise is {noise}; the"
+            f" controller's detectors for it were calibrated for {want.privacy}"
+            " (give the agent that privacy, or train them with --privacy"
+            f" '{noise}')"
+        )
+    return ""

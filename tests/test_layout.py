@@ -92,6 +92,7 @@ SANS_IO = [
     ROOT / "controller" / "core.py",
     ROOT / "controller" / "desired.py",
     ROOT / "controller" / "cluster.py",
+    ROOT / "controller" / "overflow.py",
     ROOT / "controller" / "correction.py",
     ROOT / "controller" / "session.py",
     ROOT / "agents" / "core.py",

@@ -10,6 +10,13 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
                                                    (QoS 1, retained)
   openexample/v1/cluster/controller/<name>/load    Workload (QoS 1, retained; the last
                                                    will says up = false)
+  openexample/v1/cluster/controller/<name>/work    WorkRequest: PKG_IN items over its W0,
+                                                   for one neighbour (QoS 0; taken through
+                                                   the shared subscription $share/...;
+                                                   MQTT 5 response topic + correlation data)
+  openexample/v1/cluster/controller/<name>/answers/controller/<peer>
+                                                   WorkAnswer from <peer> (QoS 0; the ACL
+                                                   lets <peer> write only that leaf)
 `controller/<name>` is the publisher's identity (its certificate's; the broker's ACL
 lets it write only there), and `sender` must say the same, or the receiver refuses the
 message. State merges as a replicated set (controller/cluster.py): union of tagged
@@ -45,6 +52,8 @@ class BusMessage(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     WORKLOAD_FIELD_NUMBER: _builtins.int
+    WORK_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """1 for this file; a receiver refuses other versions."""
     sender: _builtins.str
@@ -69,6 +78,14 @@ class BusMessage(_message.Message):
     def workload(self) -> Global___Workload:
         """The sender's load (Table III: W, W0, service time)."""
 
+    @_builtins.property
+    def work(self) -> Global___WorkRequest:
+        """PKG_IN items over the sender's W0, for whichever neighbour takes them."""
+
+    @_builtins.property
+    def answer(self) -> Global___WorkAnswer:
+        """A neighbour's verdicts on a WorkRequest (or why it gave none)."""
+
     def __init__(
         self,
         *,
@@ -80,12 +97,14 @@ class BusMessage(_message.Message):
         delta: Global___VigilanceSet | None = ...,
         snapshot: Global___VigilanceSet | None = ...,
         workload: Global___Workload | None = ...,
+        work: Global___WorkRequest | None = ...,
+        answer: Global___WorkAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "snapshot", b"snapshot", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "snapshot", b"snapshot", "work", b"work", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "generation", b"generation", "sender", b"sender", "sent_at", b"sent_at", "seq", b"seq", "snapshot", b"snapshot", "version", b"version", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "generation", b"generation", "sender", b"sender", "sent_at", b"sent_at", "seq", b"seq", "snapshot", b"snapshot", "version", b"version", "work", b"work", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "snapshot", "workload"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "snapshot", "workload", "work", "answer"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -290,3 +309,72 @@ class Workload(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Workload: _TypeAlias = Workload  # noqa: Y015
+
+@_typing.final
+class WorkRequest(_message.Message):
+    """Table III steps 1-2 and 9: a controller over its workload threshold W0 hands a PKG_IN
+    to a neighbour. Hop limit 1: a receiver scores it or refuses it, never forwards it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PKG_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent the PKG_IN came from (authenticated by the sender) and its declaration of
+    the model: the receiver checks both against its own detectors, as at FEATURES.
+    """
+    deadline: _builtins.float
+    """Unix seconds: the agent stops waiting then; a receiver drops work past it."""
+    @_builtins.property
+    def model(self) -> _openexample_pb2.ModelDescriptor: ...
+    @_builtins.property
+    def pkg(self) -> _openexample_pb2.PkgIn: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        model: _openexample_pb2.ModelDescriptor | None = ...,
+        pkg: _openexample_pb2.PkgIn | None = ...,
+        deadline: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pkg", b"pkg"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "deadline", b"deadline", "model", b"model", "pkg", b"pkg"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class WorkAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PKG_OUT_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    refused: _openexample_pb2.UnknownReason.ValueType
+    detail: _builtins.str
+    """Why, in words, when refused (one line, for the sender's log)."""
+    @_builtins.property
+    def pkg_out(self) -> _openexample_pb2.PkgOut:
+        """The PKG_OUT for the request's PKG_IN (items in order, the receiver's timings), or
+        none with `refused` saying why (OVERLOADED, NO_DETECTOR, ...).
+        """
+
+    def __init__(
+        self,
+        *,
+        pkg_out: _openexample_pb2.PkgOut | None = ...,
+        refused: _openexample_pb2.UnknownReason.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pkg_out", b"pkg_out"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "pkg_out", b"pkg_out", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkAnswer: _TypeAlias = WorkAnswer  # noqa: Y015

@@ -10,6 +10,13 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
                                                    (QoS 1, retained)
   openexample/v1/cluster/controller/<name>/load    Workload (QoS 1, retained; the last
                                                    will says up = false)
+  openexample/v1/cluster/controller/<name>/work    WorkRequest: PKG_IN items over its W0,
+                                                   for one neighbour (QoS 0; taken through
+                                                   the shared subscription $share/...;
+                                                   MQTT 5 response topic + correlation data)
+  openexample/v1/cluster/controller/<name>/answers/controller/<peer>
+                                                   WorkAnswer from <peer> (QoS 0; the ACL
+                                                   lets <peer> write only that leaf)
 `controller/<name>` is the publisher's identity (its certificate's; the broker's ACL
 lets it write only there), and `sender` must say the same, or the receiver refuses the
 message. State merges as a replicated set (controller/cluster.py): union of tagged

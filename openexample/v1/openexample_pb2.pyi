@@ -1266,8 +1266,13 @@ class PkgOut(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The PKG_IN's model id."""
+    decided_by: _builtins.str
+    """The controller whose detectors scored it ("controller/<name>") when that is not the
+    one the agent is connected to: a neighbour took it over W0 (several controllers).
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PkgOutItem]:
         """One per PKG_IN item, same order."""
@@ -1285,10 +1290,11 @@ class PkgOut(_message.Message):
         model_id: _builtins.str = ...,
         items: _abc.Iterable[Global___PkgOutItem] | None = ...,
         timings: Global___Timings | None = ...,
+        decided_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "model_id", b"model_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "items", b"items", "model_id", b"model_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
