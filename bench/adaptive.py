@@ -49,7 +49,8 @@ class Budget:
     eps: float
     steps: int = 200
     targets: int = 3  # wrong labels tried per image
-    weights: tuple[float, ...] = (1.0, 10.0)  # detector-hinge weights tried per target
+    # detector-hinge weights tried per target, after the detector-unaware run (weight 0)
+    weights: tuple[float, ...] = (0.1, 1.0, 10.0)
     kappa: float = 6.0  # logit margin of the target over every other class
     slack: float = 0.05  # aim this far under each threshold (in threshold-scale units)
 
@@ -167,15 +168,18 @@ def attack(
     *,
     weights: tuple[float, ...] | None = None,
     seed: int = 0,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Every target and weight of ``b`` on every image; an image is broken when one run
-    broke it. Returns the success rate and the distortion of the successes."""
+    """Every target and weight of ``b`` on every image not broken yet (``start``: the
+    (broken mask, adversarials) of an earlier attack, which this one extends); an image is
+    broken when one run broke it. Returns the success rate and the distortion of the
+    successes, the adversarials and the broken mask."""
     rng = np.random.default_rng(seed)
     classes = int(judge.predict(x[:1]).shape[1])
     # distinct wrong labels per image
     wrong = np.stack([rng.permutation(np.setdiff1d(np.arange(classes), [c])) for c in y])
-    found = np.zeros(len(x), bool)
-    best = x.copy()
+    found = np.zeros(len(x), bool) if start is None else start[0].copy()
+    best = x.copy() if start is None else start[1].copy()
     runs = 0
     for t in range(b.targets):
         for w in b.weights if weights is None else weights:
@@ -197,7 +201,7 @@ def attack(
         "median_linf": round(float(np.median(np.abs(d).max(1))), 4) if len(d) else None,
         "median_l2": round(float(np.median(np.linalg.norm(d, axis=1))), 4) if len(d) else None,
     }
-    return summary, best[found], np.flatnonzero(found)
+    return summary, best, found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,8 +247,10 @@ def run(args: argparse.Namespace) -> int:
         "attack": (
             "PGD toward each of `targets` wrong labels (random, distinct), logit hinge with"
             " margin kappa + weight x sum of detector-score hinges under threshold -"
-            " slack x |threshold|; random start; step 2.5 eps / steps; success judged by"
-            f" the deployed pipeline every {CHECK_EVERY} steps and at the end"
+            " slack x |threshold|, weight 0 first (the detector-unaware column), then each"
+            " of `weights` on the images still unbroken; random start; step 2.5 eps /"
+            f" steps; success judged by the deployed pipeline every {CHECK_EVERY} steps and"
+            " at the end"
         ),
         "rows": [],
     }
@@ -252,11 +258,15 @@ def run(args: argparse.Namespace) -> int:
     found: dict[str, np.ndarray] = {}  # the successful adversarials, for anyone to re-check
     for b in budgets(args.quick):
         row = {"budget": b.label, **asdict(b)}
-        row["adaptive"], adv, idx = attack(module, surrogates, judge, x, y, b, seed=args.seed)
-        found[f"{b.norm}-{b.eps:g}-x"], found[f"{b.norm}-{b.eps:g}-y"] = adv, y[idx]
-        row["unaware"], *_ = attack(
+        # the detector-unaware attack first; the adaptive one goes on from what it broke,
+        # so it is never weaker than its own weight-0 runs
+        row["unaware"], adv, ok = attack(
             module, surrogates, judge, x, y, b, weights=(0.0,), seed=args.seed
         )
+        row["adaptive"], adv, ok = attack(
+            module, surrogates, judge, x, y, b, seed=args.seed, start=(ok, adv)
+        )
+        found[f"{b.norm}-{b.eps:g}-x"], found[f"{b.norm}-{b.eps:g}-y"] = adv[ok], y[ok]
         print(
             f"  {b.label}: adaptive {row['adaptive']['success']:.3f},"
             f" detector-unaware {row['unaware']['success']:.3f}",
@@ -288,7 +298,7 @@ def markdown(report: dict) -> str:
         "",
         f"Attack: {report['attack']}.",
         "",
-        "| budget | steps | targets x weights | kappa | adaptive success | detector-unaware"
+        "| budget | steps | targets x (1 + weights) | kappa | adaptive success | detector-unaware"
         " success | median L-inf / L2 of successes |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -296,7 +306,7 @@ def markdown(report: dict) -> str:
         a, u = r["adaptive"], r["unaware"]
         dist = "-" if a["median_l2"] is None else f"{a['median_linf']:.2f} / {a['median_l2']:.2f}"
         lines.append(
-            f"| {r['budget']} | {r['steps']} | {r['targets']} x {len(r['weights'])} |"
+            f"| {r['budget']} | {r['steps']} | {r['targets']} x {1 + len(r['weights'])} |"
             f" {r['kappa']:g} | **{a['success']:.3f}** ({a['broken']}) |"
             f" {u['success']:.3f} ({u['broken']}) | {dist} |"
         )
