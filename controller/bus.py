@@ -87,8 +87,10 @@ class ClusterBus:
         self.settings = settings
         self._work = work
         self._answered = answered
-        self._taking_work = work is not None  # in the shared subscription (when up)
+        # in the shared subscription for work over W0 (when up)
+        self._taking_work = work is not None and settings.overflow
         self._forwards: dict[int, float] = {}  # key -> unix deadline: awaiting an answer
+        self._votes: dict[int, float] = {}  # key -> unix deadline: answers until then
         self.state = state
         self.metrics = metrics
         self._apply = apply
@@ -192,6 +194,8 @@ class ClusterBus:
                     await client.subscribe(f"{me}/#", qos=0)
                     if self._taking_work:
                         await client.subscribe(overflow.work_subscription(), qos=0)
+                    if self._work is not None:  # k-of-n consensus: every controller votes
+                        await client.subscribe(f"{PREFIX}/+/+/{overflow.VOTE}", qos=0)
                     self._up(client)
                     delay = self.settings.reconnect_min_s
                     await self._serve(client)
@@ -266,7 +270,7 @@ class ClusterBus:
                 name = str(message.topic)
                 data = message.payload
                 data = data.encode() if isinstance(data, str) else bytes(data or b"")  # type: ignore[arg-type]
-                if name.endswith("/" + overflow.WORK):
+                if name.endswith(("/" + overflow.WORK, "/" + overflow.VOTE)):
                     self._on_work(name, data, message.properties)
                 elif name.startswith(overflow.answers_topic(self.state.identity) + "/"):
                     self._on_answer(name, data, message.properties)
@@ -333,6 +337,31 @@ class ClusterBus:
         self._forwards[key] = deadline
         return True
 
+    def vote(self, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
+        """Ask every other controller to score ``request`` (k-of-n consensus); False
+        when the bus is down."""
+        request.deadline = deadline
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = overflow.answers_topic(self.state.identity)
+        props.CorrelationData = self._correlation(key)
+        props.MessageExpiryInterval = max(1, math.ceil(deadline - time.time()))
+        msg = self.state.message(time.time(), work=request)
+        name = topic(self.state.identity, overflow.VOTE)
+        if not self._queue(name, _bytes(msg), overflow.VOTE, props=props):
+            return False
+        now = time.time()
+        for k in [k for k, t in self._votes.items() if t < now]:
+            del self._votes[k]  # past their deadline: late answers are dropped
+        self._votes[key] = deadline
+        return True
+
+    def peers_up(self) -> int:
+        """Other controllers up, when this one is connected (0 otherwise)."""
+        if self._client is None:
+            return 0
+        me = self.state.identity
+        return sum(1 for p in self.state.peers.values() if p.up and p.identity != me)
+
     def answer(self, reply_to: tuple[str, bytes], answer: cpb.WorkAnswer) -> None:
         """Answer a neighbour's request on its response topic, under our own leaf."""
         response_topic, correlation = reply_to
@@ -344,7 +373,7 @@ class ClusterBus:
 
     def take_work(self, want: bool) -> None:
         """Join or leave the shared subscription (a controller over W0 takes no work)."""
-        if want == self._taking_work or self._work is None:
+        if want == self._taking_work or self._work is None or not self.settings.overflow:
             return
         self._taking_work = want
         client = self._client
@@ -378,7 +407,9 @@ class ClusterBus:
         gen, key = correlation[:8], int.from_bytes(correlation[8:16], "big")
         if len(correlation) != 16 or gen != self.state.generation.to_bytes(8, "big"):
             return  # for an earlier run of ours
-        if self._forwards.pop(key, None) is None or self._answered is None:
+        if self._answered is None:
+            return
+        if self._forwards.pop(key, None) is None and self._votes.get(key, 0.0) < time.time():
             return  # answered already, or late
         self.metrics.messages.labels("received", overflow.ANSWERS).inc()
         self._answered(key, got.answer, got.sender)

@@ -38,6 +38,10 @@ class ModelConfig:
     # when at least correct_min_agree purifying detectors agree on it; controller/correction.py)
     on_adversarial: str = "drop"
     correct_min_agree: int = 2
+    # k of n (several controllers): a verdict needs this many controllers (this one
+    # included) to agree; every other controller up on the bus is asked (controller/
+    # consensus.py). 1: this controller alone.
+    consensus: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,12 @@ def _cluster_config(raw: Any) -> ClusterConfig:
 def _check_cluster(cfg: Config) -> None:
     c = cfg.cluster
     if c is None:
+        for model_id, m in cfg.models.items():
+            if m.consensus > 1:
+                raise ConfigError(
+                    f"models.{model_id}.consensus: {m.consensus} controllers must agree, but"
+                    " there is no cluster section (add one, or consensus: 1)"
+                )
         return
     host, port = c.host_port
     if not c.tls:
@@ -374,12 +384,16 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
     agree = _check_type(f"{path}.correct_min_agree", raw.get("correct_min_agree", 2), int)
     if agree < 1:
         raise ConfigError(f"{path}.correct_min_agree: must be >= 1, got {agree}")
+    k = _check_type(f"{path}.consensus", raw.get("consensus", 1), int)
+    if k < 1:
+        raise ConfigError(f"{path}.consensus: must be >= 1, got {k}")
     return ModelConfig(
         detectors=tuple(dets),
         fpr=fpr,
         reference_model=ref,
         on_adversarial=policy,
         correct_min_agree=agree,
+        consensus=k,
     )
 
 

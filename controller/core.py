@@ -14,11 +14,10 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
+from controller.cluster_work import ClusterWork
 from controller.config import Config, RuleConfig, trace_params
-from controller.desired import Changes, DesiredRules, DesiredState, RulesDiff
-from controller.overflow import RoundTrip
+from controller.desired import DesiredRules, DesiredState, RulesDiff
 from controller.session import (
     AgentSession,
     Closed,
@@ -28,181 +27,26 @@ from controller.session import (
     PkgInReceived,
     Ready,
     ReplyReceived,
-    incompatible,
+)
+from controller.steps import (
+    REMOTE_SID,
+    CoreSnapshot,
+    Incident,
+    InspectJob,
+    ScoreTimes,
+    Step,
+    pkg_out_timings,
+    unknown_items,
 )
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
-from openexample.errors import ProtocolError
 from openexample.identity import Identity
 from openexample.perceptual import perceptual
-from openexample.tensor import encode
 from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
-from openexample.validate import DecodedPkgIn, validate_pkg_in
 
 
-@dataclass(slots=True)
-class InspectJob:
-    """A PKG_IN admitted for scoring."""
-
-    sid: int
-    xid: int
-    agent_id: str
-    pkg: DecodedPkgIn
-    received_at: float
-
-    @property
-    def size(self) -> int:
-        return len(self.pkg.items)
-
-
-REMOTE_SID = -1  # InspectJob.sid of work a neighbour handed over (no session here)
-
-
-@dataclass(slots=True)
-class ForwardJob:
-    """A PKG_IN over W0, handed to the neighbours (controller/overflow.py) and waiting
-    for their answer until ``deadline`` (core time)."""
-
-    key: int
-    sid: int
-    xid: int
-    agent_id: str
-    model_id: str
-    size: int
-    deadline: float
-    request: cpb.WorkRequest  # what goes on the bus (its deadline: unix time, the shell's)
-    sent_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class ScoreTimes:
-    """When the shell scored a job's batch, on the clock it passes as ``now``.
-
-    The shell measures; :meth:`ControllerCore.on_results` turns these into the
-    PKG_OUT's ``Timings`` (microseconds from the job's ``received_at``).
-    """
-
-    started: float  # the scoring call for the batch began
-    done: float  # it returned
-    batch_items: int  # items scored together (this job's and others')
-    detectors: tuple[tuple[str, float], ...] = ()  # (name, seconds) per detector
-
-
-def pkg_out_timings(job: InspectJob, times: ScoreTimes, now: float) -> pb.Timings:
-    """The stages of ``job`` in whole microseconds. The boundaries are rounded, not the
-    spans, so queue_us + score_us + reply_us == controller_us exactly."""
-    t0 = job.received_at
-    start = max(0, round((times.started - t0) * 1e6))
-    done = max(start, round((times.done - t0) * 1e6))
-    end = max(done, round((now - t0) * 1e6))
-    return pb.Timings(
-        queue_us=start,
-        batch_items=times.batch_items,
-        score_us=done - start,
-        detectors=[
-            pb.DetectorTiming(detector=name, us=max(0, round(s * 1e6)))
-            for name, s in times.detectors
-        ],
-        reply_us=end - done,
-        controller_us=end,
-    )
-
-
-@dataclass(slots=True)
-class Incident:
-    """An ADVERSARIAL verdict, for the journal (never the raw input)."""
-
-    at: float
-    agent_id: str
-    model_id: str
-    source_id: str
-    label: int
-    corrected_label: int | None
-    score: float
-    evidence: str  # JSON: [{detector, score, threshold, flagged}, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CoreSnapshot:
-    """What metrics and the admin API read of the core (a copy; never its internals)."""
-
-    sessions: int  # open streams, in any state
-    agents: int  # configured sessions (FEATURES done)
-    workload: int  # W: items admitted and not answered yet
-    rt_entries: int
-    blocked_sources: int
-    template_rules: int  # desired rules for agents not seen yet
-    agent_rules: int  # desired rules, summed over known agents
-
-
-@dataclass(slots=True)
-class Step(Changes):
-    """What the shell carries out after a call into the core. From :class:`Changes`:
-    the desired state to store before anything is sent, and the notes to log."""
-
-    send: list[tuple[int, pb.Envelope]] = field(default_factory=list)
-    jobs: list[InspectJob] = field(default_factory=list)
-    incidents: list[Incident] = field(default_factory=list)
-    # Replies to controller-initiated requests (sid, xid, envelope): admin waits on them.
-    replies: list[tuple[int, int, pb.Envelope]] = field(default_factory=list)
-    closed: list[tuple[int, str]] = field(default_factory=list)
-    ready: list[int] = field(default_factory=list)  # sessions whose FEATURES were accepted
-    # Typed errors sent to agents, by name; sources blocked; overload answers.
-    errors: list[str] = field(default_factory=list)
-    blocked: list[TraceDecision] = field(default_factory=list)  # sources blocked, and why
-    # Agents whose claimed fingerprint of a flagged input is not the controller's own
-    # (its entry is not pushed): (agent_id, model_id).
-    fingerprint_mismatches: list[tuple[str, str]] = field(default_factory=list)
-    # Sessions closed because the same agent connected again: (sid, agent_id).
-    replaced: list[tuple[int, str]] = field(default_factory=list)
-    # Agents that declared models with no detectors here (agent_id, model ids): their
-    # PKG_INs get UNKNOWN/NO_DETECTOR; the shell warns.
-    undetected: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    # Agents that run another model file than their detectors were trained with, by its
-    # digest: (agent_id, model_id, the agent's digest, the artifacts'). The shell warns.
-    other_models: list[tuple[str, str, str, str]] = field(default_factory=list)
-    # FEATURES refused with HELLO_FAILED (sid, claimed agent id, reason): the shell warns.
-    refused: list[tuple[int, str, str]] = field(default_factory=list)
-    verdicts: list[tuple[str, int]] = field(default_factory=list)  # (model, Verdict)
-    overloaded: int = 0
-    # For the other controllers (controller/cluster.py), what this one decided: the
-    # ADVERSARIAL RT entries it made (model, entry, expiry in core time or None: never)
-    # and the sources it blocked (expiry likewise) or unblocked. Never what
-    # :meth:`ControllerCore.apply_remote` applied (that came from the cluster).
-    # Over W0: PKG_INs for the neighbours (the shell publishes them), and answers to
-    # work a neighbour handed here (the reply-to key the shell gave, the answer).
-    forwards: list[ForwardJob] = field(default_factory=list)
-    answers: list[tuple[object, cpb.WorkAnswer]] = field(default_factory=list)
-    rt_added: list[tuple[str, pb.LabelEntry, float | None]] = field(default_factory=list)
-    blocks_added: list[tuple[tuple[str, str], float | None]] = field(default_factory=list)
-    blocks_removed: list[tuple[str, str]] = field(default_factory=list)
-
-    def merge_answers(self, other: Step) -> Step:
-        """``other``'s PKG_OUTs and their counts, added to this step."""
-        self.send.extend(other.send)
-        self.verdicts.extend(other.verdicts)
-        self.overloaded += other.overloaded
-        return self
-
-    def merge(self, other: Step) -> Step:
-        """``other``'s messages, what to store and notes, added to this step (the
-        parts an operator's or the config's rule changes produce)."""
-        self.send.extend(other.send)
-        self.persist |= other.persist
-        self.persist_blocks = self.persist_blocks or other.persist_blocks
-        self.notes.extend(other.notes)
-        return self
-
-
-def _unknown_items(n: int, reason: int) -> list[pb.PkgOutItem]:
-    item = pb.PkgOutItem(
-        verdict=pb.VERDICT_UNKNOWN, action=pb.VERDICT_ACTION_RELEASE, unknown_reason=reason
-    )
-    return [item] * n
-
-
-class ControllerCore:
+class ControllerCore(ClusterWork):
     def __init__(
         self,
         cfg: Config,
@@ -225,13 +69,7 @@ class ControllerCore:
         self.tracer = SourceTracer(trace_params(cfg))
         self._fp_key = cfg.fingerprint_key_bytes
         self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
-        # Several controllers: whether a neighbour can take work over W0 now (the shell
-        # says, from the peers' load), what a forward costs, and the work in flight.
-        self.neighbours_free = False
-        self.forward_rtt = RoundTrip()
-        self.forwarded: dict[int, ForwardJob] = {}
-        self._remote: dict[int, object] = {}  # InspectJob.xid -> the shell's reply-to
-        self._keys = itertools.count(1)
+        self._init_cluster_work()  # controller/cluster_work.py
 
     # --- sessions ---
 
@@ -288,12 +126,16 @@ class ControllerCore:
         self.durable.expire(now, step)
         for key in [k for k, f in self.forwarded.items() if f.deadline <= now]:
             # no neighbour answered in time: the agent hears OVERLOADED, as alone
-            step.merge_answers(self.on_forward_answer(key, None, "", 0, now))
+            step.absorb(self.on_forward_answer(key, None, "", 0, now))
+        for b in [b for b in self.ballots.values() if b.deadline <= now and not b.expired]:
+            b.expired = True  # no more votes: decide with those in (when scored here)
+            self._close_ballot(b, now, step)
         return step
 
     def next_deadline(self) -> float | None:
         times = [t for s in self.sessions.values() if (t := s.next_deadline()) is not None]
         times += [f.deadline for f in self.forwarded.values()]
+        times += [b.deadline for b in self.ballots.values() if not b.expired]
         return min(times, default=None)
 
     def _absorb(self, sid: int, out: Output, step: Step, now: float) -> None:
@@ -382,101 +224,21 @@ class ControllerCore:
             reason = pb.UNKNOWN_REASON_OVERLOADED
             step.overloaded += n
         if reason:
-            body = pb.PkgOut(model_id=pkg.model_id, items=_unknown_items(n, reason))
+            body = pb.PkgOut(model_id=pkg.model_id, items=unknown_items(n, reason))
             step.send.append((sid, s.reply_to(ev.xid, body)))
             s.answered(ev.xid, n)
             step.verdicts.extend((pkg.model_id, pb.VERDICT_UNKNOWN) for _ in range(n))
             return
-        self.workload += n
-        step.jobs.append(InspectJob(sid, ev.xid, s.agent_id, pkg, now))
-
-    # --- several controllers: work over W0 (controller/overflow.py) ---
-
-    def _forward(
-        self, s: AgentSession, sid: int, ev: PkgInReceived, step: Step, now: float
-    ) -> bool:
-        """Hand a PKG_IN over W0 to the neighbours, when one can take it and every
-        item's budget covers the round trip a forward has cost so far."""
-        pkg = ev.pkg
-        budget = min(item.budget_us for item in pkg.items) * 1e-6
-        if not self.neighbours_free or budget <= self.forward_rtt.estimate_s:
-            return False  # also budget 0: nobody waits for the answer
-        request = cpb.WorkRequest(
-            agent_id=s.agent_id,
-            model=s.models[pkg.model_id],
-            pkg=pb.PkgIn(
-                model_id=pkg.model_id,
-                inputs=encode(pkg.inputs),
-                logits=encode(pkg.logits) if pkg.logits is not None else None,
-                items=pkg.items,
-            ),
-        )
-        key = next(self._keys)
-        self.forwarded[key] = ForwardJob(
-            key, sid, ev.xid, s.agent_id, pkg.model_id, len(pkg.items), now + budget, request, now
-        )
-        step.forwards.append(self.forwarded[key])
-        return True
-
-    def on_forward_answer(
-        self, key: int, pkg_out: pb.PkgOut | None, decider: str, refused: int, now: float
-    ) -> Step:
-        """A neighbour's answer to a forward (``pkg_out``), its refusal (``refused``), or
-        none in time (both empty): the agent gets the verdicts, or UNKNOWN/OVERLOADED."""
-        step = Step()
-        job = self.forwarded.pop(key, None)
-        if job is None:
-            return step  # answered already (deadline), or never ours
-        if pkg_out is not None and len(pkg_out.items) == job.size:
-            self.forward_rtt.observe(now - job.sent_at)
-            body = pb.PkgOut(model_id=job.model_id, items=pkg_out.items, decided_by=decider)
-            step.verdicts.extend((job.model_id, i.verdict) for i in pkg_out.items)
-        else:
-            body = pb.PkgOut(
-                model_id=job.model_id,
-                items=_unknown_items(job.size, refused or pb.UNKNOWN_REASON_OVERLOADED),
-            )
-            step.overloaded += job.size
-            step.verdicts.extend((job.model_id, pb.VERDICT_UNKNOWN) for _ in range(job.size))
-        s = self.sessions.get(job.sid)
-        if s is not None:
-            s.answered(job.xid, job.size)
-            if s.configured:
-                step.send.append((job.sid, s.reply_to(job.xid, body)))
-        return step
-
-    def admit_work(
-        self, sender: str, request: cpb.WorkRequest, reply_to: object, now: float
-    ) -> Step:
-        """Work a neighbour handed over (hop limit 1: scored here or refused, never
-        passed on). The neighbour speaks for its agent; the model declaration and the
-        items are checked here as an agent's are."""
-        step = Step()
-        model_id = request.pkg.model_id
-
-        def refuse(reason: int, detail: str) -> Step:
-            step.answers.append((reply_to, cpb.WorkAnswer(refused=reason, detail=detail)))
-            return step
-
-        if self.draining:
-            return refuse(pb.UNKNOWN_REASON_SHUTTING_DOWN, "shutting down")
-        if model_id not in self.detected_models or request.model.model_id != model_id:
-            return refuse(pb.UNKNOWN_REASON_NO_DETECTOR, f"no detectors for {model_id[:64]!r}")
-        problem = incompatible(model_id, request.model, self.expected.get(model_id))
-        if problem:
-            return refuse(pb.UNKNOWN_REASON_NO_DETECTOR, problem)
-        try:
-            decoded = validate_pkg_in(request.pkg, {model_id: request.model})
-        except ProtocolError as exc:
-            return refuse(pb.UNKNOWN_REASON_UNSPECIFIED, f"bad work from {sender}: {exc}")
-        n = len(decoded.items)
-        if self.workload + n > self.cfg.max_workload:
-            return refuse(pb.UNKNOWN_REASON_OVERLOADED, "over W0 here too")
-        job = InspectJob(REMOTE_SID, next(self._keys), request.agent_id, decoded, now)
-        self._remote[job.xid] = reply_to
+        job = InspectJob(sid, ev.xid, s.agent_id, pkg, now)
+        model = self.cfg.models.get(pkg.model_id)
+        if (
+            model is not None
+            and model.consensus > 1
+            and not self._ballot(s, job, model.consensus, step, now)
+        ):
+            return
         self.workload += n
         step.jobs.append(job)
-        return step
 
     # --- detector results ---
 
@@ -492,8 +254,22 @@ class ControllerCore:
         With ``timings`` (what the shell measured while scoring), the PKG_OUT carries
         the controller's stages (``pb.Timings``, see :func:`pkg_out_timings`).
         """
-        step = Step()
         self.workload -= job.size
+        if job.ballot and (b := self.ballots.get(job.ballot)) is not None:
+            b.local = (items, timings)  # the verdict waits for the votes
+            step = Step()
+            self._close_ballot(b, now, step)
+            return step
+        return self._results(job, items, now, timings)
+
+    def _results(
+        self,
+        job: InspectJob,
+        items: list[pb.PkgOutItem],
+        now: float,
+        timings: ScoreTimes | None = None,
+    ) -> Step:
+        step = Step()
         model_id = job.pkg.model_id
         s = self.sessions.get(job.sid)
         if s is not None:
@@ -505,6 +281,8 @@ class ControllerCore:
         elif job.sid == REMOTE_SID and job.xid in self._remote:
             out = pb.PkgOut(model_id=model_id, items=items, timings=stages)
             step.answers.append((self._remote.pop(job.xid), cpb.WorkAnswer(pkg_out=out)))
+            if job.vote:
+                return step  # a vote: the asking controller records what is decided
         pushed: list[pb.LabelEntry] = []
         base_fpr = self._fpr(model_id)
         for i, (item, out) in enumerate(zip(job.pkg.items, items, strict=True)):

@@ -31,7 +31,7 @@ from controller.cluster import PREFIX, VERSION, topic, topic_identity
 from openexample.identity import valid_name
 from openexample.v1 import cluster_pb2 as cpb
 
-WORK, ANSWERS = "work", "answers"
+WORK, VOTE, ANSWERS = "work", "vote", "answers"
 SHARE_GROUP = "openexample-work"
 # Before the first answer: what a forward is assumed to cost (the broker twice, the
 # neighbour's queue and scoring); measured answers replace it.
@@ -82,9 +82,10 @@ def _decode(name: str, payload: bytes, ident: str, body: str) -> Parsed:
 
 
 def parse_request(name: str, payload: bytes) -> Parsed:
-    """A WorkRequest from the shared subscription: its topic is its sender's."""
+    """A WorkRequest (work over W0 from the shared subscription, or a consensus vote):
+    its topic is its sender's, and says which of the two it is."""
     parts = name.split("/")
-    if len(parts) != 6 or parts[5] != WORK:
+    if len(parts) != 6 or parts[5] not in (WORK, VOTE):
         return Parsed(refused=f"not a work topic: {name!r}")
     where = topic_identity("/".join([*parts[:5], "load"]))  # the sender's prefix
     if where is None:
@@ -92,6 +93,8 @@ def parse_request(name: str, payload: bytes) -> Parsed:
     got = _decode(name, payload, where[0], "work")
     if got.request is not None and not got.request.pkg.items:
         return Parsed(got.sender, refused=f"a work request with no items from {got.sender}")
+    if got.request is not None and got.request.vote != (parts[5] == VOTE):
+        return Parsed(got.sender, refused=f"vote = {got.request.vote} on {name}")
     return got
 
 

@@ -444,7 +444,7 @@ class ControllerServer:
                 sender.send(data)
                 if sender.backlog() > self.cfg.max_outbox_bytes:
                     self._not_reading(sid, sender)
-        if step.forwards or step.answers:
+        if step.forwards or step.answers or step.votes:
             self._overflow(step)
         for job in step.jobs:
             self._pending.append(job)
@@ -582,6 +582,9 @@ class ControllerServer:
             if bus is None or not bus.forward(f.key, f.request, f.deadline + offset):
                 # the bus is down: no neighbour will answer, so say so now
                 self._dispatch(self.core.on_forward_answer(f.key, None, "", 0, now))
+        for key, request, deadline in step.votes:
+            if bus is None or not bus.vote(key, request, deadline + offset):
+                self._dispatch(self.core.on_vote_failed(key, now))
         if step.forwards and bus is not None:
             bus.take_work(False)  # over W0: take no neighbour's work
 
@@ -591,9 +594,12 @@ class ControllerServer:
     def _on_answered(self, key: int, answer: cpb.WorkAnswer, peer: str) -> None:
         pkg_out = answer.pkg_out if answer.HasField("pkg_out") else None
         if pkg_out is None:
-            log.info("cluster: %s refused work over W0: %s", peer, answer.detail or "no reason")
+            log.info("cluster: %s refused work: %s", peer, answer.detail or "no reason")
         now = time.monotonic()
-        self._dispatch(self.core.on_forward_answer(key, pkg_out, peer, answer.refused, now))
+        if key in self.core.ballots:
+            self._dispatch(self.core.on_vote(key, pkg_out, peer, now))
+        else:
+            self._dispatch(self.core.on_forward_answer(key, pkg_out, peer, answer.refused, now))
 
     def _overflow_tick(self) -> None:
         """Whether a neighbour can take work now, and whether this one takes theirs
@@ -602,6 +608,7 @@ class ControllerServer:
         if bus is None:
             return
         self.core.neighbours_free = self.cfg.cluster.overflow and bus.neighbours_free()
+        self.core.peers_up = bus.peers_up()
         w, w0 = self.core.workload, self.cfg.max_workload
         if w < w0 / 2:
             bus.take_work(True)

@@ -14,6 +14,9 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
                                                    for one neighbour (QoS 0; taken through
                                                    the shared subscription $share/...;
                                                    MQTT 5 response topic + correlation data)
+  openexample/v1/cluster/controller/<name>/vote    WorkRequest with vote = true: every other
+                                                   controller scores it (QoS 0; response
+                                                   topic + correlation data as for work)
   openexample/v1/cluster/controller/<name>/answers/controller/<peer>
                                                    WorkAnswer from <peer> (QoS 0; the ACL
                                                    lets <peer> write only that leaf)
@@ -322,12 +325,18 @@ class WorkRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PKG_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    VOTE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent the PKG_IN came from (authenticated by the sender) and its declaration of
     the model: the receiver checks both against its own detectors, as at FEATURES.
     """
     deadline: _builtins.float
     """Unix seconds: the agent stops waiting then; a receiver drops work past it."""
+    vote: _builtins.bool
+    """A vote for k-of-n consensus (controller/consensus.py): the receiver scores and
+    answers, and records nothing (no RT entry, no source tracing, no incident): the
+    sender decides, with the votes, what the cluster records.
+    """
     @_builtins.property
     def model(self) -> _openexample_pb2.ModelDescriptor: ...
     @_builtins.property
@@ -339,10 +348,11 @@ class WorkRequest(_message.Message):
         model: _openexample_pb2.ModelDescriptor | None = ...,
         pkg: _openexample_pb2.PkgIn | None = ...,
         deadline: _builtins.float = ...,
+        vote: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pkg", b"pkg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "deadline", b"deadline", "model", b"model", "pkg", b"pkg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "deadline", b"deadline", "model", b"model", "pkg", b"pkg", "vote", b"vote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

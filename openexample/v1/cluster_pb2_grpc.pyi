@@ -14,6 +14,9 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
                                                    for one neighbour (QoS 0; taken through
                                                    the shared subscription $share/...;
                                                    MQTT 5 response topic + correlation data)
+  openexample/v1/cluster/controller/<name>/vote    WorkRequest with vote = true: every other
+                                                   controller scores it (QoS 0; response
+                                                   topic + correlation data as for work)
   openexample/v1/cluster/controller/<name>/answers/controller/<peer>
                                                    WorkAnswer from <peer> (QoS 0; the ACL
                                                    lets <peer> write only that leaf)

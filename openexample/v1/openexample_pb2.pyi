@@ -248,6 +248,8 @@ class _UnknownReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Unknown
     """The item's budget had expired before a detector ran."""
     UNKNOWN_REASON_SHUTTING_DOWN: _UnknownReason.ValueType  # 5
     """The controller is draining (shutting down)."""
+    UNKNOWN_REASON_NO_QUORUM: _UnknownReason.ValueType  # 6
+    """k-of-n consensus: fewer than k controllers agreed before the budget ran out."""
 
 class UnknownReason(_UnknownReason, metaclass=_UnknownReasonEnumTypeWrapper): ...
 
@@ -262,6 +264,8 @@ UNKNOWN_REASON_EXPIRED: UnknownReason.ValueType  # 4
 """The item's budget had expired before a detector ran."""
 UNKNOWN_REASON_SHUTTING_DOWN: UnknownReason.ValueType  # 5
 """The controller is draining (shutting down)."""
+UNKNOWN_REASON_NO_QUORUM: UnknownReason.ValueType  # 6
+"""k-of-n consensus: fewer than k controllers agreed before the budget ran out."""
 Global___UnknownReason: _TypeAlias = UnknownReason  # noqa: Y015
 
 class _VigilanceModCommand:
