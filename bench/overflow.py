@@ -1,5 +1,6 @@
 """Several controllers, measured (``python -m bench.overflow``): what a PKG_IN handed to a
-neighbour over W0 costs, and how many samples 1, 2 or 3 controllers inspect.
+neighbour over W0 costs, what k-of-n consensus costs, and how many samples 1, 2 or 3
+controllers inspect.
 
 Everything runs for real on this machine: Mosquitto with TLS and its ACL, controller
 processes on one development CA, agents in client processes, mTLS everywhere.
@@ -8,6 +9,9 @@ processes on one development CA, agents in client processes, mTLS everywhere.
   and one on ctl-b, taking turns: two items through ctl-a (scored by ctl-b, handed over
   the bus) against two items sent to ctl-b directly (scored there, no bus), p50 and p99
   of the agent's wall time per call, in the same run.
+- **Consensus**: three controllers; one agent on ctl-a for a model decided by ctl-a
+  alone and one for the same detectors under ``consensus: 2`` (two of the three must
+  agree), taking turns, one fresh input per call: p50 and p99 of each, same run.
 - **Throughput**: client processes with several agents each send batches of 32 fresh
   inputs to ctl-a for a fixed time; ctl-a's W0 is 64 items, so what it cannot take goes
   to its neighbours (1 controller: nobody, it answers OVERLOADED). Inspected samples/s =
@@ -160,6 +164,63 @@ def forwarded_cost(root: Path, artifacts: list[Path], model: str, n: int) -> dic
     return out
 
 
+def consensus_cost(root: Path, artifacts: list[Path], model: str, n: int) -> dict[str, Any]:
+    from agents import attach
+    from bench.procs import BrokerProcess, ControllerProcess
+    from openexample.pki import DevPki
+
+    pki = DevPki(root / "pki")
+    broker = BrokerProcess(root / "broker", pki).start()
+    dets = [str(p) for p in artifacts]
+    procs = []
+    try:
+        for k in range(3):
+            cfg = {
+                "controller_id": f"ctl-{k}",
+                "models": {"alone": {"detectors": dets}, "k2": {"detectors": dets, "consensus": 2}},
+                "budget_us": 2_000_000,
+                "cluster": {"broker": broker.url, "workload_interval_s": 0.2},
+            }
+            procs.append(ControllerProcess(root / f"ctl-{k}", cfg, pki=pki).start())
+        time.sleep(1.5)  # every controller has seen the others up
+        a = procs[0]
+        guards = {
+            name: attach(
+                model,
+                controller=a.address,
+                model_id=name,
+                input_shape=(1, 28, 28),
+                budget_us=2_000_000,
+                connect_timeout_s=30,
+                **a.agent_tls(f"probe-{name}"),
+            )
+            for name in ("alone", "k2")
+        }
+        x = _inputs(2, 2 * n + 200)
+        times: dict[str, list[float]] = {"alone": [], "k2": []}
+        for i in range(n + 50):
+            for j, (name, g) in enumerate(guards.items()):
+                t0 = time.perf_counter()
+                r = g(x[2 * i + j])
+                took = (time.perf_counter() - t0) * 1e6
+                if i >= 50 and r.verdict != "unknown":
+                    times[name].append(took)
+        for g in guards.values():
+            g.close()
+    finally:
+        _stop(broker, procs)
+    return {name: _percentiles(us) for name, us in times.items()}
+
+
+def _percentiles(us: list[float]) -> dict[str, int]:
+    us = sorted(us)
+    return {
+        "n": len(us),
+        "p50_us": round(statistics.median(us)) if us else 0,
+        "p99_us": round(us[int(0.99 * (len(us) - 1))]) if us else 0,
+    }
+
+
 def throughput(
     root: Path,
     artifacts: list[Path],
@@ -223,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         c = cost[name]
         print(f"| {name} | {c['n']} | {c['p50_us']} | {c['p99_us']} |")
     print(f"\nadded by the hand-over (p50): {cost['added_p50_us']} us\n")
+    k2 = consensus_cost(out / "consensus", artifacts, model, args.n)
+    print(
+        "| verdict (3 controllers, one input per call) | n | p50 us | p99 us |\n|---|---|---|---|"
+    )
+    for name, label in (("alone", "ctl-a alone"), ("k2", "2 of 3 agree (consensus: 2)")):
+        c = k2[name]
+        print(f"| {label} | {c['n']} | {c['p50_us']} | {c['p99_us']} |")
+    print()
     print(
         "| controllers | inspected samples/s | OVERLOADED/s | scored by a neighbour |\n"
         "|---|---|---|---|"
