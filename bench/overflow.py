@@ -92,7 +92,9 @@ def _client(args: tuple[str, list[dict], str, float, int]) -> tuple[int, int, in
     return counts[0], counts[1], counts[2]
 
 
-def _cluster(root: Path, n: int, w0_first: int, artifacts: list[Path]) -> tuple[Any, list[Any]]:
+def _cluster(root: Path, n: int, w0_first: int, models: dict[str, dict]) -> tuple[Any, list[Any]]:
+    """A broker (for n > 1) and n controllers with ``models``; the first with W0
+    ``w0_first``, the others 4096."""
     from bench.procs import BrokerProcess, ControllerProcess
     from openexample.pki import DevPki
 
@@ -102,7 +104,7 @@ def _cluster(root: Path, n: int, w0_first: int, artifacts: list[Path]) -> tuple[
     for k in range(n):
         cfg: dict[str, Any] = {
             "controller_id": f"ctl-{k}",
-            "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts]}},
+            "models": models,
             "budget_us": 2_000_000,
             "max_workload": w0_first if k == 0 else 4096,
             "max_in_flight_per_agent": 4096,
@@ -112,6 +114,10 @@ def _cluster(root: Path, n: int, w0_first: int, artifacts: list[Path]) -> tuple[
         procs.append(ControllerProcess(root / f"ctl-{k}", cfg, pki=pki).start())
     time.sleep(1.5 if broker else 0)  # every controller has seen the others' load
     return broker, procs
+
+
+def _models(artifacts: list[Path]) -> dict[str, dict]:
+    return {MODEL_ID: {"detectors": [str(p) for p in artifacts]}}
 
 
 def _stop(broker: Any, procs: list[Any]) -> None:
@@ -124,7 +130,7 @@ def _stop(broker: Any, procs: list[Any]) -> None:
 def forwarded_cost(root: Path, artifacts: list[Path], model: str, n: int) -> dict[str, Any]:
     from agents import attach
 
-    broker, (a, b) = _cluster(root, 2, 1, artifacts)
+    broker, (a, b) = _cluster(root, 2, 1, _models(artifacts))
     try:
         guards = {
             name: attach(
@@ -152,37 +158,18 @@ def forwarded_cost(root: Path, artifacts: list[Path], model: str, n: int) -> dic
             g.close()
     finally:
         _stop(broker, [a, b])
-    out = {}
-    for name, us in times.items():
-        us.sort()
-        out[name] = {
-            "n": len(us),
-            "p50_us": round(statistics.median(us)),
-            "p99_us": round(us[int(0.99 * (len(us) - 1))]),
-        }
+    out: dict[str, Any] = {name: _percentiles(us) for name, us in times.items()}
     out["added_p50_us"] = out["forwarded"]["p50_us"] - out["local"]["p50_us"]
     return out
 
 
 def consensus_cost(root: Path, artifacts: list[Path], model: str, n: int) -> dict[str, Any]:
     from agents import attach
-    from bench.procs import BrokerProcess, ControllerProcess
-    from openexample.pki import DevPki
 
-    pki = DevPki(root / "pki")
-    broker = BrokerProcess(root / "broker", pki).start()
     dets = [str(p) for p in artifacts]
-    procs = []
+    models = {"alone": {"detectors": dets}, "k2": {"detectors": dets, "consensus": 2}}
+    broker, procs = _cluster(root, 3, 4096, models)
     try:
-        for k in range(3):
-            cfg = {
-                "controller_id": f"ctl-{k}",
-                "models": {"alone": {"detectors": dets}, "k2": {"detectors": dets, "consensus": 2}},
-                "budget_us": 2_000_000,
-                "cluster": {"broker": broker.url, "workload_interval_s": 0.2},
-            }
-            procs.append(ControllerProcess(root / f"ctl-{k}", cfg, pki=pki).start())
-        time.sleep(1.5)  # every controller has seen the others up
         a = procs[0]
         guards = {
             name: attach(
@@ -230,7 +217,7 @@ def throughput(
     clients: int,
     threads: int,
 ) -> dict[str, Any]:
-    broker, procs = _cluster(root, controllers, 64, artifacts)
+    broker, procs = _cluster(root, controllers, 64, _models(artifacts))
     try:
         a = procs[0]
         tasks = [
