@@ -25,10 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument(
             "--model",
-            help="your own TorchScript model instead of the example one: the default detector"
-            " set is trained for it first (cached by the file's digest)"
+            help="your own TorchScript or ONNX model instead of the example one: the default"
+            " detector set is trained for it first (cached by the file's digest)"
             + (
-                " (TorchScript or ONNX: an ONNX model is attacked with black-box attacks)"
+                "; an ONNX model is attacked with black-box attacks"
                 if name == "detection"
                 else "; it must take mnist5k inputs (1x28x28, 10 classes)"
             ),
@@ -167,7 +167,7 @@ def preflight(args: argparse.Namespace) -> str | None:
         from bench.detection import _names
 
         names += [*_names(args), "feature_squeezing"]
-    problem = check_model(_dataset(args), args.model, list(filter(None, names)), onnx=detection)
+    problem = check_model(_dataset(args), args.model, list(filter(None, names)))
     if problem and args.command == "latency" and "the data set's" in problem:
         problem += " (the latency bench sends mnist5k inputs: 1x28x28, 10 classes)"
     return problem

@@ -97,16 +97,14 @@ def _client(
 ) -> Client:
     scenario = base_scenario(scenario)
     if scenario == "bare_model":
-        import torch
+        from agents.models import wrap_model
 
-        from controller.reference_model import load_model
-
-        model = load_model(model_path)
+        # the model as the agent calls it (TorchScript or ONNX), with no agent around it
+        model = wrap_model(model_path, input_shape=SHAPE)
 
         def bare(x: np.ndarray) -> float:
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                model(torch.from_numpy(x[None]))
+            model.predict(x[None])
             return time.perf_counter() - t0
 
         return Client(bare)

@@ -29,16 +29,15 @@ from typing import Any
 
 import grpc
 import numpy as np
-import torch
 import uvloop
 
 from agents import attach
+from agents.models import wrap_model
 from agents.native import ALPN
 from bench.demo import DETECTORS, MODEL_ID, start_controller
 from bench.latency import STAGE_LABELS, stage_summary
 from bench.latency_workers import stage_matrix
 from bench.procs import ControllerProcess
-from controller.reference_model import load_model
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
 from controller.training.train import ensure_artifacts
@@ -410,12 +409,12 @@ def main() -> int:
     t_start = time.perf_counter()
     procs = start_pair(workdir, art)
     try:
-        model = load_model(model_path)
+        # the model as the agent calls it (TorchScript or ONNX), with no agent around it
+        model = wrap_model(str(model_path), input_shape=(1, 28, 28))
         bare = []
         for i in range(n):
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                model(torch.from_numpy(x[i % len(x)][None]))
+            model.predict(x[i % len(x)][None])
             bare.append((time.perf_counter() - t0) * 1e6)
         local: dict[str, list[float]] = {}
 

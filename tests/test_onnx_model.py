@@ -331,7 +331,7 @@ def test_square_attack_fools_the_onnx_model_through_arts_black_box_classifier(mo
             "is ONNX, and defed needs the model's gradients",
         ),
         (["detection", "--attacks", "PGD eps=0.3"], "need the model's gradients"),
-        (["latency"], "an ONNX model, and this command runs TorchScript models"),
+        (["detection", "--adaptive"], "white-box attacks need the model's gradients"),
     ],
 )
 def test_the_bench_refuses_what_an_onnx_model_cannot_do_in_one_line(capsys, models, argv, expect):

@@ -196,15 +196,11 @@ def check_model(
     dataset: str,
     model: str | Path | None,
     names: Sequence[str] | None = None,
-    *,
-    onnx: bool = False,
 ) -> str | None:
-    """What would make training on ``dataset`` for ``model`` (None: the example model)
-    fail, found before anything is fitted: the problem and its fix in one line, or None.
-    ``names``: the detectors to train (an ONNX model cannot train those that need its
-    gradients: ``onnx_refusal``). ``onnx``: the caller runs ONNX models too (training,
-    the detection bench); else an ONNX file is refused (the latency benches run
-    TorchScript).
+    """What would make training on ``dataset`` for ``model`` (None: the example model,
+    else a TorchScript or ONNX file) fail, found before anything is fitted: the problem
+    and its fix in one line, or None. ``names``: the detectors to train (an ONNX model
+    cannot train those that need its gradients: ``onnx_refusal``).
     """
     try:
         ds = datasets.load(dataset)
@@ -215,11 +211,6 @@ def check_model(
     path = Path(model)
     if not path.is_file():
         return f"--model {path}: no such file"
-    if is_onnx(path) and not onnx:
-        return (
-            f"--model {path}: an ONNX model, and this command runs TorchScript models: save"
-            " a TorchScript copy with torch.jit.save(torch.jit.script(model), PATH)"
-        )
     refusal = onnx_refusal(path, names or ())
     if refusal is not None:
         return refusal
@@ -257,7 +248,7 @@ def _preflight(args: argparse.Namespace, names: Sequence[str]) -> str | None:
     problem and its fix in one line, or None."""
     if not 0.0 < args.fpr < 1.0:
         return f"--fpr must be in (0, 1), got {args.fpr}"
-    return check_model(args.dataset, args.model, names, onnx=True)
+    return check_model(args.dataset, args.model, names)
 
 
 def train_command(args: argparse.Namespace) -> int:
