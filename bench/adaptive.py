@@ -149,8 +149,10 @@ def pgd(
         with torch.no_grad():
             adv = _project(adv - b.step_size * _step(grad, b), xt, b)
         if step % CHECK_EVERY == 0 or step == b.steps:
-            cand = adv.detach().numpy().astype(np.float32)
             todo = ~found
+            if not todo.any():
+                break  # every image is broken: nothing left to judge
+            cand = adv.detach().numpy().astype(np.float32)
             labels, flagged = judge(cand[todo])
             ok = (labels != y[todo]) & ~flagged
             idx = np.flatnonzero(todo)[ok]
