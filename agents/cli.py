@@ -176,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
         " controller's detectors must be trained with the same --privacy (default: off)",
     )
     a.add_argument(
+        "--activations",
+        default="",
+        metavar="LAYERS",
+        help="layer names (features.2,features.5) whose activations go up with each"
+        " inspected item, for the controller's feature-map detector (torch/TorchScript)",
+    )
+    a.add_argument(
+        "--activations-dtype", choices=("float16", "float32"), default=d.activations_dtype
+    )
+    a.add_argument(
         "--connect-timeout",
         type=float,
         default=d.connect_timeout_s,
@@ -204,6 +214,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         budget_us=args.budget_us,
         fail_mode=args.fail_mode,
         privacy=args.privacy,
+        activations=args.activations,
+        activations_dtype=args.activations_dtype,
         batch_window_us=args.batch_window_us,
         max_batch_items=args.max_batch_items,
         metrics_port=args.metrics_port,

@@ -73,6 +73,12 @@ class AgentConfig:
     # ("gaussian:EPS[:DELTA][,clip=C][,centre=V][,logits=raw|label|noised:EPS]",
     # "laplace:EPS[,...]", "none[,logits=label]") becomes a PrivacyNoise over input_range.
     privacy: PrivacyNoise | str | None = None
+    # Intermediate activations sent with every item that goes up (PKG_IN.activations),
+    # for the controller's feature-map detectors: the model's layer names (module paths,
+    # "features.2"); () = none. Computed only for the items sent (one more forward pass
+    # up to those layers), never for calls decided here. torch and TorchScript models.
+    activations: tuple[str, ...] = ()
+    activations_dtype: str = "float16"  # on the wire: float16 (half the bytes) or float32
     # PKG_IN batching: wait this long for more items (0 = send at once), at most this many.
     batch_window_us: int = 0
     max_batch_items: int = 64
@@ -298,6 +304,18 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"class_names: must be distinct, got {names!r}")
     _set(cfg, "class_names", names)
 
+    acts = cfg.activations
+    if isinstance(acts, str):
+        acts = tuple(a.strip() for a in acts.split(",") if a.strip())
+    if acts is None or not hasattr(acts, "__iter__"):
+        raise ConfigError(f"activations: a sequence of layer names, got {cfg.activations!r}")
+    acts = tuple(acts)
+    if not all(isinstance(a, str) and a for a in acts) or len(set(acts)) != len(acts):
+        raise ConfigError(f"activations: distinct non-empty layer names, got {acts!r}")
+    _set(cfg, "activations", acts)
+    if cfg.activations_dtype not in ("float16", "float32"):
+        raise ConfigError(f"activations_dtype: float16 or float32, got {cfg.activations_dtype!r}")
+
     rng = cfg.input_range
     try:
         lo, hi = (float(v) for v in rng)
@@ -329,6 +347,11 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(
             f"privacy: noise for inputs in {privacy.input_range}, but input_range is"
             f" {cfg.input_range}: give both the same range"
+        )
+    if cfg.activations and isinstance(cfg.privacy, PrivacyNoise) and cfg.privacy.on:
+        raise ConfigError(
+            "activations: not with privacy noise (they would carry the raw input's features"
+            " past the noise); set one of them"
         )
 
     _int(cfg, "batch_window_us", lo=0)

@@ -410,6 +410,17 @@ def attach(
             raise ConfigError(
                 f"class_names: {len(names)} names for {n_classes} logits, got {names!r}"
             )
+        acts = None
+        if config.activations:
+            try:
+                acts = adapter.activations_fn(config.activations)
+                got = acts(np.zeros((1, *shape), dtype=adapter.input_dtype))
+            except ValueError as exc:
+                raise ConfigError(one_line(exc)) from None
+            log.info(
+                "activations sent with each PKG_IN item: %s",
+                ", ".join(f"{n} {tuple(a.shape[1:])}" for n, a in got.items()),
+            )
         info = ModelInfo(
             model_id=config.model_id,
             input_shape=tuple(shape),
@@ -418,6 +429,9 @@ def attach(
             framework=adapter.framework,
             model_digest=adapter.digest,
             privacy=config.privacy,
+            activation_names=config.activations,
+            activations=acts,
+            activations_dtype=np.dtype(config.activations_dtype),
         )
         if info.privacy is not None and info.privacy.on and info.privacy.logits == "raw":
             log.warning(

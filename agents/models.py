@@ -7,6 +7,7 @@ input shape and dtype, framework tag and the digest of the model file.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,6 +53,34 @@ class ModelAdapter:
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ValueError(f"model returned shape {out.shape} for a batch of {x.shape[0]}")
         return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def activations_fn(self, names: Sequence[str]) -> Callable[[np.ndarray], dict]:
+        """A function from inputs [N, ...] to the named layers' activations {name: [N, ...]}
+        (float32 numpy, on the CPU), for ``AgentConfig.activations``. ValueError in one
+        line when this model cannot give them: a wrong name lists the layers there are.
+
+        A torch module gets forward hooks on a private copy (a hook on the user's module
+        would also fire for calls on other threads); TorchScript takes no hooks, and its
+        module graphs are read instead (openexample/layers.py), on the module itself."""
+        if self.module is None:
+            raise ValueError(
+                f"activations: a {self.framework} model cannot send them (torch and TorchScript"
+                " models can; an ONNX model's intermediate outputs need the onnx package):"
+                " leave activations empty and let the controller compute them from its"
+                " reference copy"
+            )
+        import torch
+
+        from openexample.layers import Taps
+
+        module = self.module
+        if not isinstance(module, torch.jit.ScriptModule):
+            module = copy.deepcopy(module).to("cpu").eval()
+        try:
+            taps = Taps(module, names)
+        except ValueError as exc:
+            raise ValueError(f"activations: {exc}") from None
+        return taps.numpy
 
 
 def wrap_model(

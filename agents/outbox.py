@@ -102,6 +102,7 @@ def build_pkg_in(
     logits: np.ndarray | None = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
     privacy = info.privacy
     confs: list[float] | None = None
+    acts: list[tuple[str, np.ndarray]] = []
     if privacy is not None:
         xs = privacy.apply(xs, rng)
         if privacy.logits == "label":
@@ -110,6 +111,10 @@ def build_pkg_in(
             logits = privacy.noise_logits(logits, rng)
             top = logits.max(axis=1, keepdims=True)
             confs = (1.0 / np.exp(logits - top).sum(axis=1)).tolist()  # softmax of the top
+    if info.activations is not None:  # never noised: AgentConfig refuses both at once
+        for name, a in info.activations(xs).items():
+            body_act = np.ascontiguousarray(a, dtype=info.activations_dtype)
+            acts.append((name, body_act))
     hide_fp = privacy is not None and privacy.on
     env = pb.Envelope(version=version, xid=batch.xid)
     body = env.pkg_in  # filled in place: no copy of the tensors into the envelope
@@ -117,6 +122,8 @@ def build_pkg_in(
     tensor.encode(xs, body.inputs)
     if logits is not None:
         tensor.encode(logits, body.logits)
+    for name, a in acts:
+        tensor.encode(a, body.activations.add(name=name).tensor)
     for i, it in enumerate(items):
         conf = it.confidence if confs is None else confs[i]
         body.items.add(

@@ -40,6 +40,12 @@ class ModelInfo:
     framework: str = "callable"
     model_digest: str = ""
     privacy: PrivacyNoise | None = None
+    # Layer activations sent with each PKG_IN item (AgentConfig.activations): their names,
+    # declared in FEATURES, the function that computes them for the items sent (inputs
+    # [N, ...] -> {name: [N, ...]}), and their dtype on the wire.
+    activation_names: tuple[str, ...] = ()
+    activations: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
+    activations_dtype: Any = np.float16
 
     def __post_init__(self) -> None:
         if self.privacy is not None:  # its default clip and centre, for this input shape
@@ -54,6 +60,7 @@ class ModelInfo:
             privacy=self.privacy.to_pb() if self.privacy else None,
             model_digest=self.model_digest,
             framework=self.framework,
+            activation_names=list(self.activation_names),
         )
 
 

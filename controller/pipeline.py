@@ -39,6 +39,8 @@ class Scorer(Protocol):
         labels: np.ndarray,
         metrics: ControllerMetrics | None = None,
         detector_s: list[tuple[str, float]] | None = None,
+        *,
+        activations: Mapping[str, np.ndarray] | None = None,
     ) -> list[pb.PkgOutItem]: ...
 
 
@@ -60,10 +62,10 @@ def score_jobs(
     Fault isolation: one agent's job never decides another's verdict.
 
     - Each job is checked before it joins a batch (``_check``), and only jobs of the same
-      shape are concatenated (``_batch_key``: input dtype and shape, and whether logits
-      come, with how many classes). A job without logits is scored in its own batch, so
-      jobs with logits keep every detector (see ``FusedScorer.score`` for what a batch
-      without logits gets).
+      shape are concatenated (``_batch_key``: input dtype and shape, whether logits
+      come, with how many classes, and which activations). A job without logits is
+      scored in its own batch, so jobs with logits keep every detector (see
+      ``FusedScorer.score`` for what a batch without logits gets).
     - When a batch of several jobs raises, each job is scored again alone: those that
       succeed get their verdicts, and only the items of a job that fails alone get
       UNKNOWN/DETECTOR_FAILED. One WARNING per failing job (agent, xid), with the
@@ -140,10 +142,12 @@ def _check(job: InspectJob) -> str | None:
 
 def _batch_key(job: InspectJob) -> tuple[object, ...]:
     """Jobs with equal keys can be concatenated without changing what any of them gets:
-    each agent declares its own input dtype and shape, and logits may be absent."""
+    each agent declares its own input dtype and shape, logits may be absent, and
+    activations (PKG_IN's, by name, with their dtypes and shapes) may differ."""
     pkg = job.pkg
     classes = None if pkg.logits is None else pkg.logits.shape[1]
-    return (pkg.inputs.dtype.str, pkg.inputs.shape[1:], pkg.logits is not None, classes)
+    acts = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(pkg.activations.items()))
+    return (pkg.inputs.dtype.str, pkg.inputs.shape[1:], pkg.logits is not None, classes, acts)
 
 
 def _score_together(
@@ -164,9 +168,14 @@ def _score_together(
         if pkgs[0].logits is not None:  # the same for all: part of the batch key
             logits = np.concatenate([p.logits for p in pkgs if p.logits is not None])
     labels = np.concatenate([p.labels for p in pkgs])
+    # the same names, dtypes and shapes for all: part of the batch key
+    acts = {n: np.concatenate([p.activations[n] for p in pkgs]) for n in pkgs[0].activations}
     timings: list[tuple[str, float]] = []
     try:
-        items = scorer.score(inputs, logits, labels, metrics, timings)
+        if acts:  # PKG_IN's activations (Batch.activations) for the detectors that read them
+            items = scorer.score(inputs, logits, labels, metrics, timings, activations=acts)
+        else:
+            items = scorer.score(inputs, logits, labels, metrics, timings)
     finally:
         for name, seconds in timings:
             spent[name] = spent.get(name, 0.0) + seconds
@@ -276,8 +285,11 @@ class FusedScorer:
         labels: np.ndarray,
         metrics: ControllerMetrics | None = None,
         detector_s: list[tuple[str, float]] | None = None,
+        *,
+        activations: Mapping[str, np.ndarray] | None = None,
     ) -> list[pb.PkgOutItem]:
         pipeline, names, metric_names = self.pipeline, self.names, self.metric_names
+        batch = Batch(inputs, logits, labels, activations or {})
         thresholds = self.thresholds
         if logits is None:
             view = self._without_logits()
@@ -292,12 +304,12 @@ class FusedScorer:
                 ]
             pipeline, names, metric_names, thresholds = view
         if metrics is None and detector_s is None:
-            fused = pipeline.evaluate(Batch(inputs, logits, labels))
+            fused = pipeline.evaluate(batch)
         else:
             timings: list[float] = []
             t0 = time.perf_counter()
             try:
-                fused = pipeline.evaluate(Batch(inputs, logits, labels), timings)
+                fused = pipeline.evaluate(batch, timings)
             finally:  # also on a raise: the detectors that finished (score_jobs sums)
                 if detector_s is not None:
                     detector_s.extend(zip(metric_names, timings, strict=False))
@@ -483,6 +495,15 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     f"{where}: {det.name} scores through the model's torch module, which the"
                     f" ONNX reference model {ref!r} has not: set models.{model_id}.reference_model"
                     " to a TorchScript copy (agents may still run the ONNX file)"
+                )
+            if ref and is_onnx(ref) and det.needs_activations:
+                log.warning(
+                    "%s: %s reads layer activations, which the ONNX reference model %r cannot"
+                    " give: only PKG_INs whose agent sends them are scored (the others get"
+                    " UNKNOWN/DETECTOR_FAILED); a TorchScript reference_model computes them",
+                    where,
+                    det.name,
+                    ref,
                 )
             if det.model is None and ref:
                 try:

@@ -132,12 +132,13 @@ def test_an_unreadable_onnx_file_is_one_line(tmp_path):
 
 def test_which_detectors_need_the_models_torch_module():
     """Declared on the class (``Detector.fits_through_model`` / ``scores_through_model``):
-    the denoiser family trains through the model's gradients; Defed also scores with it."""
+    the denoiser family and featuremap (ART attacks on the training split) train through
+    the model's gradients; Defed also scores with it."""
     from controller import detectors
     from controller.reference_model import needing_module
 
     every = [detectors.get(n) for n in detectors.available()]
-    assert needing_module(every) == ["defed", "ismn", "uddn"]
+    assert needing_module(every) == ["defed", "featuremap", "ismn", "uddn"]
     assert needing_module(every, scoring=True) == ["defed"]
 
 
