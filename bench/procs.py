@@ -308,6 +308,9 @@ class BrokerProcess:
             f"log_dest file {self.log_path}",
             "log_type all",
             "connection_messages true",
+            # small messages go out at once (Nagle with delayed ACKs holds a second one
+            # ~40 ms: what a request/response on the bus must not pay)
+            "set_tcp_nodelay true",
             f"listener {self.port} 127.0.0.1",
         ]
         if os.geteuid() == 0:  # else it drops to user mosquitto, who cannot read the keys

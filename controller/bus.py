@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -228,6 +229,11 @@ class ClusterBus:
 
     def _up(self, client: aiomqtt.Client) -> None:
         self._client = client
+        paho = getattr(client, "_client", None)
+        sock = paho.socket() if paho is not None else None
+        if sock is not None:  # work, votes and answers are small request/response messages
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._outbox = asyncio.Queue()
         self.metrics.up.set(1)
         if self._down_since is not None:
