@@ -92,6 +92,7 @@ class ClusterBus:
         self._taking_work = work is not None and settings.overflow
         self._forwards: dict[int, float] = {}  # key -> unix deadline: awaiting an answer
         self._votes: dict[int, float] = {}  # key -> unix deadline: answers until then
+        self._answers = overflow.answers_topic(state.identity)  # our response topic
         self.state = state
         self.metrics = metrics
         self._apply = apply
@@ -191,8 +192,7 @@ class ClusterBus:
                     self._check_broker(client)
                     for leaf in (DELTA, STATE, LOAD):
                         await client.subscribe(f"{PREFIX}/+/+/{leaf}", qos=1)
-                    me = overflow.answers_topic(self.state.identity)
-                    await client.subscribe(f"{me}/#", qos=0)
+                    await client.subscribe(f"{self._answers}/#", qos=0)
                     if self._taking_work:
                         await client.subscribe(overflow.work_subscription(), qos=0)
                     if self._work is not None:  # k-of-n consensus: every controller votes
@@ -278,7 +278,7 @@ class ClusterBus:
                 data = data.encode() if isinstance(data, str) else bytes(data or b"")  # type: ignore[arg-type]
                 if name.endswith(("/" + overflow.WORK, "/" + overflow.VOTE)):
                     self._on_work(name, data, message.properties)
-                elif name.startswith(overflow.answers_topic(self.state.identity) + "/"):
+                elif name.startswith(self._answers + "/"):
                     self._on_answer(name, data, message.properties)
                 else:
                     self._on_message(name, data)
@@ -331,14 +331,7 @@ class ClusterBus:
     def forward(self, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
         """Publish ``request`` for whichever neighbour takes it; False when the bus is
         down (the caller answers OVERLOADED at its deadline)."""
-        request.deadline = deadline
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = overflow.answers_topic(self.state.identity)
-        props.CorrelationData = self._correlation(key)
-        props.MessageExpiryInterval = max(1, math.ceil(deadline - time.time()))
-        msg = self.state.message(time.time(), work=request)
-        name = overflow.work_topic(self.state.identity)
-        if not self._queue(name, _bytes(msg), overflow.WORK, props=props):
+        if not self._request(overflow.WORK, key, request, deadline):
             return False
         self._forwards[key] = deadline
         return True
@@ -346,20 +339,23 @@ class ClusterBus:
     def vote(self, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
         """Ask every other controller to score ``request`` (k-of-n consensus); False
         when the bus is down."""
-        request.deadline = deadline
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = overflow.answers_topic(self.state.identity)
-        props.CorrelationData = self._correlation(key)
-        props.MessageExpiryInterval = max(1, math.ceil(deadline - time.time()))
-        msg = self.state.message(time.time(), work=request)
-        name = topic(self.state.identity, overflow.VOTE)
-        if not self._queue(name, _bytes(msg), overflow.VOTE, props=props):
+        if not self._request(overflow.VOTE, key, request, deadline):
             return False
         now = time.time()
         for k in [k for k, t in self._votes.items() if t < now]:
             del self._votes[k]  # past their deadline: late answers are dropped
         self._votes[key] = deadline
         return True
+
+    def _request(self, leaf: str, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
+        """``request`` on our ``leaf`` topic, answers asked on our answers topic."""
+        request.deadline = deadline
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self._answers
+        props.CorrelationData = self._correlation(key)
+        props.MessageExpiryInterval = max(1, math.ceil(deadline - time.time()))
+        msg = self.state.message(time.time(), work=request)
+        return self._queue(topic(self.state.identity, leaf), _bytes(msg), leaf, props=props)
 
     def peers_up(self) -> int:
         """Other controllers up, when this one is connected (0 otherwise)."""

@@ -44,6 +44,18 @@ class ClusterWork:
         self._remote: dict[int, object] = {}  # InspectJob.xid -> the shell's reply-to
         self._keys = itertools.count(1)
 
+    @staticmethod
+    def _answer_unknown(
+        step: Step, s: AgentSession, sid: int, xid: int, model_id: str, n: int, reason: int
+    ) -> None:
+        """Answer a PKG_IN of ``n`` items UNKNOWN with ``reason`` (the session's xid
+        freed, the verdicts counted)."""
+        body = pb.PkgOut(model_id=model_id, items=unknown_items(n, reason))
+        s.answered(xid, n)
+        if s.configured:
+            step.send.append((sid, s.reply_to(xid, body)))
+        step.verdicts.extend((model_id, pb.VERDICT_UNKNOWN) for _ in range(n))
+
     def _results(
         self,
         job: InspectJob,
@@ -61,7 +73,7 @@ class ClusterWork:
         """Hand a PKG_IN over W0 to the neighbours, when one can take it and every
         item's budget covers the round trip a forward has cost so far."""
         pkg = ev.pkg
-        budget = min(item.budget_us for item in pkg.items) * 1e-6
+        budget = _budget_s(pkg)
         if not self.neighbours_free or budget <= self.forward_rtt.estimate_s:
             return False  # also budget 0: nobody waits for the answer
         request = self._work_request(s, pkg)
@@ -95,21 +107,19 @@ class ClusterWork:
         job = self.forwarded.pop(key, None)
         if job is None:
             return step  # answered already (deadline), or never ours
-        if pkg_out is not None and len(pkg_out.items) == job.size:
-            self.forward_rtt.observe(now - job.sent_at)
-            body = pb.PkgOut(model_id=job.model_id, items=pkg_out.items, decided_by=decider)
-            step.verdicts.extend((job.model_id, i.verdict) for i in pkg_out.items)
-        else:
-            body = pb.PkgOut(
-                model_id=job.model_id,
-                items=unknown_items(job.size, refused or pb.UNKNOWN_REASON_OVERLOADED),
-            )
-            step.overloaded += job.size
-            step.verdicts.extend((job.model_id, pb.VERDICT_UNKNOWN) for _ in range(job.size))
         s = self.sessions.get(job.sid)
+        if pkg_out is None or len(pkg_out.items) != job.size:
+            step.overloaded += job.size
+            if s is not None:
+                reason = refused or pb.UNKNOWN_REASON_OVERLOADED
+                self._answer_unknown(step, s, job.sid, job.xid, job.model_id, job.size, reason)
+            return step
+        self.forward_rtt.observe(now - job.sent_at)
+        step.verdicts.extend((job.model_id, i.verdict) for i in pkg_out.items)
         if s is not None:
             s.answered(job.xid, job.size)
             if s.configured:
+                body = pb.PkgOut(model_id=job.model_id, items=pkg_out.items, decided_by=decider)
                 step.send.append((job.sid, s.reply_to(job.xid, body)))
         return step
 
@@ -155,14 +165,10 @@ class ClusterWork:
         now) when fewer than ``k`` controllers are up."""
         pkg = job.pkg
         if self.peers_up + 1 < k:
-            body = pb.PkgOut(
-                model_id=pkg.model_id, items=unknown_items(job.size, pb.UNKNOWN_REASON_NO_QUORUM)
-            )
-            step.send.append((job.sid, s.reply_to(job.xid, body)))
-            s.answered(job.xid, job.size)
-            step.verdicts.extend((pkg.model_id, pb.VERDICT_UNKNOWN) for _ in range(job.size))
+            no_quorum = pb.UNKNOWN_REASON_NO_QUORUM
+            self._answer_unknown(step, s, job.sid, job.xid, pkg.model_id, job.size, no_quorum)
             return False
-        budget = min(item.budget_us for item in pkg.items) * 1e-6
+        budget = _budget_s(pkg)
         job.ballot = next(self._keys)
         self.ballots[job.ballot] = Ballot(job.ballot, job, k, self.peers_up, now + budget)
         request = self._work_request(s, job.pkg)
@@ -196,3 +202,8 @@ class ClusterWork:
             del self.ballots[b.key]
             assert b.local is not None
             step.absorb(self._results(b.job, final, now, b.local[1]))
+
+
+def _budget_s(pkg: DecodedPkgIn) -> float:
+    """The tightest budget of a PKG_IN's items, in seconds (0: nobody waits)."""
+    return min(item.budget_us for item in pkg.items) * 1e-6

@@ -36,7 +36,6 @@ from controller.steps import (
     ScoreTimes,
     Step,
     pkg_out_timings,
-    unknown_items,
 )
 from controller.tracing import SourceTracer, TraceDecision
 from openexample import rules, tables
@@ -224,10 +223,7 @@ class ControllerCore(ClusterWork):
             reason = pb.UNKNOWN_REASON_OVERLOADED
             step.overloaded += n
         if reason:
-            body = pb.PkgOut(model_id=pkg.model_id, items=unknown_items(n, reason))
-            step.send.append((sid, s.reply_to(ev.xid, body)))
-            s.answered(ev.xid, n)
-            step.verdicts.extend((pkg.model_id, pb.VERDICT_UNKNOWN) for _ in range(n))
+            self._answer_unknown(step, s, sid, ev.xid, pkg.model_id, n, reason)
             return
         job = InspectJob(sid, ev.xid, s.agent_id, pkg, now)
         model = self.cfg.models.get(pkg.model_id)

@@ -12,7 +12,7 @@ from controller.config import Config, ConfigError, ModelConfig, load
 from controller.core import ControllerCore
 from openexample.v1 import openexample_pb2 as pb
 from tests.test_controller_core import adversarial, benign, connect, pkg_in, raw
-from tests.test_overflow import _request
+from tests.test_overflow import _request, clustered
 
 A, B, C = "controller/ctl-a", "controller/ctl-b", "controller/ctl-c"
 ADV, BEN, UNK = pb.VERDICT_ADVERSARIAL, pb.VERDICT_BENIGN, pb.VERDICT_UNKNOWN
@@ -113,30 +113,10 @@ def test_two_of_three_controllers_decide_and_without_them_there_is_no_quorum(
     tmp_path, artifacts, fgsm, mnist, example_model
 ):
     from agents import attach
-    from bench.procs import BrokerProcess, ControllerProcess
-    from openexample.pki import DevPki
-    from tests.test_cluster import MODEL_ID, _needs_mosquitto, _wait_log
+    from tests.test_cluster import MODEL_ID
 
-    _needs_mosquitto()
-    pki = DevPki(tmp_path / "pki")
-    broker = BrokerProcess(tmp_path / "broker", pki)
-    procs = [broker]
-    g = None
-    try:
-        broker.start()
-        ctl = {}
-        for name in ("ctl-a", "ctl-b", "ctl-c"):
-            cfg = {
-                "controller_id": name,
-                "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts], "consensus": 2}},
-                "budget_us": 3_000_000,
-                "cluster": {"broker": broker.url, "workload_interval_s": 0.2},
-            }
-            ctl[name] = ControllerProcess(tmp_path / name, cfg, pki=pki)
-            procs.append(ctl[name])
-            ctl[name].start()
-        for proc in ctl.values():
-            _wait_log(proc, "cluster bus up")
+    names = ("ctl-a", "ctl-b", "ctl-c")
+    with clustered(tmp_path, artifacts, {n: {"model": {"consensus": 2}} for n in names}) as ctl:
         a = ctl["ctl-a"]
         g = attach(
             str(example_model),
@@ -147,31 +127,29 @@ def test_two_of_three_controllers_decide_and_without_them_there_is_no_quorum(
             connect_timeout_s=30,
             **a.agent_tls("line-a1"),
         )
-        clean, adv = fgsm
-        # until ctl-a has seen the others up (before: NO_QUORUM, never kept in the RT)
-        deadline = time.monotonic() + 20
-        i = 0
-        r = g(clean[i])
-        while r.reason == "no_quorum" and time.monotonic() < deadline:
-            time.sleep(0.1)
-            i += 1
+        try:
+            clean, adv = fgsm
+            # until ctl-a has seen the others up (before: NO_QUORUM, never kept in the RT)
+            deadline = time.monotonic() + 20
+            i = 0
             r = g(clean[i])
-        assert (r.verdict, r.decided_by, r.released) == ("benign", "controller", True), r
-        r = g(adv[0])
-        assert (r.verdict, r.released) == ("adversarial", False), r
-        # ctl-b and ctl-c gone: one controller cannot make two
-        ctl["ctl-b"].stop()
-        ctl["ctl-c"].stop()
-        deadline = time.monotonic() + 15
-        r = g(mnist.test.x[600])
-        while r.reason != "no_quorum" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            i += 1
-            r = g(mnist.test.x[600 + i])
-        assert (r.verdict, r.reason) == ("unknown", "no_quorum"), r
-        assert np.isfinite(r.latency_s)
-    finally:
-        if g is not None:
+            while r.reason == "no_quorum" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                i += 1
+                r = g(clean[i])
+            assert (r.verdict, r.decided_by, r.released) == ("benign", "controller", True), r
+            r = g(adv[0])
+            assert (r.verdict, r.released) == ("adversarial", False), r
+            # ctl-b and ctl-c gone: one controller cannot make two
+            ctl["ctl-b"].stop()
+            ctl["ctl-c"].stop()
+            deadline = time.monotonic() + 15
+            r = g(mnist.test.x[600])
+            while r.reason != "no_quorum" and time.monotonic() < deadline:
+                time.sleep(0.2)
+                i += 1
+                r = g(mnist.test.x[600 + i])
+            assert (r.verdict, r.reason) == ("unknown", "no_quorum"), r
+            assert np.isfinite(r.latency_s)
+        finally:
             g.close()
-        for proc in reversed(procs):
-            proc.stop()

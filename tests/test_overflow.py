@@ -3,6 +3,7 @@ then real Mosquitto, two controllers and an agent."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -138,10 +139,11 @@ def test_topics_say_who_sent_and_who_answered():
 # --- real processes ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def pair(tmp_path, artifacts):
-    """A broker and two controllers: ctl-a with W0 = 1 (a PKG_IN of two items is over
-    it), ctl-b with room; stopped at teardown."""
+@contextlib.contextmanager
+def clustered(tmp_path, artifacts, controllers: dict[str, dict]):
+    """A broker and a controller per name (its config: the default set for MODEL_ID,
+    then the dict's keys), all on one development CA; every process stopped at the end,
+    even on failure."""
     from bench.procs import BrokerProcess, ControllerProcess
     from openexample.pki import DevPki
     from tests.test_cluster import MODEL_ID, _needs_mosquitto, _wait_log
@@ -153,23 +155,33 @@ def pair(tmp_path, artifacts):
     try:
         broker.start()
         ctl = {}
-        for name, w0 in (("ctl-a", 1), ("ctl-b", 4096)):
+        for name, extra in controllers.items():
+            model = {"detectors": [str(p) for p in artifacts], **extra.pop("model", {})}
             cfg = {
                 "controller_id": name,
-                "models": {MODEL_ID: {"detectors": [str(p) for p in artifacts]}},
+                "models": {MODEL_ID: model},
                 "budget_us": 3_000_000,
-                "max_workload": w0,
                 "cluster": {"broker": broker.url, "workload_interval_s": 0.2},
+                **extra,
             }
             ctl[name] = ControllerProcess(tmp_path / name, cfg, pki=pki)
             procs.append(ctl[name])
             ctl[name].start()
         for proc in ctl.values():
             _wait_log(proc, "cluster bus up")
-        yield broker, ctl["ctl-a"], ctl["ctl-b"]
+        yield ctl
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+@pytest.fixture
+def pair(tmp_path, artifacts):
+    """ctl-a with W0 = 1 (a PKG_IN of two items is over it), ctl-b with room."""
+    with clustered(
+        tmp_path, artifacts, {"ctl-a": {"max_workload": 1}, "ctl-b": {"max_workload": 4096}}
+    ) as ctl:
+        yield ctl["ctl-a"], ctl["ctl-b"]
 
 
 @pytest.mark.integration
@@ -179,7 +191,7 @@ def test_work_over_w0_is_scored_by_the_neighbour_and_refused_alone_without_it(
     from agents import attach
     from tests.test_cluster import MODEL_ID
 
-    _, a, b = pair
+    a, b = pair
     g = attach(
         str(example_model),
         controller=a.address,
