@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from openexample.v1 import openexample_pb2 as openexample_dot_v1_dot_openexample__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copenexample/v1/cluster.proto\x12\x0eopenexample.v1\x1a openexample/v1/openexample.proto\"\xd1\x02\n\nBusMessage\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12-\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x1c.openexample.v1.VigilanceSetH\x00\x12\x30\n\x08snapshot\x18\x0b \x01(\x0b\x32\x1c.openexample.v1.VigilanceSetH\x00\x12,\n\x08workload\x18\x0c \x01(\x0b\x32\x18.openexample.v1.WorkloadH\x00\x12+\n\x04work\x18\r \x01(\x0b\x32\x1b.openexample.v1.WorkRequestH\x00\x12,\n\x06\x61nswer\x18\x0e \x01(\x0b\x32\x1a.openexample.v1.WorkAnswerH\x00\x42\x06\n\x04\x62ody\";\n\nReplicaTag\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\t\n\x01n\x18\x03 \x01(\x04\"\x88\x01\n\x0cReplicatedRt\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12)\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x1a.openexample.v1.LabelEntry\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"s\n\x0fReplicatedBlock\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tsource_id\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"\xad\x01\n\tTombstone\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12*\n\x02rt\x18\x03 \x01(\x0b\x32\x1c.openexample.v1.ReplicatedRtH\x00\x12\x30\n\x05\x62lock\x18\x04 \x01(\x0b\x32\x1f.openexample.v1.ReplicatedBlockH\x00\x42\x05\n\x03key\"\x95\x01\n\x0cVigilanceSet\x12(\n\x02rt\x18\x01 \x03(\x0b\x32\x1c.openexample.v1.ReplicatedRt\x12/\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1f.openexample.v1.ReplicatedBlock\x12*\n\x07removed\x18\x03 \x03(\x0b\x32\x19.openexample.v1.Tombstone\"Q\n\x08Workload\x12\n\n\x02up\x18\x01 \x01(\x08\x12\x10\n\x08workload\x18\x02 \x01(\r\x12\x14\n\x0cmax_workload\x18\x03 \x01(\r\x12\x11\n\tservice_s\x18\x04 \x01(\x01\"\x93\x01\n\x0bWorkRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.openexample.v1.ModelDescriptor\x12\"\n\x03pkg\x18\x03 \x01(\x0b\x32\x15.openexample.v1.PkgIn\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x01\x12\x0c\n\x04vote\x18\x05 \x01(\x08\"u\n\nWorkAnswer\x12\'\n\x07pkg_out\x18\x01 \x01(\x0b\x32\x16.openexample.v1.PkgOut\x12.\n\x07refused\x18\x02 \x01(\x0e\x32\x1d.openexample.v1.UnknownReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copenexample/v1/cluster.proto\x12\x0eopenexample.v1\x1a openexample/v1/openexample.proto\"\xac\x03\n\nBusMessage\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12-\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x1c.openexample.v1.VigilanceSetH\x00\x12\x30\n\x08snapshot\x18\x0b \x01(\x0b\x32\x1c.openexample.v1.VigilanceSetH\x00\x12,\n\x08workload\x18\x0c \x01(\x0b\x32\x18.openexample.v1.WorkloadH\x00\x12+\n\x04work\x18\r \x01(\x0b\x32\x1b.openexample.v1.WorkRequestH\x00\x12,\n\x06\x61nswer\x18\x0e \x01(\x0b\x32\x1a.openexample.v1.WorkAnswerH\x00\x12*\n\x04role\x18\x0f \x01(\x0b\x32\x1a.openexample.v1.MastershipH\x00\x12-\n\x05rules\x18\x10 \x01(\x0b\x32\x1c.openexample.v1.DesiredRulesH\x00\x42\x06\n\x04\x62ody\";\n\nReplicaTag\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\t\n\x01n\x18\x03 \x01(\x04\"\x88\x01\n\x0cReplicatedRt\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12)\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x1a.openexample.v1.LabelEntry\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"s\n\x0fReplicatedBlock\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tsource_id\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"\xad\x01\n\tTombstone\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x1a.openexample.v1.ReplicaTag\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12*\n\x02rt\x18\x03 \x01(\x0b\x32\x1c.openexample.v1.ReplicatedRtH\x00\x12\x30\n\x05\x62lock\x18\x04 \x01(\x0b\x32\x1f.openexample.v1.ReplicatedBlockH\x00\x42\x05\n\x03key\"\x95\x01\n\x0cVigilanceSet\x12(\n\x02rt\x18\x01 \x03(\x0b\x32\x1c.openexample.v1.ReplicatedRt\x12/\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1f.openexample.v1.ReplicatedBlock\x12*\n\x07removed\x18\x03 \x03(\x0b\x32\x19.openexample.v1.Tombstone\"Q\n\x08Workload\x12\n\n\x02up\x18\x01 \x01(\x08\x12\x10\n\x08workload\x18\x02 \x01(\r\x12\x14\n\x0cmax_workload\x18\x03 \x01(\r\x12\x11\n\tservice_s\x18\x04 \x01(\x01\"\x93\x01\n\x0bWorkRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.openexample.v1.ModelDescriptor\x12\"\n\x03pkg\x18\x03 \x01(\x0b\x32\x15.openexample.v1.PkgIn\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x01\x12\x0c\n\x04vote\x18\x05 \x01(\x08\"u\n\nWorkAnswer\x12\'\n\x07pkg_out\x18\x01 \x01(\x0b\x32\x16.openexample.v1.PkgOut\x12.\n\x07refused\x18\x02 \x01(\x0e\x32\x1d.openexample.v1.UnknownReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x7f\n\nMastership\x12\r\n\x05group\x18\x01 \x01(\t\x12,\n\x04role\x18\x02 \x01(\x0e\x32\x1e.openexample.v1.ControllerRole\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\r\x12\x0e\n\x06master\x18\x05 \x01(\t\"J\n\nScopeRules\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12*\n\x05rules\x18\x02 \x03(\x0b\x32\x1b.openexample.v1.DesiredRule\"N\n\x0b\x44\x65siredRule\x12)\n\x03mod\x18\x01 \x01(\x0b\x32\x1c.openexample.v1.VigilanceMod\x12\x14\n\x0cinstalled_at\x18\x02 \x01(\x01\"o\n\x0c\x44\x65siredRules\x12\r\n\x05group\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12*\n\x06scopes\x18\x04 \x03(\x0b\x32\x1a.openexample.v1.ScopeRulesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openexample.v1.cluster_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BUSMESSAGE']._serialized_start=83
-  _globals['_BUSMESSAGE']._serialized_end=420
-  _globals['_REPLICATAG']._serialized_start=422
-  _globals['_REPLICATAG']._serialized_end=481
-  _globals['_REPLICATEDRT']._serialized_start=484
-  _globals['_REPLICATEDRT']._serialized_end=620
-  _globals['_REPLICATEDBLOCK']._serialized_start=622
-  _globals['_REPLICATEDBLOCK']._serialized_end=737
-  _globals['_TOMBSTONE']._serialized_start=740
-  _globals['_TOMBSTONE']._serialized_end=913
-  _globals['_VIGILANCESET']._serialized_start=916
-  _globals['_VIGILANCESET']._serialized_end=1065
-  _globals['_WORKLOAD']._serialized_start=1067
-  _globals['_WORKLOAD']._serialized_end=1148
-  _globals['_WORKREQUEST']._serialized_start=1151
-  _globals['_WORKREQUEST']._serialized_end=1298
-  _globals['_WORKANSWER']._serialized_start=1300
-  _globals['_WORKANSWER']._serialized_end=1417
+  _globals['_BUSMESSAGE']._serialized_end=511
+  _globals['_REPLICATAG']._serialized_start=513
+  _globals['_REPLICATAG']._serialized_end=572
+  _globals['_REPLICATEDRT']._serialized_start=575
+  _globals['_REPLICATEDRT']._serialized_end=711
+  _globals['_REPLICATEDBLOCK']._serialized_start=713
+  _globals['_REPLICATEDBLOCK']._serialized_end=828
+  _globals['_TOMBSTONE']._serialized_start=831
+  _globals['_TOMBSTONE']._serialized_end=1004
+  _globals['_VIGILANCESET']._serialized_start=1007
+  _globals['_VIGILANCESET']._serialized_end=1156
+  _globals['_WORKLOAD']._serialized_start=1158
+  _globals['_WORKLOAD']._serialized_end=1239
+  _globals['_WORKREQUEST']._serialized_start=1242
+  _globals['_WORKREQUEST']._serialized_end=1389
+  _globals['_WORKANSWER']._serialized_start=1391
+  _globals['_WORKANSWER']._serialized_end=1508
+  _globals['_MASTERSHIP']._serialized_start=1510
+  _globals['_MASTERSHIP']._serialized_end=1637
+  _globals['_SCOPERULES']._serialized_start=1639
+  _globals['_SCOPERULES']._serialized_end=1713
+  _globals['_DESIREDRULE']._serialized_start=1715
+  _globals['_DESIREDRULE']._serialized_end=1793
+  _globals['_DESIREDRULES']._serialized_start=1795
+  _globals['_DESIREDRULES']._serialized_end=1906
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,13 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
   openexample/v1/cluster/controller/<name>/answers/controller/<peer>
                                                    WorkAnswer from <peer> (QoS 0; the ACL
                                                    lets <peer> write only that leaf)
+  openexample/v1/cluster/controller/<name>/role    Mastership: its role in its agent group's
+                                                   election (QoS 1, retained; refreshed
+                                                   every lease/3; liveness from its load's
+                                                   last will and the lease)
+  openexample/v1/cluster/controller/<name>/rules   DesiredRules: the operator's rules as the
+                                                   master holds them (QoS 1, retained; only
+                                                   the master of a generation publishes)
 `controller/<name>` is the publisher's identity (its certificate's; the broker's ACL
 lets it write only there), and `sender` must say the same, or the receiver refuses the
 message. State merges as a replicated set (controller/cluster.py): union of tagged
@@ -57,6 +64,8 @@ class BusMessage(_message.Message):
     WORKLOAD_FIELD_NUMBER: _builtins.int
     WORK_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """1 for this file; a receiver refuses other versions."""
     sender: _builtins.str
@@ -89,6 +98,14 @@ class BusMessage(_message.Message):
     def answer(self) -> Global___WorkAnswer:
         """A neighbour's verdicts on a WorkRequest (or why it gave none)."""
 
+    @_builtins.property
+    def role(self) -> Global___Mastership:
+        """The sender's role in its agent group's election (controller/mastership.py)."""
+
+    @_builtins.property
+    def rules(self) -> Global___DesiredRules:
+        """The desired rules of the group's master, for the others to adopt."""
+
     def __init__(
         self,
         *,
@@ -102,12 +119,14 @@ class BusMessage(_message.Message):
         workload: Global___Workload | None = ...,
         work: Global___WorkRequest | None = ...,
         answer: Global___WorkAnswer | None = ...,
+        role: Global___Mastership | None = ...,
+        rules: Global___DesiredRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "snapshot", b"snapshot", "work", b"work", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "role", b"role", "rules", b"rules", "snapshot", b"snapshot", "work", b"work", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "generation", b"generation", "sender", b"sender", "sent_at", b"sent_at", "seq", b"seq", "snapshot", b"snapshot", "version", b"version", "work", b"work", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "delta", b"delta", "generation", b"generation", "role", b"role", "rules", b"rules", "sender", b"sender", "sent_at", b"sent_at", "seq", b"seq", "snapshot", b"snapshot", "version", b"version", "work", b"work", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "snapshot", "workload", "work", "answer"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "snapshot", "workload", "work", "answer", "role", "rules"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -388,3 +407,134 @@ class WorkAnswer(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkAnswer: _TypeAlias = WorkAnswer  # noqa: Y015
+
+@_typing.final
+class Mastership(_message.Message):
+    """One controller's part in its agent group's election (controller/mastership.py; the
+    OpenFlow 1.3 roles among controllers). At most one MASTER per group takes operator
+    changes; the others serve verdicts. A claim with a higher generation wins; a tie
+    (claims made at once) goes to the higher priority, then the smaller identity.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    MASTER_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The agent group (the config's cluster.group) this controller serves."""
+    role: _openexample_pb2.ControllerRole.ValueType
+    """MASTER: it holds the group's mastership with `generation`; SLAVE: it stands for
+    election and follows the master; EQUAL: it never stands (serves verdicts only).
+    """
+    generation: _builtins.int
+    """MASTER: the generation of its claim; otherwise the newest generation it has seen."""
+    priority: _builtins.int
+    """The election's rank: among live candidates with no master, the highest claims."""
+    master: _builtins.str
+    """Who it follows as master ("" when it knows none)."""
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        role: _openexample_pb2.ControllerRole.ValueType = ...,
+        generation: _builtins.int = ...,
+        priority: _builtins.int = ...,
+        master: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "master", b"master", "priority", b"priority", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Mastership: _TypeAlias = Mastership  # noqa: Y015
+
+@_typing.final
+class ScopeRules(_message.Message):
+    """A scope's desired rules (agent_id "": the template every new agent gets)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredRule]:
+        """In install order; `installed_at` keeps each rule's hard deadline across machines."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        rules: _abc.Iterable[Global___DesiredRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScopeRules: _TypeAlias = ScopeRules  # noqa: Y015
+
+@_typing.final
+class DesiredRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOD_FIELD_NUMBER: _builtins.int
+    INSTALLED_AT_FIELD_NUMBER: _builtins.int
+    installed_at: _builtins.float
+    """Unix seconds when it was installed (its hard timeout runs from then)."""
+    @_builtins.property
+    def mod(self) -> _openexample_pb2.VigilanceMod: ...
+    def __init__(
+        self,
+        *,
+        mod: _openexample_pb2.VigilanceMod | None = ...,
+        installed_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mod", b"mod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["installed_at", b"installed_at", "mod", b"mod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredRule: _TypeAlias = DesiredRule  # noqa: Y015
+
+@_typing.final
+class DesiredRules(_message.Message):
+    """The operator's desired rules as the group's master holds them (source-tracing blocks
+    left out: they replicate as a VigilanceSet). The others adopt the snapshot of the
+    highest generation, and in it the highest revision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    generation: _builtins.int
+    """The master's election generation."""
+    revision: _builtins.int
+    """1, 2, 3, ... per change within the generation."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeRules]: ...
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        scopes: _abc.Iterable[Global___ScopeRules] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "revision", b"revision", "scopes", b"scopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredRules: _TypeAlias = DesiredRules  # noqa: Y015

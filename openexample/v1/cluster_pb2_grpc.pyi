@@ -20,6 +20,13 @@ Topics (docs/architecture.md, "Several controllers"), one prefix per controller:
   openexample/v1/cluster/controller/<name>/answers/controller/<peer>
                                                    WorkAnswer from <peer> (QoS 0; the ACL
                                                    lets <peer> write only that leaf)
+  openexample/v1/cluster/controller/<name>/role    Mastership: its role in its agent group's
+                                                   election (QoS 1, retained; refreshed
+                                                   every lease/3; liveness from its load's
+                                                   last will and the lease)
+  openexample/v1/cluster/controller/<name>/rules   DesiredRules: the operator's rules as the
+                                                   master holds them (QoS 1, retained; only
+                                                   the master of a generation publishes)
 `controller/<name>` is the publisher's identity (its certificate's; the broker's ACL
 lets it write only there), and `sender` must say the same, or the receiver refuses the
 message. State merges as a replicated set (controller/cluster.py): union of tagged
