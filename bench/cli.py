@@ -115,10 +115,10 @@ def _cached_model(args: argparse.Namespace) -> bool:
 
 
 def _cached_detectors(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
-    from controller.training.train import artifacts_folder
+    from controller.training.train import artifact_is_current, artifacts_folder
 
     folder = artifacts_folder(names, dataset=_dataset(args), cache=CACHE, model=args.model)
-    return all((folder / n / "manifest.json").is_file() for n in names)
+    return all(artifact_is_current(folder / n) for n in names)
 
 
 def preflight(args: argparse.Namespace) -> str | None:

@@ -43,7 +43,7 @@ from bench.attacks import (
     generate,
     standard_attacks,
 )
-from controller.detectors.base import Batch, Detector
+from controller.detectors.base import Batch, Detector, conformal_threshold
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
@@ -125,8 +125,9 @@ def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> An
 
 
 def _threshold(clean_cal: np.ndarray, fpr: float) -> float:
-    """The score flagging ``fpr`` of the clean calibration inputs."""
-    return float(np.quantile(clean_cal, 1.0 - fpr, method="higher"))
+    """The split-conformal threshold for ``fpr`` on the clean calibration scores, as
+    ``Detector.calibrate`` sets it (flag: score >= threshold)."""
+    return conformal_threshold(clean_cal, fpr)
 
 
 def _tpr(clean_cal: np.ndarray, adv: np.ndarray, fpr: float) -> float:

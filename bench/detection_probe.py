@@ -33,7 +33,7 @@ from bench import attacks
 from bench.attacks import AttackSpec, adversarials, classifier
 from controller import detectors
 from controller.detectors import hashing
-from controller.detectors.base import Batch, make_batch
+from controller.detectors.base import Batch, conformal_threshold, make_batch
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import model_fn
 from controller.training import datasets
@@ -95,7 +95,7 @@ def make_attacks(
 
 
 def _tpr_at(clean_cal: np.ndarray, adv: np.ndarray, fpr: float) -> float:
-    thr = np.quantile(clean_cal, 1.0 - fpr, method="higher")
+    thr = conformal_threshold(clean_cal, fpr)  # as Detector.calibrate sets it
     return float(np.mean(adv >= thr))
 
 

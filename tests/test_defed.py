@@ -106,7 +106,7 @@ def test_calibrate_meets_the_target_fpr_and_records_the_paper_rule(fitted, mnist
     s = fitted.score(clean).scores
     n = len(s)
     measured = float(np.mean(s >= fitted.threshold))
-    assert 0.05 - 1.0 / n <= measured <= 0.05
+    assert 0.05 - 2.0 / n <= measured <= 0.05  # split-conformal: just under the target
     assert fitted.meta["calibration"]["measured_fpr"] == measured
     ci = fitted.meta["confidence_interval"]
     assert ci["k"] == 3.0 and 0.0 <= ci["clean_fpr"] <= 1.0

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import controller.detectors as detectors
 from controller.detectors import Batch, Detector, Scores, hashing, make_batch
+from controller.detectors.base import conformal_rank
 from controller.detectors.feature_squeezing import FeatureSqueezingDetector
 from controller.detectors.fusion import Pipeline
 from controller.detectors.margin import MarginDetector
@@ -295,7 +296,10 @@ def test_calibrated_fpr_holds_on_held_out_clean_data(name, fpr, fitted, batches)
     det = fitted[name]
     threshold = det.calibrate(batches["cal"], fpr)
     assert det.threshold == threshold and det.fpr == fpr
-    assert det.meta["calibration"]["measured_fpr"] >= fpr
+    cal = det.meta["calibration"]
+    # split-conformal: k = ceil((n + 1)(1 - fpr)) of the n calibration scores stay under
+    assert cal["method"] == "split-conformal/1" and cal["rank"] == conformal_rank(cal["n"], fpr)
+    assert fpr - 2 / cal["n"] <= cal["measured_fpr"] <= fpr
     held_out = det.flag(det.score(batches["test"]).scores).mean()
     assert held_out <= 2 * fpr, f"{name}: {held_out:.3f} false positives at target {fpr}"
 

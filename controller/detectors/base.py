@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -149,24 +150,26 @@ class Detector(ABC):
 
     # -- threshold ------------------------------------------------------------------------
     def calibrate(self, clean: Batch, fpr: float) -> float:
-        """Set ``threshold`` so that at most ``fpr`` of these clean inputs are flagged.
+        """Set ``threshold`` by split-conformal calibration (``conformal_threshold``): on
+        clean inputs exchangeable with ``clean`` but never seen by it (the test split,
+        live traffic from the same distribution), the expected share flagged is at most
+        ``fpr``. ValueError when ``clean`` is too small for ``fpr`` (fewer than
+        (1 - fpr) / fpr items).
 
-        The threshold sits just above the clean score ranked floor(fpr * n) from the top:
-        with ``flag`` being ``score >= threshold``, a threshold equal to an observed score
-        would flag that input too and overshoot the target (k + 1 of n, not k).
+        ``meta["calibration"]`` records the method, the rank used and the share of
+        ``clean`` itself flagged (``measured_fpr``: just under ``fpr``, by about 1 / n).
         """
         if not 0.0 < fpr < 1.0:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         s = np.asarray(self.score(clean).scores, dtype=np.float64)
         if s.size == 0 or not np.isfinite(s).all():
             raise ValueError("calibration needs a non-empty batch with finite scores")
-        # "higher": the threshold is an observed clean score, never an interpolated one
-        ranked = np.sort(s)
-        allowed = int(np.floor(fpr * s.size))
-        self.threshold = float(np.nextafter(ranked[s.size - allowed - 1], np.inf))
+        self.threshold = conformal_threshold(s, fpr, who=f"detector {self.name!r}")
         self.fpr = fpr
         self.meta["calibration"] = {
+            "method": CALIBRATION,
             "n": int(s.size),
+            "rank": conformal_rank(s.size, fpr),
             "target_fpr": fpr,
             "measured_fpr": float(np.mean(s >= self.threshold)),
             "median": float(np.median(s)),
@@ -236,6 +239,46 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} threshold={self.threshold}>"
+
+
+CALIBRATION = "split-conformal/1"
+"""How ``Detector.calibrate`` sets thresholds; recorded in every manifest, so artifacts
+calibrated otherwise (an older rule) are rebuilt by ``ensure_artifacts``."""
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """The 1-based rank k = ceil((n + 1)(1 - alpha)) of the split-conformal threshold
+    among ``n`` sorted calibration scores; ValueError when k > n (too few scores for
+    ``alpha``: n must be at least (1 - alpha) / alpha)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {alpha}")
+    # the 1e-9: (n + 1)(1 - alpha) computed in floats may land just above an integer
+    k = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
+    if k > n:
+        need = math.ceil((1.0 - alpha) / alpha - 1e-9)
+        raise ValueError(
+            f"{n} clean calibration inputs are too few for a false-positive rate of"
+            f" {alpha:g}: split-conformal calibration needs at least {need}; give more"
+            " calibration data or a larger fpr (a set of k detectors calibrates each at"
+            " fpr / k)"
+        )
+    return k
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float, *, who: str = "") -> float:
+    """Split-conformal threshold (Vovk et al. 2005; Angelopoulos & Bates 2021, §1.1):
+    just above the k-th smallest of the ``n`` clean calibration scores, k = ceil((n + 1)
+    (1 - alpha)). With ``flag = score >= threshold`` an input is flagged when its score
+    is above that k-th smallest; for a clean score S exchangeable with the calibration
+    scores, P(S > s_(k)) <= 1 - k / (n + 1) <= alpha, ties included. The promise is on
+    average over calibration sets; any one set's FPR on unseen data scatters around
+    it by ~sqrt(alpha / n). ``who`` names the caller in the too-few-scores error."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    try:
+        k = conformal_rank(s.size, alpha)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}" if who else str(exc)) from None
+    return float(np.nextafter(s[k - 1], np.inf))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Several detectors, one verdict: an OR of per-detector thresholds at a shared FPR budget.
 
-Each of the n detectors is calibrated at fpr / n on the same clean batch, so by the union
-bound the fused false-positive rate stays at most fpr, while every detector keeps its own
-threshold (fusing by a max of z-scores was measured to lose most of each one's strength).
+Each of the n detectors is calibrated at fpr / n on the same clean batch, split-conformally
+(``Detector.calibrate``: the expected FPR of each on unseen clean data exchangeable with the
+batch is at most fpr / n), so by the union bound the fused expected false-positive rate on
+unseen clean data stays at most fpr, while every detector keeps its own threshold (fusing
+by a max of z-scores was measured to lose most of each one's strength). The calibration
+batch must then hold at least n / fpr - 1 items (ValueError otherwise).
 
 The fused score puts every detector on one scale, its normalised margin:
 
@@ -105,7 +108,8 @@ class Pipeline:
         return self.fpr / len(self.detectors)
 
     def calibrate(self, clean: Batch) -> dict[str, float]:
-        """Calibrate every detector at fpr / n on ``clean``; returns the thresholds."""
+        """Calibrate every detector at fpr / n on ``clean`` (split-conformal: the fused
+        expected FPR on unseen clean data is at most fpr); returns the thresholds."""
         fpr = self.per_detector_fpr
         return {n: d.calibrate(clean, fpr) for n, d in zip(self.names, self.detectors, strict=True)}
 

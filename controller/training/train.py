@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from controller import detectors
+from controller.detectors.base import CALIBRATION, read_manifest
 from controller.detectors.fusion import Pipeline
 from controller.reference_model import is_onnx, model_fn, model_format, needing_module
 from controller.training import datasets
@@ -168,11 +169,21 @@ def ensure_artifacts(
         names, dataset=dataset, cache=cache, fpr=fpr, model=model, privacy=privacy
     )
     paths = [out / n for n in names]
-    if not all((p / "manifest.json").is_file() for p in paths):
+    if not all(artifact_is_current(p) for p in paths):
         paths = build_artifacts(
             names, out, dataset=dataset, model_path=model, fpr=fpr, cache=cache, privacy=privacy
         )
     return paths
+
+
+def artifact_is_current(path: str | Path) -> bool:
+    """An artifact that exists and was calibrated the way ``Detector.calibrate`` does it
+    now (one made before split-conformal calibration is rebuilt, not reused)."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        return False
+    return manifest.get("calibration", {}).get("method") == CALIBRATION
 
 
 def onnx_refusal(model: str | Path, names: Sequence[str]) -> str | None:
