@@ -79,6 +79,12 @@ class AdminService(admin_pb2_grpc.ControllerAdminServicer):
         self, request: admin_pb2.ModRulesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ModRulesResponse:
         who = await self._caller(context, "ModRules", _WRITERS, request)
+        roles = self.srv.roles
+        refusal = roles.refusal() if roles is not None else ""
+        if refusal:  # several controllers: the agent group's master takes rule changes
+            await self._journal(who, "ModRules", request, f"refused: {refusal}")
+            log.warning("admin ModRules by %s refused: %s", who, refusal)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"ModRules: {refusal}")
         response = await self._mod_rules(request, context, who)
         refused = [f"{r.agent_id}: {r.error.text}" for r in response.results if r.HasField("error")]
         outcome = "ok" if not refused else "refused by " + "; ".join(refused)

@@ -40,6 +40,8 @@ from controller.cluster import (
     DELTA,
     LOAD,
     PREFIX,
+    ROLE,
+    RULES,
     STATE,
     BlockKey,
     Changes,
@@ -84,8 +86,10 @@ class ClusterBus:
         load: Callable[[], tuple[int, int, float]],
         work: Callable[[str, cpb.WorkRequest, tuple[str, bytes]], None] | None = None,
         answered: Callable[[int, cpb.WorkAnswer, str], None] | None = None,
+        roles: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._roles = roles  # mastership's topics (controller/roles.py)
         self._work = work
         self._answered = answered
         # in the shared subscription for work over W0 (when up)
@@ -192,6 +196,9 @@ class ClusterBus:
                     self._check_broker(client)
                     for leaf in (DELTA, STATE, LOAD):
                         await client.subscribe(f"{PREFIX}/+/+/{leaf}", qos=1)
+                    if self._roles is not None:  # after the load: who is up comes first
+                        for leaf in (ROLE, RULES):
+                            await client.subscribe(f"{PREFIX}/+/+/{leaf}", qos=1)
                     await client.subscribe(f"{self._answers}/#", qos=0)
                     if self._taking_work:
                         await client.subscribe(overflow.work_subscription(), qos=0)
@@ -280,6 +287,8 @@ class ClusterBus:
                     self._on_work(name, data, message.properties)
                 elif name.startswith(self._answers + "/"):
                     self._on_answer(name, data, message.properties)
+                elif self._roles is not None and name.endswith(("/" + ROLE, "/" + RULES)):
+                    self._roles(name, data)
                 else:
                     self._on_message(name, data)
                 if writer.done():  # a publish failed: the connection is gone
@@ -415,6 +424,16 @@ class ClusterBus:
             return  # answered already, or late
         self.metrics.messages.labels("received", overflow.ANSWERS).inc()
         self._answered(key, got.answer, got.sender)
+
+    def publish_retained(self, leaf: str, msg: cpb.BusMessage) -> bool:
+        """``msg`` retained on this controller's ``leaf`` topic (QoS 1); False when the
+        bus is down (the caller publishes again when it is back)."""
+        return self._queue(topic(self.state.identity, leaf), _bytes(msg), leaf, retain=True)
+
+    def refused(self, reason: str, sender: str, text: str) -> None:
+        """A bus message refused: counted, and one WARNING per (sender, reason) per
+        REFUSAL_LOG_S."""
+        self._refused(reason, sender, text)
 
     def _refused(self, reason: str, sender: str, text: str) -> None:
         self.metrics.refused.labels(reason).inc()

@@ -61,7 +61,8 @@ VERSION = 1
 PREFIX = "openexample/v1/cluster"
 SUBSCRIPTION = f"{PREFIX}/#"
 DELTA, STATE, LOAD = "delta", "state", "load"
-_BODY = {DELTA: "delta", STATE: "snapshot", LOAD: "workload"}
+ROLE, RULES = "role", "rules"  # mastership (controller/mastership.py reads them)
+_BODY = {DELTA: "delta", STATE: "snapshot", LOAD: "workload", ROLE: "role", RULES: "rules"}
 NEVER = math.inf
 
 Tag = tuple[str, int, int]  # (origin identity, generation, n)
@@ -442,6 +443,8 @@ class ClusterState:
         if where is None:
             return _refuse("topic", f"not a bus topic: {name!r}")
         ident, leaf = where
+        if leaf in (ROLE, RULES):
+            return _refuse("topic", f"not a vigilance or load topic: {name!r}", leaf, ident)
         try:
             msg = cpb.BusMessage.FromString(payload)
         except DecodeError as exc:

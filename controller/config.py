@@ -70,6 +70,16 @@ class ClusterConfig:
     # Work over W0 goes to a neighbour (controller/overflow.py) instead of being answered
     # UNKNOWN/OVERLOADED at once; this controller also takes its neighbours' work.
     overflow: bool = True
+    # Mastership (controller/mastership.py): the agent group this controller serves (the
+    # controllers its agents fail over among); in it one MASTER takes operator changes.
+    group: str = "default"
+    # auto: stands for election (MASTER or SLAVE); equal: never (serves verdicts only).
+    role: str = "auto"
+    # Among live candidates with no master, the highest priority claims the mastership.
+    priority: int = 100
+    # A peer's role message is good this long; a master cut off from the bus for this
+    # long steps down.
+    lease_s: float = 6.0
 
     @property
     def tls(self) -> bool:
@@ -150,13 +160,20 @@ def _check_cluster(cfg: Config) -> None:
             "cluster.broker: mqtts:// needs the controller's certificate (plaintext is on);"
             " use mqtt:// on loopback"
         )
-    for key in ("keepalive_s", "reconnect_min_s", "workload_interval_s", "snapshot_interval_s"):
+    keys = ("keepalive_s", "reconnect_min_s", "workload_interval_s", "snapshot_interval_s")
+    for key in (*keys, "lease_s"):
         if not getattr(c, key) > 0:
             raise ConfigError(f"cluster.{key}: must be > 0, got {getattr(c, key)!r}")
     if c.reconnect_max_s < c.reconnect_min_s:
         raise ConfigError(
             f"cluster.reconnect_max_s: must be >= reconnect_min_s, got {c.reconnect_max_s!r}"
         )
+    if not valid_name(c.group):
+        raise ConfigError(f"cluster.group: letters, digits, . _ - only, got {c.group!r}")
+    if c.role not in ("auto", "equal"):
+        raise ConfigError(f"cluster.role: auto or equal, got {c.role!r}")
+    if not 0 <= c.priority < 1 << 32:
+        raise ConfigError(f"cluster.priority: 0 .. 2^32-1, got {c.priority!r}")
 
 
 _RULE_KEYS = ("match", "priority", "actions", "agent", "model", "send_removed")

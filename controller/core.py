@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from controller.cluster_work import ClusterWork
 from controller.config import Config, RuleConfig, trace_params
-from controller.desired import DesiredRules, DesiredState, RulesDiff
+from controller.desired import DesiredRules, DesiredState, RulesDiff, StoredRule
 from controller.session import (
     AgentSession,
     Closed,
@@ -449,6 +449,27 @@ class ControllerCore(ClusterWork):
                 s = self.sessions[sid]
                 step.send += [(sid, s.request(mod)) for mod in mods]
         return step, diff
+
+    def adopt_rules(self, tables: dict[str, list[StoredRule]], now: float) -> Step:
+        """The agent group's master's desired rules (controller/mastership.py) become
+        this controller's (:meth:`DesiredRules.adopt`); the live agents whose tables
+        changed get them at once (DELETE all, the table, BARRIER, as at resync)."""
+        step = Step()
+        changed = self.durable.adopt(tables, now, step)
+        for scope in changed:
+            table = self.durable.agent_rules.get(scope)
+            if table is None:  # the template: agents that connect later get it
+                continue
+            for sid in self.sessions_of(agent_id=scope):
+                s = self.sessions[sid]
+                out = [s.request(rules.vigilance_mod(rules.DELETE))]
+                out += [s.request(mod) for mod in table.snapshot(now)]
+                out.append(s.request(pb.BarrierRequest()))
+                step.send += [(sid, env) for env in out]
+        if changed:
+            names = ", ".join(scope or "the template" for scope in changed)
+            step.notes.append(f"adopted the master's rules for {names}")
+        return step
 
     # --- introspection ---
 

@@ -130,6 +130,14 @@ class _ConfigRule:
     actions: rules.RuleActions
 
 
+def _is_block(mod: pb.VigilanceMod) -> bool:
+    return mod.cookie & COOKIE_KIND_MASK == COOKIE_BLOCK
+
+
+def _mods(stored: list[StoredRule]) -> list[bytes]:
+    return [r.mod.SerializeToString(deterministic=True) for r in stored]
+
+
 def _scope_name(scope: str) -> str:
     return "the template" if scope == TEMPLATE else f"agent {scope!r}"
 
@@ -337,6 +345,49 @@ class DesiredRules:
             if until and now >= until:
                 del self.blocked[src]
                 changes.persist_blocks = True
+
+    # --- several controllers: the group master's rules (controller/mastership.py) ---
+
+    def operator_tables(self) -> dict[str, list[StoredRule]]:
+        """What a group's master replicates: each scope's desired rules (as
+        :meth:`desired`) without the source-tracing blocks (they replicate on their own)."""
+        return {
+            scope: [r for r in self.desired(scope) or [] if not _is_block(r.mod)]
+            for scope, _ in self._tables()
+        }
+
+    def adopt(self, tables: dict[str, list[StoredRule]], now: float, changes: Changes) -> list[str]:
+        """The master's :meth:`operator_tables` become this controller's: each scope's
+        rules are the master's, its blocks kept; a scope the master lacks (an agent it
+        never saw) gets the master's template. Returns the scopes that changed (the
+        caller resyncs their live agents). Rules past their hard deadline are left out."""
+        template = tables.get(TEMPLATE, [])
+        changed = []
+        for scope in sorted(set(tables) | {s for s, _ in self._tables()}):
+            want = tables.get(scope, template)
+            mine = self.desired(scope) or []
+            blocks = [r for r in mine if _is_block(r.mod)]
+            if _mods(want) == _mods([r for r in mine if not _is_block(r.mod)]):
+                continue
+            table = rules.RuleTable(self._miss, now=now)
+            for r in [*want, *blocks]:
+                hard = r.mod.hard_timeout_s
+                if hard and now >= r.installed_at + hard:
+                    continue
+                try:
+                    table.restore(r.mod, r.installed_at, now)
+                except ProtocolError as exc:
+                    changes.notes.append(
+                        f"the master's rule prio={r.mod.priority} for {_scope_name(scope)}"
+                        f" not adopted: {exc}"
+                    )
+            if scope == TEMPLATE:
+                self.template = table
+            else:
+                self.agent_rules[scope] = table
+            changes.persist.add(scope)
+            changed.append(scope)
+        return changed
 
     # --- durable: restore at start; rules as code ---
 

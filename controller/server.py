@@ -48,6 +48,7 @@ from openexample.v1 import openexample_pb2 as pb
 if TYPE_CHECKING:  # the bus is imported only with a `cluster` section
     from controller.bus import ClusterBus
     from controller.cluster import Changes as ClusterChanges
+    from controller.roles import Roles
 
 log = logging.getLogger("openexample.controller")
 SERVICE = "openexample.v1.OpenExample"
@@ -146,6 +147,7 @@ class ControllerServer:
         # Several controllers (controller/bus.py, controller/cluster.py): without a
         # `cluster` section this controller runs alone.
         self.bus: ClusterBus | None = None
+        self.roles: Roles | None = None  # mastership in the agent group (controller/roles.py)
         if cfg.cluster is not None:
             from controller.bus import ClusterBus
             from controller.cluster import ClusterState
@@ -161,7 +163,9 @@ class ControllerServer:
                 load=lambda: (self.core.workload, self.cfg.max_workload, self._service_s),
                 work=self._on_work if cfg.cluster.overflow else None,
                 answered=self._on_answered,
+                roles=lambda name, data: self.roles.on_bus(name, data),  # type: ignore[union-attr]
             )
+            self.roles = _roles(cfg, self)
 
     # --- lifecycle ---
 
@@ -523,6 +527,10 @@ class ControllerServer:
             self.metrics.agents.set(len(self.core.sessions_of()))
         if self.bus is not None and (step.rt_added or step.blocks_added or step.blocks_removed):
             self._replicate(step)
+        if self.roles is not None and (step.ready or step.persist):
+            if step.persist:
+                self.roles.rules_changed()  # the master publishes its rules
+            self.roles.on_ready(step.ready)  # the master claims new agents
 
     # --- several controllers: the core's decisions out, the peers' in ---
 
@@ -607,6 +615,8 @@ class ControllerServer:
         bus = self.bus
         if bus is None:
             return
+        if self.roles is not None:
+            self.roles.tick()
         self.core.neighbours_free = self.cfg.cluster.overflow and bus.neighbours_free()
         self.core.peers_up = bus.peers_up()
         w, w0 = self.core.workload, self.cfg.max_workload
@@ -696,3 +706,27 @@ class ControllerServer:
         while True:
             await asyncio.sleep(0.2)
             await asyncio.to_thread(self.journal.flush)
+
+
+def _roles(cfg: Config, srv: ControllerServer) -> Roles:
+    """The agent group's election for a controller on the bus (controller/roles.py)."""
+    from controller.mastership import Election
+    from controller.roles import Roles
+
+    c = cfg.cluster
+    assert c is not None and srv.bus is not None
+    election = Election(
+        srv.bus.state.identity,
+        c.group,
+        priority=c.priority,
+        stands=c.role == "auto",
+        lease_s=c.lease_s,
+    )
+    return Roles(
+        election,
+        srv.bus,
+        srv.core,
+        srv.registry,
+        dispatch=srv.dispatch,
+        expect_reply=srv.expect_reply,
+    )

@@ -94,6 +94,7 @@ SANS_IO = [
     ROOT / "controller" / "cluster.py",
     ROOT / "controller" / "overflow.py",
     ROOT / "controller" / "consensus.py",
+    ROOT / "controller" / "mastership.py",
     ROOT / "controller" / "cluster_work.py",
     ROOT / "controller" / "steps.py",
     ROOT / "controller" / "correction.py",
