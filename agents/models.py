@@ -37,6 +37,7 @@ class ModelAdapter:
         input_dtype: Any = np.float32,
         digest: str = "",
         module: Any = None,
+        onnx: Any = None,
     ) -> None:
         self._predict = predict
         self.framework = framework
@@ -44,6 +45,7 @@ class ModelAdapter:
         self.input_dtype = np.dtype(input_dtype)
         self.digest = digest
         self.module = module  # the torch module, for activation hooks
+        self.onnx = onnx  # the ONNX runner, for intermediate outputs
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits ``[N, C]`` (float32) for a batch ``x [N, *input_shape]``."""
@@ -61,13 +63,19 @@ class ModelAdapter:
 
         A torch module gets forward hooks on a private copy (a hook on the user's module
         would also fire for calls on other threads); TorchScript takes no hooks, and its
-        module graphs are read instead (openexample/layers.py), on the module itself."""
+        module graphs are read instead (openexample/layers.py), on the module itself. An
+        ONNX model is reloaded with the tensors as extra graph outputs (by tensor name,
+        or by torch module path for files torch exported; openexample/onnx_outputs.py)."""
+        if self.onnx is not None:
+            try:
+                return self.onnx.tap(names)
+            except ValueError as exc:
+                raise ValueError(f"activations: {exc}") from None
         if self.module is None:
             raise ValueError(
-                f"activations: a {self.framework} model cannot send them (torch and TorchScript"
-                " models can; an ONNX model's intermediate outputs need the onnx package):"
-                " leave activations empty and let the controller compute them from its"
-                " reference copy"
+                f"activations: a {self.framework} model cannot send them (torch, TorchScript"
+                " and ONNX models can): leave activations empty and let the controller"
+                " compute them from its reference copy"
             )
         import torch
 
@@ -163,29 +171,55 @@ def _wrap_torchscript(path: Path, input_shape: Any, input_dtype: Any) -> ModelAd
 
 
 def _wrap_onnx(path: Path, input_shape: Any, input_dtype: Any) -> ModelAdapter:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ImportError(
-            f"{path} is an ONNX model but onnxruntime is not installed: pip install onnxruntime"
-        ) from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
+    runner = _OnnxRunner(path)
+    inp = runner.session.get_inputs()[0]
     if input_shape is None:
         dims = list(inp.shape)[1:]  # first dim is the batch
         if dims and all(isinstance(d, int) and d > 0 for d in dims):
             input_shape = dims
     if input_dtype is None:
         input_dtype = _ONNX_DTYPES.get(inp.type, np.float32)
-    name = inp.name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
-
     return ModelAdapter(
-        predict,
+        runner.predict,
         framework="onnx",
         input_shape=input_shape,
         input_dtype=input_dtype,
         digest=file_digest(path),
+        onnx=runner,
     )
+
+
+class _OnnxRunner:
+    """One onnxruntime session over an ONNX file: the model's first output for
+    ``predict``; :meth:`tap` reloads it once with named intermediate tensors added as
+    graph outputs (openexample/onnx_outputs.py), which ``predict`` leaves unfetched."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError(
+                f"{path} is an ONNX model but onnxruntime is not installed: pip install onnxruntime"
+            ) from None
+        self._ort, self.path = ort, path
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.output = self.session.get_outputs()[0].name
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output], {self.input: x})[0]
+
+    def tap(self, names: Sequence[str]) -> Callable[[np.ndarray], dict]:
+        """inputs [N, ...] -> {name: float32 [N, ...]}; ValueError in one line."""
+        from openexample.onnx_outputs import with_outputs
+
+        data, tensors = with_outputs(self.path, names)
+        session = self._ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.session = session  # one session serves both (predict fetches its output only)
+        fetch = list(dict.fromkeys(tensors.values()))
+
+        def activations(x: np.ndarray) -> dict:
+            got = dict(zip(fetch, session.run(fetch, {self.input: x}), strict=True))
+            return {n: np.asarray(got[t], np.float32) for n, t in tensors.items()}
+
+        return activations
