@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--activations",
         default="",
         metavar="LAYERS",
-        help="layer names (features.2,features.5) whose activations go up with each"
-        " inspected item, for the controller's feature-map detector (torch/TorchScript)",
+        help="layer names (features.2,features.5) whose activations this agent can send"
+        " with each inspected item, when the controller asks for them (feature-map"
+        " detectors; torch, TorchScript or ONNX: module paths or tensor names)",
     )
     a.add_argument(
         "--activations-dtype", choices=("float16", "float32"), default=d.activations_dtype

@@ -73,10 +73,12 @@ class AgentConfig:
     # ("gaussian:EPS[:DELTA][,clip=C][,centre=V][,logits=raw|label|noised:EPS]",
     # "laplace:EPS[,...]", "none[,logits=label]") becomes a PrivacyNoise over input_range.
     privacy: PrivacyNoise | str | None = None
-    # Intermediate activations sent with every item that goes up (PKG_IN.activations),
-    # for the controller's feature-map detectors: the model's layer names (module paths,
-    # "features.2"); () = none. Computed only for the items sent (one more forward pass
-    # up to those layers), never for calls decided here. torch and TorchScript models.
+    # Intermediate activations this agent can send (PKG_IN.activations) for the
+    # controller's feature-map detectors: the model's layer names (module paths,
+    # "features.2"; for ONNX also tensor names); () = none. Declared in FEATURES with
+    # shape and dtype; sent only those the controller asks for (FEATURES_REQUEST), only
+    # with items that go up (one more forward pass up to the layers), never for calls
+    # decided here. torch, TorchScript and ONNX models (ONNX needs the onnx package).
     activations: tuple[str, ...] = ()
     activations_dtype: str = "float16"  # on the wire: float16 (half the bytes) or float32
     # PKG_IN batching: wait this long for more items (0 = send at once), at most this many.

@@ -116,6 +116,9 @@ class AgentCore:
         # Why verdicts are decided without the controller (Result.reason), while they are
         self.outage = "no controller: not connected yet"
         self._no_detector_warned: set[str] = set()  # models warned of, this session
+        # Per model, the activations this session's controller asked for (FEATURES_REQUEST)
+        # among those declared: what build_pkg_in computes and sends.
+        self.activations_asked: dict[str, tuple[str, ...]] = {}
         self._noted_default: tuple[int, int] | None = None  # the controller's, said once
         self.role = pb.CONTROLLER_ROLE_EQUAL
         self.generation_id: int | None = None
@@ -319,6 +322,7 @@ class AgentCore:
             self._np_rng,
             version=version,
             wall_offset_s=self.wall_offset_s,
+            activations=self.activations_asked.get(batch.model_id, ()),
         )
 
     def flush(self, now: float) -> list[pb.Envelope]:
@@ -419,6 +423,7 @@ class AgentCore:
             m.privacy is not None and m.privacy.mechanism != "none" for m in self.models.values()
         ):
             caps.insert(1, pb.CAPABILITY_PRIVACY_NOISE)
+        self.activations_asked = self._asked(env.features_request)
         body = pb.FeaturesReply(
             agent_id=self.agent_id,
             models=[m.descriptor() for m in self.models.values()],
@@ -427,6 +432,33 @@ class AgentCore:
         )
         assert self.session is not None
         out.send.append(self.session.reply(env, body))
+
+    def _asked(self, req: pb.FeaturesRequest) -> dict[str, tuple[str, ...]]:
+        """The activations to send per model: those asked that this agent declares with
+        the shape asked (a request for anything else is logged and not served)."""
+        asked: dict[str, tuple[str, ...]] = {}
+        for want in req.activations:
+            info = self.models.get(want.model_id)
+            have = {} if info is None else info.declared_activations()
+            names = []
+            for a in want.activations:
+                if have.get(a.name) == tuple(a.shape):
+                    names.append(a.name)
+                else:
+                    log.warning(
+                        "controller %s asks for activation %r %s of model %r; this agent"
+                        " declares %s: not sent",
+                        self.controller_id,
+                        a.name[:64],
+                        tuple(a.shape)[:8],
+                        want.model_id[:64],
+                        ", ".join(f"{n} {sh}" for n, sh in have.items()) or "none",
+                    )
+            if names:
+                asked[want.model_id] = tuple(dict.fromkeys(names))
+        for model_id, names in asked.items():
+            log.info("sending activations of model %r: %s", model_id, ", ".join(names))
+        return asked
 
     def _check_writable(self) -> None:
         if self.role == pb.CONTROLLER_ROLE_SLAVE:

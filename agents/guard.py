@@ -410,16 +410,17 @@ def attach(
             raise ConfigError(
                 f"class_names: {len(names)} names for {n_classes} logits, got {names!r}"
             )
-        acts = None
+        acts, shapes = None, ()
         if config.activations:
             try:
                 acts = adapter.activations_fn(config.activations)
                 got = acts(np.zeros((1, *shape), dtype=adapter.input_dtype))
             except ValueError as exc:
                 raise ConfigError(one_line(exc)) from None
+            shapes = tuple(tuple(int(d) for d in got[n].shape[1:]) for n in config.activations)
             log.info(
-                "activations sent with each PKG_IN item: %s",
-                ", ".join(f"{n} {tuple(a.shape[1:])}" for n, a in got.items()),
+                "activations this agent can send (when the controller asks): %s",
+                ", ".join(f"{n} {s}" for n, s in zip(config.activations, shapes, strict=True)),
             )
         info = ModelInfo(
             model_id=config.model_id,
@@ -432,6 +433,7 @@ def attach(
             activation_names=config.activations,
             activations=acts,
             activations_dtype=np.dtype(config.activations_dtype),
+            activation_shapes=shapes,
         )
         if info.privacy is not None and info.privacy.on and info.privacy.logits == "raw":
             log.warning(

@@ -7,7 +7,7 @@ outside it (:func:`build_pkg_in` touches only the batch and the noise RNG).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -88,6 +88,7 @@ def build_pkg_in(
     *,
     version: int,
     wall_offset_s: float,
+    activations: Sequence[str] = (),
 ) -> pb.Envelope:
     """The PKG_IN of a taken batch: privacy noise, one inputs and one logits tensor, and
     per item what the controller needs. ``inferred_at_ns`` is wall time (the core's
@@ -96,7 +97,10 @@ def build_pkg_in(
     With privacy noise (openexample/privacy.py) the inputs are noised, the logits sent
     as its ``logits`` mode says (raw, none, or noised; the confidence then 0 or the
     noised logits'), and no fingerprint goes up: it would identify the raw input, and
-    the controller could not check it against the noised one (it stays in FT/RT here)."""
+    the controller could not check it against the noised one (it stays in FT/RT here).
+
+    ``activations``: the names the controller asked for (FEATURES_REQUEST) among those
+    ``info`` declares; computed here, for these items only, and sent in their dtype."""
     items = batch.items
     xs = np.stack([it.x for it in items]).astype(info.input_dtype, copy=False)
     logits: np.ndarray | None = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
@@ -111,10 +115,10 @@ def build_pkg_in(
             logits = privacy.noise_logits(logits, rng)
             top = logits.max(axis=1, keepdims=True)
             confs = (1.0 / np.exp(logits - top).sum(axis=1)).tolist()  # softmax of the top
-    if info.activations is not None:  # never noised: AgentConfig refuses both at once
-        for name, a in info.activations(xs).items():
-            body_act = np.ascontiguousarray(a, dtype=info.activations_dtype)
-            acts.append((name, body_act))
+    if activations and info.activations is not None:  # never noised: AgentConfig refuses both
+        got = info.activations(xs)
+        for name in activations:
+            acts.append((name, np.ascontiguousarray(got[name], dtype=info.activations_dtype)))
     hide_fp = privacy is not None and privacy.on
     env = pb.Envelope(version=version, xid=batch.xid)
     body = env.pkg_in  # filled in place: no copy of the tensors into the envelope

@@ -40,16 +40,21 @@ class ModelInfo:
     framework: str = "callable"
     model_digest: str = ""
     privacy: PrivacyNoise | None = None
-    # Layer activations sent with each PKG_IN item (AgentConfig.activations): their names,
-    # declared in FEATURES, the function that computes them for the items sent (inputs
-    # [N, ...] -> {name: [N, ...]}), and their dtype on the wire.
+    # Layer activations this agent can send (AgentConfig.activations): their names and
+    # shapes (one item's), declared in FEATURES with their dtype on the wire, and the
+    # function that computes them for the items sent (inputs [N, ...] -> {name: [N, ...]}).
     activation_names: tuple[str, ...] = ()
     activations: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     activations_dtype: Any = np.float16
+    activation_shapes: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.privacy is not None:  # its default clip and centre, for this input shape
             object.__setattr__(self, "privacy", self.privacy.resolved(self.input_shape))
+
+    def declared_activations(self) -> dict[str, tuple[int, ...]]:
+        """{name: one item's shape} of the activations declared (those with a shape)."""
+        return dict(zip(self.activation_names, self.activation_shapes, strict=False))
 
     def descriptor(self) -> pb.ModelDescriptor:
         return pb.ModelDescriptor(
@@ -60,7 +65,13 @@ class ModelInfo:
             privacy=self.privacy.to_pb() if self.privacy else None,
             model_digest=self.model_digest,
             framework=self.framework,
-            activation_names=list(self.activation_names),
+            activation_names=list(self.activation_names),  # deprecated, for older controllers
+            activations=[
+                pb.ActivationDescriptor(
+                    name=n, shape=list(shape), dtype=tensor.dtype_code(self.activations_dtype)
+                )
+                for n, shape in self.declared_activations().items()
+            ],
         )
 
 

@@ -23,6 +23,8 @@ from openexample.identity import Kind, valid_name
 from openexample.tls import TlsFiles, check_plaintext, is_loopback
 from openexample.v1 import openexample_pb2 as pb
 
+ACTIVATION_SOURCES = ("auto", "agent", "reference")  # ModelConfig.activations
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,6 +44,11 @@ class ModelConfig:
     # included) to agree; every other controller up on the bus is asked (controller/
     # consensus.py). 1: this controller alone.
     consensus: int = 1
+    # Where detectors that read layer activations (featuremap) get them: "auto" asks
+    # agents for them (FEATURES_REQUEST) and computes them from the reference copy for an
+    # agent that does not declare them with the right shape; "agent" asks and refuses
+    # such an agent (HELLO_FAILED/INCOMPATIBLE); "reference" never asks, always computes.
+    activations: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -404,6 +411,11 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
     k = _check_type(f"{path}.consensus", raw.get("consensus", 1), int)
     if k < 1:
         raise ConfigError(f"{path}.consensus: must be >= 1, got {k}")
+    acts = _check_type(f"{path}.activations", raw.get("activations", "auto"), str)
+    if acts not in ACTIVATION_SOURCES:
+        raise ConfigError(
+            f"{path}.activations: one of {', '.join(ACTIVATION_SOURCES)}, got {acts!r}"
+        )
     return ModelConfig(
         detectors=tuple(dets),
         fpr=fpr,
@@ -411,6 +423,7 @@ def _model_config(path: str, raw: Any) -> ModelConfig:
         on_adversarial=policy,
         correct_min_agree=agree,
         consensus=k,
+        activations=acts,
     )
 
 

@@ -8,6 +8,7 @@ job changes or fails another's verdicts (fault isolation: see its docstring).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -224,10 +225,15 @@ class FusedScorer:
     """The detector pipeline of one model as a Scorer (OR of per-detector thresholds)."""
 
     def __init__(
-        self, model_id: str, pipeline: Pipeline, policy: CorrectionPolicy | None = None
+        self,
+        model_id: str,
+        pipeline: Pipeline,
+        policy: CorrectionPolicy | None = None,
+        activations_from: str = "auto",
     ) -> None:
         self.model_id = model_id
         self.pipeline = pipeline
+        self.activations_from = activations_from  # ModelConfig.activations
         self.policy = policy or CorrectionPolicy()
         self.names = [d.name for d in pipeline.detectors]
         self.thresholds = [float(d.threshold) for d in pipeline.detectors]  # type: ignore[arg-type]
@@ -374,13 +380,47 @@ def _recorded(det: Detector) -> tuple[tuple[int, ...], list[str]] | None:
 
 def trained_for(dets: list[Detector]) -> Expected | None:
     """What a detector set was trained for (``check_compatible`` made its members agree):
-    input shape, class count and model digest, from the first artifact that records them."""
+    input shape, class count and model digest, from the first artifact that records them;
+    the layer activations they read, and whether their reference copies compute them."""
     for det in dets:
         rec = _recorded(det)
         if rec is not None:
             digest = str(det.meta.get("model_digest", ""))
-            return Expected(rec[0], len(rec[1]), digest, _privacy(det))
+            acts, computes = activations_read(dets)
+            return Expected(rec[0], len(rec[1]), digest, _privacy(det), acts, "auto", computes)
     return None
+
+
+def activations_read(
+    dets: list[Detector],
+) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], bool]:
+    """((layer, one item's shape) the detectors read, in order; whether every detector
+    that reads them can compute them from its reference copy). A detector that reads
+    activations says which with ``activations_read()`` ({name: shape})."""
+    read: dict[str, tuple[int, ...]] = {}
+    computes = True
+    for det in dets:
+        names = getattr(det, "activations_read", None) if det.needs_activations else None
+        if names is None:
+            continue
+        mine = names()
+        for name, shape in mine.items():
+            read.setdefault(name, tuple(shape))
+        computes = computes and _taps(det, list(mine)) == ""
+    return tuple(read.items()), computes and bool(read)
+
+
+def _taps(det: Detector, names: list[str]) -> str:
+    """Why ``det``'s reference copy cannot compute ``names`` ("": it can)."""
+    if det.model is None:
+        return "it has no reference model"
+    from controller.activations import taps_for
+
+    try:
+        taps_for(det.model, names)
+    except ValueError as exc:
+        return one_line(exc)
+    return ""
 
 
 def _privacy(det: Detector) -> PrivacyNoise:
@@ -448,7 +488,8 @@ def expectations(scorers: Mapping[str, Scorer]) -> dict[str, Expected]:
         pipeline = getattr(scorer, "pipeline", None)
         want = None if pipeline is None else trained_for(pipeline.detectors)
         if want is not None:
-            out[model_id] = want
+            source = getattr(scorer, "activations_from", "auto")
+            out[model_id] = dataclasses.replace(want, activations_from=source)
     return out
 
 
@@ -497,10 +538,16 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     " to a TorchScript copy (agents may still run the ONNX file)"
                 )
             if ref and is_onnx(ref) and det.needs_activations:
+                if mcfg.activations == "reference":
+                    raise ConfigError(
+                        f"{where}: {det.name} reads layer activations, which the ONNX"
+                        f" reference model {ref!r} cannot give (models.{model_id}.activations:"
+                        " reference): use a TorchScript reference_model, or let agents send them"
+                    )
                 log.warning(
                     "%s: %s reads layer activations, which the ONNX reference model %r cannot"
-                    " give: only PKG_INs whose agent sends them are scored (the others get"
-                    " UNKNOWN/DETECTOR_FAILED); a TorchScript reference_model computes them",
+                    " give: agents that do not send them are refused (HELLO_FAILED); a"
+                    " TorchScript reference_model computes them",
                     where,
                     det.name,
                     ref,
@@ -527,5 +574,15 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                 )
         policy = CorrectionPolicy(mcfg.on_adversarial, mcfg.correct_min_agree)
         policy.check(f"models.{model_id}", [d.name for d in dets if d.can_purify])
-        scorers[model_id] = FusedScorer(model_id, Pipeline(dets, mcfg.fpr), policy)
+        if mcfg.activations == "reference":
+            for d in dets:
+                names = getattr(d, "activations_read", None) if d.needs_activations else None
+                why = _taps(d, list(names())) if names is not None else ""
+                if why:
+                    raise ConfigError(
+                        f"models.{model_id}.activations: reference, but {d.name}'s activations"
+                        f" cannot be computed here: {why}"
+                    )
+        pipeline = Pipeline(dets, mcfg.fpr)
+        scorers[model_id] = FusedScorer(model_id, pipeline, policy, mcfg.activations)
     return scorers

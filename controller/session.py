@@ -10,7 +10,8 @@ left comes out as the events below, for :class:`controller.core.ControllerCore`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,16 @@ class Expected:
     model_digest: str = ""  # of the model the detectors were trained with ("": unknown)
     # the privacy noise their thresholds were calibrated on (openexample/privacy.py)
     privacy: PrivacyNoise = NO_NOISE
+    # the layer activations they read (name, one item's shape), where they come from
+    # (ModelConfig.activations: auto, agent, reference) and whether the controller's
+    # reference copy can compute them
+    activations: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    activations_from: str = "auto"
+    computes_activations: bool = False
+
+    def asks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The activations to ask agents for (none when the controller computes them)."""
+        return () if self.activations_from == "reference" else self.activations
 
 
 @dataclass(slots=True)
@@ -83,6 +94,8 @@ class ReplyReceived:
 class RuleRemoved:
     notice: pb.VigilanceRemoved
 
+
+log = logging.getLogger(__name__)
 
 _BAD_XID = pb.BAD_REQUEST_CODE_BAD_XID
 
@@ -120,6 +133,8 @@ class AgentSession:
         self.in_flight_items = 0
         self.declared_batch = 0  # FEATURES_REPLY.max_batch_items (0: the protocol limit)
         self.models: dict[str, pb.ModelDescriptor] = {}
+        # per model, the activations this agent sends (asked, and declared as asked)
+        self.activations: dict[str, frozenset[str]] = {}
         self.pkg_in_count = 0
 
     # -- what the core reads --
@@ -172,7 +187,7 @@ class AgentSession:
                         out.events.append(HandshakeRefused(claimed, reason))
                         out.events.extend(self.session.close(reason).events)
             elif isinstance(ev, PeerHello):
-                out.send.append(self.session.request(pb.FeaturesRequest()))
+                out.send.append(self.session.request(features_request(self.expected)))
             else:  # Established, Closed
                 out.events.append(ev)
         return out
@@ -193,6 +208,14 @@ class AgentSession:
                     f"{n} items, more than the {self.declared_batch} this agent declared",
                 )
             decoded = validate_pkg_in(env.pkg_in, self.models, self.session.limits)
+            asked = self.activations.get(decoded.model_id, frozenset())
+            for name in decoded.activations:
+                if name not in asked:
+                    raise bad_request(
+                        pb.BAD_REQUEST_CODE_BAD_FIELD,
+                        f"activation {name!r} was not asked for (FEATURES_REQUEST asked"
+                        f" for {', '.join(sorted(asked)) or 'none'})",
+                    )
             self.pkg_in_count += 1
             self.in_flight.add(env.xid)
             self.in_flight_items += n
@@ -200,7 +223,7 @@ class AgentSession:
         elif kind == "features_reply":
             self._check_identity(env.features_reply.agent_id)
             models = validate_features(env.features_reply, self.session.limits)
-            self._check_models(models)
+            self._check_models(models, env.features_reply.agent_id)
             self.models = models
             self.agent_id = env.features_reply.agent_id
             self.declared_batch = env.features_reply.max_batch_items
@@ -234,15 +257,28 @@ class AgentSession:
                 eperm, f"agent_id {claimed[:64]!r}: the client certificate says {ident}"
             )
 
-    def _check_models(self, models: Mapping[str, pb.ModelDescriptor]) -> None:
+    def _check_models(self, models: Mapping[str, pb.ModelDescriptor], agent_id: str) -> None:
         """Each declared model that has detectors here has their input shape and class
         count, and the privacy noise their thresholds were calibrated on
         (HELLO_FAILED/INCOMPATIBLE): otherwise they would score inputs they were not
-        trained for and give verdicts, not errors (other noise: another FPR)."""
+        trained for and give verdicts, not errors (other noise: another FPR); and the
+        layer activations they read come from the agent or the reference copy
+        (:func:`activation_plan`)."""
+        plans = {}
         for model_id, m in models.items():
-            problem = incompatible(model_id, m, self.expected.get(model_id))
+            want = self.expected.get(model_id)
+            problem = incompatible(model_id, m, want)
+            if not problem and want is not None:
+                plans[model_id] = plan = activation_plan(model_id, m, want)
+                problem = plan.refused
             if problem:
                 raise hello_failed(pb.HELLO_FAILED_CODE_INCOMPATIBLE, problem)
+        self.activations = {}
+        for model_id, plan in plans.items():
+            if plan.note:  # which path the activations take, once per session
+                level = logging.WARNING if plan.fallback else logging.INFO
+                log.log(level, "agent %s: %s", agent_id[:64], plan.note)
+            self.activations[model_id] = plan.sent
 
     # -- time --
 
@@ -278,3 +314,56 @@ def incompatible(model_id: str, m: pb.ModelDescriptor, want: Expected | None) ->
             f" '{noise}')"
         )
     return ""
+
+
+def features_request(expected: Mapping[str, Expected]) -> pb.FeaturesRequest:
+    """FEATURES_REQUEST, asking for the activations each model's detectors read."""
+    req = pb.FeaturesRequest()
+    for model_id, want in expected.items():
+        if want.asks():
+            req.activations.add(
+                model_id=model_id,
+                activations=[
+                    pb.ActivationDescriptor(name=n, shape=list(shape)) for n, shape in want.asks()
+                ],
+            )
+    return req
+
+
+def _shapes(acts: Iterable[tuple[str, Iterable[int]]]) -> str:
+    return ", ".join(f"{n[:64]} {tuple(s)[:8]}" for n, s in acts) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationPlan:
+    """Where one agent's model gets the activations its detectors read."""
+
+    sent: frozenset[str] = frozenset()  # what the agent will send: asked, declared as asked
+    note: str = ""  # the path taken, logged once per session ("": no activations read)
+    fallback: bool = False  # the agent declares other ones: the reference copy computes them
+    refused: str = ""  # why the agent cannot be served ("": it can)
+
+
+def activation_plan(model_id: str, m: pb.ModelDescriptor, want: Expected) -> ActivationPlan:
+    """The agent sends what was asked that it declares with the shape asked; the
+    detectors read them all from PKG_IN, else (``auto``) compute them all from the
+    reference copy, else the agent is refused (HELLO_FAILED/INCOMPATIBLE)."""
+    if not want.activations:
+        return ActivationPlan()
+    read = _shapes(want.activations)
+    if not want.asks():
+        note = f"model {model_id!r}: activations {read} computed by the controller (reference)"
+        return ActivationPlan(note=note)
+    declared = {d.name: tuple(d.shape) for d in m.activations}
+    sent = frozenset(n for n, shape in want.asks() if declared.get(n) == shape)
+    if len(sent) == len(want.asks()):
+        return ActivationPlan(sent, f"model {model_id!r}: activations {read} sent by the agent")
+    has = _shapes((d.name, d.shape) for d in m.activations)
+    why = f"model {model_id!r}: the detectors read activations {read}; the agent declares {has}"
+    if want.activations_from == "auto" and want.computes_activations:
+        note = f"{why}: the controller's reference copy computes them"
+        return ActivationPlan(sent, note, fallback=bool(m.activations))
+    fix = "attach the agent with activations=[those layers]"
+    if want.activations_from == "auto":
+        fix += ", or give the controller a TorchScript reference_model to compute them"
+    return ActivationPlan(sent, refused=f"{why} ({fix})")

@@ -26,6 +26,8 @@ from openexample.privacy import PrivacyNoise
 from openexample.v1 import openexample_pb2 as pb
 
 _BAD_FIELD = pb.BAD_REQUEST_CODE_BAD_FIELD
+_ACTIVATION_DTYPES = frozenset({pb.DTYPE_FLOAT16, pb.DTYPE_FLOAT32})
+MAX_ACTIVATIONS = 64  # activations one model may declare
 
 
 def check_id(value: str, what: str, *, allow_empty: bool = False) -> None:
@@ -58,6 +60,7 @@ def validate_features(
             raise bad_request(_BAD_FIELD, f"model {m.model_id!r}: no class_names")
         for name in m.activation_names:
             check_id(name, f"model {m.model_id!r} activation name")
+        _check_activations(m, limits)
         if m.HasField("privacy"):
             try:
                 PrivacyNoise.from_pb(m.privacy)
@@ -65,6 +68,27 @@ def validate_features(
                 raise bad_request(_BAD_FIELD, f"model {m.model_id!r}: privacy: {exc}") from None
         models[m.model_id] = m
     return models
+
+
+def _check_activations(m: pb.ModelDescriptor, limits: Limits) -> None:
+    """A model's declared activations: distinct names, a shape of one item that a
+    tensor within the limits can batch, FLOAT16 or FLOAT32."""
+    if len(m.activations) > MAX_ACTIVATIONS:
+        raise bad_request(_BAD_FIELD, f"model {m.model_id!r}: over {MAX_ACTIVATIONS} activations")
+    seen: set[str] = set()
+    for a in m.activations:
+        check_id(a.name, f"model {m.model_id!r} activation name")
+        where = f"model {m.model_id!r}: activation {a.name!r}"
+        if a.name in seen:
+            raise bad_request(_BAD_FIELD, f"{where} declared twice")
+        seen.add(a.name)
+        shape = tuple(a.shape)
+        if not shape or len(shape) >= MAX_TENSOR_DIMS or any(d <= 0 for d in shape):
+            raise bad_request(_BAD_FIELD, f"{where}: bad shape {shape[:MAX_TENSOR_DIMS]}")
+        if math.prod(shape) > limits.max_tensor_elements:
+            raise bad_request(_BAD_FIELD, f"{where}: shape {shape} is too large")
+        if a.dtype not in _ACTIVATION_DTYPES:
+            raise bad_request(_BAD_FIELD, f"{where}: dtype {_dtype_name(a.dtype)}, not float")
 
 
 @dataclass(slots=True)
@@ -142,7 +166,9 @@ def validate_pkg_in(
         check_id(it.source_id, f"item {i}: source_id", allow_empty=True)
 
     activations: dict[str, np.ndarray] = {}
-    declared = set(model.activation_names)
+    # declared with shape and dtype; by name alone (deprecated field 5): any
+    declared: dict[str, tuple[tuple[int, ...], int] | None] = dict.fromkeys(model.activation_names)
+    declared.update({a.name: (tuple(a.shape), a.dtype) for a in model.activations})
     for act in pkg.activations:
         if act.name not in declared:
             raise bad_request(_BAD_FIELD, f"activation {act.name[:64]!r} was not declared")
@@ -152,6 +178,18 @@ def validate_pkg_in(
         if arr.ndim == 0 or arr.shape[0] != n:
             raise bad_tensor(
                 pb.BAD_TENSOR_CODE_BAD_SHAPE, f"activation {act.name!r} batch {arr.shape} != {n}"
+            )
+        spec = declared[act.name]
+        if spec is not None and arr.shape[1:] != spec[0]:
+            raise bad_tensor(
+                pb.BAD_TENSOR_CODE_BAD_SHAPE,
+                f"activation {act.name!r} of shape {arr.shape[1:]}, declared {spec[0]}",
+            )
+        if spec is not None and act.tensor.dtype != spec[1]:
+            raise bad_tensor(
+                pb.BAD_TENSOR_CODE_BAD_DTYPE,
+                f"activation {act.name!r} is {_dtype_name(act.tensor.dtype)}, declared"
+                f" {_dtype_name(spec[1])}",
             )
         activations[act.name] = arr
     return DecodedPkgIn(pkg.model_id, inputs, logits, list(pkg.items), activations)

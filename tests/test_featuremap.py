@@ -202,12 +202,19 @@ def test_a_controller_scores_sent_and_computed_activations(
         peer.recv("hello")
         peer.send(messages.hello("fm-raw").SerializeToString())
         req = peer.recv("features_request")
+        asked = req.features_request.activations  # what the detectors read, by shape
+        assert [(a.model_id, [(d.name, tuple(d.shape)) for d in a.activations]) for a in asked] == [
+            (MODEL_ID, [("features.2", (16, 14, 14)), ("features.5", (32, 7, 7))])
+        ]
         desc = pb.ModelDescriptor(
             model_id=MODEL_ID,
             input_shape=(1, 28, 28),
             input_dtype=pb.DTYPE_FLOAT32,
             class_names=[str(i) for i in range(10)],
-            activation_names=LAYERS,
+            activations=[
+                pb.ActivationDescriptor(name=d.name, shape=d.shape, dtype=pb.DTYPE_FLOAT16)
+                for d in asked[0].activations
+            ],
         )
         reply = pb.FeaturesReply(agent_id="fm-raw", models=[desc])
         peer.send(messages.reply(req, reply).SerializeToString())
@@ -253,16 +260,30 @@ def test_an_agent_builds_declared_float16_activations_the_controller_accepts(exa
         tuple(str(i) for i in range(10)),
         activation_names=tuple(LAYERS),
         activations=adapter.activations_fn(LAYERS),
+        activation_shapes=((16, 14, 14), (32, 7, 7)),
     )
-    assert list(info.descriptor().activation_names) == LAYERS
+    desc = info.descriptor()
+    assert list(desc.activation_names) == LAYERS  # deprecated, still filled
+    assert [(a.name, tuple(a.shape), a.dtype) for a in desc.activations] == [
+        ("features.2", (16, 14, 14), pb.DTYPE_FLOAT16),
+        ("features.5", (32, 7, 7), pb.DTYPE_FLOAT16),
+    ]
     batch = AgentBatch(5, MODEL_ID)
     xs = np.random.default_rng(0).random((3, 1, 28, 28), np.float32)
     for x in xs:
         logits = adapter.predict(x[None])[0]
         item = Item(x, logits, int(logits.argmax()), 0.9, "", 1, 0, b"", 1000, 0.0)
         batch.items.append(item)
-    env = build_pkg_in(batch, info, np.random.default_rng(0), version=1, wall_offset_s=0.0)
-    decoded = validate_pkg_in(env.pkg_in, {MODEL_ID: info.descriptor()})
+
+    def build(asked):
+        env = build_pkg_in(
+            batch, info, np.random.default_rng(0), version=1, wall_offset_s=0.0, activations=asked
+        )
+        return validate_pkg_in(env.pkg_in, {MODEL_ID: desc})
+
+    assert build(()).activations == {}  # not asked: none computed, none sent
+    assert list(build(("features.5",)).activations) == ["features.5"]
+    decoded = build(tuple(LAYERS))
     assert {n: (a.dtype, a.shape) for n, a in decoded.activations.items()} == {
         "features.2": (np.float16, (3, 16, 14, 14)),
         "features.5": (np.float16, (3, 32, 7, 7)),

@@ -172,6 +172,13 @@ class FeatureMapDetector(Detector):
         nets.frozen(self.net)
 
     # -- activations ------------------------------------------------------------------------
+    def activations_read(self) -> dict[str, tuple[int, ...]]:
+        """{layer: one item's shape} this detector reads: what the controller asks agents
+        for (FEATURES_REQUEST). Shapes are known once fitted (``()`` before)."""
+        if not self.shapes:
+            return {n: () for n in self.layers}
+        return {n: tuple(s) for n, s in zip(self.layers, self.shapes, strict=True)}
+
     def taps(self) -> Taps:
         """The taps on the reference model (built once per attached model)."""
         if self.model is None:

@@ -33,6 +33,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Capability:
@@ -914,16 +919,83 @@ class FeaturesRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelActivations]:
+        """The intermediate activations the controller's detectors read, per model. The agent
+        sends, with every PKG_IN item of that model, those of them it declares in
+        FEATURES_REPLY with this name and shape (dtype: the agent's, as declared; left
+        UNSPECIFIED here), and no others. None asked: no activations are sent.
+        """
+
     def __init__(
         self,
+        *,
+        activations: _abc.Iterable[Global___ModelActivations] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeaturesRequest: _TypeAlias = FeaturesRequest  # noqa: Y015
+
+@_typing.final
+class ModelActivations(_message.Message):
+    """The activations asked for one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    @_builtins.property
+    def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivationDescriptor]: ...
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        activations: _abc.Iterable[Global___ActivationDescriptor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelActivations: _TypeAlias = ModelActivations  # noqa: Y015
+
+@_typing.final
+class ActivationDescriptor(_message.Message):
+    """One intermediate activation: its name (a layer's module path or an ONNX tensor
+    name), the shape of one item's activation (without the batch dimension) and its
+    element type on the wire (FLOAT16 or FLOAT32).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: Global___DType.ValueType
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        dtype: Global___DType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivationDescriptor: _TypeAlias = ActivationDescriptor  # noqa: Y015
 
 @_typing.final
 class FeaturesReply(_message.Message):
@@ -979,6 +1051,7 @@ class ModelDescriptor(_message.Message):
     PRIVACY_FIELD_NUMBER: _builtins.int
     MODEL_DIGEST_FIELD_NUMBER: _builtins.int
     FRAMEWORK_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Operator-chosen id; detectors and reference models are configured per model id."""
     input_dtype: Global___DType.ValueType
@@ -998,12 +1071,21 @@ class ModelDescriptor(_message.Message):
         """Class names, index = label. Their count is the logits width."""
 
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def activation_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of intermediate activations the agent can attach to PKG_IN."""
+        """Deprecated: names only (agents fill it beside `activations` for older
+        controllers; a controller reads `activations`).
+        """
 
     @_builtins.property
     def privacy(self) -> Global___PrivacyNoise:
         """Local differential-privacy noise the agent adds before sending inputs."""
+
+    @_builtins.property
+    def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivationDescriptor]:
+        """The intermediate activations the agent can attach to PKG_IN (each [N, *shape] of
+        dtype), sent only when FEATURES_REQUEST asks for them.
+        """
 
     def __init__(
         self,
@@ -1016,10 +1098,11 @@ class ModelDescriptor(_message.Message):
         privacy: Global___PrivacyNoise | None = ...,
         model_digest: _builtins.str = ...,
         framework: _builtins.str = ...,
+        activations: _abc.Iterable[Global___ActivationDescriptor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_names", b"activation_names", "class_names", b"class_names", "framework", b"framework", "input_dtype", b"input_dtype", "input_shape", b"input_shape", "model_digest", b"model_digest", "model_id", b"model_id", "privacy", b"privacy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_names", b"activation_names", "activations", b"activations", "class_names", b"class_names", "framework", b"framework", "input_dtype", b"input_dtype", "input_shape", b"input_shape", "model_digest", b"model_digest", "model_id", b"model_id", "privacy", b"privacy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
