@@ -6,6 +6,8 @@ threshold means what it says; only the gradient is approximated where the score 
 differentiable (BPDA, Athalye et al. 2018):
 
 - ``margin``: exact (softmax top-1 minus top-2, negated).
+- ``robust``: exact (the robust reference model's top log-probability minus the claimed
+  label's).
 - ``magnet``: exact (its autoencoders, the model on the reformed input, JSD, the clean
   knots' piecewise-linear normalisation).
 - ``desvig``: the encoder and generator in torch from the artifact's weights (exact); the
@@ -198,8 +200,25 @@ class MagnetSurrogate(_Base):
         return z.max(dim=0).values
 
 
+class RobustSurrogate(_Base):
+    """The robust reference model's disagreement, exact: its network in torch, the top
+    log-probability minus the claimed label's."""
+
+    name = "robust"
+
+    def __init__(self, det: Any) -> None:
+        super().__init__(det)
+        self.net = det.net
+
+    def score(self, x: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(self.net(x).double(), dim=1)
+        return lp.max(dim=1).values - lp.gather(1, label[:, None].long())[:, 0]
+
+
 def surrogate(det: Detector) -> Surrogate | None:
     """The surrogate of ``det``'s score, or None when there is none (yet)."""
+    if det.name == "robust" and getattr(det, "net", None) is not None:
+        return RobustSurrogate(det)
     if det.name == "margin":
         return MarginSurrogate(det)
     if det.name == "desvig" and getattr(det, "hash", None) == "average":
