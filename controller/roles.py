@@ -202,7 +202,8 @@ class Roles:
         }
         step = self.core.adopt_rules(tables, time.monotonic())
         self.election.adopted(body)
-        log.info(
+        log.log(
+            logging.INFO if step.persist else logging.DEBUG,
             "cluster: adopted the rules of master %s (generation %d, revision %d)",
             sender,
             body.generation,

@@ -142,8 +142,8 @@ def test_topics_say_who_sent_and_who_answered():
 @contextlib.contextmanager
 def clustered(tmp_path, artifacts, controllers: dict[str, dict]):
     """A broker and a controller per name (its config: the default set for MODEL_ID,
-    then the dict's keys), all on one development CA; every process stopped at the end,
-    even on failure."""
+    then the dict's keys; ``cluster``'s go into the bus settings), all on one
+    development CA; every process stopped at the end, even on failure."""
     from bench.procs import BrokerProcess, ControllerProcess
     from openexample.pki import DevPki
     from tests.test_cluster import MODEL_ID, _needs_mosquitto, _wait_log
@@ -157,11 +157,12 @@ def clustered(tmp_path, artifacts, controllers: dict[str, dict]):
         ctl = {}
         for name, extra in controllers.items():
             model = {"detectors": [str(p) for p in artifacts], **extra.pop("model", {})}
+            bus = {"broker": broker.url, "workload_interval_s": 0.2, **extra.pop("cluster", {})}
             cfg = {
                 "controller_id": name,
                 "models": {MODEL_ID: model},
                 "budget_us": 3_000_000,
-                "cluster": {"broker": broker.url, "workload_interval_s": 0.2},
+                "cluster": bus,
                 **extra,
             }
             ctl[name] = ControllerProcess(tmp_path / name, cfg, pki=pki)
