@@ -31,7 +31,7 @@ from agents.metrics import AgentMetrics
 from agents.models import ModelAdapter, wrap_model
 from agents.results import ModelInfo, Result, Ticket
 from agents.transport import Transport
-from openexample import metrics_http
+from openexample import metrics_http, perceptual
 from openexample.errors import ConfigError, one_line
 from openexample.v1 import openexample_pb2 as pb
 
@@ -440,6 +440,12 @@ def attach(
                 "privacy %s: the logits go up raw, so no epsilon covers what is sent (use"
                 " logits=label or logits=noised:EPS)",
                 info.privacy,
+            )
+        if config.near_copy_radius and perceptual.KERNEL != "compiled":
+            log.warning(
+                "near-copy matching runs on numpy (~10 us per input of a label with known"
+                " attacks, not ~2): openexample's compiled kernel was not built (install"
+                " with a C compiler: pip install -e .)"
             )
         return AgentCore(config.agent_id, [info], config, now=perf_counter())
 

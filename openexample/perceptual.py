@@ -22,17 +22,30 @@ one bit per horizontal neighbour pair (brighter to the right or not): Krawetz's 
 with a box filter instead of Lanczos, computed the same way by the controller and the
 agents (``python -m bench.near_copy`` measures what it catches and refuses wrongly).
 
-:class:`NearIndex` finds keys within the radius with one vectorised scan of the
-(model, label)'s keys.
+:class:`NearIndex` finds keys within the radius with one scan of the (model, label)'s
+keys. On the agent's fast path (:meth:`NearIndex.find_input`) the key, the scan and the
+thumbnail check are one call into a small compiled kernel (``_nearkernel.c``, built by
+``pip install``): ~2 us for a 28x28 input and 500 known attacks, where the same work in
+numpy takes ~12 calls and 10-20 us, against issue 18's budget of 20 us at p99. Without
+a C compiler the numpy path runs (and agents say so once); tests/test_near_kernel.py
+checks that both give the same keys and the same matches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from functools import lru_cache
 
 import numpy as np
 
+try:  # built by `pip install` where a C compiler is (setup.py): one call per lookup
+    from openexample import _nearkernel
+except ImportError:  # pragma: no cover - the numpy path below does the same
+    _nearkernel = None
+
+# Which path lookups take, for the agent's log line and FEATURES-side diagnostics.
+KERNEL = "compiled" if _nearkernel is not None else "numpy"
 ROWS, COLS = 8, 9  # 8 x 8 horizontal differences: 64 bits
 DEFAULT_RADIUS = 4
 MAX_RADIUS = 15
@@ -44,6 +57,8 @@ _RELATIVE_TOLERANCE = 1e-5
 _KEY_END, _MAX_SET = 1 << 64, 64 - MIN_INFORMATIVE_BITS
 SKETCH_TOLERANCE = 0.1  # thumbnail max difference, relative to the image's largest value
 SKETCH_BYTES = ROWS * COLS * 2  # float16, little-endian
+_KERNEL_MAX_SIDE = 4096  # MAX_SIDE in _nearkernel.c
+_F32 = np.dtype(np.float32)
 
 
 @lru_cache(maxsize=32)
@@ -62,34 +77,80 @@ def _area_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _operators(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [8, h], columns [w, 9]) in float32: the area resize as two products."""
+    """(rows [8, h], columns [w, 17]) in float32: ``rows @ a @ columns`` is the 8x9
+    thumbnail (columns 0-8) and its 8x8 horizontal differences (columns 9-16) at once.
+    The differences are linear in the input, so they cost no extra numpy call: the
+    lookup path is a handful of small calls (issue 18's budget is 20 us at p99)."""
     rows = _area_matrix(ROWS, h).astype(np.float32)
-    cols = np.ascontiguousarray(_area_matrix(COLS, w).T.astype(np.float32))
+    cols = _area_matrix(COLS, w).T
+    cols = np.ascontiguousarray(np.concatenate([cols, cols[:, 1:] - cols[:, :-1]], axis=1))
+    cols = cols.astype(np.float32)
     rows.setflags(write=False)
     cols.setflags(write=False)
     return rows, cols
 
 
+def _image(x: np.ndarray) -> np.ndarray:
+    a = x if type(x) is np.ndarray else np.asarray(x)
+    if a.ndim != 2:
+        if a.ndim < 2:
+            raise ValueError(f"a perceptual key needs an image ([..., H, W]), got shape {a.shape}")
+        a = a.reshape(-1, a.shape[-2], a.shape[-1])
+        a = a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
+    if a.shape[-1] < 2 or a.shape[-2] < 1:
+        raise ValueError(f"a perceptual key needs an image ([..., H, W]), got shape {a.shape}")
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _key_and_thumb(x: np.ndarray) -> tuple[np.uint64, np.ndarray]:
+    """The key (numpy uint64) and the thumbnail ([8, 9] float32, scaled by the image's
+    largest absolute value): the lookup path's form of :func:`perceptual`."""
+    a = _image(x)
+    rows, cols = _operators(a.shape[0], a.shape[1])
+    v = np.dot(np.dot(rows, a), cols)
+    scale = np.abs(a).max()
+    # Rounding leaves flat regions a few 1e-8 of "difference": a dead zone keeps their
+    # bits 0, so a flat image's key is 0 whatever its level, not rounding noise.
+    key = np.packbits(v[:, COLS:] > _RELATIVE_TOLERANCE * scale).view(">u8")[0]
+    thumb = v[:, :COLS]
+    return key, (thumb / scale if scale > 0 else thumb)
+
+
+@lru_cache(maxsize=32)
+def _kernel_args(shape: tuple[int, ...]) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """(h, w, rows, columns) for the compiled kernel, for inputs of ``shape``; None where
+    it does not apply (several channels, sizes out of its range): numpy does those."""
+    if len(shape) < 2 or math.prod(shape[:-2]) != 1:
+        return None
+    h, w = shape[-2], shape[-1]
+    if not (2 <= w <= _KERNEL_MAX_SIDE and 1 <= h <= _KERNEL_MAX_SIDE):
+        return None
+    return (h, w, *_operators(h, w))
+
+
+def _kernel_ready(x: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """The kernel's arguments for ``x`` when it takes it as is (a C-contiguous float32
+    single-channel image, no copy), else None."""
+    if (
+        _nearkernel is None
+        or type(x) is not np.ndarray
+        or x.dtype != _F32
+        or not x.flags.c_contiguous
+    ):
+        return None
+    return _kernel_args(x.shape)
+
+
 def perceptual(x: np.ndarray) -> tuple[int, bytes]:
     """The 64-bit key and the 8x9 thumbnail (float16 bytes, scaled by the image's
     largest absolute value) of one input (``[..., H, W]``: leading axes are averaged)."""
-    a = np.asarray(x)
-    if a.ndim < 2 or a.shape[-1] < 2 or a.shape[-2] < 1:
-        raise ValueError(f"a perceptual key needs an image ([..., H, W]), got shape {a.shape}")
-    if a.ndim > 2:
-        a = a.reshape(-1, a.shape[-2], a.shape[-1])
-        a = a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
-    rows, cols = _operators(a.shape[0], a.shape[1])
-    a = a.astype(np.float32, copy=False)
-    scale = float(np.abs(a).max())
-    px = rows @ a @ cols
-    if scale > 0:
-        px /= scale
-    # Rounding leaves flat regions a few 1e-8 of "difference": a dead zone keeps their
-    # bits 0, so a flat image's key is 0 whatever its level, not rounding noise.
-    bits = (px[:, 1:] - px[:, :-1]) > _RELATIVE_TOLERANCE
-    key = int.from_bytes(np.packbits(bits).tobytes(), "big")
-    return key, px.astype("<f2").tobytes()
+    args = _kernel_ready(x)
+    if args is not None:
+        thumb = np.empty(ROWS * COLS, np.float32)
+        key = _nearkernel.key_thumb(x, *args, thumb)
+        return key, thumb.astype("<f2").tobytes()
+    key, thumb = _key_and_thumb(x)
+    return int(key), thumb.astype("<f2").tobytes()
 
 
 def dhash64(x: np.ndarray) -> int:
@@ -109,24 +170,26 @@ def sketch_array(sketch: bytes, *, check: bool = True) -> np.ndarray | None:
 class _Group:
     """The keys and thumbnails of one (model, label), in arrays a lookup scans at once."""
 
-    __slots__ = ("keys", "n", "slots", "thumbs", "values")
+    __slots__ = ("keys", "live", "n", "slots", "thumbs", "values")
 
     def __init__(self) -> None:
         self.keys = np.zeros(8, np.uint64)
-        self.thumbs = np.zeros((8, ROWS * COLS), np.float32)
+        self.thumbs = np.zeros((8, ROWS, COLS), np.float32)
         self.values: list[Hashable] = []
         self.slots: dict[Hashable, int] = {}
         self.n = 0
+        self.live = self.keys[:0]  # the first n keys: a view kept, not sliced per lookup
 
     def append(self, value: Hashable, key: int, thumb: np.ndarray) -> None:
         if self.n == len(self.keys):  # amortised growth
             self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
             self.thumbs = np.concatenate([self.thumbs, np.zeros_like(self.thumbs)])
         self.keys[self.n] = key
-        self.thumbs[self.n] = thumb
+        self.thumbs[self.n] = thumb.reshape(ROWS, COLS)
         self.values.append(value)
         self.slots[value] = self.n
         self.n += 1
+        self.live = self.keys[: self.n]
 
     def remove(self, value: Hashable) -> None:
         """Drop ``value``: the last one moves into its slot."""
@@ -139,6 +202,7 @@ class _Group:
             self.values[i] = moved
             self.slots[moved] = i
         self.n = last
+        self.live = self.keys[:last]
 
 
 class NearIndex:
@@ -208,17 +272,38 @@ class NearIndex:
         ``SKETCH_TOLERANCE``, and its key distance; None if none (always None for a key
         that is not :meth:`informative`)."""
         g = self._groups.get((model_id, label))
-        if g is None or not self.informative(key):
+        thumb = sketch_array(sketch, check=False)
+        if g is None or thumb is None or not self.informative(key):
             return None
-        d = np.bitwise_count(g.keys[: g.n] ^ np.uint64(key))
+        return self._match(g, np.uint64(key), thumb.reshape(ROWS, COLS))
+
+    def find_input(self, model_id: str, label: int, x: np.ndarray) -> tuple[Hashable, int] | None:
+        """:meth:`find` for the input ``x`` itself: its key and thumbnail are computed
+        only when (model, label) has keys, and kept in numpy form (no bytes between)."""
+        g = self._groups.get((model_id, label))
+        if g is None:
+            return None
+        args = _kernel_ready(x)
+        if args is not None:
+            found = _nearkernel.lookup(
+                x, *args, g.keys, g.n, g.thumbs, self.radius, SKETCH_TOLERANCE,
+                MIN_INFORMATIVE_BITS, _MAX_SET,
+            )  # fmt: skip
+            return None if found is None else (g.values[found[0]], found[1])
+        key, thumb = _key_and_thumb(x)
+        if not MIN_INFORMATIVE_BITS <= int(key).bit_count() <= _MAX_SET:
+            return None
+        return self._match(g, key, thumb)
+
+    def _match(self, g: _Group, key: np.uint64, thumb: np.ndarray) -> tuple[Hashable, int] | None:
+        # Few numpy calls: most lookups end at the first test (no key within the radius).
+        d = np.bitwise_count(g.live ^ key)
+        if d.min() > self.radius:
+            return None
         near = np.flatnonzero(d <= self.radius)
-        if near.size == 0:
-            return None
-        thumb = sketch_array(sketch, check=False)  # the caller's own, from perceptual()
-        if thumb is None:
-            return None
-        alike = near[np.abs(g.thumbs[near] - thumb).max(axis=1) <= SKETCH_TOLERANCE]
+        gap = np.abs(g.thumbs[near] - thumb).max(axis=(1, 2))
+        alike = near[gap <= SKETCH_TOLERANCE]
         if alike.size == 0:
             return None
-        best = alike[np.argmin(d[alike])]
+        best = alike[np.argmin(d[alike])] if alike.size > 1 else alike[0]
         return g.values[best], int(d[best])

@@ -20,7 +20,7 @@ import numpy as np
 
 from openexample.errors import table_mod_failed
 from openexample.limits import FINGERPRINT_BYTES, MAX_ID_BYTES
-from openexample.perceptual import NearIndex, perceptual
+from openexample.perceptual import NearIndex
 from openexample.v1 import openexample_pb2 as pb
 
 Key = tuple[str, bytes, int]  # (model_id, fingerprint, label)
@@ -257,9 +257,9 @@ class LabelTables:
         label, perceptual keys within the radius) and the distance; None if none. The
         key is computed only when the model and label have such entries."""
         near = self.near
-        if near is None or not near.has(model_id, label):
+        if near is None:
             return None
-        found = near.find(model_id, label, *perceptual(x))
+        found = near.find_input(model_id, label, x)
         if found is None:
             return None
         key, distance = found

@@ -1,0 +1,114 @@
+"""The compiled near-copy kernel (openexample/_nearkernel.c) against the numpy path it
+replaces on the agent's fast path: the same keys bit for bit, thumbnails equal to
+rounding, and the same matches from a populated index; shapes and dtypes it does not
+take go to numpy; short buffers are refused with a ValueError, never read past."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openexample import perceptual as P
+from openexample.perceptual import NearIndex, perceptual
+
+# `make test` installs the package with `pip install -e .`, which builds the kernel (a C
+# compiler is part of the set-up): a missing kernel here is a build problem to see.
+pytestmark = pytest.mark.skipif(
+    P._nearkernel is None, reason="the compiled kernel was not built (no C compiler?)"
+)
+
+
+def test_the_suite_runs_with_the_kernel_built():
+    assert P.KERNEL == "compiled"
+
+
+def _numpy_key(x: np.ndarray) -> tuple[int, np.ndarray]:
+    key, thumb = P._key_and_thumb(x)
+    return int(key), thumb.ravel()
+
+
+def _inputs(mnist) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    xs = list(mnist.test.x[:300])
+    xs += [rng.random((1, 28, 28), dtype=np.float32) for _ in range(50)]
+    xs += [rng.normal(0, 1, (17, 33)).astype(np.float32) for _ in range(50)]  # signed
+    xs += [rng.random((1, 64, 48), dtype=np.float32) * 255 for _ in range(20)]
+    xs += [np.zeros((28, 28), np.float32), np.full((28, 28), 0.7, np.float32)]
+    xs += [np.tile(np.arange(28, dtype=np.float32), (28, 1))]
+    xs += [np.ones((1, 2), np.float32), rng.random((3, 2), dtype=np.float32)]
+    return xs
+
+
+def test_keys_and_thumbnails_agree_with_numpy(mnist):
+    for x in _inputs(mnist):
+        assert P._kernel_ready(x) is not None
+        thumb = np.empty(72, np.float32)
+        key = P._nearkernel.key_thumb(x, *P._kernel_ready(x), thumb)
+        want_key, want_thumb = _numpy_key(x)
+        assert key == want_key, x.shape
+        np.testing.assert_allclose(thumb, want_thumb, rtol=0, atol=2e-6)
+        assert perceptual(x)[0] == want_key  # the public function takes the kernel
+
+
+def test_other_layouts_take_the_numpy_path_with_the_same_key(mnist):
+    x = mnist.test.x[0]
+    for other in (x.astype(np.float64), (x * 255).astype(np.uint8), x[:, :, ::2],
+                  np.repeat(x, 3, axis=0), x.tolist()):  # fmt: skip
+        arr = np.asarray(other)
+        if arr.dtype != np.uint8 and arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[2] == 28:
+            assert P._kernel_ready(other) is None  # float64: not the kernel's dtype
+        assert perceptual(other)[0] == _numpy_key(np.asarray(other, np.float32))[0]
+
+
+def _index(mnist, radius: int = 4) -> tuple[NearIndex, list[np.ndarray]]:
+    """300 known attacks (FGSM-like sign steps of 0.3, all under one label) and 600
+    queries: the attacks re-sent with light noise, then 300 other clean images."""
+    x = mnist.test.x
+    rng = np.random.default_rng(1)
+    idx = NearIndex(radius)
+    known = np.clip(x[:300] + 0.3 * rng.choice([-1.0, 1.0], x[:300].shape), 0, 1)
+    known = known.astype(np.float32)
+    for i, a in enumerate(known):
+        idx.add("m", 3, *perceptual(a), value=i)
+    noisy = np.clip(known + rng.normal(0, 0.01, known.shape), 0, 1).astype(np.float32)
+    return idx, [*noisy, *x[300:600]]
+
+
+def test_lookups_find_what_the_numpy_scan_finds(mnist, monkeypatch):
+    idx, queries = _index(mnist)
+    compiled = [idx.find_input("m", 3, q) for q in queries]
+    monkeypatch.setattr(P, "_nearkernel", None)
+    assert all(P._kernel_ready(q) is None for q in queries[:3])
+    plain = [idx.find_input("m", 3, q) for q in queries]
+    assert compiled == plain
+    assert sum(f is not None for f in compiled[:300]) >= 270  # re-sent attacks: refused
+    assert sum(f is not None for f in compiled[300:]) <= 6  # clean images: hardly ever
+    assert idx.find_input("m", 4, queries[0]) is None and idx.find_input("n", 3, queries[0]) is None
+
+
+def test_the_closest_match_wins_and_ties_go_to_the_oldest(mnist):
+    x = mnist.test.x[0]
+    idx = NearIndex(8)
+    key, sketch = perceptual(x)
+    idx.add("m", 0, key ^ 0b11, sketch, "two bits off")
+    idx.add("m", 0, key ^ 0b1, sketch, "one bit off")
+    idx.add("m", 0, key ^ 0b10, sketch, "one bit off too")
+    assert idx.find_input("m", 0, x) == ("one bit off", 1)
+    idx.remove("one bit off")
+    assert idx.find_input("m", 0, x) == ("one bit off too", 1)
+
+
+def test_short_buffers_are_refused():
+    rows, cols = P._operators(28, 28)
+    out = np.empty(72, np.float32)
+    with pytest.raises(ValueError, match="img"):
+        P._nearkernel.key_thumb(np.zeros((27, 28), np.float32), 28, 28, rows, cols, out)
+    with pytest.raises(ValueError, match="thumb_out"):
+        P._nearkernel.key_thumb(np.zeros((28, 28), np.float32), 28, 28, rows, cols, out[:10])
+    with pytest.raises(ValueError, match="keys"):
+        P._nearkernel.lookup(
+            np.zeros((28, 28), np.float32), 28, 28, rows, cols, np.zeros(2, np.uint64), 3,
+            np.zeros((3, 8, 9), np.float32), 4, 0.1, 8, 56,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="image"):
+        P._nearkernel.key_thumb(np.zeros(4, np.float32), 1, 1, rows, cols, out)
