@@ -62,6 +62,7 @@ class Roles:
         self._master_seen = ""  # the master last logged
         self._was_connected = False
         self._rules_due = False  # the master's rules changed: publish soon
+        self._failed_logged = -60.0
         self._gauge = Gauge(
             "openexample_controller_cluster_role",
             "This controller's role in its agent group (2 EQUAL, 3 MASTER, 4 SLAVE, as"
@@ -83,7 +84,17 @@ class Roles:
             self.bus.refused(out.reason, "/".join(name.split("/")[3:5]), out.refused)
 
     def tick(self) -> None:
-        """The election's step (the daemon's tick loop calls it every ~0.2 s)."""
+        """The election's step (the daemon's tick loop calls it every ~0.2 s). Whatever
+        goes wrong here is logged (once a minute) and never stops the tick loop."""
+        try:
+            self._tick()
+        except Exception:
+            now = time.monotonic()
+            if now - self._failed_logged >= 60.0:
+                self._failed_logged = now
+                log.exception("cluster: mastership step failed (the controller serves on)")
+
+    def _tick(self) -> None:
         connected = self.bus.connected
         peers_up = {p.identity for p in self.bus.state.peers.values() if p.up}
         out = self.election.tick(time.time(), connected=connected, peers_up=peers_up)

@@ -230,3 +230,61 @@ def test_layout_knows_the_mastership_module_is_sans_io():
     from tests.test_layout import SANS_IO
 
     assert Path(__file__).resolve().parent.parent / "controller" / "mastership.py" in SANS_IO
+
+
+def test_an_agents_stale_refusal_steps_the_master_down(caplog):
+    """The shell (controller/roles.py): ROLE_REQUEST MASTER goes to the agents, and an
+    agent that has seen a newer generation answers ROLE_REQUEST_FAILED/STALE."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from controller.roles import Roles
+    from openexample.errors import ProtocolError
+    from tests.test_controller_core import connect
+
+    core = _core()
+    sid, _ = connect(core, "a1")
+    sent: list = []
+
+    class Bus:
+        connected = True
+        state = ClusterState(A, 1)
+
+        def publish_retained(self, leaf, msg):
+            sent.append((leaf, msg))
+            return True
+
+    async def run() -> tuple[Roles, list]:
+        futures: dict = {}
+
+        def expect_reply(sid, xid):
+            futures[(sid, xid)] = asyncio.get_running_loop().create_future()
+            return futures[(sid, xid)]
+
+        steps: list = []
+        e = Election(A, "line", lease_s=LEASE)
+        roles = Roles(
+            e, Bus(), core, CollectorRegistry(), dispatch=steps.append, expect_reply=expect_reply
+        )
+        e.tick(T0, connected=True, peers_up=set())
+        e._on_bus_since = 0.0  # on the bus long enough: it claims at the next tick
+        roles.tick()
+        assert e.is_master
+        (claim,) = [env for s, env in steps[0].send if s == sid]
+        assert claim.role_request.role == MASTER
+        assert claim.role_request.generation_id == e.generation
+        assert [leaf for leaf, _ in sent] == [ROLE, RULES]  # its role, then its rules
+        err = ProtocolError(
+            pb.ERROR_TYPE_ROLE_REQUEST_FAILED,
+            pb.ROLE_REQUEST_FAILED_CODE_STALE,
+            f"generation {e.generation} older than {e.generation + 7}",
+        )
+        futures[(sid, claim.xid)].set_result(pb.Envelope(error=err.to_error(b"")))
+        await asyncio.sleep(0)
+        return roles, steps
+
+    roles, _ = asyncio.run(run())
+    assert not roles.election.is_master and roles.refusal()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no longer MASTER" in m and "agent 'a1'" in m for m in said), said
