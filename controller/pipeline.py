@@ -537,21 +537,6 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     f" ONNX reference model {ref!r} has not: set models.{model_id}.reference_model"
                     " to a TorchScript copy (agents may still run the ONNX file)"
                 )
-            if ref and is_onnx(ref) and det.needs_activations:
-                if mcfg.activations == "reference":
-                    raise ConfigError(
-                        f"{where}: {det.name} reads layer activations, which the ONNX"
-                        f" reference model {ref!r} cannot give (models.{model_id}.activations:"
-                        " reference): use a TorchScript reference_model, or let agents send them"
-                    )
-                log.warning(
-                    "%s: %s reads layer activations, which the ONNX reference model %r cannot"
-                    " give: agents that do not send them are refused (HELLO_FAILED); a"
-                    " TorchScript reference_model computes them",
-                    where,
-                    det.name,
-                    ref,
-                )
             if det.model is None and ref:
                 try:
                     det.model = model_fn(ref)
@@ -574,15 +559,22 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                 )
         policy = CorrectionPolicy(mcfg.on_adversarial, mcfg.correct_min_agree)
         policy.check(f"models.{model_id}", [d.name for d in dets if d.can_purify])
-        if mcfg.activations == "reference":
-            for d in dets:
-                names = getattr(d, "activations_read", None) if d.needs_activations else None
-                why = _taps(d, list(names())) if names is not None else ""
-                if why:
-                    raise ConfigError(
-                        f"models.{model_id}.activations: reference, but {d.name}'s activations"
-                        f" cannot be computed here: {why}"
-                    )
+        for d in dets:
+            names = getattr(d, "activations_read", None) if d.needs_activations else None
+            why = _taps(d, list(names())) if names is not None else ""
+            if why and mcfg.activations == "reference":
+                raise ConfigError(
+                    f"models.{model_id}.activations: reference, but {d.name}'s activations"
+                    f" cannot be computed here: {why}"
+                )
+            if why:
+                log.warning(
+                    "models.%s: %s's layer activations cannot be computed here (%s): agents"
+                    " that do not send them are refused (HELLO_FAILED)",
+                    model_id,
+                    d.name,
+                    why,
+                )
         pipeline = Pipeline(dets, mcfg.fpr)
         scorers[model_id] = FusedScorer(model_id, pipeline, policy, mcfg.activations)
     return scorers

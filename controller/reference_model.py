@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "model_fn",
     "model_format",
     "needing_module",
+    "onnx_activations_fn",
     "quiet_torchscript",
 ]
 
@@ -104,7 +105,41 @@ def model_fn(path: str | Path, batch_size: int = 512) -> ModelFn:
 def _onnx_fn(path: Path, batch_size: int) -> ModelFn:
     """An ONNX file as a numpy callable (onnxruntime, CPU): inputs cast to the model's
     input type, run in batches (of the model's own batch size when it fixes one), logits
-    float32 out. ValueError in one line (the caller names the file) when it cannot be used."""
+    float32 out. ValueError in one line (the caller names the file) when it cannot be used.
+    Its ``onnx_path`` attribute is the file (for :func:`onnx_activations_fn`)."""
+    run = _onnx_runner(str(path), batch_size)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return run(x, None)[0].astype(np.float32, copy=False)
+
+    predict.onnx_path = path  # type: ignore[attr-defined]
+    return predict
+
+
+def onnx_activations_fn(
+    path: str | Path, names: list[str], batch_size: int = 512
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The named intermediate tensors of an ONNX file (module paths or tensor names, as
+    ``openexample/onnx_outputs.py`` reads them): inputs [N, ...] -> {name: float32
+    [N, ...]}. ValueError in one line (a wrong name lists the names there are)."""
+    from openexample.onnx_outputs import with_outputs
+
+    data, tensors = with_outputs(path, names)
+    run = _onnx_runner(data, batch_size)
+    fetch = list(dict.fromkeys(tensors.values()))
+
+    def activations(x: np.ndarray) -> dict[str, np.ndarray]:
+        got = dict(zip(fetch, run(x, fetch), strict=True))
+        return {n: got[t].astype(np.float32, copy=False) for n, t in tensors.items()}
+
+    return activations
+
+
+def _onnx_runner(
+    source: str | bytes, batch_size: int
+) -> Callable[[np.ndarray, list[str] | None], list[np.ndarray]]:
+    """``run(x, fetch)``: the outputs ``fetch`` (None: the first) of the ONNX model
+    ``source`` (a path or the serialized model) for inputs x, in batches, concatenated."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -116,7 +151,7 @@ def _onnx_fn(path: Path, batch_size: int) -> ModelFn:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: its load-time warnings are not the user's
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's errors derive from Exception alone
         raise ValueError(f"not a readable ONNX model ({_ort_message(exc)})") from None
     inputs = session.get_inputs()
@@ -132,21 +167,23 @@ def _onnx_fn(path: Path, batch_size: int) -> ModelFn:
     fixed = inputs[0].shape[0] if inputs[0].shape else None
     pad = isinstance(fixed, int) and fixed > 0  # the model fixes its batch size
     step = fixed if pad else batch_size
+    first = [session.get_outputs()[0].name]
 
-    def run(part: np.ndarray) -> np.ndarray:
-        n = len(part)
+    def part(x: np.ndarray, fetch: list[str] | None) -> list[np.ndarray]:
+        n = len(x)
         if pad and n < step:
-            part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
-        return np.asarray(session.run(None, {name: part.astype(dtype, copy=False)})[0])[:n]
+            x = np.concatenate([x, np.zeros((step - n, *x.shape[1:]), x.dtype)])
+        outs = session.run(fetch or first, {name: x.astype(dtype, copy=False)})
+        return [np.asarray(o)[:n] for o in outs]
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray, fetch: list[str] | None) -> list[np.ndarray]:
         x = np.asarray(x)
-        out = [run(x[i : i + step]) for i in range(0, len(x), step)]
-        if not out:
+        parts = [part(x[i : i + step], fetch) for i in range(0, len(x), step)]
+        if not parts:
             raise ValueError("the reference model got no inputs")
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
-    return predict
+    return run
 
 
 def _ort_message(exc: Any) -> str:

@@ -277,7 +277,7 @@ class AgentSession:
         for model_id, plan in plans.items():
             if plan.note:  # which path the activations take, once per session
                 level = logging.WARNING if plan.fallback else logging.INFO
-                log.log(level, "agent %s: %s", agent_id[:64], plan.note)
+                log.log(level, "agent %r: %s", agent_id[:64], plan.note)
             self.activations[model_id] = plan.sent
 
     # -- time --

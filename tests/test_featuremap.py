@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from controller import detectors
-from controller.activations import Taps, layer_names, taps_for
+from controller.activations import OnnxTaps, Taps, layer_names, taps_for
 from controller.core import InspectJob
 from controller.detectors import Detector, make_batch
 from controller.detectors.base import Batch
@@ -49,6 +49,17 @@ def calibrated(mnist, predict, tmp_path_factory):
     det.fit(mnist.train.x, mnist.train.y, model=predict, dataset="mnist5k")
     det.calibrate(make_batch(mnist.calibration.x, predict), 0.05)
     return det
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(example_model, tmp_path_factory):
+    """The example CNN (its TorchScript weights) exported as ONNX, any batch size."""
+    from tests.test_onnx_model import export_onnx
+
+    net = SmallCNN(10)
+    net.load_state_dict(load_model(example_model).state_dict())
+    path = tmp_path_factory.mktemp("featuremap-onnx") / "cnn.onnx"
+    return export_onnx(net.eval(), path, (1, 28, 28), None)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +172,20 @@ def test_artifact_round_trip_and_no_model(calibrated, artifact, mnist, predict):
     acts = Taps(predict.module, LAYERS).numpy(b.inputs)  # the agent sent them: no model needed
     got = loaded.score(Batch(b.inputs, b.logits, b.labels, acts)).scores
     np.testing.assert_allclose(got, calibrated.score(b).scores, atol=1e-5)
+
+
+def test_an_onnx_reference_copy_computes_them(calibrated, cnn_onnx, mnist, predict):
+    b = make_batch(mnist.test.x[:8], predict)
+    onnx_ref = model_fn(cnn_onnx)
+    assert isinstance(taps_for(onnx_ref, LAYERS), OnnxTaps)
+    own = calibrated.score(b).scores
+    try:  # the same detector, its reference copy now the ONNX export
+        calibrated.model = onnx_ref
+        np.testing.assert_allclose(calibrated.score(b).scores, own, atol=1e-4)
+    finally:
+        calibrated.model = predict
+    with pytest.raises(ValueError, match=r"no layer 'conv9'.*features\.2"):
+        taps_for(onnx_ref, ["conv9"])
 
 
 # -- the pipeline and a real controller -----------------------------------------------------
@@ -347,3 +372,49 @@ def test_attached_agent_sends_activations_and_gets_verdicts(
     finally:
         for g in guards.values():
             g.close()
+
+
+@pytest.mark.integration
+def test_the_controller_asks_an_onnx_agent_and_refuses_one_that_cannot_send(
+    controller, artifact, example_model, cnn_onnx, fgsm
+):
+    """models.ID.activations: agent. An agent running the ONNX export of the model sends
+    the layers the controller asked for (by module path) and gets verdicts; an agent that
+    declares only one of them is refused at FEATURES, the reason naming both sides."""
+    import time
+
+    from agents import attach
+
+    model = {
+        "detectors": [str(artifact)],
+        "fpr": 0.05,
+        "reference_model": str(example_model),
+        "activations": "agent",
+    }
+    proc = controller(models={MODEL_ID: model})
+    shape = {"model_id": MODEL_ID, "input_shape": (1, 28, 28), "connect_timeout_s": 20}
+    g = attach(str(cnn_onnx), controller=proc.address, activations=LAYERS,
+               **shape, **proc.agent_tls("fm-onnx"))  # fmt: skip
+    try:
+        assert g.connected and g.core.activations_asked == {MODEL_ID: tuple(LAYERS)}
+        _, adv = fgsm
+        attacked = [g(a) for a in adv[:10]]
+        assert [r.decided_by for r in attacked] == ["controller"] * 10
+        assert sum(r.verdict == "adversarial" for r in attacked) >= 5
+        # each item carried both layers (9.4 kB in float16) besides its 3.2 kB input
+        assert g.core.counters.pkg_in_bytes > 10 * 12_000
+    finally:
+        g.close()
+    half = attach(str(example_model), controller=proc.address, activations=["features.2"],
+                  **{**shape, "connect_timeout_s": 3}, **proc.agent_tls("fm-half"))  # fmt: skip
+    try:
+        assert not half.connected
+        deadline = time.monotonic() + 30
+        said = "agent 'fm-half' refused at FEATURES: HELLO_FAILED/INCOMPATIBLE"
+        while not (lines := [ln for ln in proc.log if said in ln]):
+            assert time.monotonic() < deadline, "\n".join(proc.log[-20:])
+            time.sleep(0.1)
+        assert "features.5 (32, 7, 7); the agent declares features.2 (16, 14, 14)" in lines[0]
+    finally:
+        half.close()
+    assert any("'fm-onnx': model" in ln and "sent by the agent" in ln for ln in proc.log)
