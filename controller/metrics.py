@@ -439,6 +439,14 @@ class ClusterMetrics:
             "Deltas not published because the bus was down (the next snapshot carries them)",
             registry=r,
         )
+        self.role = Gauge(
+            "openexample_controller_cluster_role",
+            "Mastership in this controller's agent group (controller/mastership.py): what=role"
+            " (2 EQUAL, 3 MASTER, 4 SLAVE, as ControllerRole), what=generation (of the"
+            " mastership it knows)",
+            ["what"],
+            registry=r,
+        )
         for direction in ("sent", "received"):
             for kind in ("delta", "state", "load"):
                 self.messages.labels(direction, kind)

@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Gauge
-
 from controller.cluster import ROLE, RULES
 from controller.desired import StoredRule
 from controller.mastership import MASTER, Election, Outcome, role_name
@@ -49,7 +47,6 @@ class Roles:
         election: Election,
         bus: ClusterBus,
         core: ControllerCore,
-        registry: CollectorRegistry,
         *,
         dispatch: Callable[[Step], None],
         expect_reply: Callable[[int, int], asyncio.Future[pb.Envelope]],
@@ -63,13 +60,7 @@ class Roles:
         self._was_connected = False
         self._rules_due = False  # the master's rules changed: publish soon
         self._failed_logged = -60.0
-        self._gauge = Gauge(
-            "openexample_controller_cluster_role",
-            "This controller's role in its agent group (2 EQUAL, 3 MASTER, 4 SLAVE, as"
-            " ControllerRole), and the generation of the group's mastership it knows",
-            ["what"],
-            registry=registry,
-        )
+        self._gauge = bus.metrics.role
 
     # --- what the daemon calls ---
 

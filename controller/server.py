@@ -726,7 +726,6 @@ def _roles(cfg: Config, srv: ControllerServer) -> Roles:
         election,
         srv.bus,
         srv.core,
-        srv.registry,
         dispatch=srv.dispatch,
         expect_reply=srv.expect_reply,
     )

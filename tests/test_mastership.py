@@ -239,6 +239,7 @@ def test_an_agents_stale_refusal_steps_the_master_down(caplog):
 
     from prometheus_client import CollectorRegistry
 
+    from controller.metrics import ClusterMetrics
     from controller.roles import Roles
     from openexample.errors import ProtocolError
     from tests.test_controller_core import connect
@@ -250,6 +251,7 @@ def test_an_agents_stale_refusal_steps_the_master_down(caplog):
     class Bus:
         connected = True
         state = ClusterState(A, 1)
+        metrics = ClusterMetrics(CollectorRegistry(), lambda: [])
 
         def publish_retained(self, leaf, msg):
             sent.append((leaf, msg))
@@ -264,9 +266,7 @@ def test_an_agents_stale_refusal_steps_the_master_down(caplog):
 
         steps: list = []
         e = Election(A, "line", lease_s=LEASE)
-        roles = Roles(
-            e, Bus(), core, CollectorRegistry(), dispatch=steps.append, expect_reply=expect_reply
-        )
+        roles = Roles(e, Bus(), core, dispatch=steps.append, expect_reply=expect_reply)
         e.tick(T0, connected=True, peers_up=set())
         e._on_bus_since = 0.0  # on the bus long enough: it claims at the next tick
         roles.tick()
