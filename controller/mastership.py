@@ -186,10 +186,6 @@ class Election:
         self.newest = max(self.newest, r.generation)
         return Outcome()
 
-    def peer_down(self, identity: str) -> None:
-        """A peer's load says it is down (its last will, or a clean stop)."""
-        self.claims.pop(identity, None)
-
     def stale(self, now: float, detail: str = "") -> Outcome:
         """An agent refused this controller's MASTER claim as stale: a newer generation
         exists that this controller has not heard of. It steps down, and claims again
@@ -216,7 +212,8 @@ class Election:
                 self.master = ""
             return out
         self._off_bus_since = None
-        if self._on_bus_since is None:
+        just_connected = self._on_bus_since is None
+        if just_connected:  # (a broker that restarted lost the retained claims)
             self._on_bus_since = now
         live = [
             c
@@ -246,7 +243,7 @@ class Election:
         else:
             self.master = ""
         body = self.message()
-        if body != self._sent or now - self._sent_at >= self.lease_s / 3:
+        if just_connected or body != self._sent or now - self._sent_at >= self.lease_s / 3:
             self._sent, self._sent_at = body, now
             out.publish.append(body)
         return out

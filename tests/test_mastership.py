@@ -137,6 +137,18 @@ def test_equal_never_stands_and_a_cut_off_master_steps_down_after_its_lease():
     assert out.stepped_down == f"cut off from the bus for {LEASE:g} s" and a.role == SLAVE
 
 
+def test_a_master_back_on_the_bus_says_so_at_once():
+    """A broker that restarted lost the retained claims: the master's goes out on
+    reconnect, before a standby there has settled (lease / 3) and would claim."""
+    a = Election(A, "line", lease_s=LEASE)
+    a.tick(T0, connected=True, peers_up=set())
+    a.tick(T0 + 2, connected=True, peers_up=set())
+    assert a.is_master and not a.tick(T0 + 2.1, connected=True, peers_up=set()).publish
+    a.tick(T0 + 2.2, connected=False, peers_up=set())
+    out = a.tick(T0 + 2.3, connected=True, peers_up=set())
+    assert [(b.role, b.generation) for b in out.publish] == [(MASTER, a.generation)]
+
+
 def test_a_stale_master_steps_down_and_waits_a_lease_before_claiming_again():
     a = Election(A, "line", lease_s=LEASE)
     a.tick(T0, connected=True, peers_up=set())
