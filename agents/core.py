@@ -435,29 +435,31 @@ class AgentCore:
 
     def _asked(self, req: pb.FeaturesRequest) -> dict[str, tuple[str, ...]]:
         """The activations to send per model: those asked that this agent declares with
-        the shape asked (a request for anything else is logged and not served)."""
+        the shape asked; one log line per model for the rest (INFO when it declares
+        none: the controller computes them or refuses; WARNING when it declares others)."""
         asked: dict[str, tuple[str, ...]] = {}
         for want in req.activations:
             info = self.models.get(want.model_id)
             have = {} if info is None else info.declared_activations()
-            names = []
+            names, unmet = [], []
             for a in want.activations:
                 if have.get(a.name) == tuple(a.shape):
                     names.append(a.name)
                 else:
-                    log.warning(
-                        "controller %s asks for activation %r %s of model %r; this agent"
-                        " declares %s: not sent",
-                        self.controller_id,
-                        a.name[:64],
-                        tuple(a.shape)[:8],
-                        want.model_id[:64],
-                        ", ".join(f"{n} {sh}" for n, sh in have.items()) or "none",
-                    )
+                    unmet.append(f"{a.name[:64]} {tuple(a.shape)[:8]}")
+            if unmet:
+                log.log(
+                    logging.WARNING if have else logging.INFO,
+                    "controller %s asks for activations %s of model %r; this agent declares"
+                    " %s: not sent",
+                    self.controller_id,
+                    ", ".join(unmet[:8]),
+                    want.model_id[:64],
+                    ", ".join(f"{n} {sh}" for n, sh in have.items()) or "none",
+                )
             if names:
                 asked[want.model_id] = tuple(dict.fromkeys(names))
-        for model_id, names in asked.items():
-            log.info("sending activations of model %r: %s", model_id, ", ".join(names))
+                log.info("sending activations of model %r: %s", want.model_id, ", ".join(names))
         return asked
 
     def _check_writable(self) -> None:
