@@ -440,7 +440,9 @@ class AgentCore:
         asked: dict[str, tuple[str, ...]] = {}
         for want in req.activations:
             info = self.models.get(want.model_id)
-            have = {} if info is None else info.declared_activations()
+            if info is None:
+                continue  # a model of other agents: the ask goes to every agent
+            have = info.declared_activations()
             names, unmet = [], []
             for a in want.activations:
                 if have.get(a.name) == tuple(a.shape):

@@ -188,6 +188,28 @@ def test_an_onnx_reference_copy_computes_them(calibrated, cnn_onnx, mnist, predi
         taps_for(onnx_ref, ["conv9"])
 
 
+def test_the_controller_knows_what_featuremap_reads_and_who_computes_it(
+    artifact, cnn_onnx, example_model, monkeypatch
+):
+    import sys
+
+    from controller.config import ConfigError, from_mapping
+    from controller.pipeline import expectations, load_scorers
+
+    def config(ref, mode):
+        model = {"detectors": [str(artifact)], "fpr": 0.05, "reference_model": str(ref)}
+        return from_mapping({"models": {MODEL_ID: {**model, "activations": mode}}})
+
+    for ref, mode in ((example_model, "auto"), (cnn_onnx, "agent")):
+        want = expectations(load_scorers(config(ref, mode)))[MODEL_ID]
+        assert want.activations == (("features.2", (16, 14, 14)), ("features.5", (32, 7, 7)))
+        assert want.computes_activations and want.activations_from == mode
+    monkeypatch.setitem(sys.modules, "onnx", None)  # an ONNX copy can no longer give them
+    with pytest.raises(ConfigError, match=r"activations: reference, but featuremap's.*onnx"):
+        load_scorers(config(cnn_onnx, "reference"))
+    assert not expectations(load_scorers(config(cnn_onnx, "auto")))[MODEL_ID].computes_activations
+
+
 # -- the pipeline and a real controller -----------------------------------------------------
 
 
