@@ -29,7 +29,7 @@ def test_compose_names_two_emqx_nodes_and_three_controllers_with_files_that_exis
         assert re.fullmatch(r"emqx/emqx:5\.[0-8]\.\d+", image), image  # Apache-2.0 up to 5.8
         env = services[name]["environment"]
         seeds = env["EMQX_CLUSTER__STATIC__SEEDS"]
-        assert env["EMQX_NODE__NAME"] in seeds and seeds.count("emqx@") == 2
+        assert env["EMQX_NODE_NAME"] in seeds and seeds.count("emqx@") == 2
         assert env["EMQX_LISTENERS__TCP__DEFAULT__ENABLE"] == "false"  # mTLS only
         assert env["EMQX_LISTENERS__SSL__DEFAULT__SSL_OPTIONS__FAIL_IF_NO_PEER_CERT"] == "true"
         assert env["EMQX_MQTT__PEER_CERT_AS_USERNAME"] == "cn"
