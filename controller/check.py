@@ -55,6 +55,17 @@ def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
                 lines.append(f"  trained with {key.replace('_', ' ')} {digests.pop()}")
         if want is not None:  # an agent with other noise is refused at FEATURES
             lines.append(f"  calibrated for agents with privacy noise {want.privacy}")
+        if want is not None and want.activations:
+            read = ", ".join(f"{n} {s}" for n, s in want.activations)
+            source = {
+                "reference": "computed by the reference copy, never asked of agents",
+                "agent": "asked of agents; an agent that does not send them is refused",
+                "auto": "asked of agents, else computed by the reference copy"
+                if want.computes_activations
+                else "asked of agents; the reference copy cannot compute them, so an agent"
+                " that does not send them is refused",
+            }[mcfg.activations]
+            lines.append(f"  reads activations {read}: {source}")
         for name, det, path in zip(scorer.metric_names, dets, mcfg.detectors, strict=True):
             path = from_config(cfg, path)
             ref = " + reference model" if det.model is not None else ""

@@ -191,8 +191,10 @@ def test_an_onnx_reference_copy_computes_them(calibrated, cnn_onnx, mnist, predi
 def test_the_controller_knows_what_featuremap_reads_and_who_computes_it(
     artifact, cnn_onnx, example_model, monkeypatch
 ):
+    import dataclasses
     import sys
 
+    from controller.check import summary
     from controller.config import ConfigError, from_mapping
     from controller.pipeline import expectations, load_scorers
 
@@ -204,6 +206,10 @@ def test_the_controller_knows_what_featuremap_reads_and_who_computes_it(
         want = expectations(load_scorers(config(ref, mode)))[MODEL_ID]
         assert want.activations == (("features.2", (16, 14, 14)), ("features.5", (32, 7, 7)))
         assert want.computes_activations and want.activations_from == mode
+    cfg = dataclasses.replace(config(example_model, "auto"), plaintext=True)
+    said = "reads activations features.2 (16, 14, 14), features.5 (32, 7, 7): asked of agents"
+    lines = summary(cfg, load_scorers(cfg))
+    assert f"  {said}, else computed by the reference copy" in lines
     monkeypatch.setitem(sys.modules, "onnx", None)  # an ONNX copy can no longer give them
     with pytest.raises(ConfigError, match=r"activations: reference, but featuremap's.*onnx"):
         load_scorers(config(cnn_onnx, "reference"))
