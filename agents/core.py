@@ -30,7 +30,7 @@ import numpy as np
 
 from agents.config import AgentConfig
 from agents.counters import AgentCounters, AgentSnapshot, TableCounts
-from agents.outbox import Outbox, build_pkg_in
+from agents.outbox import Outbox, build_pkg_in, items_that_fit
 from agents.results import (
     CONTROLLER,
     DISCONNECTED,
@@ -424,13 +424,23 @@ class AgentCore:
         ):
             caps.insert(1, pb.CAPABILITY_PRIVACY_NOISE)
         self.activations_asked = self._asked(env.features_request)
+        assert self.session is not None
+        for model_id, names in self.activations_asked.items():
+            fit = items_that_fit(self.models[model_id], names, self.session.limits)
+            if fit < self.outbox.max_batch_items:  # declared below, so the controller knows
+                log.info(
+                    "PKG_IN batches of at most %d items: model %r's activations fill the"
+                    " session's limits",
+                    fit,
+                    model_id,
+                )
+                self.outbox.max_batch_items = fit
         body = pb.FeaturesReply(
             agent_id=self.agent_id,
             models=[m.descriptor() for m in self.models.values()],
             capabilities=caps,
             max_batch_items=self.outbox.max_batch_items,
         )
-        assert self.session is not None
         out.send.append(self.session.reply(env, body))
 
     def _asked(self, req: pb.FeaturesRequest) -> dict[str, tuple[str, ...]]:

@@ -7,12 +7,14 @@ outside it (:func:`build_pkg_in` touches only the batch and the noise RNG).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from agents.results import Batch, Item, ModelInfo
 from openexample import tensor
+from openexample.limits import Limits
 from openexample.v1 import openexample_pb2 as pb
 
 
@@ -79,6 +81,22 @@ class Outbox:
         self._open.clear()
         self._scheduled = False
         return waiting
+
+
+def items_that_fit(info: ModelInfo, activations: Sequence[str], limits: Limits) -> int:
+    """The most items (at least 1) one PKG_IN of ``info``'s model can carry with these
+    activations within the session's limits: each tensor's elements, and the message's
+    bytes (an eighth kept for the items' other fields)."""
+    shapes = info.declared_activations()
+    sizes = [math.prod(shapes[n]) for n in activations]
+    elements = max([math.prod(info.input_shape), *sizes])
+    item_bytes = (
+        np.dtype(info.input_dtype).itemsize * math.prod(info.input_shape)
+        + np.dtype(info.activations_dtype).itemsize * sum(sizes)
+        + 4 * len(info.class_names)
+    )
+    by_bytes = limits.max_message_bytes * 7 // 8 // max(1, item_bytes)
+    return max(1, min(limits.max_tensor_elements // max(1, elements), by_bytes))
 
 
 def build_pkg_in(

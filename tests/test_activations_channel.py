@@ -276,6 +276,29 @@ def test_an_agent_sends_only_the_activations_asked_with_the_shape_it_declares(ca
     assert not build_pkg_in(batch, info, rng, **kw).pkg_in.activations and calls == [1]
 
 
+def test_an_agent_keeps_its_batches_with_activations_within_the_limits():
+    """The controller's HELLO allows 10,000 elements per tensor: with features.5 asked
+    (32 x 7 x 7 = 1,568 per item) a PKG_IN carries at most 6 items, declared in FEATURES."""
+    from agents import AgentConfig
+    from agents.core import AgentCore
+    from agents.results import ModelInfo
+    from openexample.limits import Limits
+
+    shapes = tuple(SHAPES[n] for n in LAYERS)
+    info = ModelInfo("m", (1, 4, 4), ("0", "1", "2"), activation_names=tuple(LAYERS),
+                     activations=lambda x: {}, activation_shapes=shapes)  # fmt: skip
+    for asked, batch in (((), 64), (("features.5",), 6)):
+        core = AgentCore("a", [info], AgentConfig(max_batch_items=64), now=0.0)
+        core.connected(0.0)
+        hello = messages.hello("ctrl", limits=Limits(max_tensor_elements=10_000))
+        core.receive(hello.SerializeToString(), 0.0)
+        req = pb.FeaturesRequest()
+        for name in asked:
+            req.activations.add(model_id="m").activations.add(name=name, shape=SHAPES[name])
+        (reply,) = send(core, req, xid=7)
+        assert reply.features_reply.max_batch_items == core.outbox.max_batch_items == batch
+
+
 def test_onnx_needs_the_onnx_package_said_in_one_line(monkeypatch, cnn_onnx):
     import sys
 
