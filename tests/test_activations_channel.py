@@ -61,6 +61,19 @@ def test_onnx_activations_by_module_path_or_tensor_name_equal_torchs(cnn_onnx, e
     np.testing.assert_array_equal(adapter.predict(x), before)  # still the model's output
 
 
+def test_an_onnx_agent_without_activations_never_imports_onnx(cnn_onnx):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from agents.models import wrap_model;"
+        f" wrap_model({str(cnn_onnx)!r}).predict(np.zeros((1, 1, 28, 28), np.float32));"
+        " print('onnx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_a_wrong_onnx_name_lists_the_names_there_are_capped(cnn_onnx):
     import onnx
     from onnx import TensorProto, helper
