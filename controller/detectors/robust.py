@@ -66,9 +66,9 @@ class RobustConfig:
     hidden: int = 128
     eps: float = 0.3  # L-inf, on inputs in [0, 1]
     steps: int = 7  # PGD steps at train time
-    clean_epochs: int = 1
-    epochs: int = 12  # adversarial epochs
-    ramp: float = 0.4  # share of the adversarial epochs over which eps grows to ``eps``
+    clean_epochs: int = 2
+    epochs: int = 30  # adversarial epochs
+    ramp: float = 0.3  # share of the adversarial epochs over which eps grows to ``eps``
     batch_size: int = 64
     lr: float = 2e-3
     shift: int = 2  # random translation, pixels
@@ -189,9 +189,9 @@ class RobustDetector(Detector):
         hidden: int = 128,
         eps: float = 0.3,
         steps: int = 7,
-        clean_epochs: int = 1,
-        epochs: int = 12,
-        ramp: float = 0.4,
+        clean_epochs: int = 2,
+        epochs: int = 30,
+        ramp: float = 0.3,
         batch_size: int = 64,
         lr: float = 2e-3,
         shift: int = 2,
