@@ -13,6 +13,10 @@
  *
  * img: float32 [h, w]; rows: float32 [8, h]; cols: float32 [w, 17] (9 thumbnail columns,
  * then 8 difference columns); keys: uint64 [>= n]; thumbs: float32 [>= n, 8, 9].
+ * Whatever Python passes, a buffer too short for its count (n < 0, or n * size past
+ * the 64-bit range), misaligned, or an integer out of C's range is a ValueError; a
+ * buffer that is not contiguous or not writable a ValueError or TypeError. Never read
+ * past a buffer.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,12 +30,42 @@
 #define MAX_SIDE 4096
 #define DEAD_ZONE 1e-5 /* _RELATIVE_TOLERANCE in perceptual.py */
 
-static int check(Py_buffer *b, Py_ssize_t need, const char *what) {
+static int check_aligned(Py_buffer *b, Py_ssize_t need, size_t align, const char *what) {
     if (b->len < need) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
         return -1;
     }
+    if ((uintptr_t)b->buf % align != 0) { /* float32 / uint64 loads: never misaligned */
+        PyErr_Format(PyExc_ValueError, "%s: buffer not aligned to %zu bytes", what, align);
+        return -1;
+    }
     return 0;
+}
+
+static int check(Py_buffer *b, Py_ssize_t need, const char *what) { /* float32 */
+    return check_aligned(b, need, 4, what);
+}
+
+/* `count` items of `size` bytes in b (count >= 0, no overflow of count * size). */
+static int check_items(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *what) {
+    if (count < 0 || count > b->len / size) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd items of %zd", what, b->len,
+                     count, size);
+        return -1;
+    }
+    return check_aligned(b, count * size, size == 8 ? 8 : 4, what);
+}
+
+/* Arguments out of C's range are bad values (ValueError), as for the checks below. */
+static void overflow_as_value_error(void) {
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(PyExc_ValueError, "argument out of range: %S", value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
 }
 
 /* The key of img and its thumbnail (scaled by the image's largest absolute value).
@@ -105,7 +139,10 @@ static int parse_image(Py_buffer *img, int h, int w, Py_buffer *rows, Py_buffer 
 static PyObject *key_thumb(PyObject *self, PyObject *args) {
     Py_buffer img, rows, cols, out;
     int h, w;
-    if (!PyArg_ParseTuple(args, "y*iiy*y*w*", &img, &h, &w, &rows, &cols, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*iiy*y*w*", &img, &h, &w, &rows, &cols, &out)) {
+        overflow_as_value_error();
+        return NULL;
+    }
     PyObject *res = NULL;
     if (parse_image(&img, h, w, &rows, &cols) == 0 && check(&out, THUMB * 4, "thumb_out") == 0) {
         uint64_t key = key_of(img.buf, h, w, rows.buf, cols.buf, out.buf);
@@ -124,11 +161,13 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     double tol;
     if (!PyArg_ParseTuple(args, "y*iiy*y*y*ny*idii", &img, &h, &w, &rows, &cols, &keys, &n,
-                          &thumbs, &radius, &tol, &min_bits, &max_bits))
+                          &thumbs, &radius, &tol, &min_bits, &max_bits)) {
+        overflow_as_value_error();
         return NULL;
+    }
     PyObject *res = NULL;
-    if (parse_image(&img, h, w, &rows, &cols) == 0 && n >= 0 &&
-        check(&keys, n * 8, "keys") == 0 && check(&thumbs, n * THUMB * 4, "thumbs") == 0) {
+    if (parse_image(&img, h, w, &rows, &cols) == 0 && check_items(&keys, n, 8, "keys") == 0 &&
+        check_items(&thumbs, n, THUMB * 4, "thumbs") == 0) {
         float thumb[THUMB];
         uint64_t key = key_of(img.buf, h, w, rows.buf, cols.buf, thumb);
         int bits = __builtin_popcountll(key);

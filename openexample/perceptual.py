@@ -136,6 +136,7 @@ def _kernel_ready(x: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | No
         or type(x) is not np.ndarray
         or x.dtype != _F32
         or not x.flags.c_contiguous
+        or not x.flags.aligned
     ):
         return None
     return _kernel_args(x.shape)

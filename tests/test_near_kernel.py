@@ -112,3 +112,58 @@ def test_short_buffers_are_refused():
         )  # fmt: skip
     with pytest.raises(ValueError, match="image"):
         P._nearkernel.key_thumb(np.zeros(4, np.float32), 1, 1, rows, cols, out)
+
+
+def _kernel_in_child(call: str) -> tuple[int, str]:
+    """Run one kernel call in a child process (a wild read kills it, not pytest)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from openexample import _nearkernel as k, perceptual as P\n"
+        "rows, cols = P._operators(28, 28)\n"
+        "img = np.random.default_rng(0).random((28, 28), dtype=np.float32)\n"
+        "keys, thumbs = np.zeros(4, np.uint64), np.zeros((4, 8, 9), np.float32)\n"
+        "out = np.empty(72, np.float32)\n"
+        "try:\n"
+        f"    {call}\n"
+        "except (ValueError, TypeError) as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # n * 8 wraps to 0 in 64 bits: the scan then read far past the 4 keys (SIGSEGV)
+        "k.lookup(img, 28, 28, rows, cols, keys, 2**62, thumbs, 64, 1e9, 0, 64)",
+        "k.lookup(img, 28, 28, rows, cols, keys, 2**61 + 1, thumbs, 64, 1e9, 0, 64)",
+        "k.lookup(img, 28, 28, rows, cols, keys, 5, thumbs, 64, 1e9, 0, 64)",
+        "k.lookup(img, 28, 28, rows, cols, keys, -1, thumbs, 4, 0.1, 8, 56)",  # SystemError
+        "k.key_thumb(img, 2**40, 28, rows, cols, out)",  # OverflowError
+        "k.lookup(img, 28, 28, rows, cols, keys, 2**70, thumbs, 4, 0.1, 8, 56)",
+        # the right byte length at an odd address: unaligned float loads
+        "k.key_thumb(np.frombuffer(bytearray(28 * 28 * 4 + 1), np.uint8)[1:], 28, 28,"
+        " rows, cols, out)",
+        "k.key_thumb(img[:, ::2], 28, 14, rows, cols, out)",  # not contiguous
+        "k.key_thumb(img.astype(np.float64), 28, 28, rows, cols, out)",  # wrong dtype: bytes
+        "k.key_thumb(img, 28, 28, rows, cols, b'x' * 288)",  # read-only output
+    ],
+)
+def test_any_python_arguments_get_a_value_or_type_error(call):
+    rc, text = _kernel_in_child(call)
+    assert rc == 0, text
+    if "float64" not in call:  # float64: twice the bytes needed, read within the buffer
+        assert text.split(" ", 1)[0] in ("ValueError", "TypeError"), text
+
+
+def test_misaligned_inputs_take_the_numpy_path(mnist):
+    x = mnist.test.x[0].reshape(28, 28)
+    raw = np.frombuffer(bytearray(x.nbytes + 1), np.uint8)[1:]
+    odd = raw.view(np.float32).reshape(28, 28)  # same bytes, at an odd address
+    odd[...] = x
+    assert not odd.flags.aligned and P._kernel_ready(odd) is None
+    assert perceptual(odd) == perceptual(x)
