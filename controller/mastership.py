@@ -25,7 +25,9 @@ controller/roles.py, feeds it what arrives on the ``role`` and ``rules`` topics 
   (the retained claims have arrived), the live candidate with the highest priority
   (then the identity that sorts first) claims it with **generation = max(newest
   generation seen + 1, unix milliseconds)**: higher than any before it, also after the
-  broker lost its retained messages. The others follow it when its claim arrives.
+  broker lost its retained messages. The others follow it when its claim arrives. A
+  role or rules message whose generation is more than ``MAX_GENERATION_AHEAD_S`` ahead
+  of the receiver's clock is refused (a claim of 2^64-1 would hold it for good).
 - The master sends ROLE_REQUEST MASTER with its generation to each of its agents (at
   the election and when one connects). An agent that has seen a newer generation
   refuses it (ROLE_REQUEST_FAILED/STALE): :meth:`Election.stale` steps this controller
@@ -55,6 +57,11 @@ from controller.cluster import ROLE, RULES, VERSION, topic_identity
 from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
 
+# A generation is unix milliseconds at its claim (or one more than the newest before it):
+# one further ahead of this clock than this is refused. Else a peer's claim of 2^64-1
+# would hold the mastership for good, and no one could claim after it (newest + 1 is
+# past uint64: every role message after it failed to serialise).
+MAX_GENERATION_AHEAD_S = 3600.0
 MASTER, SLAVE, EQUAL = pb.CONTROLLER_ROLE_MASTER, pb.CONTROLLER_ROLE_SLAVE, pb.CONTROLLER_ROLE_EQUAL
 _NAMES = {MASTER: "MASTER", SLAVE: "SLAVE", EQUAL: "EQUAL"}
 _BODY = {ROLE: "role", RULES: "rules"}
@@ -170,6 +177,13 @@ class Election:
             return Outcome(refused=f"{msg.WhichOneof('body')} on {name}", reason="body")
         if ident == self.identity:
             return Outcome()  # ours, back from the broker (or our last run's)
+        body = msg.rules if leaf == RULES else msg.role
+        if body.generation > (now + MAX_GENERATION_AHEAD_S) * 1000:
+            text = (
+                f"generation {body.generation} from {ident} is more than"
+                f" {MAX_GENERATION_AHEAD_S:g} s ahead of this clock (unix ms)"
+            )
+            return Outcome(refused=text, reason="generation")
         if leaf == RULES:
             if msg.rules.group == self.group:
                 old = self._rules.get(ident)

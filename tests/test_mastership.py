@@ -300,3 +300,27 @@ def test_an_agents_stale_refusal_steps_the_master_down(caplog):
     assert not roles.election.is_master and roles.refusal()
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("no longer MASTER" in m and "agent 'a1'" in m for m in said), said
+
+
+def test_a_generation_far_ahead_of_the_clock_is_refused_and_the_election_goes_on():
+    # A controller of the group claims 2^64-1: it would hold the mastership for good,
+    # and claiming after it (newest + 1) is past uint64.
+    b = Election(B, "line", lease_s=LEASE)
+    huge = cpb.Mastership(group="line", role=MASTER, generation=(1 << 64) - 1, priority=1)
+    got = b.receive(*_wire(A, T0, role=huge), T0)
+    assert got.reason == "generation" and "ahead of this clock" in got.refused
+    snap = _rules((1 << 64) - 1, 1, 10)
+    assert b.receive(*_wire(A, T0, rules=snap), T0).reason == "generation"
+    assert not b.claims and b.newest == 0 and b.rules_to_adopt() is None
+    now = T0
+    while now < T0 + LEASE:
+        out = b.tick(now, connected=True, peers_up={A})
+        for body in out.publish:
+            body.SerializeToString()  # every role message still fits its uint64
+        now += 0.1
+    assert b.is_master and int(T0 * 1000) <= b.generation < int(now * 1000) + 1
+    # a claim within the clocks' skew is taken (a master whose clock runs ahead)
+    ahead = cpb.Mastership(group="line", role=MASTER, generation=b.generation + 600_000)
+    assert not b.receive(*_wire(A, now, role=ahead), now).refused
+    b.tick(now, connected=True, peers_up={A})
+    assert (b.role, b.master) == (SLAVE, A)
