@@ -39,7 +39,10 @@ def test_compose_names_two_emqx_nodes_and_three_controllers_with_files_that_exis
     for name, svc in services.items():
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
-            if src.startswith("."):
+            if src.startswith("./pki/"):  # a folder the pki service fills
+                assert "/pki/$$n/" in " ".join(services["pki"]["command"]), (name, vol)
+                assert src == f"./pki/{name}", (name, vol)  # its own folder, no other's
+            elif src.startswith("."):
                 assert (HERE / src).exists(), (name, vol)
         for dep, spec in svc.get("depends_on", {}).items():
             assert dep in services, (name, dep)
@@ -100,3 +103,28 @@ def test_the_emqx_acl_is_the_one_the_tests_mosquitto_enforces(tmp_path):
     assert rules[-1] == "{deny, all}."
     assert (HERE / "pki" / ".gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
     assert Path(HERE / "README.md").exists()
+
+
+def test_no_secret_is_checked_in_and_each_container_holds_only_its_own_key():
+    compose = (HERE / "docker-compose.yml").read_text()
+    services = _services()
+    for name in ("emqx1", "emqx2"):
+        env = services[name]["environment"]
+        # the Erlang cookie (whoever has it runs code on the nodes) and the dashboard's
+        # password come from the environment, and compose refuses to start without them
+        assert re.fullmatch(r"\$\{EMQX_NODE_COOKIE:\?[^}]+\}", env["EMQX_NODE__COOKIE"])
+        password = env["EMQX_DASHBOARD__DEFAULT_PASSWORD"]
+        assert re.fullmatch(r"\$\{EMQX_DASHBOARD_PASSWORD:\?[^}]+\}", password)
+        assert env["EMQX_LISTENERS__WS__DEFAULT__ENABLE"] == "false"
+        assert env["EMQX_LISTENERS__WSS__DEFAULT__ENABLE"] == "false"
+        for port in services[name].get("ports", []):
+            assert port.startswith("127.0.0.1:"), port  # the dashboard: this host only
+    assert "change-me" not in compose
+    assert ".env" in (HERE / ".gitignore").read_text().splitlines()
+    pki = " ".join(services["pki"]["command"])
+    for name in CONTROLLERS:
+        mounts = [v for v in services[name]["volumes"] if v.startswith("./pki")]
+        assert mounts == [f"./pki/{name}:/etc/openexample/pki:ro"]
+        assert f"for n in {' '.join(CONTROLLERS)}; do" in pki
+    assert "cp -p /pki/ca.crt /pki/controller-$$n.crt /pki/controller-$$n.key /pki/$$n/" in pki
+    assert "cp -p /pki/ca.crt /pki/broker-$$n.crt /pki/broker-$$n.key /pki/$$n/" in pki
