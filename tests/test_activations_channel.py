@@ -321,3 +321,28 @@ def test_onnx_needs_the_onnx_package_said_in_one_line(monkeypatch, cnn_onnx):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
     with pytest.raises(ValueError, match="need the onnx package: pip install onnx"):
         adapter.activations_fn(LAYERS)
+
+
+def test_activations_past_float16_saturate_and_never_void_the_batch():
+    """A caller's input whose activations pass float16's range (65504) must not send inf:
+    the controller would refuse the whole PKG_IN (NOT_FINITE), the other callers' items
+    in the batch with it."""
+    from agents.outbox import build_pkg_in
+    from agents.results import Batch, Item, ModelInfo
+
+    def acts(x):  # 1e6 times each item's first pixel
+        return {n: np.ones((len(x), *SHAPES[n]), np.float32) * 1e6 * x[:, 0, 0, 0, None, None, None]
+                for n in LAYERS}  # fmt: skip
+
+    shapes = tuple(SHAPES[n] for n in LAYERS)
+    info = ModelInfo("m", (1, 4, 4), ("0", "1", "2"), activation_names=tuple(LAYERS),
+                     activations=acts, activation_shapes=shapes)  # fmt: skip
+    batch = Batch(5, "m")
+    for v in (1.0, -1.0, 1e-3):  # one caller's huge activations, two others
+        x = np.full((1, 4, 4), v, np.float32)
+        batch.items.append(Item(x, np.zeros(3, np.float32), 0, 0.5, "", 1, 0, b"", 1000, 0.0))
+    env = build_pkg_in(batch, info, np.random.default_rng(0), version=1, wall_offset_s=0.0,
+                       activations=("features.5",))  # fmt: skip
+    got = validate_pkg_in(env.pkg_in, {"m": info.descriptor()}).activations["features.5"]
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    assert got[0].min() == 65504 and got[1].max() == -65504 and abs(got[2].max() - 1000) < 1
