@@ -87,6 +87,11 @@ class ClusterConfig:
     # A peer's role message is good this long; a master cut off from the bus for this
     # long steps down.
     lease_s: float = 6.0
+    # The agent group's controllers (["controller/ctl-a", ...]): only they take part in
+    # its election and only their rules are adopted; a role or rules message naming the
+    # group from any other identity is refused. Empty: any controller on the bus that
+    # names the group (every controller certificate of the deployment is trusted).
+    members: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -134,6 +139,10 @@ def _cluster_config(raw: Any) -> ClusterConfig:
     base = ClusterConfig()
     for key, value in raw.items():
         default = getattr(base, key)
+        if key == "members":
+            _check_type("cluster.members", value, list)
+            changes[key] = tuple(_check_type("cluster.members[]", v, str) for v in value)
+            continue
         want: type | tuple[type, ...] = (
             (int, float) if isinstance(default, float) else type(default)
         )
@@ -181,6 +190,15 @@ def _check_cluster(cfg: Config) -> None:
         raise ConfigError(f"cluster.role: auto or equal, got {c.role!r}")
     if not 0 <= c.priority < 1 << 32:
         raise ConfigError(f"cluster.priority: 0 .. 2^32-1, got {c.priority!r}")
+    for member in c.members:
+        kind, _, name = member.partition("/")
+        if kind != "controller" or not valid_name(name):
+            raise ConfigError(f"cluster.members: controller/<name> identities, got {member!r}")
+    if c.members and cfg.cluster_identity() not in c.members:
+        raise ConfigError(
+            f"cluster.members: lists the group's controllers, but not this one"
+            f" ({cfg.cluster_identity()})"
+        )
 
 
 _RULE_KEYS = ("match", "priority", "actions", "agent", "model", "send_removed")

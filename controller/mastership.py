@@ -109,7 +109,9 @@ class Election:
     ``identity``: ``controller/<name>``; ``stands``: whether it may become master
     (False: EQUAL); ``priority``: its rank among candidates; ``lease_s``: how long a
     peer's role message stays good, and how long a master cut off from the bus keeps
-    the mastership."""
+    the mastership; ``members``: the identities that may take part in this group's
+    election (cluster.members; empty: any controller on the bus that names the group).
+    A role or rules message from any other identity naming the group is refused."""
 
     def __init__(
         self,
@@ -119,9 +121,11 @@ class Election:
         priority: int = 100,
         stands: bool = True,
         lease_s: float = 6.0,
+        members: frozenset[str] = frozenset(),
     ) -> None:
         self.identity = identity
         self.group = group
+        self.members = members  # the group's controllers (empty: whoever names the group)
         self.priority = priority
         self.stands = stands
         self.lease_s = lease_s
@@ -178,6 +182,14 @@ class Election:
         if ident == self.identity:
             return Outcome()  # ours, back from the broker (or our last run's)
         body = msg.rules if leaf == RULES else msg.role
+        if body.group != self.group:
+            return Outcome()  # another agent group's
+        if self.members and ident not in self.members:
+            text = (
+                f"{ident} is not a member of agent group {self.group!r}"
+                f" (cluster.members: {', '.join(sorted(self.members))})"
+            )
+            return Outcome(refused=text, reason="member")
         if body.generation > (now + MAX_GENERATION_AHEAD_S) * 1000:
             text = (
                 f"generation {body.generation} from {ident} is more than"
@@ -185,15 +197,12 @@ class Election:
             )
             return Outcome(refused=text, reason="generation")
         if leaf == RULES:
-            if msg.rules.group == self.group:
-                old = self._rules.get(ident)
-                key = (msg.rules.generation, msg.rules.revision)
-                if old is None or key > (old.generation, old.revision):
-                    self._rules[ident] = msg.rules
+            old = self._rules.get(ident)
+            key = (msg.rules.generation, msg.rules.revision)
+            if old is None or key > (old.generation, old.revision):
+                self._rules[ident] = msg.rules
             return Outcome()
         r = msg.role
-        if r.group != self.group:
-            return Outcome()  # another agent group's election
         if r.role not in _NAMES:
             return Outcome(refused=f"role {r.role} from {ident}", reason="body")
         self.claims[ident] = Claim(ident, r.role, r.generation, r.priority, r.master, now)

@@ -417,7 +417,9 @@ class ClusterMetrics:
         self.refused = Counter(
             "openexample_controller_cluster_refused",
             "Bus messages refused, by reason (sender: the sender field is not the identity"
-            " in the topic; topic, decode, version, body, entry)",
+            " in the topic; member: a role or rules message naming this agent group from"
+            " an identity not in cluster.members; generation: a generation far ahead of"
+            " this clock; topic, decode, version, body, entry)",
             ["reason"],
             registry=r,
         )

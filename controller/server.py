@@ -721,7 +721,14 @@ def _roles(cfg: Config, srv: ControllerServer) -> Roles:
         priority=c.priority,
         stands=c.role == "auto",
         lease_s=c.lease_s,
+        members=frozenset(c.members),
     )
+    if not c.members:
+        log.warning(
+            "cluster: agent group %r has no cluster.members: any controller certificate on"
+            " the bus that names the group may claim its mastership and set its rules",
+            c.group,
+        )
     return Roles(
         election,
         srv.bus,

@@ -80,6 +80,7 @@ def test_each_controllers_config_loads_with_the_certificates_the_pki_service_mak
         assert cfg.cluster.tls and port == 8883 and host in aliases
         assert f"--host {host}" in pki_command  # the broker's certificate names it
         assert f"--broker {host}" in pki_command
+        assert set(cfg.cluster.members) == {f"controller/{n}" for n in CONTROLLERS}
         groups.add(cfg.cluster.group)
         priorities.add(cfg.cluster.priority)
     assert len(groups) == 1 and len(priorities) == len(CONTROLLERS)

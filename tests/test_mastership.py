@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from controller.cluster import ROLE, RULES, ClusterState, topic
 from controller.config import Config
 from controller.core import ControllerCore
@@ -324,3 +326,38 @@ def test_a_generation_far_ahead_of_the_clock_is_refused_and_the_election_goes_on
     assert not b.receive(*_wire(A, now, role=ahead), now).refused
     b.tick(now, connected=True, peers_up={A})
     assert (b.role, b.master) == (SLAVE, A)
+
+
+def test_only_the_groups_members_take_part_and_others_naming_it_are_refused():
+    # controller/x holds a valid controller certificate of another group: with
+    # cluster.members it cannot claim this group's mastership nor have its rules adopted
+    members = frozenset({A, B})
+    b = Election(B, "line", lease_s=LEASE, members=members)
+    x = "controller/x"
+    claim = cpb.Mastership(group="line", role=MASTER, generation=int(T0 * 1000) + 5, priority=9)
+    got = b.receive(*_wire(x, T0, role=claim), T0)
+    assert got.reason == "member" and "controller/x is not a member" in got.refused
+    assert b.receive(*_wire(x, T0, rules=_rules(claim.generation, 1, 10)), T0).reason == "member"
+    other = cpb.Mastership(group="other", role=MASTER, generation=9)
+    assert not b.receive(*_wire(x, T0, role=other), T0).refused  # its own group's: ignored
+    assert not b.claims and b.newest == 0 and b.rules_to_adopt() is None
+    a_claim = cpb.Mastership(group="line", role=MASTER, generation=int(T0 * 1000), priority=1)
+    assert not b.receive(*_wire(A, T0, role=a_claim), T0).refused
+    b.tick(T0, connected=True, peers_up={A, x})
+    assert b.master == A
+
+
+def test_cluster_members_are_checked_at_load(tmp_path):
+    from controller.config import ConfigError, from_mapping
+
+    base = {"controller_id": "a", "plaintext": True, "listen": "127.0.0.1:0"}
+    bus = {"broker": "mqtt://127.0.0.1:1883"}
+    cfg = from_mapping({**base, "cluster": {**bus, "members": ["controller/a", "controller/b"]}})
+    assert cfg.cluster.members == ("controller/a", "controller/b")
+    for members, said in (
+        (["agent/a"], "controller/<name>"),
+        ("controller/a", "expected"),
+        (["controller/b"], "not this one"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            from_mapping({**base, "cluster": {**bus, "members": members}})
