@@ -54,8 +54,10 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from controller.cluster import ROLE, RULES, VERSION, topic_identity
+from openexample.errors import ProtocolError
 from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
+from openexample.validate import check_id
 
 # A generation is unix milliseconds at its claim (or one more than the newest before it):
 # one further ahead of this clock than this is refused. Else a peer's claim of 2^64-1
@@ -96,6 +98,29 @@ class Outcome:
     stepped_down: str = ""
     refused: str = ""
     reason: str = ""
+
+
+def _rules_problem(body: cpb.DesiredRules, now: float) -> str:
+    """Why a rules snapshot cannot be adopted as it is ("" it can): each scope an agent id
+    (empty: the template) once, each install time a finite unix time not ahead of this
+    clock by more than ``MAX_GENERATION_AHEAD_S`` (NaN made the adoption raise, and a
+    time far ahead would keep a rule past its hard timeout). The rules themselves are
+    validated one by one as they are adopted (controller/desired.py)."""
+    seen: set[str] = set()
+    for scope in body.scopes:
+        try:
+            check_id(scope.agent_id, "scope agent_id", allow_empty=True)
+        except ProtocolError as exc:
+            return str(exc)
+        if scope.agent_id in seen:
+            return f"scope {scope.agent_id!r} twice"
+        seen.add(scope.agent_id)
+        for r in scope.rules:
+            at = r.installed_at
+            if not (math.isfinite(at) and at <= now + MAX_GENERATION_AHEAD_S):
+                where = f"rule prio={r.mod.priority} of scope {scope.agent_id!r}"
+                return f"{where}: installed_at {at!r}"
+    return ""
 
 
 def _rank(c: Claim) -> tuple[int, int, str]:
@@ -197,6 +222,9 @@ class Election:
             )
             return Outcome(refused=text, reason="generation")
         if leaf == RULES:
+            problem = _rules_problem(msg.rules, now)
+            if problem:
+                return Outcome(refused=f"rules of {ident}: {problem}", reason="entry")
             old = self._rules.get(ident)
             key = (msg.rules.generation, msg.rules.revision)
             if old is None or key > (old.generation, old.revision):

@@ -361,3 +361,29 @@ def test_cluster_members_are_checked_at_load(tmp_path):
     ):
         with pytest.raises(ConfigError, match=said):
             from_mapping({**base, "cluster": {**bus, "members": members}})
+
+
+@pytest.mark.parametrize(
+    "scopes, said",
+    [
+        ([("", float("nan"))], "installed_at nan"),  # adopt_rules raised ValueError on it
+        ([("", float("inf"))], "installed_at inf"),
+        ([("a1", T0 + 86_400)], "installed_at"),  # a hard timeout that never runs out
+        ([("a1", T0), ("a1", T0)], "scope 'a1' twice"),
+        ([("x" * 300, T0)], "longer than"),
+    ],
+)
+def test_a_malformed_rules_snapshot_is_refused_before_adoption(scopes, said):
+    b = Election(B, "line", lease_s=LEASE)
+    claim = cpb.Mastership(group="line", role=MASTER, generation=7, priority=1, master=A)
+    b.receive(*_wire(A, T0, role=claim), T0)
+    snap = cpb.DesiredRules(group="line", generation=7, revision=1)
+    mod = rules.vigilance_mod(
+        rules.ADD, priority=5, match=pb.Match(source_id="s"), actions=[rules.drop()],
+        hard_timeout_s=60,
+    )  # fmt: skip
+    for agent_id, at in scopes:
+        snap.scopes.add(agent_id=agent_id).rules.add(mod=mod, installed_at=at)
+    got = b.receive(*_wire(A, T0, rules=snap), T0)
+    assert got.reason == "entry" and said in got.refused
+    assert b.rules_to_adopt() is None
