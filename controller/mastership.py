@@ -40,8 +40,8 @@ controller/roles.py, feeds it what arrives on the ``role`` and ``rules`` topics 
 **What the master accepts reaches the others**: the master publishes its desired rules
 (:class:`~openexample.v1.cluster_pb2.DesiredRules`, retained, the source-tracing blocks
 left out: those replicate as a VigilanceSet) after every change, with its generation
-and a revision. The others adopt the snapshot with the highest (generation, revision)
-from the controller that claimed that generation (:meth:`Election.rules_to_adopt`).
+and a revision. The others adopt the newest revision of the master they follow, from
+the claim of that generation (:meth:`Election.rules_to_adopt`); no other controller's.
 
 No sockets, clocks or threads: times come in as ``now`` (unix seconds).
 """
@@ -322,25 +322,26 @@ class Election:
     # --- the master's rules ---
 
     def rules_to_adopt(self) -> tuple[str, cpb.DesiredRules] | None:
-        """The newest rules snapshot not adopted yet from a controller that claimed its
-        generation (sender, snapshot); None if there is none or this is the master. The
+        """The rules snapshot of the master this controller follows, when it claimed that
+        generation and the snapshot is not adopted yet (sender, snapshot); None if there
+        is none or this is the master. Only the followed master's: a claimant that is not
+        live (or not the master here) never sets the rules, whatever its generation. The
         caller adopts it, then calls :meth:`adopted`."""
-        if self.role == MASTER:
+        if self.role == MASTER or not self.master:
             return None
-        best: tuple[str, cpb.DesiredRules] | None = None
-        for sender, rules in self._rules.items():
-            claim = self.claims.get(sender)
-            key = (rules.generation, rules.revision)
-            if claim is None or claim.generation != rules.generation or claim.role != MASTER:
-                continue  # not (or no longer) known as that generation's master
-            if key <= self._adopted:
-                continue
-            if best is None or key > (best[1].generation, best[1].revision):
-                best = (sender, rules)
-        return best
+        rules = self._rules.get(self.master)
+        claim = self.claims.get(self.master)
+        if rules is None or claim is None:
+            return None
+        if claim.role != MASTER or claim.generation != rules.generation:
+            return None  # not (or no longer) known as that generation's master
+        gen, rev = self._adopted
+        if rules.generation == gen and rules.revision <= rev:
+            return None  # adopted already (or an older revision, late)
+        return self.master, rules
 
     def adopted(self, rules: cpb.DesiredRules) -> None:
-        self._adopted = max(self._adopted, (rules.generation, rules.revision))
+        self._adopted = (rules.generation, rules.revision)
 
     def next_rules(self, scopes: list[cpb.ScopeRules]) -> cpb.DesiredRules:
         """The master's rules snapshot after a change (a new revision)."""

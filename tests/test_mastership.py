@@ -194,6 +194,7 @@ def test_the_newest_rules_of_the_generations_master_are_adopted_and_no_one_elses
     assert b.rules_to_adopt() is None
     b.receive(*_wire(A, T0, rules=_rules(7, 1, 20)), T0)
     b.receive(*_wire(A, T0, role=claim), T0)
+    b.tick(T0, connected=True, peers_up={A, C})  # b follows a
     sender, got = b.rules_to_adopt()
     assert (sender, got.revision) == (A, 1)
     b.adopted(got)
@@ -387,3 +388,21 @@ def test_a_malformed_rules_snapshot_is_refused_before_adoption(scopes, said):
     got = b.receive(*_wire(A, T0, rules=snap), T0)
     assert got.reason == "entry" and said in got.refused
     assert b.rules_to_adopt() is None
+
+
+def test_rules_come_only_from_the_master_this_controller_follows():
+    # c claimed a newer generation (within the clocks' skew) but is not live: b follows
+    # the live master a, and c's snapshot would otherwise outrank every one of a's
+    b = Election(B, "line", lease_s=LEASE)
+    gen_a, gen_c = int(T0 * 1000), int(T0 * 1000) + 60_000
+    b.receive(*_wire(A, T0, role=cpb.Mastership(group="line", role=MASTER, generation=gen_a)), T0)
+    b.receive(*_wire(C, T0, role=cpb.Mastership(group="line", role=MASTER, generation=gen_c)), T0)
+    b.receive(*_wire(C, T0, rules=_rules(gen_c, 1, 10)), T0)
+    b.receive(*_wire(A, T0, rules=_rules(gen_a, 1, 20)), T0)
+    b.tick(T0, connected=True, peers_up={A})  # c's load says down
+    assert b.master == A
+    sender, got = b.rules_to_adopt()
+    assert (sender, got.generation) == (A, gen_a)
+    b.adopted(got)
+    b.receive(*_wire(A, T0, rules=_rules(gen_a, 2, 30)), T0)
+    assert b.rules_to_adopt()[1].revision == 2
