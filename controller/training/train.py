@@ -17,6 +17,9 @@ large perturbations; margin's (the runner-up class) on minimal ones.
 (the denoiser family) are not in it, by the figures in README "The detector family": each
 costs 0.4-3.4 ms per input at batch 1 against DeSVig's 0.03; MagNet is the one to add
 where small perturbations matter and the budget allows (``train desvig,margin,magnet``).
+The robust reference model (``robust``) is opt-in too (README "Adaptive attacks"): it
+halves what an adaptive attacker gets through but triples the scoring cost per call, and
+it trains for ~2 minutes (``train robust,desvig,margin``: its label first for CORRECT).
 """
 
 from __future__ import annotations
