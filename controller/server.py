@@ -647,8 +647,17 @@ class ControllerServer:
         self._dispatch(step)
 
     def expect_reply(self, sid: int, xid: int) -> asyncio.Future[pb.Envelope]:
+        """A future for the agent's reply to ``xid``; the caller cancels it when it stops
+        waiting, and it is forgotten then (an agent that never answers leaves nothing)."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[(sid, xid)] = fut
+        key = (sid, xid)
+        self._waiters[key] = fut
+
+        def forget(f: asyncio.Future[pb.Envelope]) -> None:
+            if self._waiters.get(key) is f:
+                del self._waiters[key]
+
+        fut.add_done_callback(forget)
         return fut
 
     # --- background tasks ---

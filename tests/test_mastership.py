@@ -406,3 +406,22 @@ def test_rules_come_only_from_the_master_this_controller_follows():
     b.adopted(got)
     b.receive(*_wire(A, T0, rules=_rules(gen_a, 2, 30)), T0)
     assert b.rules_to_adopt()[1].revision == 2
+
+
+def test_a_reply_never_given_leaves_no_waiter():
+    """An agent that never answers ROLE_REQUEST (or STATS, BARRIER): its reply future,
+    cancelled at the timeout, is forgotten; else each of its reconnections left one."""
+    import asyncio
+    import types
+
+    from controller.server import ControllerServer
+
+    async def go() -> dict:
+        srv = types.SimpleNamespace(_waiters={})
+        futs = [ControllerServer.expect_reply(srv, sid, 7) for sid in range(100)]
+        for f in futs:
+            f.cancel()
+        await asyncio.sleep(0)  # done callbacks run
+        return srv._waiters
+
+    assert asyncio.run(go()) == {}
