@@ -33,6 +33,7 @@ def test_compose_names_two_emqx_nodes_and_three_controllers_with_files_that_exis
         assert env["EMQX_LISTENERS__TCP__DEFAULT__ENABLE"] == "false"  # mTLS only
         assert env["EMQX_LISTENERS__SSL__DEFAULT__SSL_OPTIONS__FAIL_IF_NO_PEER_CERT"] == "true"
         assert env["EMQX_MQTT__PEER_CERT_AS_USERNAME"] == "cn"
+        assert env["EMQX_MQTT__PEER_CERT_AS_CLIENTID"] == "cn"  # no session takeover
         assert env["EMQX_AUTHORIZATION__NO_MATCH"] == "deny"
         assert f"broker-{name}.crt" in env["EMQX_LISTENERS__SSL__DEFAULT__SSL_OPTIONS__CERTFILE"]
     host_ports = []
