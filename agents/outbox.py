@@ -122,6 +122,13 @@ def build_pkg_in(
     items = batch.items
     xs = np.stack([it.x for it in items]).astype(info.input_dtype, copy=False)
     logits: np.ndarray | None = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
+    if not np.isfinite(logits).all():
+        # A caller's input past the model's range (finite, ~3e38) gives NaN or infinite
+        # logits: sent as they are, the controller refuses the whole PKG_IN (NOT_FINITE),
+        # every other caller's item in it too. That item's logits go up saturated, NaN as
+        # 0 (no margin between the classes); the controller still judges it.
+        big = float(np.finfo(np.float32).max)
+        logits = np.nan_to_num(logits, nan=0.0, posinf=big, neginf=-big)
     privacy = info.privacy
     confs: list[float] | None = None
     acts: list[tuple[str, np.ndarray]] = []

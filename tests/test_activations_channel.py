@@ -346,3 +346,22 @@ def test_activations_past_float16_saturate_and_never_void_the_batch():
     got = validate_pkg_in(env.pkg_in, {"m": info.descriptor()}).activations["features.5"]
     assert got.dtype == np.float16 and np.isfinite(got).all()
     assert got[0].min() == 65504 and got[1].max() == -65504 and abs(got[2].max() - 1000) < 1
+
+
+def test_one_callers_non_finite_logits_never_void_the_batch():
+    """A finite input past the model's range (3e38) gives NaN logits: the PKG_IN that
+    carries it and other callers' items must still be one the controller takes."""
+    from agents.outbox import build_pkg_in
+    from agents.results import Batch, Item, ModelInfo
+
+    info = ModelInfo("m", (1, 4, 4), ("0", "1", "2"))
+    batch = Batch(5, "m")
+    rows = ([np.nan] * 3, [np.inf, -np.inf, 0.0], [1.0, 2.0, 3.0])
+    for row in rows:
+        x = np.zeros((1, 4, 4), np.float32)
+        logits = np.array(row, np.float32)
+        batch.items.append(Item(x, logits, 0, 0.5, "", 1, 0, b"", 1000, 0.0))
+    env = build_pkg_in(batch, info, np.random.default_rng(0), version=1, wall_offset_s=0.0)
+    got = validate_pkg_in(env.pkg_in, {"m": info.descriptor()}).logits
+    big = np.finfo(np.float32).max
+    assert got.tolist() == [[0.0, 0.0, 0.0], [big, -big, 0.0], [1.0, 2.0, 3.0]]
