@@ -142,12 +142,13 @@ def build_pkg_in(
             confs = (1.0 / np.exp(logits - top).sum(axis=1)).tolist()  # softmax of the top
     if activations and info.activations is not None:  # never noised: AgentConfig refuses both
         got = info.activations(xs)
-        # Saturate, never overflow, in the wire dtype: a caller's input whose activations
-        # pass float16's 65504 would send inf, and the controller refuses the whole PKG_IN
-        # (NOT_FINITE), every other caller's item in the batch with it.
+        # Saturate, never overflow, in the wire dtype (NaN as 0): a caller's input whose
+        # activations pass float16's 65504 (or the model's range) would send inf or NaN,
+        # and the controller refuses the whole PKG_IN (NOT_FINITE), every other caller's
+        # item in the batch with it.
         big = float(np.finfo(info.activations_dtype).max)
         for name in activations:
-            a = np.clip(got[name], -big, big)
+            a = np.clip(np.nan_to_num(got[name], nan=0.0), -big, big)
             acts.append((name, np.ascontiguousarray(a, dtype=info.activations_dtype)))
     hide_fp = privacy is not None and privacy.on
     env = pb.Envelope(version=version, xid=batch.xid)

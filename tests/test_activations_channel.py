@@ -330,15 +330,18 @@ def test_activations_past_float16_saturate_and_never_void_the_batch():
     from agents.outbox import build_pkg_in
     from agents.results import Batch, Item, ModelInfo
 
-    def acts(x):  # 1e6 times each item's first pixel
-        return {n: np.ones((len(x), *SHAPES[n]), np.float32) * 1e6 * x[:, 0, 0, 0, None, None, None]
-                for n in LAYERS}  # fmt: skip
+    def acts(x):  # 1e6 times each item's first pixel; NaN where it is 2
+        out = {n: np.ones((len(x), *SHAPES[n]), np.float32) * 1e6 * x[:, 0, 0, 0, None, None, None]
+               for n in LAYERS}  # fmt: skip
+        for a in out.values():
+            a[x[:, 0, 0, 0] == 2.0] = np.nan
+        return out
 
     shapes = tuple(SHAPES[n] for n in LAYERS)
     info = ModelInfo("m", (1, 4, 4), ("0", "1", "2"), activation_names=tuple(LAYERS),
                      activations=acts, activation_shapes=shapes)  # fmt: skip
     batch = Batch(5, "m")
-    for v in (1.0, -1.0, 1e-3):  # one caller's huge activations, two others
+    for v in (1.0, -1.0, 1e-3, 2.0):  # one caller's huge activations, NaN, two others
         x = np.full((1, 4, 4), v, np.float32)
         batch.items.append(Item(x, np.zeros(3, np.float32), 0, 0.5, "", 1, 0, b"", 1000, 0.0))
     env = build_pkg_in(batch, info, np.random.default_rng(0), version=1, wall_offset_s=0.0,
@@ -346,6 +349,7 @@ def test_activations_past_float16_saturate_and_never_void_the_batch():
     got = validate_pkg_in(env.pkg_in, {"m": info.descriptor()}).activations["features.5"]
     assert got.dtype == np.float16 and np.isfinite(got).all()
     assert got[0].min() == 65504 and got[1].max() == -65504 and abs(got[2].max() - 1000) < 1
+    assert not got[3].any()
 
 
 def test_one_callers_non_finite_logits_never_void_the_batch():
