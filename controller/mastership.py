@@ -31,7 +31,9 @@ controller/roles.py, feeds it what arrives on the ``role`` and ``rules`` topics 
 - The master sends ROLE_REQUEST MASTER with its generation to each of its agents (at
   the election and when one connects). An agent that has seen a newer generation
   refuses it (ROLE_REQUEST_FAILED/STALE): :meth:`Election.stale` steps this controller
-  down, and it does not claim again for ``lease_s``.
+  down, and it does not claim again for ``lease_s`` -- unless it is on the bus and no
+  newer claim is there (then the agent's word alone is refused: an agent certificate
+  could otherwise keep the group masterless).
 - A master cut off from the bus steps down ``lease_s`` after it lost the broker: by
   then its last will is out and a standby may hold a newer generation. Until then two
   masters may accept changes (a split brain the generation settles: the older master's
@@ -240,8 +242,22 @@ class Election:
     def stale(self, now: float, detail: str = "") -> Outcome:
         """An agent refused this controller's MASTER claim as stale: a newer generation
         exists that this controller has not heard of. It steps down, and claims again
-        no sooner than ``lease_s`` from now."""
+        no sooner than ``lease_s`` from now.
+
+        An agent's word alone does not unseat a master that is on the bus and has heard
+        no newer claim there: every claim is published on the bus, so a newer master
+        would be in view, and otherwise any agent certificate could keep the group
+        without a master by answering STALE each time (refused, reason
+        ``unconfirmed``). Off the bus (or just back on it), the agent is the only
+        witness there is, and it is believed."""
         out = Outcome()
+        if self.role == MASTER and self._settled(now) and self.newest <= self.generation:
+            out.refused = (
+                f"an agent says STALE ({detail or 'no detail'}) but no generation newer than"
+                f" {self.generation} is on the bus; staying MASTER"
+            )
+            out.reason = "unconfirmed"
+            return out
         if self.role == MASTER:
             self._step_down(out, f"an agent has seen a newer generation ({detail or 'STALE'})")
             self.master = ""

@@ -113,6 +113,8 @@ class Roles:
         e = self.election
         for body in out.publish:
             self.bus.publish_retained(ROLE, self.bus.state.message(time.time(), role=body))
+        if out.refused:
+            log.warning("cluster: %s", out.refused)
         if out.stepped_down:
             log.warning(
                 "cluster: no longer MASTER of agent group %r: %s; operator changes are"

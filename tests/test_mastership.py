@@ -156,11 +156,19 @@ def test_a_stale_master_steps_down_and_waits_a_lease_before_claiming_again():
     a.tick(T0, connected=True, peers_up=set())
     a.tick(T0 + 2, connected=True, peers_up=set())
     gen = a.generation
+    # on the bus with no newer claim there: an agent's word alone does not unseat it
     out = a.stale(T0 + 2, "generation 5 older than 9")
+    assert a.role == MASTER and out.reason == "unconfirmed" and "staying MASTER" in out.refused
+    a.tick(T0 + 2.1, connected=False, peers_up=set())  # off the bus: the agent is the witness
+    out = a.stale(T0 + 2.2, "generation 5 older than 9")
     assert a.role == SLAVE and "newer generation (generation 5 older than 9)" in out.stepped_down
-    assert not a.tick(T0 + 3, connected=True, peers_up=set()).became_master
-    assert a.tick(T0 + 2 + LEASE, connected=True, peers_up=set()).became_master
+    assert not a.tick(T0 + 4, connected=True, peers_up=set()).became_master
+    assert a.tick(T0 + 2.2 + LEASE, connected=True, peers_up=set()).became_master
     assert a.generation > gen
+    # a newer claim heard on the bus, not yet acted on: the agent's word is believed
+    newer = cpb.Mastership(group="line", role=SLAVE, generation=a.generation + 5)
+    a.receive(*_wire(B, T0 + 6, role=newer), T0 + 6)
+    assert a.stale(T0 + 6, "older").stepped_down and a.role == SLAVE
 
 
 def test_forged_and_foreign_role_messages_change_nothing():
@@ -297,11 +305,15 @@ def test_an_agents_stale_refusal_steps_the_master_down(caplog):
         )
         futures[(sid, claim.xid)].set_result(pb.Envelope(error=err.to_error(b"")))
         await asyncio.sleep(0)
+        assert e.is_master  # on the bus, no newer claim there: the agent alone is not believed
+        e.tick(T0 + 1, connected=False, peers_up=set())  # the bus drops
+        roles._role_reply(futures[(sid, claim.xid)], "a1", e.generation)
         return roles, steps
 
     roles, _ = asyncio.run(run())
     assert not roles.election.is_master and roles.refusal()
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("says STALE" in m and "staying MASTER" in m for m in said), said
     assert any("no longer MASTER" in m and "agent 'a1'" in m for m in said), said
 
 
