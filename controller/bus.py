@@ -52,14 +52,29 @@ from controller.config import ClusterConfig
 from controller.metrics import ClusterMetrics
 from openexample import tls
 from openexample.identity import Kind
+from openexample.limits import DEFAULT_MAX_MESSAGE_BYTES
 from openexample.v1 import cluster_pb2 as cpb
 from openexample.v1 import openexample_pb2 as pb
 
 log = logging.getLogger("openexample.controller")
 DELTA_EXPIRY_S = 60
 MAX_OUTBOX = 1000
+# MQTT 5 Maximum Packet Size in CONNECT: the broker drops (never sends) a bigger packet,
+# so one peer cannot make this controller read and parse up to the broker's own limit
+# (Mosquitto: 256 MB). The biggest message a controller sends is a snapshot of its
+# replicated state (~220 bytes an RT entry: 100k entries ~22 MB) or a forwarded PKG_IN
+# (at most the channel's 32 MiB): the cap is above both.
+MAX_PACKET_BYTES = DEFAULT_MAX_MESSAGE_BYTES + (1 << 20)
+MAX_QUEUED_INCOMING = 10_000  # messages waiting for this loop; past it aiomqtt drops them
 HEARTBEAT_S = 10.0  # the load is published at least this often
 REFUSAL_LOG_S = 10.0  # one WARNING per (sender, reason) per this long
+
+
+def connect_properties() -> Properties:
+    """The CONNECT's MQTT 5 properties: the largest packet this controller takes."""
+    props = Properties(PacketTypes.CONNECT)
+    props.MaximumPacketSize = MAX_PACKET_BYTES
+    return props
 
 
 class BrokerRefused(Exception):
@@ -186,6 +201,8 @@ class ClusterBus:
             keepalive=self.settings.keepalive_s,
             timeout=max(2.0, float(self.settings.keepalive_s)),
             tls_context=self._ssl,
+            properties=connect_properties(),
+            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
         )
 
     async def _run(self) -> None:

@@ -628,7 +628,7 @@ def test_a_block_made_on_a_is_applied_by_b(cluster, agents, fgsm, mnist):
     assert _metric(a, "openexample_controller_blocked_sources") == 0
 
 
-def _publish(broker, pki, identity: str, name: str, msg: cpb.BusMessage) -> None:
+def _publish(broker, pki, identity: str, name: str, msg: cpb.BusMessage | bytes) -> None:
     """Publish ``msg`` on ``name`` with ``identity``'s certificate (as a forger would)."""
     import aiomqtt
 
@@ -643,7 +643,8 @@ def _publish(broker, pki, identity: str, name: str, msg: cpb.BusMessage) -> None
             protocol=aiomqtt.ProtocolVersion.V5,
             tls_context=ctx,
         ) as client:
-            await client.publish(name, msg.SerializeToString(), qos=1)
+            data = msg if isinstance(msg, bytes) else msg.SerializeToString()
+            await client.publish(name, data, qos=1)
 
     asyncio.run(go())
 
@@ -662,13 +663,20 @@ def test_forged_bus_messages_are_refused_by_the_broker_or_the_receiver(cluster, 
     while not [d for d in broker.denied() if "controller/ctl-a/delta" in d]:
         assert time.monotonic() < deadline, "the broker did not deny the publish"
         time.sleep(0.05)
-    # 2. on its own topic, but a sender field that is not its identity: both refuse it
+    # 2. on its own topic, a packet over the controllers' MQTT 5 Maximum Packet Size:
+    # the broker never sends it to them (they would refuse it as undecodable)
     seen = len(a.log), len(b.log)
+    from controller.bus import MAX_PACKET_BYTES
+
+    huge = b"\xff" * (MAX_PACKET_BYTES + 1)
+    _publish(broker, pki, "controller/ctl-b", topic("controller/ctl-b", DELTA), huge)
+    # 3. on its own topic, but a sender field that is not its identity: both refuse it
     _publish(broker, pki, "controller/ctl-b", topic("controller/ctl-b", DELTA), block)
     for proc, after in zip((a, b), seen, strict=True):
         line = _wait_log(proc, "cluster bus: refused a message (sender)", after=after)
         assert "WARNING" in line and "'controller/ctl-a' on the topic of controller/ctl-b" in line
         assert _metric(proc, "openexample_controller_cluster_refused_total", 'reason="sender"') == 1
+        assert not [x for x in proc.log[after:] if "refused a message (decode)" in x]
     assert gb(mnist.test.x[0], source_id="victim").decided_by == "controller"
     assert _metric(b, "openexample_controller_blocked_sources") == blocked
 
