@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="TorchScript (.pt) or ONNX (.onnx) classifier (default: the example model)",
     )
     t.add_argument("--fpr", type=float, default=0.01)
+    t.add_argument(
+        "--fpr-shares",
+        metavar="NAME=SHARE,...",
+        help="each detector's part of the --fpr budget, every detector named once, summing"
+        " to 1 (e.g. robust=0.6,desvig=0.2,margin=0.2; default: even); the union bound"
+        " keeps the fused FPR within --fpr",
+    )
     t.add_argument("--out", required=True, help="artifact folder")
     t.add_argument("--cache", default="var/cache", help="where the example model is cached")
     t.add_argument(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from controller.config import Config, ConfigError
 from controller.core import InspectJob
 from controller.correction import CorrectionPolicy
 from controller.detectors.base import Batch, Detector
-from controller.detectors.fusion import Pipeline
+from controller.detectors.fusion import Pipeline, check_shares
 from controller.metrics import ControllerMetrics
 from controller.reference_model import is_onnx, model_fn
 from controller.session import Expected
@@ -500,6 +500,19 @@ def from_config(cfg: Config, path: str) -> str:
     return str(Path(path).expanduser())
 
 
+def _recorded_shares(dets: Sequence[Detector]) -> tuple[float, ...] | None:
+    """The FPR shares the artifacts record (``fpr_share``, written by ``Pipeline.calibrate``)
+    when every one records one and they sum to 1 (a set trained together); else None: even.
+    Serving never recalibrates: the thresholds are the artifacts' own."""
+    recorded = [d.meta.get("fpr_share") for d in dets]
+    if any(not isinstance(r, (int, float)) or r <= 0 for r in recorded):
+        return None
+    try:
+        return check_shares([d.name for d in dets], recorded)
+    except ValueError:
+        return None
+
+
 def load_scorers(cfg: Config) -> dict[str, Scorer]:
     """One FusedScorer per configured model id, from artifact folders (relative paths:
     from the config file's folder).
@@ -544,12 +557,13 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     raise ConfigError(f"{where}: cannot load model {ref!r}: {exc}") from None
             dets.append(det)
         check_compatible(model_id, dets, mcfg.detectors)
-        want = mcfg.fpr / len(dets)
-        for d in dets:
+        shares = _recorded_shares(dets)  # the split the set was trained with (or even)
+        for d, share in zip(dets, shares or [1.0 / len(dets)] * len(dets), strict=True):
+            want = mcfg.fpr * share
             if d.fpr is not None and abs(d.fpr - want) > 1e-9:
                 log.warning(
                     "model %s: detector %s was calibrated at fpr %.4g, the fused target wants"
-                    " %.4g per detector: retrain them together (openexample-controller train"
+                    " %.4g for it: retrain them together (openexample-controller train"
                     " %s)",
                     model_id,
                     d.name,
@@ -575,6 +589,6 @@ def load_scorers(cfg: Config) -> dict[str, Scorer]:
                     d.name,
                     why,
                 )
-        pipeline = Pipeline(dets, mcfg.fpr)
+        pipeline = Pipeline(dets, mcfg.fpr, shares)
         scorers[model_id] = FusedScorer(model_id, pipeline, policy, mcfg.activations)
     return scorers

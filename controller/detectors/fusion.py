@@ -1,11 +1,14 @@
 """Several detectors, one verdict: an OR of per-detector thresholds at a shared FPR budget.
 
-Each of the n detectors is calibrated at fpr / n on the same clean batch, split-conformally
-(``Detector.calibrate``: the expected FPR of each on unseen clean data exchangeable with the
-batch is at most fpr / n), so by the union bound the fused expected false-positive rate on
-unseen clean data stays at most fpr, while every detector keeps its own threshold (fusing
-by a max of z-scores was measured to lose most of each one's strength). The calibration
-batch must then hold at least n / fpr - 1 items (ValueError otherwise).
+Each of the n detectors is calibrated at fpr x share_i on the same clean batch,
+split-conformally (``Detector.calibrate``: the expected FPR of each on unseen clean data
+exchangeable with the batch is at most fpr x share_i); the shares sum to 1 (default: even,
+1 / n each), so by the union bound the fused expected false-positive rate on unseen clean
+data stays at most fpr, while every detector keeps its own threshold (fusing by a max of
+z-scores was measured to lose most of each one's strength). Uneven shares give more of the
+budget to the detector that matters most (README "Adaptive attacks": the robust reference
+model). The calibration batch must then hold at least (1 - a) / a items for the smallest
+a = fpr x share_i (ValueError otherwise; n / fpr - 1 with even shares).
 
 The fused score puts every detector on one scale, its normalised margin:
 
@@ -18,6 +21,7 @@ so ``fused >= 0`` exactly when some detector flags the item.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.detectors.base import Batch, Detector, Scores
+from controller.detectors.base import Batch, Detector, Scores, conformal_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +75,54 @@ def _scale(det: Detector) -> float:
     return float(det.threshold - median)
 
 
+SHARE_TOLERANCE = 1e-9  # how far from 1 the shares may sum
+
+
+def check_shares(names: Sequence[str], shares: Sequence[float]) -> tuple[float, ...]:
+    """``shares`` as floats, one per detector of ``names``, each positive and finite, the
+    sum 1 within ``SHARE_TOLERANCE``; ValueError naming the detector (or the sum)
+    otherwise."""
+    shares = tuple(shares)
+    if len(shares) != len(names):
+        raise ValueError(
+            f"fpr shares: {len(shares)} given for {len(names)} detectors ({', '.join(names)})"
+        )
+    out = []
+    for name, share in zip(names, shares, strict=True):
+        try:
+            value = float(share)
+        except (TypeError, ValueError):
+            raise ValueError(f"fpr share of detector {name!r}: not a number: {share!r}") from None
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"fpr share of detector {name!r}: must be positive, got {share!r}")
+        out.append(value)
+    total = math.fsum(out)
+    if abs(total - 1.0) > SHARE_TOLERANCE:
+        given = ", ".join(f"{n}={v:g}" for n, v in zip(names, out, strict=True))
+        raise ValueError(f"fpr shares must sum to 1, got {total:.12g} ({given})")
+    return tuple(out)
+
+
 class Pipeline:
-    def __init__(self, detectors: Sequence[Detector], fpr: float) -> None:
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        fpr: float,
+        shares: Sequence[float] | None = None,
+    ) -> None:
+        """``shares``: each detector's part of the ``fpr`` budget, in order (positive,
+        summing to 1); None: even, 1 / n each."""
         if not detectors:
             raise ValueError("a pipeline needs at least one detector")
         if not 0.0 < fpr < 1.0:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         self.detectors = list(detectors)
         self.fpr = fpr
+        n = len(self.detectors)
+        self.shares: tuple[float, ...] = (
+            (1.0 / n,) * n if shares is None else check_shares(self.names, shares)
+        )
+        self.even = shares is None
         self._bounds_key: tuple[object, ...] | None = None
         self._bounds_cache = np.empty((0, 2))
 
@@ -105,13 +149,30 @@ class Pipeline:
 
     @property
     def per_detector_fpr(self) -> float:
-        return self.fpr / len(self.detectors)
+        """The smallest per-detector target, fpr x min(share) (fpr / n with even shares):
+        the one the calibration batch's size is checked against."""
+        return self.fpr * min(self.shares)
+
+    @property
+    def detector_fprs(self) -> dict[str, float]:
+        """Each detector's target, fpr x its share, by name (they sum to fpr)."""
+        return {n: self.fpr * s for n, s in zip(self.names, self.shares, strict=True)}
 
     def calibrate(self, clean: Batch) -> dict[str, float]:
-        """Calibrate every detector at fpr / n on ``clean`` (split-conformal: the fused
-        expected FPR on unseen clean data is at most fpr); returns the thresholds."""
-        fpr = self.per_detector_fpr
-        return {n: d.calibrate(clean, fpr) for n, d in zip(self.names, self.detectors, strict=True)}
+        """Calibrate every detector at fpr x its share on ``clean`` (split-conformal: the
+        fused expected FPR on unseen clean data is at most fpr); returns the thresholds.
+        ValueError before any is touched when ``clean`` is too small for the smallest
+        share."""
+        smallest = min(range(len(self.shares)), key=self.shares.__getitem__)
+        try:  # too few for the smallest share: refuse before any threshold moves
+            conformal_rank(len(clean), self.per_detector_fpr)
+        except ValueError as exc:
+            raise ValueError(f"detector {self.names[smallest]!r}: {exc}") from None
+        out = {}
+        for name, d, share in zip(self.names, self.detectors, self.shares, strict=True):
+            out[name] = d.calibrate(clean, self.fpr * share)
+            d.meta["fpr_share"] = share  # saved in the manifest: how the set was split
+        return out
 
     def evaluate(self, batch: Batch, timings: list[float] | None = None) -> Fused:
         """Score ``batch`` with every detector; ``timings`` (optional) gets the seconds
@@ -185,9 +246,17 @@ class Pipeline:
             "n": len(clean_batch),
             "target_fpr": self.fpr,
             "per_detector_target_fpr": self.per_detector_fpr,
+            "fpr_shares": dict(zip(self.names, self.shares, strict=True)),
             "detectors": {
-                name: {"threshold": d.threshold, "fpr": float(f.mean())}
-                for name, d, f in zip(self.names, self.detectors, fused.flags, strict=True)
+                name: {
+                    "threshold": d.threshold,
+                    "target_fpr": self.fpr * share,
+                    "fpr_share": share,
+                    "fpr": float(f.mean()),
+                }
+                for name, d, share, f in zip(
+                    self.names, self.detectors, self.shares, fused.flags, strict=True
+                )
             },
             "fused_fpr": float(fused.flagged.mean()),
         }

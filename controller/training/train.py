@@ -37,7 +37,7 @@ import numpy as np
 
 from controller import detectors
 from controller.detectors.base import CALIBRATION, read_manifest
-from controller.detectors.fusion import Pipeline
+from controller.detectors.fusion import Pipeline, check_shares
 from controller.reference_model import is_onnx, model_fn, model_format, needing_module
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
@@ -59,9 +59,14 @@ def build_artifacts(
     cache: Path = Path("var/cache"),
     options: Mapping[str, Mapping[str, Any]] | None = None,
     privacy: PrivacyNoise | str | None = None,
+    shares: Sequence[float] | None = None,
 ) -> list[Path]:
     """Fit ``names`` (None: ``DEFAULT_DETECTORS``) on the dataset's train split, calibrate
     them jointly, save each to out/NAME.
+
+    ``shares``: each detector's part of the ``fpr`` budget, in the order of ``names``
+    (positive, summing to 1; None: even); each manifest records its ``fpr_share`` and
+    calibration.json the split (``Pipeline``).
 
     ``options[name]`` are constructor keywords for that detector. Detectors whose
     constructor takes ``cache`` get the cache folder, so an expensive model (the DeSVig
@@ -71,6 +76,8 @@ def build_artifacts(
     """
     names = list(DEFAULT_DETECTORS if names is None else names)
     options = options or {}
+    if shares is not None:  # refused before minutes of fitting
+        check_shares(names, shares)
     ds = datasets.load(dataset)
     splits = ds.split()
     model_path = Path(model_path or ensure_example_model(cache, dataset)).resolve()
@@ -101,7 +108,7 @@ def build_artifacts(
         dets.append(det)
     noise = noise_for(privacy, splits.calibration.x.shape[1:])
     clean = calibration_batch(splits.calibration.x, predict, noise)
-    pipe = Pipeline(dets, fpr)
+    pipe = Pipeline(dets, fpr, shares)
     pipe.calibrate(clean)
     report = pipe.calibration_report(clean)
     paths = []
@@ -131,6 +138,7 @@ def artifacts_folder(
     fpr: float = 0.01,
     model: str | Path | None = None,
     privacy: str | None = None,
+    shares: Sequence[float] | None = None,
 ) -> Path:
     """Where ``ensure_artifacts`` keeps a detector set.
 
@@ -138,7 +146,8 @@ def artifacts_folder(
     ``cache/artifacts/DATASET/model-DIGEST/NAME+NAME`` for a ``model`` file, DIGEST being
     the start of its sha256: two model files never share artifacts, and a model file
     changed in place gets new ones. ``@FPR`` is appended for a target other than 1%,
-    ``~SPEC`` for a ``privacy`` spec other than none.
+    ``%S1-S2-...`` for uneven FPR ``shares``, ``~SPEC`` for a ``privacy`` spec other than
+    none.
     """
     names = tuple(names or DEFAULT_DETECTORS)
     base = Path(cache) / "artifacts" / _slug(dataset)
@@ -147,6 +156,8 @@ def artifacts_folder(
     out = base / "+".join(names)
     if fpr != 0.01:
         out = out.with_name(f"{out.name}@{fpr:g}")
+    if shares is not None and not _even(shares):
+        out = out.with_name(f"{out.name}%{'-'.join(f'{s:g}' for s in shares)}")
     if privacy is not None and PrivacyNoise.parse(privacy).on:
         out = out.with_name(f"{out.name}~{_slug(str(PrivacyNoise.parse(privacy)))}")
     return out
@@ -160,23 +171,69 @@ def ensure_artifacts(
     fpr: float = 0.01,
     model: str | Path | None = None,
     privacy: str | None = None,
+    shares: Sequence[float] | None = None,
 ) -> list[Path]:
     """Artifacts of a detector set calibrated together, built once and cached.
 
     ``model``: the TorchScript or ONNX file the set is for (None: the example model of
     the data set). Each set gets its own folder (``artifacts_folder``): the thresholds depend on
-    the set (the FPR budget is split across its detectors) and on the model.
+    the set (the FPR budget is split across its detectors, evenly or by ``shares``) and on
+    the model.
     """
     names = tuple(names or DEFAULT_DETECTORS)
+    if shares is not None:
+        shares = check_shares(names, shares)
+        if _even(shares):
+            shares = None  # the even split's folder and calibration
     out = artifacts_folder(
-        names, dataset=dataset, cache=cache, fpr=fpr, model=model, privacy=privacy
+        names, dataset=dataset, cache=cache, fpr=fpr, model=model, privacy=privacy, shares=shares
     )
     paths = [out / n for n in names]
     if not all(artifact_is_current(p) for p in paths):
         paths = build_artifacts(
-            names, out, dataset=dataset, model_path=model, fpr=fpr, cache=cache, privacy=privacy
+            names,
+            out,
+            dataset=dataset,
+            model_path=model,
+            fpr=fpr,
+            cache=cache,
+            privacy=privacy,
+            shares=shares,
         )
     return paths
+
+
+def _even(shares: Sequence[float]) -> bool:
+    return all(abs(s - 1.0 / len(shares)) <= 1e-12 for s in shares)
+
+
+def parse_fpr_shares(spec: str, names: Sequence[str]) -> tuple[float, ...]:
+    """``--fpr-shares robust=0.6,desvig=0.2,margin=0.2``: the shares in the order of
+    ``names``, every detector named once; ValueError in one line otherwise (an unknown or
+    repeated name, one missing, a share that is not a positive number, a sum other than 1:
+    shares are not rescaled)."""
+    given: dict[str, float] = {}
+    for part in spec.split(","):
+        name, eq, value = part.strip().partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ValueError(f"{part.strip()!r} is not NAME=SHARE (e.g. robust=0.6)")
+        if name not in names:
+            raise ValueError(
+                f"{name!r} is not one of the detectors trained together ({', '.join(names)})"
+            )
+        if name in given:
+            raise ValueError(f"{name!r} is named twice")
+        try:
+            given[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: share {value.strip()!r} is not a number") from None
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise ValueError(f"no share for {', '.join(missing)}: name every detector once")
+    if len(set(names)) != len(names):
+        raise ValueError("a detector named twice in the set cannot be given shares by name")
+    return check_shares(names, [given[n] for n in names])
 
 
 def artifact_is_current(path: str | Path) -> bool:
@@ -262,6 +319,11 @@ def _preflight(args: argparse.Namespace, names: Sequence[str]) -> str | None:
     problem and its fix in one line, or None."""
     if not 0.0 < args.fpr < 1.0:
         return f"--fpr must be in (0, 1), got {args.fpr}"
+    if getattr(args, "fpr_shares", None):
+        try:
+            parse_fpr_shares(args.fpr_shares, names)
+        except ValueError as exc:
+            return f"--fpr-shares: {exc}"
     return check_model(args.dataset, args.model, names)
 
 
@@ -285,6 +347,7 @@ def train_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"openexample-controller train: {problem}", file=sys.stderr)
         return 2
+    shares_spec = getattr(args, "fpr_shares", None)
     try:
         paths = build_artifacts(
             names,
@@ -294,6 +357,7 @@ def train_command(args: argparse.Namespace) -> int:
             fpr=args.fpr,
             cache=Path(args.cache),
             privacy=privacy,
+            shares=parse_fpr_shares(args.fpr_shares, names) if shares_spec else None,
         )
     except (ValueError, RuntimeError, OSError) as exc:  # one line, not a traceback
         print(
