@@ -36,7 +36,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import load_model, model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
-from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
+from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts, parse_fpr_shares
 
 CHECK_EVERY = 25  # steps between judgements by the real pipeline
 
@@ -214,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
     own = Path(args.model).resolve() if getattr(args, "model", None) else None
     model_path = own or ensure_example_model(cache, dataset)
     names = tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
-    paths = ensure_artifacts(names, dataset=dataset, cache=cache, model=own)
+    spec = getattr(args, "fpr_shares", None)
+    shares = parse_fpr_shares(spec, names) if spec else None  # None: even
+    paths = ensure_artifacts(names, dataset=dataset, cache=cache, model=own, shares=shares)
     predict = model_fn(model_path)
     dets = [Detector.load(p) for p in paths]
     for d in dets:
@@ -244,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         "detectors": [d.name for d in dets],
         "thresholds": {d.name: d.threshold for d in dets},
         "fused_fpr": fpr,
+        # each detector's part of the budget, as its artifact records it (even: 1 / n)
+        "fpr_shares": {d.name: d.meta.get("fpr_share", 1 / len(dets)) for d in dets},
         "skipped": skipped,
         "n_attacked": len(x),
         "attack": (

@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.choices["detection"]
     det.add_argument("--detectors", help="the fused pipeline (default: the trained default set)")
     det.add_argument(
+        "--fpr-shares",
+        metavar="NAME=SHARE,...",
+        help="each detector's part of the FPR budget (every one of --detectors named once,"
+        " summing to 1, e.g. robust=0.6,desvig=0.2,margin=0.2; default: even); the fused"
+        " rows are then measured with these shares and, beside them, with even ones",
+    )
+    det.add_argument(
         "--table-iv",
         metavar="SETS",
         help="Table IV's defences: detector sets separated by ';' (e.g."
@@ -140,6 +147,14 @@ def preflight(args: argparse.Namespace) -> str | None:
                 detectors.get(name)
             except (KeyError, ValueError) as exc:
                 return f"--detectors: {exc}"
+    if getattr(args, "fpr_shares", None):
+        from bench.detection import _names
+        from controller.training.train import parse_fpr_shares
+
+        try:
+            parse_fpr_shares(args.fpr_shares, _names(args))
+        except ValueError as exc:
+            return f"--fpr-shares: {exc}"
     if getattr(args, "adaptive", False):
         if args.adaptive_n < 1:
             return f"--adaptive-n must be at least 1, got {args.adaptive_n}"

@@ -48,7 +48,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
-from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
+from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts, parse_fpr_shares
 from openexample.digests import file_digest
 
 FPRS = (0.01, 0.05)
@@ -64,10 +64,13 @@ class Subject:
     dataset: str
     own: bool = False
 
-    def artifacts(self, names: tuple[str, ...], cache: Path) -> list[Path]:
-        """The detector set ``names`` trained for this model (cached)."""
+    def artifacts(
+        self, names: tuple[str, ...], cache: Path, shares: tuple[float, ...] | None = None
+    ) -> list[Path]:
+        """The detector set ``names`` trained for this model (cached), its FPR budget
+        split by ``shares`` (None: evenly)."""
         own = self.model if self.own else None
-        return ensure_artifacts(names, dataset=self.dataset, cache=cache, model=own)
+        return ensure_artifacts(names, dataset=self.dataset, cache=cache, model=own, shares=shares)
 
 
 def subject(args: argparse.Namespace, cache: Path, *, train: bool = True) -> Subject:
@@ -176,10 +179,14 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     clean = Batch(x, clean_logits, clean_pred)
     cal_scores = {d.name: np.asarray(d.score(cal).scores) for d in dets}
     clean_scores = {d.name: np.asarray(d.score(clean).scores) for d in dets}
-    pipes = {}
+    shares = _shares(args)
+    pipes, even = {}, {}
     for f in FPRS:  # the fused pipeline calibrated at each target
-        pipes[f] = Pipeline([_copy(d) for d in dets], f)
+        pipes[f] = Pipeline([_copy(d) for d in dets], f, shares)
         pipes[f].calibrate(cal)
+        if shares is not None:  # the even split beside it, in the same run
+            even[f] = Pipeline([_copy(d) for d in dets], f)
+            even[f].calibrate(cal)
     (squeezing,) = load_pipeline(subj, cache, ("feature_squeezing",))
 
     def squeeze_scores(v: np.ndarray) -> np.ndarray:
@@ -224,11 +231,16 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         "fit_seconds": {d.name: d.meta.get("fit_seconds") for d in dets},
         "baselines": list(baselines),
         "skipped": skipped,
+        "fpr_shares": dict(zip(pipes[FPRS[0]].names, pipes[FPRS[0]].shares, strict=True)),
         "fused_fpr_on_clean": {
             str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in pipes.items()
         },
         "attacks": [],
     }
+    if even:
+        report["fused_fpr_on_clean_even_shares"] = {
+            str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in even.items()
+        }
     adversarial: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     budgets: dict[str, str] = {}
     rocs: dict[str, dict[str, tuple]] = {}
@@ -280,6 +292,11 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
                     float(clean_ev.flagged.mean()),
                     float(ev.flagged.mean()),
                 )
+        if even:  # the same fused verdict with the budget split evenly
+            fused["even_shares_tpr_at_fpr"] = {
+                str(f): round(float(p.evaluate(a).flagged.mean()), 4) if ok.any() else None
+                for f, p in even.items()
+            }
         row["detectors"].append(fused)
         report["attacks"].append(row)
         if spec.name in table_iv.SETS and (spec.eps in (None, 0.3)):
@@ -353,6 +370,12 @@ def _names(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
 
 
+def _shares(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """``--fpr-shares`` in the order of the run's detectors; None: even."""
+    spec = getattr(args, "fpr_shares", None)
+    return parse_fpr_shares(spec, _names(args)) if spec else None
+
+
 def _copy(d: Detector) -> Detector:
     """A detector sharing the learned state, with its own threshold."""
     c = type(d).__new__(type(d))
@@ -406,9 +429,11 @@ def run_table_iv(
     defences: list[tuple[str, ...]],
     feed: int,
     cache: Path = Path("var/cache"),
+    shares: dict[tuple[str, ...], tuple[float, ...] | None] | None = None,
 ) -> list[dict]:
     """The paper's Table IV (bench.table_iv), one block of rows per defence (a detector
-    set, trained and calibrated together), each through its own controller process."""
+    set, trained and calibrated together), each through its own controller process;
+    ``shares``: the FPR split of a set (default: even)."""
     sets = table_iv.feeds(data, data["budgets"], feed)
     predict = model_fn(subj.model)
     rows: list[dict] = []
@@ -417,7 +442,7 @@ def run_table_iv(
             "+".join(names),
             subj.model,
             "own-model" if subj.own else "mnist-cnn",
-            subj.artifacts(names, cache),
+            subj.artifacts(names, cache, (shares or {}).get(names)),
             sets,
             predict,
             Path(f"var/bench/detection/controller-{'+'.join(names)}"),
@@ -451,6 +476,25 @@ def markdown(report: dict) -> str:
             f"| {label} | {a['success_rate']:.2f} | {a['mean_l2'] or 0:.2f} |"
             f" {a['mean_linf'] or 0:.2f} | " + " | ".join(cells) + " |"
         )
+    if "fused_fpr_on_clean_even_shares" in report:
+        split = ", ".join(f"{k} {v:g}" for k, v in report["fpr_shares"].items())
+        lines += [
+            "",
+            f"Fused TPR at 1% FPR with the budget split {split}, beside an even split (same"
+            f" run); fused FPR on clean: {report['fused_fpr_on_clean']} against"
+            f" {report['fused_fpr_on_clean_even_shares']}:",
+            "",
+            "| attack | these shares | even shares |",
+            "|---|---|---|",
+        ]
+        for a in report["attacks"]:
+            f = a["detectors"][-1]
+            ours, evens = f["tpr_at_fpr"].get("0.01"), f["even_shares_tpr_at_fpr"].get("0.01")
+            label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
+            lines.append(
+                f"| {label} | {'-' if ours is None else f'{ours:.3f}'} |"
+                f" {'-' if evens is None else f'{evens:.3f}'} |"
+            )
     if report["attacks"]:
         per = report["attacks"][0]["detectors"][:-1]  # the fused row has its own line
         lines += [
@@ -565,7 +609,9 @@ def run(args: argparse.Namespace) -> int:
     subj = subject(args, Path("var/cache"))
     report, data = evaluate(args, subj)
     defences = table_iv_defences(args)
-    report["table_iv"] = run_table_iv(subj, data, defences, args.table_iv_n)
+    report["table_iv"] = run_table_iv(
+        subj, data, defences, args.table_iv_n, shares={_names(args): _shares(args)}
+    )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,180 @@
+"""Per-detector shares of the fused FPR budget (controller/detectors/fusion.py,
+``Pipeline(..., shares=)``; ``--fpr-shares`` of ``train`` and ``openexample-bench
+detection``): validation, each detector calibrated at its own share (conformal rank), the
+union bound on unseen clean scores, what the artifacts record, and one-line CLI refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import main as bench_main
+from controller.cli import main as controller_main
+from controller.detectors.base import Batch, Detector, Scores, conformal_rank
+from controller.detectors.fusion import Pipeline, check_shares
+from controller.pipeline import _recorded_shares
+from controller.training.train import artifacts_folder, parse_fpr_shares
+
+
+class Column(Detector):
+    """Scores are one column of the inputs: several detectors on synthetic scores."""
+
+    name = "column"
+
+    def __init__(self, column: int, name: str) -> None:
+        super().__init__()
+        self.column = column
+        self.name = name  # type: ignore[misc] - per instance, for distinct report keys
+
+    def score(self, batch: Batch) -> Scores:
+        return Scores(np.asarray(batch.inputs, np.float64)[:, self.column], None)
+
+
+def _batch(scores: np.ndarray) -> Batch:
+    return Batch(np.asarray(scores), None, np.zeros(len(scores), np.int64))
+
+
+def _dets() -> list[Detector]:
+    return [Column(0, "robust"), Column(1, "desvig"), Column(2, "margin")]
+
+
+@pytest.mark.parametrize(
+    ("shares", "expect"),
+    [
+        ((0.5, 0.5), r"2 given for 3 detectors \(robust, desvig, margin\)"),
+        ((0.6, 0.0, 0.4), r"fpr share of detector 'desvig': must be positive, got 0\.0"),
+        ((1.2, 0.2, -0.4), r"fpr share of detector 'margin': must be positive"),
+        ((float("nan"), 0.5, 0.5), r"fpr share of detector 'robust': must be positive"),
+        ((0.6, 0.2, "x"), r"fpr share of detector 'margin': not a number"),
+        ((0.6, 0.3, 0.3), r"must sum to 1, got 1\.2 \(robust=0\.6, desvig=0\.3, margin=0\.3\)"),
+    ],
+)
+def test_bad_shares_are_refused_naming_the_detector(shares, expect) -> None:
+    with pytest.raises(ValueError, match=expect):
+        Pipeline(_dets(), 0.01, shares)
+
+
+def test_shares_within_the_tolerance_are_taken_and_the_default_is_even() -> None:
+    assert Pipeline(_dets(), 0.01, (0.6, 0.2, 0.2 + 1e-12)).shares[2] == pytest.approx(0.2)
+    even = Pipeline(_dets(), 0.03)
+    assert even.shares == pytest.approx((1 / 3,) * 3)
+    assert even.detector_fprs == pytest.approx({"robust": 0.01, "desvig": 0.01, "margin": 0.01})
+
+
+def test_each_detector_is_calibrated_at_its_share() -> None:
+    rng = np.random.default_rng(3)
+    n, fpr, shares = 600, 0.05, (0.6, 0.2, 0.2)
+    cal = rng.standard_normal((n, 3))
+    pipe = Pipeline(_dets(), fpr, shares)
+    thresholds = pipe.calibrate(_batch(cal))
+    for j, (d, share) in enumerate(zip(pipe.detectors, shares, strict=True)):
+        k = conformal_rank(n, fpr * share)
+        ranked = np.sort(cal[:, j])
+        assert d.fpr == pytest.approx(fpr * share)
+        assert d.meta["calibration"]["rank"] == k
+        assert d.meta["fpr_share"] == share  # saved in the manifest
+        # just above the k-th smallest: n - k calibration scores flagged
+        assert ranked[k - 1] < thresholds[d.name] <= np.nextafter(ranked[k - 1], np.inf) + 1e-9
+        assert int((cal[:, j] >= d.threshold).sum()) == n - k
+    assert pipe.detectors[0].threshold < pipe.detectors[1].threshold  # 3% below 1%
+    report = pipe.calibration_report(_batch(cal))
+    assert report["fpr_shares"] == {"robust": 0.6, "desvig": 0.2, "margin": 0.2}
+    assert report["detectors"]["robust"]["target_fpr"] == pytest.approx(0.03)
+    assert report["per_detector_target_fpr"] == pytest.approx(0.01)  # the smallest share
+    assert _recorded_shares(pipe.detectors) == shares  # what serving reads back
+
+
+def test_the_calibration_size_is_checked_against_the_smallest_share() -> None:
+    # 1% split 0.8 / 0.2: 0.2% needs 499 items (0.5% each, even, would need 199)
+    pipe = Pipeline(_dets()[:2], 0.01, (0.8, 0.2))
+    with pytest.raises(ValueError, match=r"detector 'desvig': 300 clean .* at least 499"):
+        pipe.calibrate(_batch(np.zeros((300, 2))))
+    assert all(d.threshold is None for d in pipe.detectors)  # refused before any moved
+    pipe.calibrate(_batch(np.random.default_rng(0).standard_normal((499, 2))))
+
+
+def test_union_bound_holds_on_unseen_clean_scores_with_uneven_shares() -> None:
+    """Many calibration sets, each pipeline judged on fresh scores of the same
+    distribution: each detector's mean FPR is at most fpr x its share and the fused
+    (OR) mean FPR at most fpr. Independent scores: the bound is nearly tight."""
+    rng = np.random.default_rng(11)
+    n, fpr, shares, trials = 300, 0.1, (0.6, 0.2, 0.2), 300
+    fused, per = [], []
+    for _ in range(trials):
+        pipe = Pipeline(_dets(), fpr, shares)
+        pipe.calibrate(_batch(rng.standard_normal((n, 3))))
+        ev = pipe.evaluate(_batch(rng.standard_normal((1000, 3))))
+        fused.append(ev.flagged.mean())
+        per.append(ev.flags.mean(axis=1))
+    se = np.std(fused) / np.sqrt(trials)
+    assert np.mean(fused) <= fpr + 2 * se
+    assert np.mean(fused) > 0.8 * fpr  # not wastefully conservative
+    per_mean, per_se = np.mean(per, axis=0), np.std(per, axis=0) / np.sqrt(trials)
+    assert (per_mean <= fpr * np.array(shares) + 2 * per_se).all()
+    assert per_mean[0] > 2 * per_mean[1]  # the larger share flags more
+
+
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [
+        ("robust=0.6,desvig=0.2", "no share for margin: name every detector once"),
+        ("robust=0.6,desvig=0.2,margin=0.1,magnet=0.1", "'magnet' is not one of the detectors"),
+        ("robust=0.6,robust=0.2,margin=0.2", "'robust' is named twice"),
+        ("robust=0.6,desvig=a,margin=0.2", "desvig: share 'a' is not a number"),
+        ("robust:0.6", "'robust:0.6' is not NAME=SHARE"),
+        ("robust=6,desvig=2,margin=2", "fpr shares must sum to 1, got 10"),
+        ("robust=0.6,desvig=-0.2,margin=0.6", "'desvig': must be positive"),
+    ],
+)
+def test_parse_fpr_shares_refusals(spec, expect) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        parse_fpr_shares(spec, ("robust", "desvig", "margin"))
+    assert expect in str(info.value)
+
+
+def test_parse_fpr_shares_follows_the_set_order() -> None:
+    names = ("robust", "desvig", "margin")
+    assert parse_fpr_shares("margin=0.2, desvig=0.2, robust=0.6", names) == (0.6, 0.2, 0.2)
+    check_shares(names, parse_fpr_shares("robust=0.6,desvig=0.2,margin=0.2", names))
+
+
+def test_uneven_shares_get_their_own_artifact_folder(tmp_path) -> None:
+    names = ("robust", "desvig", "margin")
+    even = artifacts_folder(names, cache=tmp_path)
+    assert even.name == "robust+desvig+margin"
+    assert artifacts_folder(names, cache=tmp_path, shares=(0.6, 0.2, 0.2)).name == (
+        "robust+desvig+margin%0.6-0.2-0.2"
+    )
+    assert artifacts_folder(names, cache=tmp_path, shares=(1 / 3,) * 3) == even
+
+
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [
+        ("robust=0.6,desvig=0.2,margin=0.3", "--fpr-shares: fpr shares must sum to 1, got 1.1"),
+        ("robust=0.6,desvig=0.4", "--fpr-shares: no share for margin"),
+    ],
+)
+def test_train_refuses_bad_shares_in_one_line(tmp_path, capsys, spec, expect) -> None:
+    out_dir = tmp_path / "out"
+    rc = controller_main(
+        ["train", "robust,desvig,margin", "--fpr-shares", spec, "--out", str(out_dir)]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("openexample-controller train: ") and expect in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not Path(out_dir).exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("adaptive", [[], ["--adaptive"]])
+def test_bench_detection_refuses_bad_shares_in_one_line(capsys, adaptive) -> None:
+    rc = bench_main(
+        ["detection", *adaptive, "--detectors", "desvig,margin", "--fpr-shares", "desvig=1"]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("openexample-bench detection: --fpr-shares: no share for margin"), err
+    assert len(err.strip().splitlines()) == 1, err
