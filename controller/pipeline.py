@@ -251,8 +251,9 @@ class FusedScorer:
         when the controller attached one (``models.<id>.reference_model``, see
         ``load_scorers``); without one it is left out for these items and the others
         decide. That stays honest: every detector keeps its calibrated threshold and
-        scale, each was calibrated at fpr / n, so by the same union bound an OR of k <= n
-        of them flags clean inputs at most at k * fpr / n <= fpr, and ``fused >= 0``
+        scale, each was calibrated at fpr x its share (fpr / n when even; the shares sum
+        to 1), so by the same union bound an OR of some of them flags clean inputs at most
+        at fpr x the sum of their shares <= fpr, and ``fused >= 0``
         still means exactly "a detector that ran flagged it". What is lost is the left-out
         detector's catch (for margin: the minimal attacks at the decision boundary); the
         item's evidence lists only the detectors that ran, and a WARNING names the

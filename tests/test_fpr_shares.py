@@ -178,3 +178,29 @@ def test_bench_detection_refuses_bad_shares_in_one_line(capsys, adaptive) -> Non
     assert rc == 2 and out == ""
     assert err.startswith("openexample-bench detection: --fpr-shares: no share for margin"), err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(("fpr", "warned"), [(0.01, False), (0.02, True)])
+def test_serving_takes_the_recorded_split_and_warns_only_on_another_target(
+    tmp_path, caplog, fpr, warned
+) -> None:
+    """Artifacts of a set trained with shares 0.75 / 0.25: the controller serves their
+    thresholds as saved (no recalibration), its pipeline knows the split, and the
+    mismatch warning fires only when the configured fused target is another one."""
+    from controller import config, detectors
+    from controller.pipeline import load_scorers
+
+    rng = np.random.default_rng(5)
+    x = rng.random((400, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 400)
+    logits = rng.standard_normal((400, 3)).astype(np.float32)
+    dets = [detectors.get(n)().fit(x[:60], y[:60]) for n in ("margin", "phash_prototype")]
+    Pipeline(dets, 0.01, (0.75, 0.25)).calibrate(Batch(x, logits, logits.argmax(1)))
+    for d in dets:
+        d.save(tmp_path / d.name)
+    cfg = {"detectors": [str(tmp_path / d.name) for d in dets], "fpr": fpr}
+    with caplog.at_level("WARNING"):
+        scorer = load_scorers(config.from_mapping({"models": {"m": cfg}}))["m"]
+    assert scorer.pipeline.shares == (0.75, 0.25)
+    assert [d.threshold for d in scorer.pipeline.detectors] == [d.threshold for d in dets]
+    assert ("calibrated at fpr" in caplog.text) is warned, caplog.text
