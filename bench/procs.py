@@ -477,3 +477,77 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+class BusObserver:
+    """Reads a cluster bus topic in a thread, with a certificate of its own (as any
+    controller may read the bus): when each RT entry's delta was first built
+    (``BusMessage.sent_at``, unix seconds). A context manager; ``wait`` blocks until an
+    entry is seen, ``times`` is a copy of what was seen so far."""
+
+    def __init__(self, broker: Any, pki: DevPki, name: str) -> None:
+        self._broker, self._pki, self._topic = broker, pki, name
+        self._made: dict[bytes, float] = {}
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BusObserver:
+        import asyncio
+
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the bus observer did not subscribe")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> BusObserver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, fp: bytes, timeout_s: float = 10.0) -> float:
+        with self._cond:
+            if not self._cond.wait_for(lambda: fp in self._made, timeout_s):
+                raise TimeoutError("no delta with that entry seen on the bus")
+            return self._made[fp]
+
+    def times(self) -> dict[bytes, float]:
+        with self._cond:
+            return dict(self._made)
+
+    async def _run(self) -> None:
+        import asyncio
+
+        import aiomqtt
+
+        from openexample import tls
+        from openexample.v1 import cluster_pb2 as cpb
+
+        ctx = tls.client_context(self._pki.issue("controller/observer", overwrite=False))
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            self._broker.port,
+            identifier="observer",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=ctx,
+        ) as client:
+            await client.subscribe(self._topic, qos=1)
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    message = await asyncio.wait_for(anext(client.messages), 0.1)
+                except TimeoutError:
+                    continue
+                msg = cpb.BusMessage.FromString(message.payload)
+                with self._cond:
+                    for r in msg.delta.rt:
+                        self._made.setdefault(r.entry.fingerprint, msg.sent_at)
+                    self._cond.notify_all()

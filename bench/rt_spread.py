@@ -14,7 +14,6 @@ machine, one clock). Prints the median, p90 and max over the entries.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import threading
@@ -48,50 +47,6 @@ def _fgsm(model_path: str, n: int) -> np.ndarray:
     return FastGradientMethod(clf, eps=0.3).generate(x).astype(np.float32)
 
 
-class _DeltaTimes:
-    """Reads ctl-0's delta topic in a thread: when each RT entry's delta was built."""
-
-    def __init__(self, broker: Any, pki: Any, name: str) -> None:
-        self.made: dict[bytes, float] = {}
-        self._broker, self._pki, self._topic = broker, pki, name
-        self._ready, self._stop = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the bus observer did not subscribe")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    async def _run(self) -> None:
-        import aiomqtt
-
-        from openexample import tls
-        from openexample.v1 import cluster_pb2 as cpb
-
-        ctx = tls.client_context(self._pki.issue("controller/observer", overwrite=False))
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            self._broker.port,
-            identifier="observer",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=ctx,
-        ) as client:
-            await client.subscribe(self._topic, qos=1)
-            self._ready.set()
-            while not self._stop.is_set():
-                try:
-                    message = await asyncio.wait_for(anext(client.messages), 0.1)
-                except TimeoutError:
-                    continue
-                msg = cpb.BusMessage.FromString(message.payload)
-                for r in msg.delta.rt:
-                    self.made.setdefault(r.entry.fingerprint, msg.sent_at)
-
-
 def _watch(guards: list[Any], seen: list[dict[bytes, float]], stop: threading.Event) -> None:
     """Polls each agent's RT: when each fingerprint first appeared there (unix time)."""
     while not stop.is_set():
@@ -108,14 +63,16 @@ def spread(root: Path, artifacts: list[Path], model: str, n: int, agents: int) -
     """Seconds per entry, from built on ctl-0 to held by every agent of ctl-1."""
     from agents import attach
     from bench.overflow import _cluster, _models, _stop
+    from bench.procs import BusObserver
     from controller.cluster import DELTA, topic
     from openexample import tables
 
     adv = _fgsm(model, n)
     broker, (a, b) = _cluster(root, 2, 4096, _models(artifacts))
     guards: list[Any] = []
-    observer = _DeltaTimes(broker, a.pki, topic("controller/ctl-0", DELTA))
+    observer = BusObserver(broker, a.pki, topic("controller/ctl-0", DELTA))
     stop = threading.Event()
+    made: dict[bytes, float] = {}
     try:
         observer.start()
 
@@ -147,9 +104,10 @@ def spread(root: Path, artifacts: list[Path], model: str, n: int, agents: int) -
                 time.sleep(0.05)  # one entry at a time on the bus
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(
-            fp in first and fp in observer.made for fp in flagged for first in seen
+            fp in first and fp in made for fp in flagged for first in seen
         ):
             time.sleep(0.05)
+            made = observer.times()
     finally:
         stop.set()
         observer.stop()
@@ -157,9 +115,9 @@ def spread(root: Path, artifacts: list[Path], model: str, n: int, agents: int) -
             g.close()
         _stop(broker, [a, b])
     return [
-        max(first[fp] for first in seen) - observer.made[fp]
+        max(first[fp] for first in seen) - made[fp]
         for fp in flagged
-        if fp in observer.made and all(fp in first for first in seen)
+        if fp in made and all(fp in first for first in seen)
     ]
 
 

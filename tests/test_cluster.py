@@ -508,59 +508,6 @@ def _watch(g, xs, hit: list, until: float) -> None:
         time.sleep(0.0002)
 
 
-class _BusObserver:
-    """Reads a bus topic in a thread (with a certificate of its own, as any controller
-    may read the bus): when each RT entry's delta was built (``sent_at``)."""
-
-    def __init__(self, broker, pki, name: str) -> None:
-        self._broker, self._pki, self._topic = broker, pki, name
-        self._made: dict[bytes, float] = {}
-        self._cond = threading.Condition()
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "the observer did not subscribe"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    async def _run(self) -> None:
-        import aiomqtt
-
-        from openexample import tls
-
-        ctx = tls.client_context(self._pki.issue("controller/observer", overwrite=False))
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            self._broker.port,
-            identifier="observer",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=ctx,
-        ) as client:
-            await client.subscribe(self._topic, qos=1)
-            self._ready.set()
-            while not self._stop.is_set():
-                try:
-                    message = await asyncio.wait_for(anext(client.messages), 0.1)
-                except TimeoutError:
-                    continue
-                msg = cpb.BusMessage.FromString(message.payload)
-                with self._cond:
-                    for r in msg.delta.rt:
-                        self._made[r.entry.fingerprint] = msg.sent_at
-                    self._cond.notify_all()
-
-    def wait(self, fp: bytes, timeout_s: float = 10.0) -> float:
-        with self._cond:
-            assert self._cond.wait_for(lambda: fp in self._made, timeout_s), "no delta seen"
-            return self._made[fp]
-
-
 @pytest.mark.integration
 def test_an_adversarial_input_flagged_through_a_is_refused_by_an_agent_of_b(cluster, agents, fgsm):
     broker, a, b, pki = cluster
@@ -581,7 +528,9 @@ def test_an_adversarial_input_flagged_through_a_is_refused_by_an_agent_of_b(clus
     # The figure: an RT entry made on a, until it is in the RT of an agent of b. a makes
     # it while answering ga's call and builds its delta at once (BusMessage.sent_at, read
     # off the bus by an observer); a thread watches gb's RT meanwhile.
-    with _BusObserver(broker, pki, topic("controller/ctl-a", DELTA)) as seen:
+    from bench.procs import BusObserver
+
+    with BusObserver(broker, pki, topic("controller/ctl-a", DELTA)) as seen:
         for _ in range(5):
             x = adv[i + 1 :]
             hit: list[float] = []
