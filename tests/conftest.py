@@ -47,6 +47,19 @@ def example_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cnn_onnx(example_model, tmp_path_factory) -> Path:
+    """The example CNN (its TorchScript weights) exported as ONNX, any batch size."""
+    from controller.reference_model import load_model
+    from controller.training.example_model import SmallCNN
+    from tests.test_onnx_model import export_onnx
+
+    net = SmallCNN(10)
+    net.load_state_dict(load_model(example_model).state_dict())
+    path = tmp_path_factory.mktemp("onnx-cnn") / "cnn.onnx"
+    return export_onnx(net.eval(), path, (1, 28, 28), None)
+
+
+@pytest.fixture(scope="session")
 def artifacts(example_model) -> list[Path]:
     from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
 

@@ -28,19 +28,6 @@ SHAPES = {"features.2": (16, 14, 14), "features.5": (32, 7, 7)}
 # -- ONNX ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cnn_onnx(example_model, tmp_path_factory):
-    """The example CNN (its TorchScript weights) exported as ONNX, any batch size."""
-    from controller.reference_model import load_model
-    from controller.training.example_model import SmallCNN
-    from tests.test_onnx_model import export_onnx
-
-    net = SmallCNN(10)
-    net.load_state_dict(load_model(example_model).state_dict())
-    path = tmp_path_factory.mktemp("onnx-cnn") / "cnn.onnx"
-    return export_onnx(net.eval(), path, (1, 28, 28), None)
-
-
 def test_onnx_activations_by_module_path_or_tensor_name_equal_torchs(cnn_onnx, example_model):
     from agents.models import wrap_model
     from controller.activations import Taps

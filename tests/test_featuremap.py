@@ -52,17 +52,6 @@ def calibrated(mnist, predict, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cnn_onnx(example_model, tmp_path_factory):
-    """The example CNN (its TorchScript weights) exported as ONNX, any batch size."""
-    from tests.test_onnx_model import export_onnx
-
-    net = SmallCNN(10)
-    net.load_state_dict(load_model(example_model).state_dict())
-    path = tmp_path_factory.mktemp("featuremap-onnx") / "cnn.onnx"
-    return export_onnx(net.eval(), path, (1, 28, 28), None)
-
-
-@pytest.fixture(scope="module")
 def artifact(calibrated, tmp_path_factory):
     path = tmp_path_factory.mktemp("featuremap-artifact") / "featuremap"
     calibrated.save(path)
