@@ -20,6 +20,9 @@ where small perturbations matter and the budget allows (``train desvig,margin,ma
 The robust reference model (``robust``) is opt-in too (README "Adaptive attacks"): it
 halves what an adaptive attacker gets through but triples the scoring cost per call, and
 it trains for ~2 minutes (``train robust,desvig,margin``: its label first for CORRECT).
+With it, give it most of the FPR budget (``--fpr-shares robust=0.6,desvig=0.2,margin=0.2``:
+measured, adaptive L-inf 0.3 success 57% -> 41% at the same clean FPR; README "Adaptive
+attacks").
 """
 
 from __future__ import annotations
