@@ -235,7 +235,11 @@ def run(args: argparse.Namespace) -> int:
         p.requires_grad_(False)
     test = datasets.load(dataset).split(seed=0).test
     n = 40 if args.quick else args.adaptive_n
-    x, y = test.x[:n], test.y[:n]
+    start = getattr(args, "adaptive_from", 0)
+    x, y = test.x[start : start + n], test.y[start : start + n]
+    if len(x) == 0:
+        print(f"openexample-bench detection: --adaptive-from {start}: the test split has {len(test.x)} images", file=sys.stderr)
+        return 2
     clean_labels, clean_flagged = judge(x)
     keep = (clean_labels == y) & ~clean_flagged  # inputs the system gets right when clean
     x, y = x[keep], y[keep]
@@ -249,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         # each detector's part of the budget, as its artifact records it (even: 1 / n)
         "fpr_shares": {d.name: d.meta.get("fpr_share", 1 / len(dets)) for d in dets},
         "skipped": skipped,
+        "test_images": [start, start + n],  # [first, end) of the test split tried
         "n_attacked": len(x),
         "attack": (
             "PGD toward each of `targets` wrong labels (random, distinct), logit hinge with"

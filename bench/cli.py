@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptive-n", type=int, default=200, metavar="N", help="images the adaptive attacks try"
     )
     det.add_argument(
+        "--adaptive-from",
+        type=int,
+        default=0,
+        metavar="I",
+        help="the first test image they try (default 0): other images than a setting was chosen on",
+    )
+    det.add_argument(
         "--table-iv-n",
         type=int,
         default=100,
@@ -158,6 +165,8 @@ def preflight(args: argparse.Namespace) -> str | None:
     if getattr(args, "adaptive", False):
         if args.adaptive_n < 1:
             return f"--adaptive-n must be at least 1, got {args.adaptive_n}"
+        if args.adaptive_from < 0:
+            return f"--adaptive-from must be at least 0, got {args.adaptive_from}"
         if args.model and Path(args.model).suffix.lower() == ".onnx":
             return (
                 f"--adaptive: {args.model} is ONNX, and white-box attacks need the model's"

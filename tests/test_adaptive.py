@@ -65,6 +65,7 @@ def test_the_adaptive_bench_reports_successes_the_pipeline_confirms(tmp_path, lo
     report = json.loads((out / "adaptive.json").read_text())
     assert report["schema"] == "openexample.bench.adaptive/1"
     assert report["detectors"] == ["desvig", "margin"] and report["skipped"] == {}
+    assert report["test_images"] == [0, 40]
     (row,) = report["rows"]
     assert row["budget"] == "L-inf 0.3" and row["adaptive"]["n"] == report["n_attacked"] > 20
     assert row["adaptive"]["median_linf"] <= 0.3 + 1e-6  # within the budget
@@ -104,3 +105,21 @@ def test_magnets_surrogate_equals_its_score(mnist, example_model):
     np.testing.assert_allclose(got.detach().numpy(), real, rtol=1e-4, atol=1e-4)
     (grad,) = torch.autograd.grad(got.sum(), xt)
     assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        (["--adaptive-from", "-1"], "--adaptive-from must be at least 0, got -1"),
+        (["--adaptive-from", "99999"], "--adaptive-from 99999: the test split has"),
+    ],
+)
+def test_adaptive_image_ranges_out_of_the_split_are_refused_in_one_line(
+    capsys, flag, said, artifacts
+) -> None:
+    from bench.cli import main as bench_main
+
+    rc = bench_main(["detection", "--adaptive", *flag, "--out", "/nonexistent/adaptive"])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err, err
+    assert len(err.strip().splitlines()) == 1, err
