@@ -238,7 +238,11 @@ def run(args: argparse.Namespace) -> int:
     start = getattr(args, "adaptive_from", 0)
     x, y = test.x[start : start + n], test.y[start : start + n]
     if len(x) == 0:
-        print(f"openexample-bench detection: --adaptive-from {start}: the test split has {len(test.x)} images", file=sys.stderr)
+        print(
+            f"openexample-bench detection: --adaptive-from {start}: the test split has"
+            f" {len(test.x)} images",
+            file=sys.stderr,
+        )
         return 2
     clean_labels, clean_flagged = judge(x)
     keep = (clean_labels == y) & ~clean_flagged  # inputs the system gets right when clean
