@@ -77,7 +77,8 @@ static uint64_t key_of(const float *a, int h, int w, const float *rows, const fl
                        float *thumb) {
     double t[MAX_SIDE]; /* one output row of rows @ a at a time */
     double v[ROWS][COLS] = {{0.0}};
-    int lo[MAX_SIDE], hi[MAX_SIDE]; /* each input column's span of thumbnail columns */
+    /* each input column's span of thumbnail columns (0..9: a byte each, ~8 KB of stack) */
+    unsigned char lo[MAX_SIDE], hi[MAX_SIDE];
     float m[8] = {0.0f}; /* eight running maxima: no loop-carried dependency chain */
     Py_ssize_t size = (Py_ssize_t)h * w, i = 0;
     for (; i + 8 <= size; i += 8) {
