@@ -211,6 +211,17 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     cache = Path("var/cache")
     dataset = getattr(args, "dataset", None) or "mnist5k"
+    # the images first: a range out of the split is refused before anything is trained
+    test = datasets.load(dataset).split(seed=0).test
+    n = 40 if args.quick else args.adaptive_n
+    start = getattr(args, "adaptive_from", 0)
+    if start >= len(test.x):
+        print(
+            f"openexample-bench detection: --adaptive-from {start}: the test split has"
+            f" {len(test.x)} images",
+            file=sys.stderr,
+        )
+        return 2
     own = Path(args.model).resolve() if getattr(args, "model", None) else None
     model_path = own or ensure_example_model(cache, dataset)
     names = tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
@@ -233,17 +244,7 @@ def run(args: argparse.Namespace) -> int:
     module = load_model(model_path)
     for p in module.parameters():
         p.requires_grad_(False)
-    test = datasets.load(dataset).split(seed=0).test
-    n = 40 if args.quick else args.adaptive_n
-    start = getattr(args, "adaptive_from", 0)
     x, y = test.x[start : start + n], test.y[start : start + n]
-    if len(x) == 0:
-        print(
-            f"openexample-bench detection: --adaptive-from {start}: the test split has"
-            f" {len(test.x)} images",
-            file=sys.stderr,
-        )
-        return 2
     clean_labels, clean_flagged = judge(x)
     keep = (clean_labels == y) & ~clean_flagged  # inputs the system gets right when clean
     x, y = x[keep], y[keep]

@@ -114,9 +114,8 @@ def test_magnets_surrogate_equals_its_score(mnist, example_model):
         (["--adaptive-from", "99999"], "--adaptive-from 99999: the test split has"),
     ],
 )
-def test_adaptive_image_ranges_out_of_the_split_are_refused_in_one_line(
-    capsys, flag, said, artifacts
-) -> None:
+def test_adaptive_image_ranges_out_of_the_split_are_refused_in_one_line(capsys, flag, said) -> None:
+    """Refused before anything is trained or loaded (a clean clone trains nothing here)."""
     from bench.cli import main as bench_main
 
     rc = bench_main(["detection", "--adaptive", *flag, "--out", "/nonexistent/adaptive"])
