@@ -167,6 +167,16 @@ def preflight(args: argparse.Namespace) -> str | None:
             return f"--adaptive-n must be at least 1, got {args.adaptive_n}"
         if args.adaptive_from < 0:
             return f"--adaptive-from must be at least 0, got {args.adaptive_from}"
+        if args.adaptive_from > 0:
+            from controller.training import datasets
+
+            dataset = getattr(args, "dataset", None) or "mnist5k"
+            try:
+                size = len(datasets.load(dataset).split(seed=0).test.x)
+            except Exception:  # an unknown data set: the run says so in its own words
+                size = None
+            if size is not None and args.adaptive_from >= size:
+                return f"--adaptive-from {args.adaptive_from}: the test split has {size} images"
         if args.model and Path(args.model).suffix.lower() == ".onnx":
             return (
                 f"--adaptive: {args.model} is ONNX, and white-box attacks need the model's"
