@@ -99,6 +99,15 @@ def items_that_fit(info: ModelInfo, activations: Sequence[str], limits: Limits) 
     return max(1, min(limits.max_tensor_elements // max(1, elements), by_bytes))
 
 
+def _saturated(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` in ``dtype`` without inf or NaN: past its range saturated, NaN as 0. Sent as
+    they are, one caller's inf or NaN would make the controller refuse the whole PKG_IN
+    (NOT_FINITE), every other caller's item in the batch with it."""
+    big = float(np.finfo(dtype).max)
+    a = np.clip(np.nan_to_num(a, nan=0.0, posinf=big, neginf=-big), -big, big)
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
 def build_pkg_in(
     batch: Batch,
     info: ModelInfo,
@@ -124,11 +133,9 @@ def build_pkg_in(
     logits: np.ndarray | None = np.stack([it.logits for it in items]).astype(np.float32, copy=False)
     if not np.isfinite(logits).all():
         # A caller's input past the model's range (finite, ~3e38) gives NaN or infinite
-        # logits: sent as they are, the controller refuses the whole PKG_IN (NOT_FINITE),
-        # every other caller's item in it too. That item's logits go up saturated, NaN as
-        # 0 (no margin between the classes); the controller still judges it.
-        big = float(np.finfo(np.float32).max)
-        logits = np.nan_to_num(logits, nan=0.0, posinf=big, neginf=-big)
+        # logits: that item's go up saturated, NaN as 0 (no margin between the classes);
+        # the controller still judges it.
+        logits = _saturated(logits, np.dtype(np.float32))
     privacy = info.privacy
     confs: list[float] | None = None
     acts: list[tuple[str, np.ndarray]] = []
@@ -142,14 +149,9 @@ def build_pkg_in(
             confs = (1.0 / np.exp(logits - top).sum(axis=1)).tolist()  # softmax of the top
     if activations and info.activations is not None:  # never noised: AgentConfig refuses both
         got = info.activations(xs)
-        # Saturate, never overflow, in the wire dtype (NaN as 0): a caller's input whose
-        # activations pass float16's 65504 (or the model's range) would send inf or NaN,
-        # and the controller refuses the whole PKG_IN (NOT_FINITE), every other caller's
-        # item in the batch with it.
-        big = float(np.finfo(info.activations_dtype).max)
+        # a caller's input whose activations pass float16's 65504 (or the model's range)
         for name in activations:
-            a = np.clip(np.nan_to_num(got[name], nan=0.0), -big, big)
-            acts.append((name, np.ascontiguousarray(a, dtype=info.activations_dtype)))
+            acts.append((name, _saturated(got[name], info.activations_dtype)))
     hide_fp = privacy is not None and privacy.on
     env = pb.Envelope(version=version, xid=batch.xid)
     body = env.pkg_in  # filled in place: no copy of the tensors into the envelope
