@@ -166,9 +166,12 @@ def validate_pkg_in(
         check_id(it.source_id, f"item {i}: source_id", allow_empty=True)
 
     activations: dict[str, np.ndarray] = {}
-    # declared with shape and dtype; by name alone (deprecated field 5): any
-    declared: dict[str, tuple[tuple[int, ...], int] | None] = dict.fromkeys(model.activation_names)
-    declared.update({a.name: (tuple(a.shape), a.dtype) for a in model.activations})
+    # declared with shape and dtype; by name alone (deprecated field 5): any. Built only
+    # for a PKG_IN that carries activations (most do not).
+    declared: dict[str, tuple[tuple[int, ...], int] | None] = {}
+    if pkg.activations:
+        declared = dict.fromkeys(model.activation_names)
+        declared.update({a.name: (tuple(a.shape), a.dtype) for a in model.activations})
     for act in pkg.activations:
         if act.name not in declared:
             raise bad_request(_BAD_FIELD, f"activation {act.name[:64]!r} was not declared")
