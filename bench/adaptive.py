@@ -36,7 +36,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import load_model, model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
-from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts, parse_fpr_shares
+from controller.training.train import detector_set, ensure_artifacts
 
 CHECK_EVERY = 25  # steps between judgements by the real pipeline
 
@@ -224,9 +224,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     own = Path(args.model).resolve() if getattr(args, "model", None) else None
     model_path = own or ensure_example_model(cache, dataset)
-    names = tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
-    spec = getattr(args, "fpr_shares", None)
-    shares = parse_fpr_shares(spec, names) if spec else None  # None: even
+    # a named set (``hardened``) brings its own shares; None: even
+    names, shares = detector_set(args.detectors, getattr(args, "fpr_shares", None))
     paths = ensure_artifacts(names, dataset=dataset, cache=cache, model=own, shares=shares)
     predict = model_fn(model_path)
     dets = [Detector.load(p) for p in paths]

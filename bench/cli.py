@@ -128,10 +128,14 @@ def _cached_model(args: argparse.Namespace) -> bool:
     return (folder / "model.pt").is_file() and (folder / "model.json").is_file()
 
 
-def _cached_detectors(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
+def _cached_detectors(
+    args: argparse.Namespace, names: tuple[str, ...], shares: tuple[float, ...] | None = None
+) -> bool:
     from controller.training.train import artifact_is_current, artifacts_folder
 
-    folder = artifacts_folder(names, dataset=_dataset(args), cache=CACHE, model=args.model)
+    folder = artifacts_folder(
+        names, dataset=_dataset(args), cache=CACHE, model=args.model, shares=shares
+    )
     return all(artifact_is_current(folder / n) for n in names)
 
 
@@ -143,9 +147,15 @@ def preflight(args: argparse.Namespace) -> str | None:
     not load), in one line; else None."""
     if args.command not in ("latency", "detection"):
         return None
-    names = (getattr(args, "detectors", None) or "").split(",")
-    for part in (getattr(args, "table_iv", None) or "").split(";"):
-        names += [] if part.strip() in ("", "default") else part.strip().split(",")
+    from controller.training.train import detector_set
+
+    names = []
+    try:
+        names += detector_set(args.detectors)[0] if getattr(args, "detectors", None) else ()
+        for part in (getattr(args, "table_iv", None) or "").split(";"):
+            names += detector_set(part)[0] if part.strip() else ()
+    except ValueError as exc:
+        return f"--detectors: {exc}"
     if any(names):
         from controller import detectors
 
@@ -224,7 +234,8 @@ def first_run_notice(args: argparse.Namespace) -> str | None:
         from bench import detection
 
         sets = [detection._names(args), ("feature_squeezing",)]
-    missing = [s for s in sets if not _cached_detectors(args, s)]
+    shares = {sets[0]: detection._shares(args)} if args.command == "detection" else {}
+    missing = [s for s in sets if not _cached_detectors(args, s, shares.get(s))]
     if missing:
         todo.append("the detectors")
         minutes += sum(1.0 if "desvig" in s else 0.1 for s in missing)  # its CGAN

@@ -48,7 +48,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
-from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts, parse_fpr_shares
+from controller.training.train import detector_set, ensure_artifacts
 from openexample.digests import file_digest
 
 FPRS = (0.01, 0.05)
@@ -316,7 +316,7 @@ def table_iv_defences(args: argparse.Namespace) -> list[tuple[str, ...]]:
     for part in spec.split(";"):
         part = part.strip()
         if part:
-            out.append(tuple(DEFAULT_DETECTORS) if part == "default" else tuple(part.split(",")))
+            out.append(detector_set(part)[0])
     return out
 
 
@@ -367,13 +367,13 @@ def _without_gradients(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _names(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(args.detectors.split(",")) if args.detectors else tuple(DEFAULT_DETECTORS)
+    return detector_set(args.detectors)[0]
 
 
 def _shares(args: argparse.Namespace) -> tuple[float, ...] | None:
-    """``--fpr-shares`` in the order of the run's detectors; None: even."""
-    spec = getattr(args, "fpr_shares", None)
-    return parse_fpr_shares(spec, _names(args)) if spec else None
+    """``--fpr-shares`` in the order of the run's detectors, else a named set's own;
+    None: even."""
+    return detector_set(args.detectors, getattr(args, "fpr_shares", None))[1]
 
 
 def _copy(d: Detector) -> Detector:
@@ -609,9 +609,10 @@ def run(args: argparse.Namespace) -> int:
     subj = subject(args, Path("var/cache"))
     report, data = evaluate(args, subj)
     defences = table_iv_defences(args)
-    report["table_iv"] = run_table_iv(
-        subj, data, defences, args.table_iv_n, shares={_names(args): _shares(args)}
-    )
+    # each set's own FPR split (a named set's), the run's pipeline by its flags
+    shares = {names: detector_set(",".join(names))[1] for names in defences}
+    shares[_names(args)] = _shares(args)
+    report["table_iv"] = run_table_iv(subj, data, defences, args.table_iv_n, shares=shares)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

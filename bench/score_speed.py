@@ -26,7 +26,7 @@ from controller.pipeline import Scorer, load_scorers
 from controller.reference_model import model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
-from controller.training.train import DEFAULT_DETECTORS, ensure_artifacts
+from controller.training.train import DEFAULT_DETECTORS, detector_set, ensure_artifacts
 
 BATCHES = (1, 8, 32, 128, 256)
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detectors", help="comma-separated set (default: the default set)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    names = args.detectors.split(",") if args.detectors else DEFAULT_DETECTORS
+    names = detector_set(args.detectors)[0]
     scorer, x, logits, labels = setup(Path(args.cache), names=names)
     if args.parts:
         for part, us in time_parts(scorer, x, logits, labels).items():

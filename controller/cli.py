@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="default",
         help="detector names, comma-separated (desvig, margin, feature_squeezing,"
-        " phash_prototype, magnet, defed, ismn, uddn), or default: the default set,"
-        " DeSVig + margin (the default); `train distill --help`: UDDN's student model",
+        " phash_prototype, magnet, defed, ismn, uddn, featuremap, robust), or a named set:"
+        " default (DeSVig + margin, the default) or hardened (robust, DeSVig, margin and"
+        " MagNet, with their FPR shares: against an attacker who knows the detectors);"
+        " `train distill --help`: UDDN's student model",
     )
     t.add_argument(
         "--dataset",

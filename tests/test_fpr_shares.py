@@ -15,7 +15,13 @@ from controller.cli import main as controller_main
 from controller.detectors.base import Batch, Detector, Scores, conformal_rank
 from controller.detectors.fusion import Pipeline, check_shares
 from controller.pipeline import _recorded_shares
-from controller.training.train import artifacts_folder, parse_fpr_shares
+from controller.training.train import (
+    HARDENED_DETECTORS,
+    HARDENED_SHARES,
+    artifacts_folder,
+    detector_set,
+    parse_fpr_shares,
+)
 
 
 class Column(Detector):
@@ -167,6 +173,42 @@ def test_train_refuses_bad_shares_in_one_line(tmp_path, capsys, spec, expect) ->
     assert err.startswith("openexample-controller train: ") and expect in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not Path(out_dir).exists()  # nothing was trained
+
+
+def test_named_sets_bring_their_detectors_and_shares() -> None:
+    assert detector_set(None) == (("desvig", "margin"), None)
+    assert detector_set("default") == (("desvig", "margin"), None)
+    assert detector_set("hardened") == (HARDENED_DETECTORS, HARDENED_SHARES)
+    check_shares(HARDENED_DETECTORS, HARDENED_SHARES)  # they sum to 1, each positive
+    assert HARDENED_DETECTORS[0] == "robust"  # its label first for CORRECT
+    # --fpr-shares given: it wins over the named set's own, in the set's order
+    spec = "magnet=0.25,margin=0.25,desvig=0.25,robust=0.25"
+    assert detector_set("hardened", spec) == (HARDENED_DETECTORS, (0.25,) * 4)
+    assert detector_set(" desvig , margin ") == (("desvig", "margin"), None)
+    with pytest.raises(ValueError, match="no share for magnet"):
+        detector_set("hardened", "robust=0.5,desvig=0.2,margin=0.3")
+
+
+def test_train_and_bench_refuse_a_named_set_with_shares_that_do_not_fit(tmp_path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    rc = controller_main(["train", "hardened", "--fpr-shares", "robust=1", "--out", str(out_dir)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--fpr-shares: no share for desvig" in err, err
+    assert not out_dir.exists()
+    rc = bench_main(["detection", "--detectors", "hardened", "--fpr-shares", "robust=1"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--fpr-shares: no share for desvig" in err, err
+    for spec, expect in (
+        ("desvig,nonesuch", "unknown detector 'nonesuch'"),
+        ("hardened,margin", "'hardened' is a named set: give it alone"),
+    ):
+        rc = bench_main(["detection", "--detectors", spec])
+        _, err = capsys.readouterr()
+        assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+        rc = controller_main(["train", spec, "--out", str(out_dir)])
+        _, err = capsys.readouterr()
+        assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("adaptive", [[], ["--adaptive"]])
