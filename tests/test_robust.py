@@ -15,7 +15,7 @@ from bench.surrogates import surrogate
 from controller.detectors import Detector, make_batch
 from controller.detectors.base import Batch
 from controller.detectors.fusion import Pipeline
-from controller.detectors.robust import RobustDetector, pgd_l2, pgd_linf
+from controller.detectors.robust import RobustDetector, pgd_linf
 from controller.reference_model import load_model, model_fn
 
 TINY = {
@@ -101,39 +101,6 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss(fitted, mnist):
     loss = torch.nn.functional.cross_entropy
     with torch.no_grad():
         assert loss(det.net(adv), y) > loss(det.net(x), y)
-
-
-def test_l2_pgd_stays_in_the_ball_and_raises_the_loss(fitted, mnist):
-    det, _ = fitted
-    x = torch.from_numpy(mnist.test.x[:64].copy())
-    y = torch.from_numpy(mnist.test.y[:64])
-    adv = pgd_l2(det.net, x, y, 1.5, 5, torch.Generator().manual_seed(0))
-    norms = (adv - x).flatten(1).norm(dim=1)
-    assert norms.max() <= 1.5 + 1e-4 and adv.min() >= 0 and adv.max() <= 1
-    assert (norms > 0.5).float().mean() > 0.9  # it moved, and not along L-inf alone
-    loss = torch.nn.functional.cross_entropy
-    with torch.no_grad():
-        assert loss(det.net(adv), y) > loss(det.net(x), y)
-    assert pgd_l2(det.net, x, y, 0.0, 5) is x
-
-
-def test_mixed_l2_training_is_its_own_cached_model_and_l_inf_keeps_its_key(fitted, mnist, tmp_path):
-    det, cache = fitted
-    mixed = RobustDetector(**TINY, l2_eps=2.0, cache=str(cache))
-    mixed.fit(mnist.train.x, mnist.train.y, class_names=mnist.train.class_names)
-    assert "cached" not in mixed.meta["robust"]  # not the L-inf model's weights
-    assert len(list((cache / "robust").glob("*.npz"))) == 2
-    assert mixed.config()["l2_eps"] == 2.0 and det.config()["l2_eps"] == 0.0
-    mixed.save(tmp_path / "robust")
-    back = Detector.load(tmp_path / "robust")
-    assert back.train_config.l2_eps == 2.0
-    b = Batch(mnist.test.x[:64], None, mnist.test.y[:64])
-    assert np.array_equal(back.score(b).scores, mixed.score(b).scores)
-    assert not np.array_equal(mixed.score(b).scores, det.score(b).scores)
-    # an explicit l2_eps of 0 is the L-inf model the cache already holds
-    plain = RobustDetector(**TINY, l2_eps=0.0, cache=str(cache))
-    plain.fit(mnist.train.x, mnist.train.y, class_names=mnist.train.class_names)
-    assert plain.meta["robust"]["cached"].startswith(str(cache))
 
 
 def test_the_surrogate_equals_the_score_and_the_adaptive_attack_must_fool_it(

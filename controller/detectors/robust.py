@@ -70,9 +70,6 @@ class RobustConfig:
     hidden: int = 128
     eps: float = 0.3  # L-inf, on inputs in [0, 1]
     steps: int = 7  # PGD steps at train time
-    # > 0: half of every batch is attacked with L2 PGD of this radius instead (mixed
-    # training against both norms, Tramer & Boneh 2019 "AVG"), the other half with L-inf
-    l2_eps: float = 0.0
     clean_epochs: int = 1
     epochs: int = 12  # adversarial epochs
     ramp: float = 0.4  # share of the adversarial epochs over which eps grows to ``eps``
@@ -105,38 +102,6 @@ def pgd_linf(
         with torch.no_grad():
             adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - eps), x + eps)
             adv = adv.clamp(0, 1)
-    return adv.detach()
-
-
-def pgd_l2(
-    net: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    steps: int,
-    gen: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Untargeted L2 PGD on ``net``: normalised-gradient ascent of 2.5 eps / steps from a
-    random start in the ball, projected back onto it, inputs kept in [0, 1]."""
-    if eps <= 0 or steps <= 0:
-        return x
-    alpha = 2.5 * eps / steps
-    n = len(x)
-
-    def norms(v: torch.Tensor) -> torch.Tensor:
-        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, *([1] * (x.dim() - 1)))
-
-    start = torch.randn(x.shape, generator=gen)
-    radius = torch.rand(n, generator=gen).view(n, *([1] * (x.dim() - 1))) * eps
-    adv = (x + start / norms(start) * radius).clamp(0, 1)
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = nn.functional.cross_entropy(net(adv), y)
-        (grad,) = torch.autograd.grad(loss, adv)
-        with torch.no_grad():
-            delta = adv + alpha * grad / norms(grad) - x
-            delta = delta * torch.clamp(eps / norms(delta), max=1.0)
-            adv = (x + delta).clamp(0, 1)
     return adv.detach()
 
 
@@ -187,17 +152,7 @@ def _train(
             xb, yb = _shifted(xt[idx], cfg.shift, rng), yt[idx]
             if eps > 0:
                 net.eval()
-                if cfg.l2_eps > 0:  # eps ramps both radii together
-                    h = len(xb) // 2
-                    l2 = cfg.l2_eps * eps / cfg.eps
-                    xb = torch.cat(
-                        [
-                            pgd_linf(net, xb[:h], yb[:h], eps, cfg.steps, gen),
-                            pgd_l2(net, xb[h:], yb[h:], l2, cfg.steps, gen),
-                        ]
-                    )
-                else:
-                    xb = pgd_linf(net, xb, yb, eps, cfg.steps, gen)
+                xb = pgd_linf(net, xb, yb, eps, cfg.steps, gen)
             net.train()
             logits = net(xb)
             loss = nn.functional.cross_entropy(logits, yb)
@@ -238,7 +193,6 @@ class RobustDetector(Detector):
         hidden: int = 128,
         eps: float = 0.3,
         steps: int = 7,
-        l2_eps: float = 0.0,
         clean_epochs: int = 1,
         epochs: int = 12,
         ramp: float = 0.4,
@@ -260,7 +214,6 @@ class RobustDetector(Detector):
             hidden=int(hidden),
             eps=float(eps),
             steps=int(steps),
-            l2_eps=float(l2_eps),
             clean_epochs=int(clean_epochs),
             epochs=int(epochs),
             ramp=float(ramp),
@@ -319,8 +272,6 @@ class RobustDetector(Detector):
             net = self._new_net()
         settings = {**dataclasses.asdict(cfg), "torch": torch.__version__, "net": 1}
         settings.pop("threads")  # the same weights whatever the threads
-        if not cfg.l2_eps:  # L-inf alone: the cache key it had before l2_eps existed
-            settings.pop("l2_eps")
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         path = None
         if self.cache is not None:
