@@ -103,3 +103,25 @@ def test_calibrate_records_the_method_and_stale_artifacts_are_not_current(tmp_pa
     (tmp_path / "given" / "manifest.json").write_text(json.dumps(manifest))
     assert not artifact_is_current(tmp_path / "given")
     assert not artifact_is_current(tmp_path / "absent")
+
+
+def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_rebuilt(
+    tmp_path,
+):
+    from controller import detectors
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 1, 4, 4)).astype(np.float32)
+    logits = rng.normal(size=(300, 10))
+    det = detectors.get("margin")()
+    det.fit(x, logits.argmax(1))
+    det.calibrate(Batch(x, logits, logits.argmax(1)), 0.05)
+    det.save(tmp_path / "margin")
+    assert artifact_is_current(tmp_path / "margin")
+    assert Detector.load(tmp_path / "margin").threshold == det.threshold
+    manifest = json.loads((tmp_path / "margin" / "manifest.json").read_text())
+    manifest["config"] = {"l2_eps": 0.0}  # written by a version with another setting
+    (tmp_path / "margin" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="margin detector has no setting l2_eps; retrain"):
+        Detector.load(tmp_path / "margin")
+    assert not artifact_is_current(tmp_path / "margin")  # ensure_artifacts rebuilds it

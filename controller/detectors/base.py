@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -218,6 +219,13 @@ class Detector(ABC):
         os.replace(tmp, path / MANIFEST)  # last: a manifest means a complete artifact
 
     @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        """The keyword settings the constructor takes (an artifact's ``config`` keys)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(p.name for p in params if p.kind in kinds and p.name != "self")
+
+    @classmethod
     def load(cls, path: str | Path) -> Detector:
         """Read an artifact folder; on ``Detector`` itself, dispatch on the manifest's name."""
         path = Path(path)
@@ -228,7 +236,14 @@ class Detector(ABC):
             return get(manifest["name"]).load(path)
         if manifest.get("name") != cls.name:
             raise ValueError(f"{path} holds a {manifest.get('name')!r} detector, not {cls.name!r}")
-        det = cls(**manifest.get("config", {}))
+        config = manifest.get("config", {})
+        unknown = sorted(set(config) - set(cls.settings()))
+        if unknown:  # written by another version of the detector: refused by name
+            raise ValueError(
+                f"{path}: this version's {cls.name} detector has no setting"
+                f" {', '.join(unknown)}; retrain the artifact (openexample-controller train)"
+            )
+        det = cls(**config)
         with np.load(path / ARRAYS, allow_pickle=False) as z:
             det._restore({k: z[k] for k in z.files})
         det.threshold = manifest.get("threshold")
