@@ -75,6 +75,43 @@ def budgets(quick: bool) -> list[Budget]:
     ]
 
 
+def attack_budgets(args: argparse.Namespace) -> list[Budget]:
+    """The run's budgets: ``budgets(quick)``, or the ``--adaptive-*`` flags where given;
+    ValueError naming the flag for a bad value."""
+    if getattr(args, "quick", False):
+        return budgets(True)
+    balls: list[tuple[str, float]] = []
+    spec = getattr(args, "adaptive_budgets", None)
+    for part in (spec or "linf:0.1,linf:0.2,linf:0.3,l2:2,l2:3").split(","):
+        norm, _, eps = part.strip().partition(":")
+        try:
+            value = float(eps)
+        except ValueError:
+            value = float("nan")
+        if norm not in ("linf", "l2") or not value > 0 or value == float("inf"):
+            raise ValueError(
+                f"--adaptive-budgets: {part.strip()!r} is not NORM:EPS (linf or l2, eps > 0)"
+            )
+        balls.append((norm, value))
+    steps, targets = getattr(args, "adaptive_steps", 200), getattr(args, "adaptive_targets", 3)
+    kappa = getattr(args, "adaptive_kappa", 6.0)
+    if steps < 1:
+        raise ValueError(f"--adaptive-steps must be at least 1, got {steps}")
+    if targets < 1:
+        raise ValueError(f"--adaptive-targets must be at least 1, got {targets}")
+    if not 0 <= kappa < float("inf"):
+        raise ValueError(f"--adaptive-kappa must be a number >= 0, got {kappa}")
+    try:
+        weights = tuple(float(w) for w in getattr(args, "adaptive_weights", "0.1,1,10").split(","))
+    except ValueError:
+        weights = ()
+    if not weights or not all(0 < w < float("inf") for w in weights):
+        raise ValueError(
+            f"--adaptive-weights: {args.adaptive_weights!r} is not positive numbers, e.g. 0.1,1,10"
+        )
+    return [Budget(n, e, steps, targets, weights, kappa) for n, e in balls]
+
+
 class Judge:
     """The deployed pipeline on candidate adversarials: the model's label, and whether
     the fused detectors flag it."""
@@ -180,10 +217,11 @@ def attack(
     classes = int(judge.predict(x[:1]).shape[1])
     # distinct wrong labels per image
     wrong = np.stack([rng.permutation(np.setdiff1d(np.arange(classes), [c])) for c in y])
+    targets = min(b.targets, classes - 1)
     found = np.zeros(len(x), bool) if start is None else start[0].copy()
     best = x.copy() if start is None else start[1].copy()
     runs = 0
-    for t in range(b.targets):
+    for t in range(targets):
         for w in b.weights if weights is None else weights:
             todo = ~found
             if not todo.any():
@@ -271,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     }
     t0 = time.perf_counter()
     found: dict[str, np.ndarray] = {}  # the successful adversarials, for anyone to re-check
-    for b in budgets(args.quick):
+    for b in attack_budgets(args):
         row = {"budget": b.label, **asdict(b)}
         # the detector-unaware attack first; the adaptive one goes on from what it broke,
         # so it is never weaker than its own weight-0 runs

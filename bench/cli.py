@@ -66,6 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first test image they try (default 0): other images than a setting was chosen on",
     )
     det.add_argument(
+        "--adaptive-budgets",
+        metavar="NORM:EPS,...",
+        help="the balls attacked (default linf:0.1,linf:0.2,linf:0.3,l2:2,l2:3)",
+    )
+    det.add_argument(
+        "--adaptive-steps", type=int, default=200, metavar="N", help="PGD steps per run (200)"
+    )
+    det.add_argument(
+        "--adaptive-targets",
+        type=int,
+        default=3,
+        metavar="N",
+        help="wrong labels tried per image (default 3; at most the classes less one)",
+    )
+    det.add_argument(
+        "--adaptive-kappa",
+        type=float,
+        default=6.0,
+        metavar="K",
+        help="the logit margin the attack aims for over every other class (default 6)",
+    )
+    det.add_argument(
+        "--adaptive-weights",
+        default="0.1,1,10",
+        metavar="W,...",
+        help="detector-hinge weights tried per target after the detector-unaware run"
+        " (default 0.1,1,10)",
+    )
+    det.add_argument(
         "--table-iv-n",
         type=int,
         default=100,
@@ -177,6 +206,12 @@ def preflight(args: argparse.Namespace) -> str | None:
             return f"--adaptive-n must be at least 1, got {args.adaptive_n}"
         if args.adaptive_from < 0:
             return f"--adaptive-from must be at least 0, got {args.adaptive_from}"
+        from bench.adaptive import attack_budgets
+
+        try:
+            attack_budgets(args)
+        except ValueError as exc:
+            return str(exc)
         if args.adaptive_from > 0:
             from controller.training import datasets
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import adaptive
 from bench.surrogates import surrogate
 from controller.detectors.base import Batch, Detector
 from controller.detectors.fusion import Pipeline
@@ -112,6 +113,13 @@ def test_magnets_surrogate_equals_its_score(mnist, example_model):
     [
         (["--adaptive-from", "-1"], "--adaptive-from must be at least 0, got -1"),
         (["--adaptive-from", "99999"], "--adaptive-from 99999: the test split has"),
+        (["--adaptive-budgets", "linf:0.3,l1:2"], "--adaptive-budgets: 'l1:2' is not NORM:EPS"),
+        (["--adaptive-budgets", "linf:-1"], "--adaptive-budgets: 'linf:-1' is not NORM:EPS"),
+        (["--adaptive-steps", "0"], "--adaptive-steps must be at least 1, got 0"),
+        (["--adaptive-targets", "0"], "--adaptive-targets must be at least 1, got 0"),
+        (["--adaptive-kappa", "nan"], "--adaptive-kappa must be a number >= 0, got nan"),
+        (["--adaptive-weights", "1,x"], "--adaptive-weights: '1,x' is not positive numbers"),
+        (["--adaptive-weights", "0"], "--adaptive-weights: '0' is not positive numbers"),
     ],
 )
 def test_adaptive_image_ranges_out_of_the_split_are_refused_in_one_line(capsys, flag, said) -> None:
@@ -122,3 +130,21 @@ def test_adaptive_image_ranges_out_of_the_split_are_refused_in_one_line(capsys, 
     err = capsys.readouterr().err
     assert rc == 2 and said in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_attack_flags_make_the_budgets_and_the_defaults_are_the_documented_five() -> None:
+    from bench.cli import build_parser
+
+    parse = build_parser().parse_args
+    default = adaptive.attack_budgets(parse(["detection", "--adaptive"]))
+    assert [b.label for b in default] == ["L-inf 0.1", "L-inf 0.2", "L-inf 0.3", "L2 2", "L2 3"]
+    assert default == adaptive.budgets(False)
+    flags = ["--adaptive-budgets", "linf:0.3, l2:3", "--adaptive-steps", "500"]
+    flags += ["--adaptive-targets", "9", "--adaptive-kappa", "2", "--adaptive-weights", "1,100"]
+    got = adaptive.attack_budgets(parse(["detection", "--adaptive", *flags]))
+    assert got == [
+        adaptive.Budget("linf", 0.3, 500, 9, (1.0, 100.0), 2.0),
+        adaptive.Budget("l2", 3.0, 500, 9, (1.0, 100.0), 2.0),
+    ]
+    quick = adaptive.attack_budgets(parse(["detection", "--adaptive", "--quick", *flags]))
+    assert quick == adaptive.budgets(True)  # the smoke run keeps its own
