@@ -46,7 +46,7 @@ class Decision:
     flagged: bool  # flagged by any detector
     score: float  # fused normalised margin, >= 0 iff flagged
     label: int  # the label the model gave
-    corrected: int | None  # from the first flagged detector that offers one
+    corrected: int | None  # see Pipeline.evaluate: a label other than the claim
     evidence: tuple[Evidence, ...]
 
 
@@ -200,10 +200,24 @@ class Pipeline:
         flagged = np.logical_or.reduce(flags, axis=0)
         corrected = np.full(n, -1, dtype=np.int64)
         if flagged.any():
-            # fill from the last detector to the first, so the first flagged one wins
-            for s, f in zip(reversed(per), reversed(flags), strict=True):
-                if s.corrected is not None:
-                    corrected = np.where(f, s.corrected, corrected)
+            # On a flagged item: the first detector, in set order, that flagged it and
+            # whose label differs from the claimed one (a "correction" equal to the claim
+            # corrects nothing); where none did, the first whose label differs at all,
+            # flagged or not: the robust model, first in the hardened set, often
+            # disagrees below its own threshold on what MagNet flags, and its label is the
+            # better one (README "Adaptive attacks": fused corrected labels right on
+            # 0.93-0.99 of flagged L-inf and C&W attacks, against 0.82-0.99 taken from the
+            # first detector that flagged). Filled last to first, so the first wins.
+            claimed = np.asarray(batch.labels, np.int64)
+            fixes = [
+                (np.asarray(s.corrected, np.int64), f)
+                for s, f in zip(per, flags, strict=True)
+                if s.corrected is not None
+            ]
+            for fix, _ in reversed(fixes):
+                corrected = np.where(flagged & (fix >= 0) & (fix != claimed), fix, corrected)
+            for fix, f in reversed(fixes):
+                corrected = np.where(f & (fix >= 0) & (fix != claimed), fix, corrected)
         fused_score = np.maximum.reduce(margins, axis=0)
         return Fused(flagged, fused_score, corrected, per, flags, margins, scores)
 

@@ -10,8 +10,8 @@ ones (DeepFool, C&W) that sit right at the boundary. Feature squeezing also sees
 boundary but runs the model twice more per input: measured, it was ~87% of the controller's
 CPU under saturation, for no catch the two others miss; it stays a built-in detector and a
 baseline of ``openexample-bench detection``. DeSVig comes
-first because the fused verdict takes its corrected label from the first detector that
-flags an item, and DeSVig's (the closest class-conditional copy) is the better one on
+first because a flagged item's corrected label is the first detector's that differs from
+the claimed one, and DeSVig's (the closest class-conditional copy) is the better one on
 large perturbations; margin's (the runner-up class) on minimal ones.
 ``openexample-controller train default`` trains the set. MagNet, Defed, ISMN and UDDN
 (the denoiser family) are not in it, by the figures in README "The detector family": each
