@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         )
     det = sub.choices["detection"]
-    det.add_argument("--detectors", help="the fused pipeline (default: the trained default set)")
+    det.add_argument(
+        "--detectors",
+        help="the fused pipeline: detector names, comma-separated, or a named set (default,"
+        " hardened: with its own FPR shares); default: the default set",
+    )
     det.add_argument(
         "--fpr-shares",
         metavar="NAME=SHARE,...",
