@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -88,7 +89,7 @@ def attack_budgets(args: argparse.Namespace) -> list[Budget]:
             value = float(eps)
         except ValueError:
             value = float("nan")
-        if norm not in ("linf", "l2") or not value > 0 or value == float("inf"):
+        if norm not in ("linf", "l2") or not (value > 0 and math.isfinite(value)):
             raise ValueError(
                 f"--adaptive-budgets: {part.strip()!r} is not NORM:EPS (linf or l2, eps > 0)"
             )
@@ -99,13 +100,13 @@ def attack_budgets(args: argparse.Namespace) -> list[Budget]:
         raise ValueError(f"--adaptive-steps must be at least 1, got {steps}")
     if targets < 1:
         raise ValueError(f"--adaptive-targets must be at least 1, got {targets}")
-    if not 0 <= kappa < float("inf"):
+    if not (kappa >= 0 and math.isfinite(kappa)):
         raise ValueError(f"--adaptive-kappa must be a number >= 0, got {kappa}")
     try:
         weights = tuple(float(w) for w in getattr(args, "adaptive_weights", "0.1,1,10").split(","))
     except ValueError:
         weights = ()
-    if not weights or not all(0 < w < float("inf") for w in weights):
+    if not weights or not all(w > 0 and math.isfinite(w) for w in weights):
         raise ValueError(
             f"--adaptive-weights: {args.adaptive_weights!r} is not positive numbers, e.g. 0.1,1,10"
         )

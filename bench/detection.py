@@ -306,18 +306,16 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     return report, data | {"clean": (x, y), "budgets": budgets}
 
 
-def table_iv_defences(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    """Table IV's defences: ``--table-iv`` (sets separated by ';', detectors by ',';
-    ``default`` is the default set), else the run's pipeline alone."""
+def table_iv_defences(
+    args: argparse.Namespace,
+) -> list[tuple[tuple[str, ...], tuple[float, ...] | None]]:
+    """Table IV's defences as (detectors, FPR shares; None: even): ``--table-iv`` (sets
+    separated by ';', detectors by ','; a named set such as ``default`` or ``hardened``
+    with its own split), else the run's pipeline alone (its ``--fpr-shares``)."""
     spec = getattr(args, "table_iv", None)
     if not spec:
-        return [_names(args)]
-    out = []
-    for part in spec.split(";"):
-        part = part.strip()
-        if part:
-            out.append(detector_set(part)[0])
-    return out
+        return [(_names(args), _shares(args))]
+    return [detector_set(part.strip()) for part in spec.split(";") if part.strip()]
 
 
 def _onnx(args: argparse.Namespace) -> bool:
@@ -609,10 +607,9 @@ def run(args: argparse.Namespace) -> int:
     subj = subject(args, Path("var/cache"))
     report, data = evaluate(args, subj)
     defences = table_iv_defences(args)
-    # each set's own FPR split (a named set's), the run's pipeline by its flags
-    shares = {names: detector_set(",".join(names))[1] for names in defences}
-    shares[_names(args)] = _shares(args)
-    report["table_iv"] = run_table_iv(subj, data, defences, args.table_iv_n, shares=shares)
+    report["table_iv"] = run_table_iv(
+        subj, data, [names for names, _ in defences], args.table_iv_n, shares=dict(defences)
+    )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = Path(args.json) if args.json else out / "detection.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -189,6 +189,21 @@ def test_named_sets_bring_their_detectors_and_shares() -> None:
         detector_set("hardened", "robust=0.5,desvig=0.2,margin=0.3")
 
 
+def test_table_iv_defences_keep_each_named_sets_own_split() -> None:
+    from bench.cli import build_parser
+    from bench.detection import table_iv_defences
+
+    parse = build_parser().parse_args
+    got = table_iv_defences(parse(["detection", "--table-iv", "hardened; default;magnet"]))
+    assert got == [
+        (HARDENED_DETECTORS, HARDENED_SHARES),
+        (("desvig", "margin"), None),
+        (("magnet",), None),
+    ]
+    run = ["detection", "--detectors", "robust,margin", "--fpr-shares", "robust=0.7,margin=0.3"]
+    assert table_iv_defences(parse(run)) == [(("robust", "margin"), (0.7, 0.3))]
+
+
 def test_train_and_bench_refuse_a_named_set_with_shares_that_do_not_fit(tmp_path, capsys) -> None:
     out_dir = tmp_path / "out"
     rc = controller_main(["train", "hardened", "--fpr-shares", "robust=1", "--out", str(out_dir)])

@@ -219,11 +219,13 @@ class Detector(ABC):
         os.replace(tmp, path / MANIFEST)  # last: a manifest means a complete artifact
 
     @classmethod
-    def settings(cls) -> tuple[str, ...]:
-        """The keyword settings the constructor takes (an artifact's ``config`` keys)."""
+    def unknown_settings(cls, config: Mapping[str, Any]) -> list[str]:
+        """The keys of an artifact's ``config`` the constructor does not take (written by
+        another version of the detector), sorted."""
         params = inspect.signature(cls.__init__).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return tuple(p.name for p in params if p.kind in kinds and p.name != "self")
+        takes = {p.name for p in params if p.kind in kinds and p.name != "self"}
+        return sorted(set(config) - takes)
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
@@ -237,7 +239,7 @@ class Detector(ABC):
         if manifest.get("name") != cls.name:
             raise ValueError(f"{path} holds a {manifest.get('name')!r} detector, not {cls.name!r}")
         config = manifest.get("config", {})
-        unknown = sorted(set(config) - set(cls.settings()))
+        unknown = cls.unknown_settings(config)
         if unknown:  # written by another version of the detector: refused by name
             raise ValueError(
                 f"{path}: this version's {cls.name} detector has no setting"

@@ -202,11 +202,10 @@ class Pipeline:
         if flagged.any():
             # On a flagged item: the first detector, in set order, that flagged it and
             # whose label differs from the claimed one (a "correction" equal to the claim
-            # corrects nothing); where none did, the first whose label differs at all,
-            # flagged or not: the robust model, first in the hardened set, often
-            # disagrees below its own threshold on what MagNet flags, and its label is the
-            # better one (README "Adaptive attacks": fused corrected labels right on
-            # 0.93-0.99 of flagged L-inf and C&W attacks, against 0.82-0.99 taken from the
+            # corrects nothing); where none did, the first whose label differs at all:
+            # the robust model often disagrees below its own threshold on what MagNet
+            # flags, and its label is the better one (README "The hardened set": right on
+            # 0.91-0.99 of flagged L-inf and C&W L2/L-inf inputs, 0.82-0.99 taken from the
             # first detector that flagged). Filled last to first, so the first wins.
             claimed = np.asarray(batch.labels, np.int64)
             fixes = [

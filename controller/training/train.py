@@ -284,10 +284,10 @@ def artifact_is_current(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     try:
-        settings = set(detectors.get(manifest.get("name", "")).settings())
+        cls = detectors.get(manifest.get("name", ""))
     except ValueError:  # not a registered detector: its settings cannot be checked here
-        settings = set(manifest.get("config", {}))
-    if set(manifest.get("config", {})) - settings:
+        cls = None
+    if cls is not None and cls.unknown_settings(manifest.get("config", {})):
         return False
     return manifest.get("calibration", {}).get("method") == CALIBRATION
 
