@@ -265,7 +265,10 @@ def run(args: argparse.Namespace) -> int:
     model_path = own or ensure_example_model(cache, dataset)
     # a named set (``hardened``) brings its own shares; None: even
     names, shares = detector_set(args.detectors, getattr(args, "fpr_shares", None))
-    paths = ensure_artifacts(names, dataset=dataset, cache=cache, model=own, shares=shares)
+    on = getattr(args, "calibrate_on", None) or "all"
+    paths = ensure_artifacts(
+        names, dataset=dataset, cache=cache, model=own, shares=shares, calibrate_on=on
+    )
     predict = model_fn(model_path)
     dets = [Detector.load(p) for p in paths]
     for d in dets:
@@ -293,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         "detectors": [d.name for d in dets],
         "thresholds": {d.name: d.threshold for d in dets},
         "fused_fpr": fpr,
+        "calibrated_on": dets[0].meta.get("calibrated_on", {"inputs": "all"}),
         # each detector's part of the budget, as its artifact records it (even: 1 / n)
         "fpr_shares": {d.name: d.meta.get("fpr_share", 1 / len(dets)) for d in dets},
         "skipped": skipped,
@@ -347,7 +351,9 @@ def run(args: argparse.Namespace) -> int:
 def markdown(report: dict) -> str:
     lines = [
         f"Adaptive white-box attacks on {'+'.join(report['detectors'])}"
-        f" (fused FPR {report['fused_fpr']:g}), {report['n_attacked']} test images the"
+        f" (fused FPR {report['fused_fpr']:g}, calibrated on"
+        f" {report.get('calibrated_on', {}).get('inputs', 'all')} clean inputs),"
+        f" {report['n_attacked']} test images the"
         " system gets right when clean.",
         "",
         f"Attack: {report['attack']}.",

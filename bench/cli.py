@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         " rows are then measured with these shares and, beside them, with even ones",
     )
     det.add_argument(
+        "--calibrate-on",
+        choices=("all", "right"),
+        default="all",
+        help="the clean calibration inputs that set the thresholds: all (default) or right"
+        " (those the model classifies correctly: the FPR target then bounds false alarms on"
+        " correct outputs); the report gives clean test inputs flagged both ways",
+    )
+    det.add_argument(
         "--table-iv",
         metavar="SETS",
         help="Table IV's defences: detector sets separated by ';' (e.g."

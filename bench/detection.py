@@ -48,7 +48,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
-from controller.training.train import detector_set, ensure_artifacts
+from controller.training.train import calibration_inputs, detector_set, ensure_artifacts
 from openexample.digests import file_digest
 
 FPRS = (0.01, 0.05)
@@ -64,24 +64,34 @@ class Subject:
     dataset: str
     own: bool = False
 
+    calibrate_on: str = "all"  # train.CALIBRATE_ON
+
     def artifacts(
         self, names: tuple[str, ...], cache: Path, shares: tuple[float, ...] | None = None
     ) -> list[Path]:
         """The detector set ``names`` trained for this model (cached), its FPR budget
-        split by ``shares`` (None: evenly)."""
+        split by ``shares`` (None: evenly), calibrated on ``calibrate_on``."""
         own = self.model if self.own else None
-        return ensure_artifacts(names, dataset=self.dataset, cache=cache, model=own, shares=shares)
+        return ensure_artifacts(
+            names,
+            dataset=self.dataset,
+            cache=cache,
+            model=own,
+            shares=shares,
+            calibrate_on=self.calibrate_on,
+        )
 
 
 def subject(args: argparse.Namespace, cache: Path, *, train: bool = True) -> Subject:
     """The run's model: ``--model``, else the example model of ``--dataset`` (trained
     now, unless ``train`` is false: then only where it would be)."""
     dataset = getattr(args, "dataset", None) or "mnist5k"
+    on = getattr(args, "calibrate_on", None) or "all"
     if getattr(args, "model", None):
-        return Subject(Path(args.model).resolve(), dataset, own=True)
+        return Subject(Path(args.model).resolve(), dataset, own=True, calibrate_on=on)
     if train:
-        return Subject(ensure_example_model(cache, dataset), dataset)
-    return Subject(cache / _slug(dataset) / "model.pt", dataset)
+        return Subject(ensure_example_model(cache, dataset), dataset, calibrate_on=on)
+    return Subject(cache / _slug(dataset) / "model.pt", dataset, calibrate_on=on)
 
 
 def load_pipeline(subj: Subject, cache: Path, names: tuple[str, ...]) -> list[Detector]:
@@ -174,7 +184,9 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     clean_logits = predict(x)
     clean_pred = clean_logits.argmax(1)
     right = clean_pred == y
-    cal_x = splits.calibration.x
+    # the thresholds' clean inputs: all of the calibration split, or (--calibrate-on
+    # right) those the model gets right, as ``train`` picks them
+    cal_x, calibrated_on = calibration_inputs(splits.calibration, predict, subj.calibrate_on)
     cal = Batch(cal_x, predict(cal_x), predict(cal_x).argmax(1))
     clean = Batch(x, clean_logits, clean_pred)
     cal_scores = {d.name: np.asarray(d.score(cal).scores) for d in dets}
@@ -232,8 +244,21 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         "baselines": list(baselines),
         "skipped": skipped,
         "fpr_shares": dict(zip(pipes[FPRS[0]].names, pipes[FPRS[0]].shares, strict=True)),
+        "calibrated_on": calibrated_on,
         "fused_fpr_on_clean": {
             str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in pipes.items()
+        },
+        # the same split in two: what the model gets right (false alarms on correct
+        # outputs) and its own mistakes (flagging those stops a wrong output)
+        "fused_flagged_clean_right": {
+            str(f): round(float(p.evaluate(clean).flagged[right].mean()), 4)
+            for f, p in pipes.items()
+        },
+        "fused_flagged_clean_wrong": {
+            str(f): round(float(p.evaluate(clean).flagged[~right].mean()), 4)
+            if (~right).any()
+            else None
+            for f, p in pipes.items()
         },
         "attacks": [],
     }
@@ -459,6 +484,17 @@ def markdown(report: dict) -> str:
         f" {report.get('dataset', 'mnist5k')} test images;"
         f" fused FPR on clean {report['fused_fpr_on_clean']}.",
         "",
+    ]
+    if "fused_flagged_clean_right" in report:
+        on = report.get("calibrated_on", {})
+        lines += [
+            f"Calibrated on {on.get('inputs', 'all')} clean inputs ({on.get('n', '?')} of the"
+            " calibration split); clean test inputs flagged where the model is right"
+            f" {report['fused_flagged_clean_right']}, where it is wrong"
+            f" {report['fused_flagged_clean_wrong']}.",
+            "",
+        ]
+    lines += [
         "TPR at 1% FPR (AUC) over successful adversarials:",
         "",
         "| attack | success | L2 | Linf | " + " | ".join(names) + " |",

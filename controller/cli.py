@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate for agents with this privacy noise (their `privacy` spec, e.g."
         " gaussian:16384; README, Privacy noise); default: none",
     )
+    t.add_argument(
+        "--calibrate-on",
+        choices=("all", "right"),
+        default="all",
+        help="the clean calibration inputs that set the thresholds: all (default; --fpr"
+        " then bounds false alarms on every clean input, the model's own mistakes included)"
+        " or right (only those the model classifies correctly: --fpr bounds false alarms on"
+        " correct outputs, and the model's confident mistakes may be flagged too)",
+    )
 
     return p
 

@@ -34,7 +34,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,12 @@ NAMED_SETS: dict[str, tuple[tuple[str, ...], tuple[float, ...] | None]] = {
     "default": (DEFAULT_DETECTORS, None),
     "hardened": (HARDENED_DETECTORS, HARDENED_SHARES),
 }
+# Which clean calibration inputs set the thresholds: "all" of them (the FPR promise covers
+# every clean input, the model's own mistakes included) or those the model gets "right"
+# (the promise covers correct outputs; the model's confident mistakes may then be flagged,
+# which is what a user who wants wrong outputs stopped asks for: README "Calibrate on what
+# the model gets right").
+CALIBRATE_ON = ("all", "right")
 
 
 def detector_set(
@@ -99,9 +105,14 @@ def build_artifacts(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     privacy: PrivacyNoise | str | None = None,
     shares: Sequence[float] | None = None,
+    calibrate_on: str = "all",
 ) -> list[Path]:
     """Fit ``names`` (None: ``DEFAULT_DETECTORS``) on the dataset's train split, calibrate
     them jointly, save each to out/NAME.
+
+    ``calibrate_on`` (``CALIBRATE_ON``): "all" calibrates on every clean calibration
+    input; "right" only on those the model classifies correctly, so the FPR target is a
+    promise about correct outputs (the manifests and calibration.json record which).
 
     ``shares``: each detector's part of the ``fpr`` budget, in the order of ``names``
     (positive, summing to 1; None: even); each manifest records its ``fpr_share`` and
@@ -117,6 +128,7 @@ def build_artifacts(
     options = options or {}
     if shares is not None:  # refused before minutes of fitting
         check_shares(names, shares)
+    check_calibrate_on(calibrate_on)
     ds = datasets.load(dataset)
     splits = ds.split()
     model_path = Path(model_path or ensure_example_model(cache, dataset)).resolve()
@@ -145,11 +157,12 @@ def build_artifacts(
         # training time on this machine (a model cached from an earlier set costs ~0)
         det.meta["fit_seconds"] = round(seconds, 1)
         dets.append(det)
-    noise = noise_for(privacy, splits.calibration.x.shape[1:])
-    clean = calibration_batch(splits.calibration.x, predict, noise)
+    cal_x, calibrated_on = calibration_inputs(splits.calibration, predict, calibrate_on)
+    noise = noise_for(privacy, cal_x.shape[1:])
+    clean = calibration_batch(cal_x, predict, noise)
     pipe = Pipeline(dets, fpr, shares)
     pipe.calibrate(clean)
-    report = pipe.calibration_report(clean)
+    report = {**pipe.calibration_report(clean), "calibrated_on": calibrated_on}
     paths = []
     # what the set was trained for, checked later: the model a connecting agent runs
     # (FEATURES' model_digest) and the data (a later retraining on other data shows)
@@ -162,11 +175,32 @@ def build_artifacts(
         det.meta["data_digest"] = data_digest
         det.meta["fused_with"] = names
         det.meta["privacy"] = noise.to_dict()
+        det.meta["calibrated_on"] = calibrated_on
         path = out / det.name
         det.save(path)
         paths.append(path)
     (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     return paths
+
+
+def check_calibrate_on(value: str) -> str:
+    """``value`` if it is one of ``CALIBRATE_ON``; ValueError in one line otherwise."""
+    if value not in CALIBRATE_ON:
+        raise ValueError(f"calibrate_on must be one of {', '.join(CALIBRATE_ON)}, got {value!r}")
+    return value
+
+
+def calibration_inputs(
+    split: datasets.Dataset, predict: Callable[[np.ndarray], np.ndarray], calibrate_on: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The clean inputs thresholds are calibrated on (``build_artifacts``), and what the
+    manifests record of them: which, how many, and the model's accuracy on the split."""
+    x, y = split.x, np.asarray(split.y)
+    right = np.asarray(predict(x)).argmax(axis=1) == y
+    if check_calibrate_on(calibrate_on) == "right":
+        x = x[right]
+    about = {"inputs": calibrate_on, "n": len(x), "model_accuracy": float(right.mean())}
+    return x, about
 
 
 def artifacts_folder(
@@ -178,6 +212,7 @@ def artifacts_folder(
     model: str | Path | None = None,
     privacy: str | None = None,
     shares: Sequence[float] | None = None,
+    calibrate_on: str = "all",
 ) -> Path:
     """Where ``ensure_artifacts`` keeps a detector set.
 
@@ -186,7 +221,7 @@ def artifacts_folder(
     the start of its sha256: two model files never share artifacts, and a model file
     changed in place gets new ones. ``@FPR`` is appended for a target other than 1%,
     ``%S1-S2-...`` for uneven FPR ``shares``, ``~SPEC`` for a ``privacy`` spec other than
-    none.
+    none, ``^right`` when calibrated on what the model gets right.
     """
     names = tuple(names or DEFAULT_DETECTORS)
     base = Path(cache) / "artifacts" / _slug(dataset)
@@ -199,6 +234,8 @@ def artifacts_folder(
         out = out.with_name(f"{out.name}%{'-'.join(f'{s:g}' for s in shares)}")
     if privacy is not None and PrivacyNoise.parse(privacy).on:
         out = out.with_name(f"{out.name}~{_slug(str(PrivacyNoise.parse(privacy)))}")
+    if check_calibrate_on(calibrate_on) != "all":
+        out = out.with_name(f"{out.name}^{calibrate_on}")
     return out
 
 
@@ -211,6 +248,7 @@ def ensure_artifacts(
     model: str | Path | None = None,
     privacy: str | None = None,
     shares: Sequence[float] | None = None,
+    calibrate_on: str = "all",
 ) -> list[Path]:
     """Artifacts of a detector set calibrated together, built once and cached.
 
@@ -225,7 +263,14 @@ def ensure_artifacts(
         if _even(shares):
             shares = None  # the even split's folder and calibration
     out = artifacts_folder(
-        names, dataset=dataset, cache=cache, fpr=fpr, model=model, privacy=privacy, shares=shares
+        names,
+        dataset=dataset,
+        cache=cache,
+        fpr=fpr,
+        model=model,
+        privacy=privacy,
+        shares=shares,
+        calibrate_on=calibrate_on,
     )
     paths = [out / n for n in names]
     if not all(artifact_is_current(p) for p in paths):
@@ -238,6 +283,7 @@ def ensure_artifacts(
             cache=cache,
             privacy=privacy,
             shares=shares,
+            calibrate_on=calibrate_on,
         )
     return paths
 
@@ -404,6 +450,7 @@ def train_command(args: argparse.Namespace) -> int:
             cache=Path(args.cache),
             privacy=privacy,
             shares=shares,
+            calibrate_on=getattr(args, "calibrate_on", "all"),
         )
     except (ValueError, RuntimeError, OSError) as exc:  # one line, not a traceback
         print(
