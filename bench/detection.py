@@ -43,13 +43,15 @@ from bench.attacks import (
     generate,
     standard_attacks,
 )
+from controller.correction import CorrectionPolicy
 from controller.detectors.base import Batch, Detector, conformal_threshold
-from controller.detectors.fusion import Pipeline
+from controller.detectors.fusion import Fused, Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
 from controller.training.train import calibration_inputs, detector_set, ensure_artifacts
 from openexample.digests import file_digest
+from openexample.v1 import openexample_pb2 as pb
 
 FPRS = (0.01, 0.05)
 BID_TRAINING_ATTACK = AttackSpec("FGSM", "FastGradientMethod", {"eps": 0.3}, eps=0.3)
@@ -301,6 +303,7 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
                 flagged = ev.flagged & (ev.corrected >= 0)
                 acc = np.mean(ev.corrected[flagged] == y[ok][flagged]) if flagged.any() else None
                 fused["corrected_accuracy"] = None if acc is None else round(float(acc), 4)
+                fused.update(delivered_corrections(ev, y[ok]))
                 clean_ev = clean_fused[f]
                 fused["auc"] = round(
                     float(
@@ -329,6 +332,30 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
             budgets[spec.name] = spec.budget
     data = {"rocs": rocs, "operating": operating, "adversarial": adversarial}
     return report, data | {"clean": (x, y), "budgets": budgets}
+
+
+def delivered_corrections(ev: Fused, truth: np.ndarray) -> dict[str, float | None]:
+    """What ``on_adversarial: correct`` (``CorrectionPolicy``, the default
+    ``correct_min_agree``) hands out on these flagged items, decided by the controller's
+    own code: the share of flagged items released with a corrected label (the rest are
+    dropped) and how many of those labels are right."""
+    policy = CorrectionPolicy("correct")
+    fixes = [None if s.corrected is None else np.asarray(s.corrected) for s in ev.per_detector]
+    flagged = np.flatnonzero(ev.flagged)
+    if flagged.size == 0:
+        return {"corrected_delivered": None, "delivered_accuracy": None}
+    out = np.array(
+        [
+            policy.action(int(ev.corrected[i]), [None if f is None else int(f[i]) for f in fixes])
+            == pb.VERDICT_ACTION_CORRECT
+            for i in flagged
+        ]
+    )
+    right = ev.corrected[flagged[out]] == truth[flagged[out]]
+    return {
+        "corrected_delivered": round(float(out.mean()), 4),
+        "delivered_accuracy": round(float(right.mean()), 4) if out.any() else None,
+    }
 
 
 def table_iv_defences(
@@ -554,6 +581,23 @@ def markdown(report: dict) -> str:
             ]
             label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Delivered under `on_adversarial: correct` (correct_min_agree 2): the share of"
+            " flagged inputs released with a corrected label (the rest dropped), and how"
+            " many of those labels are right:",
+            "",
+            "| attack | delivered | right |",
+            "|---|---|---|",
+        ]
+        for a in report["attacks"]:
+            fused = a["detectors"][-1]
+            got, right = fused.get("corrected_delivered"), fused.get("delivered_accuracy")
+            label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
+            lines.append(
+                f"| {label} | {'-' if got is None else f'{got:.3f}'} |"
+                f" {'-' if right is None else f'{right:.3f}'} |"
+            )
     fits = {k: v for k, v in report.get("fit_seconds", {}).items() if v is not None}
     if fits:
         lines += ["", "Training time (s): " + ", ".join(f"{k} {v:g}" for k, v in fits.items())]
