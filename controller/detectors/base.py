@@ -277,7 +277,7 @@ def conformal_rank(n: int, alpha: float) -> int:
             f"{n} clean calibration inputs are too few for a false-positive rate of"
             f" {alpha:g}: split-conformal calibration needs at least {need}; give more"
             " calibration data or a larger fpr (a set of k detectors calibrates each at"
-            " fpr / k)"
+            " fpr / k, or at fpr x its --fpr-shares share)"
         )
     return k
 
