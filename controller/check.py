@@ -55,6 +55,14 @@ def summary(cfg: Config, scorers: dict[str, FusedScorer]) -> list[str]:
                 lines.append(f"  trained with {key.replace('_', ' ')} {digests.pop()}")
         if want is not None:  # an agent with other noise is refused at FEATURES
             lines.append(f"  calibrated for agents with privacy noise {want.privacy}")
+        ons = {str(d.meta.get("calibrated_on", {}).get("inputs", "all")) for d in dets}
+        if len(ons) > 1:
+            lines.append("  WARNING: the detectors were calibrated on different clean inputs")
+        elif ons == {"right"}:  # the FPR promise is about correct outputs only
+            lines.append(
+                f"  calibrated on the clean inputs the model gets right: fpr {mcfg.fpr} bounds"
+                " false alarms on correct outputs; the model's own mistakes may be flagged too"
+            )
         if want is not None and want.activations:
             read = ", ".join(f"{n} {s}" for n, s in want.activations)
             source = {

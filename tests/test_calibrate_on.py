@@ -47,7 +47,7 @@ def test_right_gets_its_own_artifact_folder(tmp_path) -> None:
 
 
 def test_a_right_calibrated_threshold_is_the_conformal_one_over_the_right_inputs(
-    tmp_path, example_model
+    tmp_path, example_model, capsys
 ) -> None:
     """Built for real (margin: nothing to fit), both ways: each threshold is the
     split-conformal one over the scores of its own calibration inputs, and the manifests
@@ -77,6 +77,16 @@ def test_a_right_calibrated_threshold_is_the_conformal_one_over_the_right_inputs
     # the threshold on the margin score is stricter at the same target
     every, right_only = (Detector.load(tmp_path / on / "margin") for on in ("all", "right"))
     assert right_only.threshold < every.threshold
+    # ``check`` says what the promise covers, and only for right-calibrated sets
+    from tests.test_check import _check, _config
+
+    said = "calibrated on the clean inputs the model gets right"
+    for on in ("all", "right"):
+        folder = tmp_path / f"check-{on}"
+        folder.mkdir()
+        rc, out, err = _check(_config(folder, [tmp_path / on / "margin"]), capsys)
+        assert rc == 0, err
+        assert (said in out) == (on == "right"), out
 
 
 def test_train_refuses_an_unknown_choice_in_one_line(tmp_path, capsys) -> None:
