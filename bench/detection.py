@@ -228,6 +228,7 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         baselines["binary_input_detector"] = lambda v: bid.detector.predict(v)[:, 1]
     for name, fn in baselines.items():
         cal_scores[name], clean_scores[name] = fn(cal_x), fn(x)
+    clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
     report: dict[str, Any] = {
         "schema": "openexample.bench.detection/1",
         "dataset": subj.dataset,
@@ -248,19 +249,16 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         "fpr_shares": dict(zip(pipes[FPRS[0]].names, pipes[FPRS[0]].shares, strict=True)),
         "calibrated_on": calibrated_on,
         "fused_fpr_on_clean": {
-            str(f): round(float(p.evaluate(clean).flagged.mean()), 4) for f, p in pipes.items()
+            str(f): round(float(ev.flagged.mean()), 4) for f, ev in clean_fused.items()
         },
         # the same split in two: what the model gets right (false alarms on correct
         # outputs) and its own mistakes (flagging those stops a wrong output)
         "fused_flagged_clean_right": {
-            str(f): round(float(p.evaluate(clean).flagged[right].mean()), 4)
-            for f, p in pipes.items()
+            str(f): round(float(ev.flagged[right].mean()), 4) for f, ev in clean_fused.items()
         },
         "fused_flagged_clean_wrong": {
-            str(f): round(float(p.evaluate(clean).flagged[~right].mean()), 4)
-            if (~right).any()
-            else None
-            for f, p in pipes.items()
+            str(f): round(float(ev.flagged[~right].mean()), 4) if (~right).any() else None
+            for f, ev in clean_fused.items()
         },
         "attacks": [],
     }
@@ -272,7 +270,6 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     budgets: dict[str, str] = {}
     rocs: dict[str, dict[str, tuple]] = {}
     operating: dict[str, tuple[float, float]] = {}  # fused at FPRS[0]: (clean FPR, TPR)
-    clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
     for spec in tqdm(select_attacks(args), desc="attacks", unit="attack"):
         adv = generate(spec, clf, model, x, cache, args.seed)
         adv_pred = predict(adv).argmax(1)

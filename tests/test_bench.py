@@ -128,6 +128,17 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
         assert {"feature_squeezing", "binary_input_detector"} <= set(names)
         for d in a["detectors"]:
             assert set(d["tpr_at_fpr"]) == {"0.01", "0.05"}
+        fused = a["detectors"][-1]  # what on_adversarial: correct would hand out
+        assert 0 <= fused["corrected_delivered"] <= 1
+        assert fused["delivered_accuracy"] is None or 0 <= fused["delivered_accuracy"] <= 1
+    # clean flagged, split by whether the model was right (calibrated on all inputs)
+    assert report["calibrated_on"]["inputs"] == "all" and report["calibrated_on"]["n"] == 1000
+    acc = report["clean_accuracy"]
+    for f in ("0.01", "0.05"):  # the two parts average back to the whole
+        right = report["fused_flagged_clean_right"][f]
+        wrong = report["fused_flagged_clean_wrong"][f] or 0.0  # None: no mistakes
+        whole = acc * right + (1 - acc) * wrong
+        assert whole == pytest.approx(report["fused_fpr_on_clean"][f], abs=2e-3)
     rows = [(r["defence"], r["set"]) for r in report["table_iv"]]
     sets = ["baseline", "FGSM", "R+FGSM", "DeepFool"]
     assert rows == [("margin", s) for s in sets] + [("desvig+margin", s) for s in sets]
@@ -152,6 +163,7 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
     assert md.count(head) == 2  # over every attacked input, and over the fooled ones
     assert "\n| none | " in md and "\n| margin | " in md and "\n| desvig+margin | " in md
     assert "The paper's Table IV" in md and "FGSM: L-inf eps 0.3;" in md
+    assert "Delivered under `on_adversarial: correct`" in md
     assert sorted(p.name for p in out.glob("roc_*.png"))
 
 
