@@ -95,3 +95,23 @@ def test_train_refuses_an_unknown_choice_in_one_line(tmp_path, capsys) -> None:
     _, err = capsys.readouterr()
     assert exit_.value.code == 2 and "invalid choice: 'most'" in err
     assert "Traceback" not in err
+
+
+def test_too_few_right_inputs_for_a_share_are_refused_before_fitting(
+    tmp_path, example_model, capsys
+) -> None:
+    """hardened's 0.1% for DeSVig needs 999 calibration inputs; the example model gets
+    fewer of the 1,000 right: one line naming the detector and the way out, and nothing
+    fitted."""
+    from tests.conftest import CACHE
+
+    out = tmp_path / "set"
+    rc = controller_main(
+        ["train", "hardened", "--calibrate-on", "right", "--out", str(out), "--cache", str(CACHE)]
+    )
+    _, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "calibration inputs right: too few for desvig's part of the budget" in err, err
+    assert "needs 999); give desvig a larger --fpr-shares share" in err, err
+    assert "fitting" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

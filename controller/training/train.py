@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from controller import detectors
-from controller.detectors.base import CALIBRATION, read_manifest
+from controller.detectors.base import CALIBRATION, conformal_rank, read_manifest
 from controller.detectors.fusion import Pipeline, check_shares
 from controller.reference_model import is_onnx, model_fn, model_format, needing_module
 from controller.training import datasets
@@ -142,6 +143,10 @@ def build_artifacts(
     if refusal is not None:
         raise ValueError(refusal)
     predict = model_fn(model_path)
+    cal_x, calibrated_on = calibration_inputs(splits.calibration, predict, calibrate_on)
+    noise = noise_for(privacy, cal_x.shape[1:])
+    clean = calibration_batch(cal_x, predict, noise)
+    enough_to_calibrate(names, shares, fpr, calibrated_on, len(clean))  # before fitting
     dets = []
     for name in names:
         t0 = time.perf_counter()
@@ -163,9 +168,6 @@ def build_artifacts(
         # training time on this machine (a model cached from an earlier set costs ~0)
         det.meta["fit_seconds"] = round(seconds, 1)
         dets.append(det)
-    cal_x, calibrated_on = calibration_inputs(splits.calibration, predict, calibrate_on)
-    noise = noise_for(privacy, cal_x.shape[1:])
-    clean = calibration_batch(cal_x, predict, noise)
     pipe = Pipeline(dets, fpr, shares)
     pipe.calibrate(clean)
     report = {**pipe.calibration_report(clean), "calibrated_on": calibrated_on}
@@ -207,6 +209,35 @@ def calibration_inputs(
         x = x[right]
     about = {"inputs": calibrate_on, "n": len(x), "model_accuracy": float(right.mean())}
     return x, about
+
+
+def enough_to_calibrate(
+    names: Sequence[str],
+    shares: Sequence[float] | None,
+    fpr: float,
+    calibrated_on: dict,
+    batch: int,
+) -> None:
+    """ValueError in one line, naming the detector and the way out, when the calibration
+    batch (``batch`` items: ``calibration_inputs``, times the privacy draws) is too small
+    for the smallest share of ``fpr``."""
+    parts = list(shares) if shares is not None else [1 / len(names)] * len(names)
+    share, name = min(zip(parts, names, strict=True))
+    alpha = fpr * share
+    try:
+        conformal_rank(batch, alpha)
+    except ValueError:
+        need = math.ceil((1.0 - alpha) / alpha - 1e-9)
+        which = (
+            f"the model gets {calibrated_on['n']} of the calibration inputs right"
+            if calibrated_on["inputs"] == "right"
+            else f"the calibration split has {calibrated_on['n']} inputs"
+        )
+        raise ValueError(
+            f"{which}: too few for {name}'s part of the budget (fpr {fpr:g} x share"
+            f" {share:g} = {alpha:g} needs {need}); give {name} a larger --fpr-shares share"
+            " or use a larger --fpr"
+        ) from None
 
 
 def artifacts_folder(
