@@ -9,6 +9,8 @@ import pytest
 
 from controller import config
 from controller.correction import CorrectionPolicy
+from controller.detectors.base import Batch, Detector, Scores
+from controller.detectors.fusion import Pipeline
 from controller.pipeline import load_scorers
 from controller.reference_model import model_fn
 from openexample.errors import ConfigError
@@ -106,3 +108,63 @@ def test_agents_hand_out_the_corrected_label(controller, artifacts, example_mode
         assert g(clean[0]).label == g(clean[0]).model_label
     finally:
         g.close()
+
+
+class _Column(Detector):
+    """Scores are one column of the inputs; corrected labels the claim, as DeSVig's are
+    below its own threshold; ``relabel`` gives ``fill`` (None: not at all)."""
+
+    can_purify = True
+
+    def __init__(self, name: str, column: int, fill: int | None) -> None:
+        super().__init__()
+        self.name, self.column, self.fill = name, column, fill  # type: ignore[misc]
+        self.asked: list[int] = []
+
+    def score(self, batch: Batch) -> Scores:
+        s = np.asarray(batch.inputs, np.float64)[:, self.column]
+        return Scores(s, np.asarray(batch.labels, np.int64).copy())
+
+    def relabel(self, batch: Batch) -> np.ndarray | None:
+        self.asked.append(len(batch))
+        return None if self.fill is None else np.full(len(batch), self.fill, np.int64)
+
+
+def test_purifiers_label_what_another_detector_flagged_and_only_that() -> None:
+    """Item 0 flagged by a only, 1 by b only, 2 by both, 3 by neither: each detector is
+    asked to relabel just the flagged items it did not flag itself, and its own labels
+    stand elsewhere; a detector without labels to give (None) keeps its own."""
+    a, b, c = _Column("a", 0, 7), _Column("b", 1, 8), _Column("c", 2, None)
+    for d in (a, b, c):
+        d.threshold, d.fpr = 0.5, 0.01
+    x = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]], np.float64)
+    claimed = np.array([1, 2, 3, 4])
+    fused = Pipeline([a, b, c], 0.03).evaluate(Batch(x, None, claimed))
+    assert fused.flagged.tolist() == [True, True, True, False]
+    got = [s.corrected.tolist() for s in fused.per_detector]
+    assert got == [[1, 7, 3, 4], [8, 2, 3, 4], [1, 2, 3, 4]]
+    assert (a.asked, b.asked, c.asked) == ([1], [1], [3])
+    # the fused label: the first flagged detector's that differs, else the first at all
+    assert fused.corrected.tolist() == [8, 7, -1, -1]
+
+
+def test_desvig_gives_its_closest_copy_label_for_what_margin_flagged(artifacts, fgsm):
+    """The default set, DeSVig's threshold moved out of reach and margin's to the first
+    half's scores: where margin flags, DeSVig's label in the evidence is its closest
+    class copy's (``class_distances``), not the claim; elsewhere it stays the claim."""
+    dets = [Detector.load(p) for p in artifacts]
+    j = [d.name for d in dets].index("desvig")
+    desvig, margin = dets[j], dets[1 - j]
+    _, adv = fgsm
+    x = adv[:20]
+    logits = model_fn(str(desvig.meta["model"]))(x)
+    batch = Batch(x, logits, logits.argmax(1))
+    desvig.threshold = np.inf
+    margin.threshold = float(np.median(margin.score(batch).scores))
+    fused = Pipeline(dets, 0.01).evaluate(batch)
+    assert fused.flagged.any() and not fused.flagged.all() and not fused.flags[j].any()
+    want = desvig.class_distances(x[fused.flagged]).argmin(axis=1)
+    labels = fused.per_detector[j].corrected
+    assert labels[fused.flagged].tolist() == want.tolist()
+    assert (labels[~fused.flagged] == batch.labels[~fused.flagged]).all()
+    assert (want != batch.labels[fused.flagged]).any()  # it does correct something

@@ -178,6 +178,13 @@ class Detector(ABC):
         }
         return self.threshold
 
+    def relabel(self, batch: Batch) -> np.ndarray | None:
+        """Corrected labels [N] for items the fused pipeline flagged but this detector did
+        not, or None when ``score``'s own labels stand. A purifier that computes its label
+        only above its own threshold (to save time on clean traffic: DeSVig) gives it here,
+        so that ``on_adversarial: correct`` can count it as a second opinion."""
+        return None
+
     def flag(self, scores: np.ndarray) -> np.ndarray:
         """scores >= threshold, as a bool array."""
         if self.threshold is None:

@@ -63,6 +63,36 @@ class Fused:
     scores: np.ndarray  # [D, N] float64: each detector's scores, stacked
 
 
+def _relabelled(
+    dets: Sequence[Detector],
+    per: tuple[Scores, ...],
+    batch: Batch,
+    flagged: np.ndarray,
+    flags: np.ndarray,
+) -> tuple[Scores, ...]:
+    """``per`` with each purifier's label filled in (``Detector.relabel``) on the items
+    the pipeline flagged and it did not: one more opinion for the corrected label and for
+    ``on_adversarial: correct``'s agreement. Only flagged items pay for it."""
+    out = list(per)
+    for j, (d, s) in enumerate(zip(dets, per, strict=True)):
+        todo = np.flatnonzero(flagged & ~flags[j])
+        if s.corrected is None or todo.size == 0:
+            continue
+        labels = d.relabel(_subset(batch, todo))
+        if labels is None:
+            continue
+        fixed = np.array(s.corrected, dtype=np.int64, copy=True)
+        fixed[todo] = labels
+        out[j] = Scores(s.scores, fixed)
+    return tuple(out)
+
+
+def _subset(batch: Batch, idx: np.ndarray) -> Batch:
+    logits = None if batch.logits is None else np.asarray(batch.logits)[idx]
+    acts = {k: np.asarray(v)[idx] for k, v in batch.activations.items()}
+    return Batch(np.asarray(batch.inputs)[idx], logits, np.asarray(batch.labels)[idx], acts)
+
+
 def _median(det: Detector) -> float | None:
     return det.meta.get("calibration", {}).get("median")
 
@@ -200,6 +230,7 @@ class Pipeline:
         flagged = np.logical_or.reduce(flags, axis=0)
         corrected = np.full(n, -1, dtype=np.int64)
         if flagged.any():
+            per = _relabelled(dets, per, batch, flagged, flags)
             # On a flagged item: the first detector, in set order, that flagged it and
             # whose label differs from the claimed one (a "correction" equal to the claim
             # corrects nothing); where none did, the first whose label differs at all:

@@ -345,6 +345,13 @@ class DesvigDetector(Detector):
             self._jit_failed(exc)
             return out
 
+    def relabel(self, batch: Batch) -> np.ndarray | None:
+        """The closest class copy's label, which ``score`` computes only above DeSVig's own
+        threshold (ten copies per input): for what another detector flagged."""
+        if not self.correct:
+            return None
+        return self.class_distances(batch.inputs).argmin(axis=1).astype(np.int64)
+
     def score(self, batch: Batch) -> Scores:
         if self.cgan is None:
             raise RuntimeError("desvig is not fitted")
