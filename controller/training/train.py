@@ -224,6 +224,8 @@ def enough_to_calibrate(
     parts = list(shares) if shares is not None else [1 / len(names)] * len(names)
     share, name = min(zip(parts, names, strict=True))
     alpha = fpr * share
+    if not 0.0 < alpha < 1.0:
+        return  # a bad fpr: Pipeline refuses it by name
     try:
         conformal_rank(batch, alpha)
     except ValueError:
