@@ -214,7 +214,10 @@ def test_a_job_without_logits_leaves_the_others_intact(artifacts, data, caplog):
     for item, ref in zip(out[1], with_logits, strict=True):
         assert item.verdict in (pb.VERDICT_BENIGN, pb.VERDICT_ADVERSARIAL)
         assert [e.detector for e in item.evidence] == ["desvig"]
-        assert item.evidence[0] == ref.evidence[0]
+        # desvig's own score, threshold and flag (its corrected label may differ: it
+        # labels what margin flagged in the reference, ``Detector.relabel``)
+        got, want = item.evidence[0], ref.evidence[0]
+        assert (got.score, got.threshold, got.flagged) == (want.score, want.threshold, want.flagged)
         assert (item.verdict == pb.VERDICT_ADVERSARIAL) == item.evidence[0].flagged
     # no traceback, no batch that failed and was retried; one warning saying what was
     # left out
