@@ -300,7 +300,7 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
                 flagged = ev.flagged & (ev.corrected >= 0)
                 acc = np.mean(ev.corrected[flagged] == y[ok][flagged]) if flagged.any() else None
                 fused["corrected_accuracy"] = None if acc is None else round(float(acc), 4)
-                fused.update(delivered_corrections(ev, y[ok]))
+                fused.update(delivered_corrections(ev, a.labels, y[ok]))
                 clean_ev = clean_fused[f]
                 fused["auc"] = round(
                     float(
@@ -331,11 +331,14 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
     return report, data | {"clean": (x, y), "budgets": budgets}
 
 
-def delivered_corrections(ev: Fused, truth: np.ndarray) -> dict[str, float | None]:
+def delivered_corrections(
+    ev: Fused, claimed: np.ndarray, truth: np.ndarray
+) -> dict[str, float | None]:
     """What ``on_adversarial: correct`` (``CorrectionPolicy``, the default
     ``correct_min_agree``) hands out on these flagged items, decided by the controller's
-    own code: the share of flagged items released with a corrected label (the rest are
-    dropped) and how many of those labels are right."""
+    own code (``claimed``: the labels the model gave): the share of flagged items
+    released with a corrected label (the rest are dropped) and how many of those labels
+    are right."""
     policy = CorrectionPolicy("correct")
     fixes = [None if s.corrected is None else np.asarray(s.corrected) for s in ev.per_detector]
     flagged = np.flatnonzero(ev.flagged)
@@ -343,7 +346,11 @@ def delivered_corrections(ev: Fused, truth: np.ndarray) -> dict[str, float | Non
         return {"corrected_delivered": None, "delivered_accuracy": None}
     out = np.array(
         [
-            policy.action(int(ev.corrected[i]), [None if f is None else int(f[i]) for f in fixes])
+            policy.action(
+                int(ev.corrected[i]),
+                [None if f is None else int(f[i]) for f in fixes],
+                int(claimed[i]),
+            )
             == pb.VERDICT_ACTION_CORRECT
             for i in flagged
         ]

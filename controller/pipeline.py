@@ -329,6 +329,7 @@ class FusedScorer:
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()
         corrected = fused.corrected.tolist()
+        claimed = np.asarray(labels).tolist()
         per = fused.scores.tolist()
         flags = fused.flags.tolist()
         per_fix = [
@@ -345,7 +346,8 @@ class FusedScorer:
         for i, f in enumerate(flagged):
             action = actions[f]
             if f and policy is not None:
-                action = policy.action(corrected[i], [p if p is None else p[i] for p in per_fix])
+                fixes = [p if p is None else p[i] for p in per_fix]
+                action = policy.action(corrected[i], fixes, claimed[i])
             item = pb.PkgOutItem(
                 verdict=verdicts[f],
                 action=action,
