@@ -263,9 +263,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     own = Path(args.model).resolve() if getattr(args, "model", None) else None
     model_path = own or ensure_example_model(cache, dataset)
-    # a named set (``hardened``) brings its own shares; None: even
-    names, shares = detector_set(args.detectors, getattr(args, "fpr_shares", None))
+    # a named set (``hardened``) brings its own shares (by calibration); None: even
     on = getattr(args, "calibrate_on", None) or "all"
+    names, shares = detector_set(args.detectors, getattr(args, "fpr_shares", None), on)
     paths = ensure_artifacts(
         names, dataset=dataset, cache=cache, model=own, shares=shares, calibrate_on=on
     )

@@ -371,7 +371,8 @@ def table_iv_defences(
     spec = getattr(args, "table_iv", None)
     if not spec:
         return [(_names(args), _shares(args))]
-    return [detector_set(part.strip()) for part in spec.split(";") if part.strip()]
+    on = getattr(args, "calibrate_on", None) or "all"
+    return [detector_set(part.strip(), None, on) for part in spec.split(";") if part.strip()]
 
 
 def _onnx(args: argparse.Namespace) -> bool:
@@ -425,9 +426,10 @@ def _names(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _shares(args: argparse.Namespace) -> tuple[float, ...] | None:
-    """``--fpr-shares`` in the order of the run's detectors, else a named set's own;
-    None: even."""
-    return detector_set(args.detectors, getattr(args, "fpr_shares", None))[1]
+    """``--fpr-shares`` in the order of the run's detectors, else a named set's own for
+    ``--calibrate-on``; None: even."""
+    on = getattr(args, "calibrate_on", None) or "all"
+    return detector_set(args.detectors, getattr(args, "fpr_shares", None), on)[1]
 
 
 def _copy(d: Detector) -> Detector:

@@ -100,15 +100,16 @@ def test_train_refuses_an_unknown_choice_in_one_line(tmp_path, capsys) -> None:
 def test_too_few_right_inputs_for_a_share_are_refused_before_fitting(
     tmp_path, example_model, capsys
 ) -> None:
-    """hardened's 0.1% for DeSVig needs 999 calibration inputs; the example model gets
-    fewer of the 1,000 right: one line naming the detector and the way out, and nothing
-    fitted."""
+    """hardened's split for all inputs gives DeSVig 0.1%, which needs 999 calibration
+    inputs; the example model gets fewer of the 1,000 right: one line naming the detector
+    and the way out, and nothing fitted. (``hardened`` alone under right takes its own
+    split, HARDENED_SHARES_RIGHT.)"""
     from tests.conftest import CACHE
 
     out = tmp_path / "set"
-    rc = controller_main(
-        ["train", "hardened", "--calibrate-on", "right", "--out", str(out), "--cache", str(CACHE)]
-    )
+    shares = "robust=0.4,desvig=0.1,margin=0.3,magnet=0.2"
+    argv = ["train", "hardened", "--calibrate-on", "right", "--fpr-shares", shares]
+    rc = controller_main([*argv, "--out", str(out), "--cache", str(CACHE)])
     _, err = capsys.readouterr()
     assert rc == 1, err
     assert "calibration inputs right: too few for desvig's part of the budget" in err, err

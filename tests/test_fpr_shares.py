@@ -18,6 +18,7 @@ from controller.pipeline import _recorded_shares
 from controller.training.train import (
     HARDENED_DETECTORS,
     HARDENED_SHARES,
+    HARDENED_SHARES_RIGHT,
     artifacts_folder,
     detector_set,
     parse_fpr_shares,
@@ -180,6 +181,15 @@ def test_named_sets_bring_their_detectors_and_shares() -> None:
     assert detector_set("default") == (("desvig", "margin"), None)
     assert detector_set("hardened") == (HARDENED_DETECTORS, HARDENED_SHARES)
     check_shares(HARDENED_DETECTORS, HARDENED_SHARES)  # they sum to 1, each positive
+    # under --calibrate-on right, its own split: one a model 90% right on mnist5k's
+    # 1,000 calibration inputs can calibrate (the smallest share's conformal rank)
+    right = detector_set("hardened", None, "right")
+    assert right == (HARDENED_DETECTORS, HARDENED_SHARES_RIGHT)
+    check_shares(HARDENED_DETECTORS, HARDENED_SHARES_RIGHT)
+    conformal_rank(900, 0.01 * min(HARDENED_SHARES_RIGHT))
+    assert detector_set("default", None, "right") == (("desvig", "margin"), None)
+    with pytest.raises(ValueError, match="calibrate_on must be one of all, right"):
+        detector_set("hardened", None, "most")
     assert HARDENED_DETECTORS[0] == "robust"  # its label first for CORRECT
     # --fpr-shares given: it wins over the named set's own, in the set's order
     spec = "magnet=0.25,margin=0.25,desvig=0.25,robust=0.25"
@@ -202,6 +212,13 @@ def test_table_iv_defences_keep_each_named_sets_own_split() -> None:
     ]
     run = ["detection", "--detectors", "robust,margin", "--fpr-shares", "robust=0.7,margin=0.3"]
     assert table_iv_defences(parse(run)) == [(("robust", "margin"), (0.7, 0.3))]
+    right = parse(["detection", "--table-iv", "hardened", "--calibrate-on", "right"])
+    assert table_iv_defences(right) == [(HARDENED_DETECTORS, HARDENED_SHARES_RIGHT)]
+    from bench.detection import _shares
+
+    assert _shares(parse(["detection", "--detectors", "hardened", "--calibrate-on", "right"])) == (
+        HARDENED_SHARES_RIGHT
+    )
 
 
 def test_train_and_bench_refuse_a_named_set_with_shares_that_do_not_fit(tmp_path, capsys) -> None:
