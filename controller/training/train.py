@@ -30,7 +30,8 @@ caught (README "Adaptive attacks"), for ~1 ms of scoring per call.
 inputs the model classifies correctly: the FPR target then bounds false alarms on
 correct outputs, and the robust model may flag the model's own confident mistakes, which
 otherwise force its threshold up (on the user's MLP, 94% accurate: adaptive success at
-L-inf 0.3 66% -> 27%; README "Calibrate on what the model gets right").
+L-inf 0.3 66% -> 24%; README "Calibrate on what the model gets right"). A named set
+brings its own split for it (``hardened``: ``HARDENED_SHARES_RIGHT``).
 """
 
 from __future__ import annotations
