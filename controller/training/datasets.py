@@ -61,7 +61,12 @@ class Dataset:
         """Stratified, deterministic train / calibration / test split.
 
         Each class is shuffled with ``seed`` and cut by the fractions (rounded per class), so
-        every part keeps the class balance; indices keep their original order inside a part.
+        every part keeps the class balance. Train and calibration keep the data set's own
+        order (training permutes its minibatches and calibration takes quantiles, so order
+        does not matter there, and the cached detectors are keyed by those arrays). The
+        test part comes in a seeded random order: the benches take its first n images
+        (adaptive attacks, Table IV, ``--quick``), and mnist5k is stored by class, so a
+        prefix in the stored order was a single digit (images 0-99 all zeros).
         """
         if calibration < 0 or test < 0 or calibration + test >= 1:
             raise ValueError("calibration and test must be >= 0 and sum to less than 1")
@@ -74,7 +79,9 @@ class Dataset:
             parts[2].append(idx[:n_test])
             parts[1].append(idx[n_test : n_test + n_cal])
             parts[0].append(idx[n_test + n_cal :])
-        train, cal, tst = (self.subset(np.sort(np.concatenate(p))) for p in parts)
+        train, cal = (self.subset(np.sort(np.concatenate(p))) for p in parts[:2])
+        test_idx = np.concatenate(parts[2])
+        tst = self.subset(test_idx[np.random.default_rng([seed, 2]).permutation(len(test_idx))])
         return Splits(train, cal, tst)
 
 
