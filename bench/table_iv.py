@@ -147,6 +147,10 @@ def _row(
     # DL_A (clean) or DL_B (attacked): the model alone
     labels, bare_wall, bare_cpu = _timed(lambda v: int(predict(v[None])[0].argmax()), feed.x)
     model_right = np.array(labels) == feed.y
+    # fooled: by the batch the attack was judged on AND by the model alone on that one
+    # input. DeepFool stops just past the boundary, where batch 1 and a batch of 100
+    # (different kernels, last-bit differences) can give different labels.
+    fooled = None if clean else feed.fooled & ~model_right
     # DL_C (clean) or DL_D (attacked): the same images through an agent
     ctl0 = cpu_seconds(controller_pid)
     results, wall, agent_cpu = _timed(guards["dl-c" if clean else "dl-d"], feed.x)
@@ -155,14 +159,14 @@ def _row(
     right = np.array([r.released and r.label == t for r, t in zip(results, feed.y, strict=True)])
     handled = right | (withheld & ~model_right if clean else withheld)
     n = len(feed.x)
-    without, without_fooled = _accuracy(model_right, feed.fooled)
-    with_, with_fooled = _accuracy(handled, feed.fooled)
+    without, without_fooled = _accuracy(model_right, fooled)
+    with_, with_fooled = _accuracy(handled, fooled)
     return {
         "defence": defence,
         "set": feed.name,
         "budget": feed.budget,
         "n": n,
-        "n_fooled": None if clean else int(feed.fooled.sum()),
+        "n_fooled": None if fooled is None else int(fooled.sum()),
         "accuracy_without_defence": without,
         "accuracy_with_openexample": with_,
         "accuracy_without_defence_fooled": without_fooled,
