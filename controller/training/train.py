@@ -22,16 +22,17 @@ trains for ~2 minutes and costs ~0.2 ms per call. Where an attacker who knows th
 detectors is in the threat model, ``train hardened`` trains ``HARDENED_DETECTORS`` (the
 robust model first, its label the corrected one, then DeSVig, margin and MagNet) at
 ``HARDENED_SHARES`` of the FPR budget: measured on the example CNN, adaptive L-inf 0.3
-success 99% (default set) -> 9-20% at the same clean FPR (26-30% under a stronger
-attack; 42-66% on a user's MLP), and the non-adaptive small steps and high-confidence C&W
-caught (README "Adaptive attacks"), for ~1 ms of scoring per call.
+success 99% (default set, zeros) -> 9-20% on zeros at the same clean FPR, 28% on every
+digit (51% under a stronger attack; 55-85% on a user's MLP), and the non-adaptive small
+steps and high-confidence C&W caught (README "Adaptive attacks", "Adaptive figures on
+every digit"), for ~1 ms of scoring per call.
 
 ``--calibrate-on right`` (``CALIBRATE_ON``) sets the thresholds on the clean calibration
 inputs the model classifies correctly: the FPR target then bounds false alarms on
 correct outputs, and the robust model may flag the model's own confident mistakes, which
 otherwise force its threshold up (on the user's MLP, 94% accurate: adaptive success at
-L-inf 0.3 66% -> 24%; README "Calibrate on what the model gets right"). A named set
-brings its own split for it (``hardened``: ``HARDENED_SHARES_RIGHT``).
+L-inf 0.3, every digit, 85% -> 44%; README "Calibrate on what the model gets right").
+A named set brings its own split for it (``hardened``: ``HARDENED_SHARES_RIGHT``).
 """
 
 from __future__ import annotations
