@@ -18,13 +18,17 @@ from controller.detectors.fusion import Pipeline
 from controller.detectors.robust import RobustDetector, pgd_linf
 from controller.reference_model import load_model, model_fn
 
+# Trains in about a second. On the first 300 test images (every digit since the test
+# split is shuffled) it is ~88% accurate; at eps 0.3 one adversarial epoch left so small a
+# net near 65% (on zeros to twos, as the split used to give, it passed either way).
 TINY = {
     "width": 8,
     "hidden": 32,
+    "eps": 0.1,
     "steps": 2,
     "clean_epochs": 3,
     "epochs": 1,
-    "num_train": 900,
+    "num_train": 2400,
     "progress": False,
 }
 
