@@ -84,11 +84,16 @@ class Subject:
         )
 
 
+def _calibrate_on(args: argparse.Namespace) -> str:
+    """``--calibrate-on`` (train.CALIBRATE_ON); "all" when the run has no such flag."""
+    return getattr(args, "calibrate_on", None) or "all"
+
+
 def subject(args: argparse.Namespace, cache: Path, *, train: bool = True) -> Subject:
     """The run's model: ``--model``, else the example model of ``--dataset`` (trained
     now, unless ``train`` is false: then only where it would be)."""
     dataset = getattr(args, "dataset", None) or "mnist5k"
-    on = getattr(args, "calibrate_on", None) or "all"
+    on = _calibrate_on(args)
     if getattr(args, "model", None):
         return Subject(Path(args.model).resolve(), dataset, own=True, calibrate_on=on)
     if train:
@@ -372,7 +377,7 @@ def table_iv_defences(
     spec = getattr(args, "table_iv", None)
     if not spec:
         return [(_names(args), _shares(args))]
-    on = getattr(args, "calibrate_on", None) or "all"
+    on = _calibrate_on(args)
     return [detector_set(part.strip(), None, on) for part in spec.split(";") if part.strip()]
 
 
@@ -429,8 +434,7 @@ def _names(args: argparse.Namespace) -> tuple[str, ...]:
 def _shares(args: argparse.Namespace) -> tuple[float, ...] | None:
     """``--fpr-shares`` in the order of the run's detectors, else a named set's own for
     ``--calibrate-on``; None: even."""
-    on = getattr(args, "calibrate_on", None) or "all"
-    return detector_set(args.detectors, getattr(args, "fpr_shares", None), on)[1]
+    return detector_set(args.detectors, getattr(args, "fpr_shares", None), _calibrate_on(args))[1]
 
 
 def _copy(d: Detector) -> Detector:

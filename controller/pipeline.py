@@ -329,7 +329,6 @@ class FusedScorer:
         flagged = fused.flagged.tolist()
         score = fused.score.tolist()
         corrected = fused.corrected.tolist()
-        claimed = np.asarray(labels).tolist()
         per = fused.scores.tolist()
         flags = fused.flags.tolist()
         per_fix = [
@@ -338,6 +337,7 @@ class FusedScorer:
         verdicts = (pb.VERDICT_BENIGN, pb.VERDICT_ADVERSARIAL)
         actions = (pb.VERDICT_ACTION_RELEASE, pb.VERDICT_ACTION_DROP)
         policy = self.policy if self.policy.on_adversarial == "correct" else None
+        claimed = None if policy is None else np.asarray(labels).tolist()  # only CORRECT asks
         evidence = [
             (name, threshold, per[j], flags[j], per_fix[j])
             for j, (name, threshold) in enumerate(zip(names, thresholds, strict=True))
