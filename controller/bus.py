@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 from controller import overflow
 from controller.cluster import (
     DELTA,
+    HEARTBEAT_S,
     LOAD,
     PREFIX,
     ROLE,
@@ -66,7 +67,6 @@ MAX_OUTBOX = 1000
 # (at most the channel's 32 MiB): the cap is above both.
 MAX_PACKET_BYTES = DEFAULT_MAX_MESSAGE_BYTES + (1 << 20)
 MAX_QUEUED_INCOMING = 10_000  # messages waiting for this loop; past it aiomqtt drops them
-HEARTBEAT_S = 10.0  # the load is published at least this often
 REFUSAL_LOG_S = 10.0  # one WARNING per (sender, reason) per this long
 
 
@@ -165,8 +165,13 @@ class ClusterBus:
             self.metrics.dropped.inc()
 
     async def close(self, timeout_s: float = 2.0) -> None:
-        """Say this controller is down (retained load), then disconnect cleanly."""
-        self._closing = True
+        """Say this controller is down (retained load), then disconnect cleanly.
+
+        The goodbye is the last load published: a clean disconnect discards the last
+        will, so an "up" load after it (the ticker's, or one still in the outbox) would
+        be what the peers and the broker keep, and they would count this controller up
+        after it stopped (until PEER_SILENT_S)."""
+        self._closing = True  # from now on no other load is queued or sent
         client = self._client
         if client is not None:
             w, w0, service = self._load()
@@ -322,6 +327,8 @@ class ClusterBus:
         expiry.MessageExpiryInterval = DELTA_EXPIRY_S
         while True:
             name, data, retain, kind, props = await outbox.get()
+            if kind == LOAD and self._closing:
+                continue  # built before the goodbye, which close() sends: it says up
             if props is not None:  # work and answers: at most once, they are late soon
                 await client.publish(name, data, qos=0, properties=props)
             else:
@@ -349,9 +356,7 @@ class ClusterBus:
     def neighbours_free(self) -> bool:
         """Whether a peer is up, connected now, and under its W0."""
         return self._client is not None and any(
-            p.up and p.workload < p.max_workload
-            for p in self.state.peers.values()
-            if p.identity != self.state.identity
+            p.workload < p.max_workload for p in self.state.peers_up(time.time())
         )
 
     def forward(self, key: int, request: cpb.WorkRequest, deadline: float) -> bool:
@@ -387,8 +392,7 @@ class ClusterBus:
         """Other controllers up, when this one is connected (0 otherwise)."""
         if self._client is None:
             return 0
-        me = self.state.identity
-        return sum(1 for p in self.state.peers.values() if p.up and p.identity != me)
+        return len(self.state.peers_up(time.time()))
 
     def answer(self, reply_to: tuple[str, bytes], answer: cpb.WorkAnswer) -> None:
         """Answer a neighbour's request on its response topic, under our own leaf."""
@@ -461,7 +465,9 @@ class ClusterBus:
             log.warning("cluster bus: refused a message (%s): %s", reason, text)
 
     async def _ticker(self) -> None:
-        interval = min(self.settings.workload_interval_s, self.settings.snapshot_interval_s)
+        settings = self.settings
+        # HEARTBEAT_S too: peers count a controller silent for PEER_SILENT_S as gone
+        interval = min(settings.workload_interval_s, settings.snapshot_interval_s, HEARTBEAT_S)
         while True:
             await asyncio.sleep(interval)
             self._queue_load()
@@ -481,7 +487,7 @@ class ClusterBus:
         self._queue(topic(self.state.identity, STATE), _bytes(msg), STATE, retain=True)
 
     def _queue_load(self, *, force: bool = False) -> None:
-        if self._outbox is None:
+        if self._outbox is None or self._closing:
             return
         load = self._load()
         w, w0, service = load

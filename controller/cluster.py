@@ -42,6 +42,10 @@ entries are accepted: a BENIGN entry would let an input through everywhere.
 
 **Workload** (Table III): each controller publishes W, W0 and its measured service time,
 retained, with a last will saying it is down; :attr:`ClusterState.peers` is the table.
+A peer counts as up (:meth:`ClusterState.peers_up`) while its last load says so and came
+less than ``PEER_SILENT_S`` ago: the load is published at least every ``HEARTBEAT_S``,
+so a peer silent for longer is gone even if no goodbye or last will said so (a retained
+"up" outliving its controller).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ DELTA, STATE, LOAD = "delta", "state", "load"
 ROLE, RULES = "role", "rules"  # mastership (controller/mastership.py reads them)
 _BODY = {DELTA: "delta", STATE: "snapshot", LOAD: "workload", ROLE: "role", RULES: "rules"}
 NEVER = math.inf
+HEARTBEAT_S = 10.0  # a controller publishes its load at least this often
+PEER_SILENT_S = 3 * HEARTBEAT_S  # a peer heard from less recently is not counted up
 
 Tag = tuple[str, int, int]  # (origin identity, generation, n)
 RtKey = tuple[str, bytes, int]  # (model_id, fingerprint, label)
@@ -137,6 +143,11 @@ class PeerLoad:
     service_s: float  # scoring seconds per item (moving average)
     sent_at: float  # unix seconds, the peer's clock
     generation: int
+    heard_at: float = 0.0  # when it arrived here (unix seconds, this controller's clock)
+
+    def counted_up(self, now: float, silent_s: float = PEER_SILENT_S) -> bool:
+        """Whether its last load said up and arrived less than ``silent_s`` ago."""
+        return self.up and now - self.heard_at < silent_s
 
 
 @dataclass(slots=True)
@@ -260,6 +271,15 @@ class ClusterState:
         self.version = 0  # grows with every change to the set (adds, tombstones)
 
     # --- reading ---
+
+    def peers_up(self, now: float, silent_s: float = PEER_SILENT_S) -> list[PeerLoad]:
+        """The other controllers counted up: their last load said up and arrived less
+        than ``silent_s`` ago."""
+        return [
+            p
+            for p in self.peers.values()
+            if p.identity != self.identity and p.counted_up(now, silent_s)
+        ]
 
     def __len__(self) -> int:
         return len(self._adds)
@@ -570,6 +590,7 @@ class ClusterState:
             service_s=w.service_s,
             sent_at=msg.sent_at,
             generation=msg.generation,
+            heard_at=now,
         )
         self.peers[ident] = peer
         return Received(kind=LOAD, sender=ident, peer=peer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -464,7 +465,7 @@ class _Peers(Collector):
         ("workload", "W of a peer controller: items admitted and not answered"),
         ("max_workload", "W0 of a peer controller: its OVERLOADED threshold"),
         ("service_seconds", "A peer controller's measured scoring time per item"),
-        ("up", "1 while a peer controller is up (0: its last will or a clean stop)"),
+        ("up", "1 while a peer controller is up (0: its last will, a clean stop, or 30 s silent)"),
     )
 
     def __init__(self, peers: Callable[[], Sequence[PeerLoad]]) -> None:
@@ -483,9 +484,10 @@ class _Peers(Collector):
 
     def collect(self) -> Iterator[Metric]:
         fams = self._families()
+        now = time.time()
         for p in list(self._peers()):
             fams["workload"].add_metric([p.identity], p.workload)
             fams["max_workload"].add_metric([p.identity], p.max_workload)
             fams["service_seconds"].add_metric([p.identity], p.service_s)
-            fams["up"].add_metric([p.identity], 1.0 if p.up else 0.0)
+            fams["up"].add_metric([p.identity], 1.0 if p.counted_up(now) else 0.0)
         yield from fams.values()

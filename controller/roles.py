@@ -87,8 +87,9 @@ class Roles:
 
     def _tick(self) -> None:
         connected = self.bus.connected
-        peers_up = {p.identity for p in self.bus.state.peers.values() if p.up}
-        out = self.election.tick(time.time(), connected=connected, peers_up=peers_up)
+        now = time.time()
+        peers_up = {p.identity for p in self.bus.state.peers_up(now)}
+        out = self.election.tick(now, connected=connected, peers_up=peers_up)
         self._carry_out(out)
         if connected and not self._was_connected and self.election.is_master:
             self._rules_due = True  # a broker that restarted lost the retained rules

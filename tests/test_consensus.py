@@ -143,10 +143,11 @@ def test_two_of_three_controllers_decide_and_without_them_there_is_no_quorum(
             # ctl-b and ctl-c gone: one controller cannot make two
             ctl["ctl-b"].stop()
             ctl["ctl-c"].stop()
-            # until ctl-a sees them down: their goodbye or last will (1.5 x keepalive 5 s),
-            # with calls in flight meanwhile running to the 3 s budget; 15 s was once too
-            # short in a full run
-            deadline = time.monotonic() + 40
+            # until ctl-a sees them down: each said goodbye before it exited, so at once
+            # (a vanished one: its last will, 1.5 x keepalive 5 s), but a call may be in
+            # flight meanwhile, running to the 3 s budget. Not as long as PEER_SILENT_S
+            # (30 s): a stale "up" must not be what ends the wait.
+            deadline = time.monotonic() + 15
             r = g(mnist.test.x[600])
             while r.reason != "no_quorum" and time.monotonic() < deadline:
                 time.sleep(0.2)
