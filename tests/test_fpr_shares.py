@@ -20,6 +20,7 @@ from controller.training.train import (
     HARDENED_SHARES,
     HARDENED_SHARES_RIGHT,
     artifacts_folder,
+    calibrate_on_for,
     detector_set,
     parse_fpr_shares,
 )
@@ -179,12 +180,14 @@ def test_train_refuses_bad_shares_in_one_line(tmp_path, capsys, spec, expect) ->
 def test_named_sets_bring_their_detectors_and_shares() -> None:
     assert detector_set(None) == (("desvig", "margin"), None)
     assert detector_set("default") == (("desvig", "margin"), None)
-    assert detector_set("hardened") == (HARDENED_DETECTORS, HARDENED_SHARES)
+    assert detector_set("hardened", None, "all") == (HARDENED_DETECTORS, HARDENED_SHARES)
     check_shares(HARDENED_DETECTORS, HARDENED_SHARES)  # they sum to 1, each positive
     # under --calibrate-on right, its own split: one a model 90% right on mnist5k's
     # 1,000 calibration inputs can calibrate (the smallest share's conformal rank)
     right = detector_set("hardened", None, "right")
     assert right == (HARDENED_DETECTORS, HARDENED_SHARES_RIGHT)
+    # ... which is hardened's own basis when none is given
+    assert detector_set("hardened") == right
     check_shares(HARDENED_DETECTORS, HARDENED_SHARES_RIGHT)
     conformal_rank(900, 0.01 * min(HARDENED_SHARES_RIGHT))
     assert detector_set("default", None, "right") == (("desvig", "margin"), None)
@@ -219,6 +222,32 @@ def test_table_iv_defences_keep_each_named_sets_own_split() -> None:
     assert _shares(parse(["detection", "--detectors", "hardened", "--calibrate-on", "right"])) == (
         HARDENED_SHARES_RIGHT
     )
+    # the run's basis: --calibrate-on, else the --detectors set's own (hardened: right)
+    assert _shares(parse(["detection", "--detectors", "hardened"])) == HARDENED_SHARES_RIGHT
+    assert _shares(parse(["detection", "--detectors", "hardened", "--calibrate-on", "all"])) == (
+        HARDENED_SHARES
+    )
+    both = parse(["detection", "--detectors", "hardened", "--table-iv", "hardened;default"])
+    assert table_iv_defences(both) == [(HARDENED_DETECTORS, HARDENED_SHARES_RIGHT), got[1]]
+
+
+def test_each_set_has_its_calibration_basis_unless_one_is_given() -> None:
+    from bench.cli import build_parser
+    from bench.detection import _calibrate_on
+    from controller.cli import build_parser as controller_parser
+
+    assert calibrate_on_for("hardened") == calibrate_on_for(" hardened ") == "right"
+    for spec in (None, "default", "desvig,margin", "robust,desvig,margin,magnet"):
+        assert calibrate_on_for(spec) == "all", spec
+    assert calibrate_on_for("hardened", "all") == "all"
+    assert calibrate_on_for("default", "right") == "right"
+    with pytest.raises(ValueError, match="calibrate_on must be one of all, right"):
+        calibrate_on_for("hardened", "most")
+    parse = build_parser().parse_args
+    assert _calibrate_on(parse(["detection", "--detectors", "hardened"])) == "right"
+    assert _calibrate_on(parse(["detection"])) == "all"
+    args = controller_parser().parse_args(["train", "hardened", "--out", "x"])
+    assert args.calibrate_on is None  # resolved by the set (train_command)
 
 
 def test_train_and_bench_refuse_a_named_set_with_shares_that_do_not_fit(tmp_path, capsys) -> None:
@@ -278,3 +307,24 @@ def test_serving_takes_the_recorded_split_and_warns_only_on_another_target(
     assert scorer.pipeline.shares == (0.75, 0.25)
     assert [d.threshold for d in scorer.pipeline.detectors] == [d.threshold for d in dets]
     assert ("calibrated at fpr" in caplog.text) is warned, caplog.text
+
+
+def test_a_score_with_an_atom_at_its_median_keeps_fused_margins_finite() -> None:
+    """The robust model scores 0 wherever it agrees: at a loose FPR its threshold lands
+    one float above 0, the median, and a spread of 5e-324 made every flagged margin inf
+    (numpy's overflow warning in the 5% pipeline of the detection bench)."""
+    rng = np.random.default_rng(5)
+    clean = np.c_[
+        np.where(rng.random(1000) < 0.97, 0.0, rng.exponential(2.0, 1000)),  # an atom at 0
+        rng.normal(size=1000),
+        rng.normal(size=1000),
+    ]
+    pipe = Pipeline(_dets(), 0.15)
+    pipe.calibrate(_batch(clean))
+    assert 0.0 < pipe.detectors[0].threshold < 1e-300  # the degenerate case itself
+    probe = np.array([[0.0, 0.0, 0.0], [2.5, 0.0, 0.0], [0.0, 9.0, 0.0]])
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        fused = pipe.evaluate(_batch(probe))
+    assert np.isfinite(fused.score).all(), fused.score
+    assert list(fused.flagged) == [False, True, True]
+    assert fused.score[1] > 0 > fused.score[0]  # still above and below the line

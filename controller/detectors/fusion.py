@@ -97,10 +97,16 @@ def _median(det: Detector) -> float | None:
     return det.meta.get("calibration", {}).get("median")
 
 
+MIN_SCALE = 1e-9  # below it the spread is a tie, not a scale (see _scale)
+
+
 def _scale(det: Detector) -> float:
-    """threshold - median of clean scores; 1.0 when calibration did not record a spread."""
+    """threshold - median of clean scores; 1.0 when calibration did not record a spread,
+    or recorded none to speak of: a score with an atom at its median (the robust model's
+    0 wherever it agrees, at a loose FPR) puts the threshold one float above it, and
+    dividing by 5e-324 made every flagged margin inf."""
     median = _median(det)
-    if det.threshold is None or median is None or not det.threshold > median:
+    if det.threshold is None or median is None or not det.threshold - median > MIN_SCALE:
         return 1.0
     return float(det.threshold - median)
 
