@@ -37,7 +37,7 @@ from controller.detectors.fusion import Pipeline
 from controller.reference_model import load_model, model_fn
 from controller.training import datasets
 from controller.training.example_model import ensure_example_model
-from controller.training.train import detector_set, ensure_artifacts
+from controller.training.train import calibrate_on_for, detector_set, ensure_artifacts
 
 CHECK_EVERY = 25  # steps between judgements by the real pipeline
 
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     own = Path(args.model).resolve() if getattr(args, "model", None) else None
     model_path = own or ensure_example_model(cache, dataset)
     # a named set (``hardened``) brings its own shares (by calibration); None: even
-    on = getattr(args, "calibrate_on", None) or "all"
+    on = calibrate_on_for(args.detectors, getattr(args, "calibrate_on", None))
     names, shares = detector_set(args.detectors, getattr(args, "fpr_shares", None), on)
     paths = ensure_artifacts(
         names, dataset=dataset, cache=cache, model=own, shares=shares, calibrate_on=on

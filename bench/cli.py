@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--calibrate-on",
         choices=("all", "right"),
-        default="all",
-        help="the clean calibration inputs that set the thresholds: all (default) or right"
-        " (those the model classifies correctly: the FPR target then bounds false alarms on"
-        " correct outputs); the report gives clean test inputs flagged both ways",
+        default=None,
+        help="the clean calibration inputs that set the thresholds: all or right (those"
+        " the model classifies correctly: the FPR target then bounds false alarms on correct"
+        " outputs); default: the --detectors set's own, right for hardened, all for the"
+        " others (--table-iv's sets use the run's); the report gives clean test inputs"
+        " flagged both ways",
     )
     det.add_argument(
         "--table-iv",

@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 
 from bench import table_iv
@@ -49,7 +51,12 @@ from controller.detectors.fusion import Fused, Pipeline
 from controller.reference_model import is_onnx, model_fn
 from controller.training import datasets
 from controller.training.example_model import _slug, ensure_example_model
-from controller.training.train import calibration_inputs, detector_set, ensure_artifacts
+from controller.training.train import (
+    calibrate_on_for,
+    calibration_inputs,
+    detector_set,
+    ensure_artifacts,
+)
 from openexample.digests import file_digest
 from openexample.v1 import openexample_pb2 as pb
 
@@ -85,8 +92,9 @@ class Subject:
 
 
 def _calibrate_on(args: argparse.Namespace) -> str:
-    """``--calibrate-on`` (train.CALIBRATE_ON); "all" when the run has no such flag."""
-    return getattr(args, "calibrate_on", None) or "all"
+    """``--calibrate-on`` (train.CALIBRATE_ON), else the ``--detectors`` set's own basis
+    (``hardened``: right), else "all"."""
+    return calibrate_on_for(getattr(args, "detectors", None), getattr(args, "calibrate_on", None))
 
 
 def subject(args: argparse.Namespace, cache: Path, *, train: bool = True) -> Subject:
@@ -142,6 +150,17 @@ def binary_input_detector(clf: Any, x: np.ndarray, seed: int, epochs: int) -> An
     det = BinaryInputDetector(det_clf)
     det.fit(xs, ys, nb_epochs=epochs, batch_size=64)
     return det
+
+
+def pixel_knn(train: datasets.Dataset, k: int = 5) -> Callable[[np.ndarray], np.ndarray]:
+    """The label a ``k``-nearest-neighbour vote in pixel space (L2, the train split) gives
+    each input: a reference for what an adversarial still looks like. Where it gives the
+    attacker's label rather than the source's, the perturbation has moved the image
+    itself (C&W kappa 20 at a mean L2 of 8), and no corrected label can be held to the
+    source label (README, "Kappa 20's corrected label")."""
+    flat = train.x.reshape(len(train.x), -1)
+    knn = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(flat, train.y)
+    return lambda v: knn.predict(np.asarray(v, np.float32).reshape(len(v), -1))
 
 
 def _threshold(clean_cal: np.ndarray, fpr: float) -> float:
@@ -234,6 +253,7 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         baselines["binary_input_detector"] = lambda v: bid.detector.predict(v)[:, 1]
     for name, fn in baselines.items():
         cal_scores[name], clean_scores[name] = fn(cal_x), fn(x)
+    looks_like = pixel_knn(splits.train)
     clean_fused = {f: p.evaluate(clean) for f, p in pipes.items()}
     report: dict[str, Any] = {
         "schema": "openexample.bench.detection/1",
@@ -266,6 +286,8 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
             str(f): round(float(ev.flagged[~right].mean()), 4) if (~right).any() else None
             for f, ev in clean_fused.items()
         },
+        # what a pixel-space 5-NN over the train split says of the clean test inputs
+        "pixel_5nn_clean_accuracy": round(float(np.mean(looks_like(x) == y)), 4),
         "attacks": [],
     }
     if even:
@@ -281,6 +303,12 @@ def evaluate(args: argparse.Namespace, subj: Subject | None = None) -> tuple[dic
         adv_pred = predict(adv).argmax(1)
         ok = right & (adv_pred != y)
         row = _attack_row(spec, x, adv, ok, right)
+        if ok.any():  # does the adversarial still look like its source, or like the claim?
+            seen = looks_like(adv[ok])
+            row["pixel_5nn"] = {
+                "source": round(float(np.mean(seen == y[ok])), 4),
+                "attacker": round(float(np.mean(seen == adv_pred[ok])), 4),
+            }
         a = Batch(adv[ok], predict(adv[ok]), adv_pred[ok])
         for d in dets:
             scored = d.score(a) if ok.any() else None
@@ -598,16 +626,25 @@ def markdown(report: dict) -> str:
             " flagged inputs released with a corrected label (the rest dropped), and how"
             " many of those labels are right:",
             "",
-            "| attack | delivered | right |",
-            "|---|---|---|",
+            "Beside them, what a pixel-space 5-NN over the train split says the successful"
+            " adversarials look like: the source label or the attacker's (on the clean test"
+            f" inputs it is right on {report.get('pixel_5nn_clean_accuracy', 0):.3f}):",
+            "",
+            "| attack | delivered | right | 5-NN: source | 5-NN: attacker's |",
+            "|---|---|---|---|---|",
         ]
         for a in report["attacks"]:
             fused = a["detectors"][-1]
             got, right = fused.get("corrected_delivered"), fused.get("delivered_accuracy")
+            seen = a.get("pixel_5nn", {})
             label = a["attack"] if a["eps"] is None else f"{a['attack']} {a['eps']:g}"
             lines.append(
                 f"| {label} | {'-' if got is None else f'{got:.3f}'} |"
                 f" {'-' if right is None else f'{right:.3f}'} |"
+                + "".join(
+                    f" {'-' if seen.get(k) is None else f'{seen[k]:.3f}'} |"
+                    for k in ("source", "attacker")
+                )
             )
     fits = {k: v for k, v in report.get("fit_seconds", {}).items() if v is not None}
     if fits:

@@ -141,11 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--calibrate-on",
         choices=("all", "right"),
-        default="all",
-        help="the clean calibration inputs that set the thresholds: all (default; --fpr"
-        " then bounds false alarms on every clean input, the model's own mistakes included)"
-        " or right (only those the model classifies correctly: --fpr bounds false alarms on"
-        " correct outputs, and the model's confident mistakes may be flagged too)",
+        default=None,
+        help="the clean calibration inputs that set the thresholds: all (--fpr then bounds"
+        " false alarms on every clean input, the model's own mistakes included) or right"
+        " (only those the model classifies correctly: --fpr bounds false alarms on correct"
+        " outputs, and the model's confident mistakes may be flagged too); default: the"
+        " set's own, right for hardened, all for the others",
     )
 
     return p

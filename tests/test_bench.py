@@ -130,9 +130,20 @@ def test_detection_quick_writes_json_markdown_and_roc_plots(tmp_path, artifacts)
             assert set(d["tpr_at_fpr"]) == {"0.01", "0.05"}
         fused = a["detectors"][-1]  # what on_adversarial: correct would hand out
         assert 0 <= fused["corrected_delivered"] <= 1
+        seen = a["pixel_5nn"]  # what the adversarials look like to a pixel 5-NN
+        assert (
+            seen["source"] >= 0 and seen["attacker"] >= 0 and seen["source"] + seen["attacker"] <= 1
+        )
+        if a["attack"] == "DeepFool":  # minimal L2: the image is still its source
+            assert seen["source"] > 0.8 > seen["attacker"], seen
         assert fused["delivered_accuracy"] is None or 0 <= fused["delivered_accuracy"] <= 1
     # clean flagged, split by whether the model was right (calibrated on all inputs)
     assert report["calibrated_on"]["inputs"] == "all" and report["calibrated_on"]["n"] == 1000
+    assert report["pixel_5nn_clean_accuracy"] > 0.85
+    assert (
+        "| attack | delivered | right | 5-NN: source | 5-NN: attacker's |"
+        in (out / "detection.md").read_text()
+    )
     acc = report["clean_accuracy"]
     for f in ("0.01", "0.05"):  # the two parts average back to the whole
         right = report["fused_flagged_clean_right"][f]

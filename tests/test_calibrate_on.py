@@ -112,7 +112,8 @@ def test_too_few_right_inputs_for_a_share_are_refused_before_fitting(
     rc = controller_main([*argv, "--out", str(out), "--cache", str(CACHE)])
     _, err = capsys.readouterr()
     assert rc == 1, err
-    assert "calibration inputs right: too few for desvig's part of the budget" in err, err
-    assert "needs 999); give desvig a larger --fpr-shares share" in err, err
+    assert "calibration inputs right: too few for desvig's share (FPR 0.001 needs 999)" in err, err
+    assert "give desvig a larger --fpr-shares share, a larger --fpr" in err, err
+    assert err.rstrip().endswith("or --calibrate-on all"), err  # right is hardened's default
     assert "fitting" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
