@@ -22,10 +22,10 @@ trains for 3-8 minutes (2 + 60 epochs) and costs ~0.2 ms per call. Where an atta
 detectors is in the threat model, ``train hardened`` trains ``HARDENED_DETECTORS`` (the
 robust model first, its label the corrected one, then DeSVig, margin and MagNet),
 calibrated on the clean inputs the model gets right at ``HARDENED_SHARES_RIGHT`` of the
-FPR budget: measured on every digit, adaptive L-inf 0.3 success 18-26% (41-44% under a
+FPR budget: measured on every digit, adaptive L-inf 0.3 success 5-7% (11-12.5% under a
 stronger attack) on the example CNN and a user's MLP, where the default set lets 99%
 through, and the non-adaptive small steps and high-confidence C&W caught (README
-"Adaptive attacks", "Adaptive figures on every digit"), for ~1 ms of scoring per call.
+"Adaptive attacks", "The robust model, trained longer"), for ~1 ms of scoring per call.
 
 ``--calibrate-on right`` (``CALIBRATE_ON``) sets the thresholds on the clean calibration
 inputs the model classifies correctly: the FPR target then bounds false alarms on
