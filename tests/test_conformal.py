@@ -125,3 +125,30 @@ def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_re
     with pytest.raises(ValueError, match="margin detector has no setting l2_eps; retrain"):
         Detector.load(tmp_path / "margin")
     assert not artifact_is_current(tmp_path / "margin")  # ensure_artifacts rebuilds it
+
+
+def test_a_cached_artifact_trained_at_defaults_that_changed_since_is_rebuilt(tmp_path):
+    """The robust model's epochs went from 1 + 12 to 2 + 60: a cache built before kept
+    serving the old model to every bench run until this check."""
+    from controller import detectors
+    from controller.detectors.robust import RobustDetector
+
+    assert RobustDetector.changed_defaults({"clean_epochs": 2, "epochs": 60, "eps": 0.3}) == []
+    old = {"clean_epochs": 1, "epochs": 12, "eps": 0.3, "threads": 2}
+    assert RobustDetector.changed_defaults(old) == ["clean_epochs", "epochs"]
+    # a nested or None default (desvig's cgan) is the detector's own business
+    assert detectors.get("desvig").changed_defaults({"cgan": {"epochs": 1}}) == []
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 1, 4, 4)).astype(np.float32)
+    logits = rng.normal(size=(300, 10))
+    det = detectors.get("margin")()
+    det.fit(x, logits.argmax(1))
+    det.calibrate(Batch(x, logits, logits.argmax(1)), 0.05)
+    det.save(tmp_path / "margin")
+    manifest = json.loads((tmp_path / "margin" / "manifest.json").read_text())
+    manifest["name"], manifest["config"] = "robust", old  # as the old default wrote it
+    (tmp_path / "margin" / "manifest.json").write_text(json.dumps(manifest))
+    assert not artifact_is_current(tmp_path / "margin")
+    manifest["config"] = {**old, "clean_epochs": 2, "epochs": 60}
+    (tmp_path / "margin" / "manifest.json").write_text(json.dumps(manifest))
+    assert artifact_is_current(tmp_path / "margin")

@@ -235,6 +235,22 @@ class Detector(ABC):
         return sorted(set(config) - takes)
 
     @classmethod
+    def changed_defaults(cls, config: Mapping[str, Any]) -> list[str]:
+        """The keys of an artifact's ``config`` whose value is not this version's default
+        (constructor parameters with a default other than None), sorted: an artifact
+        cached with defaults that have changed since (the robust model's epochs) is
+        rebuilt rather than silently reused."""
+        params = inspect.signature(cls.__init__).parameters
+        changed = []
+        for key, value in config.items():
+            p = params.get(key)
+            if p is None or p.default is inspect.Parameter.empty or p.default is None:
+                continue
+            if json.loads(json.dumps(p.default)) != json.loads(json.dumps(value)):
+                changed.append(key)
+        return sorted(changed)
+
+    @classmethod
     def load(cls, path: str | Path) -> Detector:
         """Read an artifact folder; on ``Detector`` itself, dispatch on the manifest's name."""
         path = Path(path)

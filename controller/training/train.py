@@ -392,9 +392,10 @@ def parse_fpr_shares(spec: str, names: Sequence[str]) -> tuple[float, ...]:
 
 
 def artifact_is_current(path: str | Path) -> bool:
-    """An artifact that exists, was calibrated the way ``Detector.calibrate`` does it
-    now (one made before split-conformal calibration is rebuilt, not reused) and whose
-    settings this version's detector takes (one written by another version is rebuilt)."""
+    """A cached artifact that exists, was calibrated the way ``Detector.calibrate`` does
+    it now (one made before split-conformal calibration is rebuilt, not reused), and
+    whose settings this version's detector takes, at this version's defaults (the cache
+    is built with defaults only: one written by another version is rebuilt)."""
     try:
         manifest = read_manifest(path)
     except (OSError, ValueError):
@@ -403,7 +404,8 @@ def artifact_is_current(path: str | Path) -> bool:
         cls = detectors.get(manifest.get("name", ""))
     except ValueError:  # not a registered detector: its settings cannot be checked here
         cls = None
-    if cls is not None and cls.unknown_settings(manifest.get("config", {})):
+    config = manifest.get("config", {})
+    if cls is not None and (cls.unknown_settings(config) or cls.changed_defaults(config)):
         return False
     return manifest.get("calibration", {}).get("method") == CALIBRATION
 
