@@ -105,9 +105,8 @@ def test_calibrate_records_the_method_and_stale_artifacts_are_not_current(tmp_pa
     assert not artifact_is_current(tmp_path / "absent")
 
 
-def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_rebuilt(
-    tmp_path,
-):
+def _saved_margin(path):
+    """A margin artifact, fitted and calibrated on random scores, saved at ``path``."""
     from controller import detectors
 
     rng = np.random.default_rng(0)
@@ -116,7 +115,15 @@ def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_re
     det = detectors.get("margin")()
     det.fit(x, logits.argmax(1))
     det.calibrate(Batch(x, logits, logits.argmax(1)), 0.05)
-    det.save(tmp_path / "margin")
+    det.save(path)
+    return det
+
+
+def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_rebuilt(
+    tmp_path,
+):
+
+    det = _saved_margin(tmp_path / "margin")
     assert artifact_is_current(tmp_path / "margin")
     assert Detector.load(tmp_path / "margin").threshold == det.threshold
     manifest = json.loads((tmp_path / "margin" / "manifest.json").read_text())
@@ -138,13 +145,7 @@ def test_a_cached_artifact_trained_at_defaults_that_changed_since_is_rebuilt(tmp
     assert RobustDetector.changed_defaults(old) == ["clean_epochs", "epochs"]
     # a nested or None default (desvig's cgan) is the detector's own business
     assert detectors.get("desvig").changed_defaults({"cgan": {"epochs": 1}}) == []
-    rng = np.random.default_rng(0)
-    x = rng.random((300, 1, 4, 4)).astype(np.float32)
-    logits = rng.normal(size=(300, 10))
-    det = detectors.get("margin")()
-    det.fit(x, logits.argmax(1))
-    det.calibrate(Batch(x, logits, logits.argmax(1)), 0.05)
-    det.save(tmp_path / "margin")
+    _saved_margin(tmp_path / "margin")
     manifest = json.loads((tmp_path / "margin" / "manifest.json").read_text())
     manifest["name"], manifest["config"] = "robust", old  # as the old default wrote it
     (tmp_path / "margin" / "manifest.json").write_text(json.dumps(manifest))
