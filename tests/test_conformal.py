@@ -134,7 +134,7 @@ def test_an_artifact_with_a_setting_this_version_lacks_is_refused_by_name_and_re
     assert not artifact_is_current(tmp_path / "margin")  # ensure_artifacts rebuilds it
 
 
-def test_a_cached_artifact_trained_at_defaults_that_changed_since_is_rebuilt(tmp_path):
+def test_a_cached_artifact_trained_at_defaults_that_changed_since_is_not_current(tmp_path):
     """The robust model's epochs went from 1 + 12 to 2 + 60: a cache built before kept
     serving the old model to every bench run until this check."""
     from controller import detectors

@@ -18,8 +18,8 @@ large perturbations; margin's (the runner-up class) on minimal ones.
 costs 0.4-3.4 ms per input at batch 1 against DeSVig's 0.03; MagNet is the one to add
 where small perturbations matter and the budget allows (``train desvig,margin,magnet``).
 The robust reference model (``robust``) is opt-in too (README "Adaptive attacks"): it
-trains for 3-8 minutes (2 + 60 epochs) and costs ~0.2 ms per call. Where an attacker who knows the
-detectors is in the threat model, ``train hardened`` trains ``HARDENED_DETECTORS`` (the
+trained for 8 minutes here (2 + 60 epochs, two benches sharing the 2 cores) and costs
+~0.2 ms per call. Where an attacker who knows the detectors is in the threat model, ``train hardened`` trains ``HARDENED_DETECTORS`` (the
 robust model first, its label the corrected one, then DeSVig, margin and MagNet),
 calibrated on the clean inputs the model gets right at ``HARDENED_SHARES_RIGHT`` of the
 FPR budget: measured on every digit, adaptive L-inf 0.3 success 5-7% (11-12.5% under a
