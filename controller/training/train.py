@@ -24,8 +24,9 @@ trained for 8 minutes here (2 + 60 epochs, two benches sharing the 2 cores) and 
 corrected one, then DeSVig, margin and MagNet), calibrated on the clean inputs the model
 gets right at ``HARDENED_SHARES_RIGHT`` of the FPR budget: measured on every digit,
 adaptive L-inf 0.3 success 5-7% (11-12.5% under a stronger attack) on the example CNN
-and a user's MLP, where the default set lets 99% through, and the non-adaptive small steps and high-confidence C&W caught (README
-"Adaptive attacks", "The robust model, trained longer"), for ~1 ms of scoring per call.
+and a user's MLP, where the default set lets 99% through, and the non-adaptive small
+steps and high-confidence C&W caught (README "Adaptive attacks", "The robust model,
+trained longer"), for ~1 ms of scoring per call.
 
 ``--calibrate-on right`` (``CALIBRATE_ON``) sets the thresholds on the clean calibration
 inputs the model classifies correctly: the FPR target then bounds false alarms on
